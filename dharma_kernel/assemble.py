@@ -1,0 +1,161 @@
+"""From a manifest to a model: resolve plugins, check layers, build (on meta or for real)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from . import registry
+from .backbone import backbone_config, load_backbone, num_layers
+from .catalogue import FAMILIES, distribution_for, standard_refs
+from .checkpoint import make_lock
+from .errors import DharmaError
+from .manifest import Manifest, closest, format_validation_error
+from .model import DharmaConfig, DharmaModel
+
+
+@dataclass
+class Plan:
+    """Everything needed to build the model, resolved, without weights."""
+
+    config: DharmaConfig
+    pretrained: str | None
+
+
+def select_modules(include: list[str], exclude: list[str]) -> list[str]:
+    """Module refs named by ``include`` minus ``exclude``, in catalogue order then installed order.
+
+    ``all`` and family names mean every standard module of them plus installed
+    third-party ones; a missing standard module is an error, never silently skipped.
+    """
+    installed = [p.ref for p in registry.discover("module") if p.problem is None]
+    known = list(dict.fromkeys(standard_refs() + installed))
+    chosen = [ref for entry in include for ref in _expand(entry, known, installed, "modules.include")]
+    dropped = {ref for entry in exclude for ref in _expand(entry, known, installed, "modules.exclude")}
+    chosen = [ref for ref in dict.fromkeys(chosen) if ref not in dropped]
+    missing = [ref for ref in chosen if ref not in installed]
+    if missing:
+        lines = [f"{ref}: pip install {distribution_for(ref)}" for ref in missing]
+        raise DharmaError(
+            f"modules.include needs {len(missing)} module(s) that are not installed:\n  "
+            + "\n  ".join(lines),
+            hint="Install them, or drop them with modules.exclude, or list only the modules you have.",
+        )
+    return chosen
+
+
+def _expand(entry: str, known: list[str], installed: list[str], where: str) -> list[str]:
+    if entry == "all":
+        return known
+    if entry in FAMILIES or any(ref.startswith(entry + ".") for ref in installed):
+        return [ref for ref in known if ref.split(".")[0] == entry]
+    if entry in known:
+        return [entry]
+    named = [ref for ref in known if ref.split(".", 1)[1] == entry]
+    if len(named) == 1:
+        return named
+    if len(named) > 1:
+        raise DharmaError(f"{where}: '{entry}' is ambiguous: {' or '.join(named)}; write the full ref")
+    guess = closest(entry, ["all", *FAMILIES, *known, *(r.split(".", 1)[1] for r in known)])
+    hint = f"; did you mean '{guess}'?" if guess else ""
+    raise DharmaError(
+        f"{where}: unknown module '{entry}'{hint}", hint="`dharma plugins` lists what is installed."
+    )
+
+
+def resolve_layout(manifest: Manifest, depth: int) -> dict[str, Any]:
+    """The model's layout: module refs with full configs, layers, composition, heads, loss weights."""
+    section = manifest.modules
+    refs = select_modules(section.include, section.exclude)
+    for layer in section.at_layers:
+        if not 0 <= layer < depth:
+            raise DharmaError(
+                f"modules.at_layers: layer {layer} is out of range; this backbone has layers 0 to {depth - 1}"
+            )
+    if section.composition == "routed" and refs and section.top_k > len(refs):
+        raise DharmaError(f"modules.top_k: {section.top_k} is larger than the stack of {len(refs)} module(s)")
+    overrides = _resolve_overrides(section.override, refs)
+    modules = []
+    for ref in refs:
+        cls = registry.load(registry.resolve(ref, "module"))
+        try:
+            config = cls.make_config(section.preset, overrides.get(ref, {}))
+        except ValidationError as err:
+            raise DharmaError(
+                format_validation_error(err, model=cls.Config, prefix=f"modules.override.{ref}")
+            ) from None
+        modules.append({"ref": ref, "config": config.model_dump(mode="json")})
+    heads = []
+    for head in manifest.heads:
+        cls = registry.load(registry.resolve(head.plugin, "head"))
+        try:
+            config = cls.make_config(section.preset, head.config)
+        except ValidationError as err:
+            raise DharmaError(
+                format_validation_error(err, model=cls.Config, prefix=f"heads.{head.plugin}.config")
+            ) from None
+        heads.append({"plugin": head.plugin, "config": config.model_dump(mode="json")})
+    return {
+        "at_layers": sorted(section.at_layers) if refs else [],
+        "composition": section.composition,
+        "top_k": section.top_k,
+        "preset": section.preset,
+        "modules": modules,
+        "heads": heads,
+        "loss": {"lm": manifest.loss.lm, "concept": manifest.loss.concept},
+    }
+
+
+def _resolve_overrides(overrides: dict[str, dict[str, Any]], refs: list[str]) -> dict[str, dict[str, Any]]:
+    resolved = {}
+    for key, values in overrides.items():
+        matches = [ref for ref in refs if key in (ref, ref.split(".", 1)[1])]
+        if len(matches) != 1:
+            guess = closest(key, refs)
+            hint = f"; did you mean '{guess}'?" if guess else ""
+            problem = "is ambiguous" if matches else "names no module in this manifest"
+            raise DharmaError(f"modules.override.{key}: {problem}{hint}")
+        resolved[matches[0]] = values
+    return resolved
+
+
+def plan(manifest: Manifest) -> Plan:
+    """Resolve the manifest into a model config; loads plugin classes, allocates no weights."""
+    text = backbone_config(manifest.backbone.pretrained, manifest.backbone.config)
+    layout = resolve_layout(manifest, num_layers(text))
+    config = DharmaConfig(
+        text_config=text.to_dict(), layout=layout, manifest=manifest.to_dict(), lock=make_lock(layout)
+    )
+    return Plan(config=config, pretrained=manifest.backbone.pretrained)
+
+
+def build_on_meta(plan_: Plan) -> DharmaModel:
+    """The full model on the meta device: shapes and parameter counts, no memory."""
+    with torch.device("meta"):
+        return DharmaModel(plan_.config)
+
+
+def build(plan_: Plan, seed: int = 0) -> DharmaModel:
+    """The model with real weights: pretrained backbone or fresh, modules seeded."""
+    torch.manual_seed(seed)
+    backbone = load_backbone(plan_.pretrained, plan_.config.text_config)
+    return DharmaModel(plan_.config, backbone=backbone)
+
+
+def build_model(backbone: dict[str, Any], layout: dict[str, Any], seed: int = 0) -> DharmaModel:
+    """A model from a fresh backbone config and a layout, for tests and notebooks."""
+    text = backbone_config(None, backbone)
+    layout = {
+        "composition": "sequential",
+        "top_k": 2,
+        "modules": [],
+        "heads": [],
+        "at_layers": [],
+        "loss": {"lm": 1.0, "concept": 0.1},
+        **layout,
+    }
+    config = DharmaConfig(text_config=text.to_dict(), layout=layout, manifest=None, lock=make_lock(layout))
+    return build(Plan(config=config, pretrained=None), seed=seed)

@@ -1,0 +1,119 @@
+"""Load the Hugging Face causal LM that modules plug into, and find its blocks."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from .errors import DharmaError
+from .manifest import closest
+
+# DistilGPT2's shape: what `config = {}` builds when a key is not given.
+GPT2_DEFAULTS: dict[str, Any] = {"n_layer": 6, "n_embd": 768, "n_head": 12, "n_positions": 1024}
+
+
+def backbone_config(pretrained: str | None, config: dict[str, Any] | None) -> PretrainedConfig:
+    """The backbone's HF config, from a hub id / directory or from manifest keys (fresh weights)."""
+    if pretrained is not None:
+        try:
+            return AutoConfig.from_pretrained(pretrained)
+        except (OSError, ValueError) as err:
+            raise DharmaError(
+                f"backbone.pretrained: cannot load config of '{pretrained}': {_first_line(err)}",
+                hint="Give a local model directory, or a hub id while online (downloads are cached).",
+            ) from err
+    values = dict(config or {})
+    architecture = values.pop("architecture", "gpt2")
+    try:
+        config_class = AutoConfig.for_model(architecture).__class__
+    except ValueError as err:
+        raise DharmaError(
+            f"backbone.config.architecture: unknown architecture '{architecture}'",
+            hint="Use a transformers model type such as 'gpt2' or 'llama'.",
+        ) from err
+    _check_config_keys(config_class, values)
+    if architecture == "gpt2":
+        values = {**GPT2_DEFAULTS, **values}
+    return config_class(**values)
+
+
+def _check_config_keys(config_class: type[PretrainedConfig], values: dict[str, Any]) -> None:
+    valid = (
+        {f.name for f in dataclasses.fields(config_class)}
+        if dataclasses.is_dataclass(config_class)
+        else set()
+    )
+    valid |= set(getattr(config_class, "attribute_map", {}))
+    if not valid:
+        return
+    problems = []
+    for key in values:
+        if key not in valid:
+            guess = closest(key, valid)
+            hint = f"; did you mean '{guess}'?" if guess else ""
+            problems.append(f"backbone.config.{key}: unknown key for {config_class.model_type}{hint}")
+    if problems:
+        raise DharmaError("\n".join(problems))
+
+
+def load_backbone(pretrained: str | None, config: PretrainedConfig) -> PreTrainedModel:
+    """Pretrained weights when ``pretrained`` is set, else fresh weights from ``config``."""
+    if pretrained is None:
+        return AutoModelForCausalLM.from_config(config)
+    try:
+        return AutoModelForCausalLM.from_pretrained(pretrained, config=config)
+    except (OSError, ValueError) as err:
+        raise DharmaError(f"backbone.pretrained: cannot load '{pretrained}': {_first_line(err)}") from err
+
+
+# Where common architectures keep their transformer blocks.
+_BLOCK_PATHS = (
+    "transformer.h",
+    "model.layers",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+    "transformer.layers",
+)
+
+
+def find_blocks(model: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The model's list of transformer blocks: a known path, else the ModuleList of ``num_layers``."""
+    for path in _BLOCK_PATHS:
+        blocks = _get_path(model, path)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) == num_layers:
+            return blocks
+    for _, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    raise DharmaError(
+        f"cannot find the {num_layers} transformer blocks of {type(model).__name__}",
+        hint="Dharma supports GPT-2 and Llama-style causal LMs; please report this architecture.",
+    )
+
+
+def num_layers(config: PretrainedConfig) -> int:
+    return int(config.get_text_config().num_hidden_layers)
+
+
+def hidden_size(config: PretrainedConfig) -> int:
+    return int(config.get_text_config().hidden_size)
+
+
+def _get_path(module: nn.Module, path: str) -> Any:
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def is_local(pretrained: str) -> bool:
+    return Path(pretrained).exists()

@@ -1,0 +1,145 @@
+"""The ``dharma`` command line.
+
+To add a command, write a function under ``@app.command()``; its docstring is its
+help. Import torch-heavy modules inside the function so ``dharma --help`` stays
+fast, and raise :class:`DharmaError` for anything the user can fix: :func:`main`
+prints it as ``error: <message>`` without a traceback and exits with its
+``exit_code``. Print results with :data:`out`, warnings with :func:`warn`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sys
+import warnings
+from enum import StrEnum
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from . import plugins, registry
+from .errors import DharmaError
+from .version import MODULE_API, __version__
+
+app = typer.Typer(
+    name="dharma",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False)  # rich honours NO_COLOR
+if not out.is_terminal and "COLUMNS" not in os.environ:
+    out.width = 10_000  # piped output is for grep and scripts: never cut a ref or a reason at 80 columns
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    err.print(f"[yellow]warning:[/] {escape(message)}")
+
+
+def fail(error: DharmaError) -> NoReturn:
+    """Print ``error: <message>`` to stderr and exit with the error's code."""
+    err.print(f"[bold red]error:[/] {escape(str(error))}")
+    raise SystemExit(error.exit_code)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"dharma-kernel {__version__}, MODULE_API {MODULE_API}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print versions and exit."),
+    ] = False,
+) -> None:
+    """Assemble and train causal language models from plugin modules declared in a TOML manifest."""
+
+
+class Kind(StrEnum):
+    module = "module"
+    head = "head"
+
+
+@app.command("plugins")
+def plugins_command(
+    kind: Annotated[Kind | None, typer.Option(help="Only modules or only heads.")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Import each plugin to find broken ones.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
+) -> None:
+    """List installed module and head plugins from their metadata; --check also imports them."""
+    rows = [_row(info, check) for info in registry.discover(kind.value if kind else None)]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        what = f"{kind.value} plugins" if kind else "plugins"
+        example = "dharma-head-qa" if kind is Kind.head else "dharma-plugin-vedanta"
+        out.print(f"No {what} are installed. Install one with: pip install {example}")
+        return
+    from rich.table import Table
+
+    table = Table("ref", "distribution", "version", "family", "MODULE_API", "status", box=None)
+    for row in rows:
+        status = "ok" if row["error"] is None else f"[red]broken: {escape(row['error'])}[/]"
+        cells = [row[key] or "-" for key in ("ref", "distribution", "version", "family", "module_api")]
+        table.add_row(*map(escape, cells), status)
+    out.print(table)
+    broken = sum(row["status"] == "broken" for row in rows)
+    note = "" if check else " (metadata only; --check imports each)"
+    out.print(f"{len(rows)} plugins, {broken} broken{note}")
+
+
+def _row(info: registry.PluginInfo, check: bool) -> dict[str, Any]:
+    error = info.problem
+    if error is None and check:
+        # A plugin printing while it imports must not corrupt --json on stdout.
+        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("always", registry.PluginWarning)
+            error = registry.check(info)
+        for w in caught:
+            if issubclass(w.category, registry.PluginWarning):
+                warn(str(w.message))
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return {
+        "ref": info.ref,
+        "name": info.name,
+        "kind": info.kind,
+        "family": info.family,
+        "distribution": info.distribution,
+        "version": info.version,
+        "module_api": info.module_api,
+        "status": "ok" if error is None else "broken",
+        "error": error,
+    }
+
+
+@functools.cache  # once per process, however often main() runs
+def _add_hook_commands() -> None:
+    # Reading metadata is cheap; importing hook modules is not, so only when some exist.
+    if not plugins.hook_entry_points():
+        return
+    plugins.call_hook("dharma_cli_commands", app=app)
+    for ep, reason in plugins.failures:
+        dist = ep.dist.name if ep.dist else ep.value
+        warn(f"hook plugin '{ep.name}' from {dist} is broken: {reason}; reinstall or upgrade {dist}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point of ``dharma`` and ``python -m dharma_kernel``."""
+    try:
+        _add_hook_commands()
+        app(args=argv, prog_name="dharma")
+    except DharmaError as error:
+        fail(error)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

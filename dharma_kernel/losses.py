@@ -1,0 +1,51 @@
+"""Loss components and their aggregation.
+
+total = lm_weight * lm + concept_weight * concept + every other named loss
+(router balance, module-specific losses, head losses), each returned on its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token cross-entropy over counted tokens, and how many were counted.
+
+    Labels equal to -100 and padding positions (``attention_mask == 0``) never count.
+    The count lets a trainer normalise by tokens across a whole accumulation window.
+    """
+    if attention_mask is not None:
+        labels = labels.masked_fill(attention_mask[:, -labels.shape[1] :] == 0, IGNORE)
+    shifted = labels[:, 1:].reshape(-1)
+    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    count = (shifted != IGNORE).sum()
+    total = F.cross_entropy(flat, shifted, ignore_index=IGNORE, reduction="sum")
+    return total / count.clamp_min(1), count
+
+
+def concept_loss(score: torch.Tensor, labels: torch.Tensor, counted: torch.Tensor) -> torch.Tensor | None:
+    """Binary cross-entropy of activation scores ``[B, T]`` against labels in {0, 1}.
+
+    ``labels`` is ``[B, T]`` or per sequence ``[B]``; -100 marks unknown. Only
+    ``counted`` tokens (real, and where the module ran) take part. None if none do.
+    """
+    if labels.dim() == 1:
+        labels = labels[:, None].expand_as(score)
+    keep = counted & (labels != IGNORE)
+    if not bool(keep.any()):
+        return None
+    prob = score.float()[keep].clamp(1e-6, 1 - 1e-6)
+    return F.binary_cross_entropy(prob, labels[keep].float())
+
+
+def total_loss(components: dict[str, torch.Tensor], lm_weight: float, concept_weight: float) -> torch.Tensor:
+    """Weighted sum of the components; ``lm`` and ``concept`` take their weights, the rest weight 1."""
+    weights = {"lm": lm_weight, "concept": concept_weight}
+    terms = [weights.get(name, 1.0) * value for name, value in components.items()]
+    return torch.stack(terms).sum()

@@ -1,0 +1,295 @@
+"""DharmaModel: a Hugging Face causal LM with module stacks running between its blocks."""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import ModelOutput
+
+from . import registry
+from .backbone import find_blocks, hidden_size, num_layers
+from .losses import concept_loss, lm_loss, total_loss
+from .protocol import DharmaModule, HeadModule
+from .stack import ModuleStack, StackResult, module_key
+from .version import __version__
+
+
+class DharmaConfig(PreTrainedConfig):
+    """``text_config``: the backbone's config. ``layout``: the resolved modules, layers and heads.
+
+    ``manifest``: the manifest this model was assembled from. ``lock``: distribution,
+    version and MODULE_API of every plugin used.
+    """
+
+    model_type = "dharma"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="gpt2")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    layout: dict | None = None
+    manifest: dict | None = None
+    lock: list | None = None
+    dharma_version: str = __version__
+
+
+@dataclass
+class DharmaOutput(ModelOutput):
+    """loss: the weighted total. losses: every component (``lm``, ``concept``, ``router_balance``,
+    ``<ref>/<name>`` from modules, ``<head>/<name>`` from heads). module_scores: per module ref,
+    its activation ``[B, T]`` averaged over the layers where it sits.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    losses: dict[str, torch.Tensor] | None = None
+    lm_tokens: torch.Tensor | None = None
+    module_scores: dict[str, torch.Tensor] | None = None
+    heads: dict[str, Any] | None = None
+
+
+@dataclass
+class _ForwardState:
+    attention_mask: torch.Tensor | None
+    cache: Cache | None
+    results: dict[int, StackResult]
+
+
+# The forward in progress; lets each slot reach the mask and cache whatever the
+# backbone's block signature is. A context variable, so nested or threaded
+# forwards never see each other's state.
+_CURRENT: ContextVar[_ForwardState | None] = ContextVar("dharma_forward", default=None)
+
+
+class DharmaSlot(nn.Module):
+    """Runs one backbone block, then the module stack that sits after it."""
+
+    def __init__(self, block: nn.Module, stack: ModuleStack, layer: int) -> None:
+        super().__init__()
+        self.block = block
+        self.layer = layer
+        # Registered under DharmaModel.stacks, not here: keeps module weights out of
+        # the backbone's parameter names and out of the `backbone` freeze group.
+        object.__setattr__(self, "stack", stack)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.block(*args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+        state = _CURRENT.get()
+        mask = state.attention_mask if state is not None else None
+        cache = state.cache if state is not None else None
+        stack = self.stack
+        if stack.gradient_checkpointing and stack.training and cache is None and torch.is_grad_enabled():
+            result = checkpoint(stack, hidden, mask, None, use_reentrant=False)
+        else:
+            result = stack(hidden, mask, cache)
+        if state is not None:
+            state.results[self.layer] = result
+        return (result.hidden, *out[1:]) if isinstance(out, tuple) else result.hidden
+
+
+def build_module(spec: dict[str, Any], hidden: int) -> DharmaModule:
+    cls = registry.load(registry.resolve(spec["ref"], "module"))
+    return cls(hidden, cls.Config(**spec.get("config", {})))
+
+
+def build_head(spec: dict[str, Any], hidden: int) -> HeadModule:
+    cls = registry.load(registry.resolve(spec["plugin"], "head"))
+    return cls(hidden, cls.Config(**spec.get("config", {})))
+
+
+class DharmaModel(PreTrainedModel, GenerationMixin):
+    config_class = DharmaConfig
+    base_model_prefix = "dharma"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: DharmaConfig, backbone: PreTrainedModel | None = None) -> None:
+        super().__init__(config)
+        text = config.text_config
+        self.backbone = backbone if backbone is not None else AutoModelForCausalLM.from_config(text)
+        layout = config.layout or {}
+        width, depth = hidden_size(text), num_layers(text)
+        blocks = find_blocks(self.backbone, depth)
+        self.stacks = nn.ModuleDict()
+        stream = depth  # module cache streams follow the backbone's own cache layers
+        for layer in layout.get("at_layers", []):
+            modules = [build_module(spec, width) for spec in layout.get("modules", [])]
+            stack = ModuleStack(modules, layout["composition"], layout.get("top_k", 2), width)
+            stack.stream_base, stream = stream, stream + stack.streams
+            self.stacks[str(layer)] = stack
+            blocks[layer] = DharmaSlot(blocks[layer], stack, layer)
+        self.heads = nn.ModuleDict(
+            {spec["plugin"]: build_head(spec, width) for spec in layout.get("heads", [])}
+        )
+        tied = getattr(self.backbone, "_tied_weights_keys", None) or {}
+        if isinstance(tied, dict):
+            self._tied_weights_keys = {f"backbone.{k}": f"backbone.{v}" for k, v in tied.items()}
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> DharmaModel:
+        """Load a saved directory: safetensors only, every locked plugin installed."""
+        from .checkpoint import check_directory
+
+        check_directory(pretrained_model_name_or_path)
+        kwargs["use_safetensors"] = True
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    @property
+    def module_refs(self) -> list[str]:
+        """Module refs in layout order: the column order of ``concept_labels``."""
+        return [spec["ref"] for spec in (self.config.layout or {}).get("modules", [])]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The backbone initialises itself and modules initialise in their constructors;
+        # a second pass here would overwrite pretrained weights and zero-initialised outputs.
+        return
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.backbone.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_output_embeddings(value)
+
+    def set_module_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute module stacks in backward instead of storing their activations."""
+        for stack in self.stacks.values():
+            stack.gradient_checkpointing = enabled
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        concept_labels: torch.Tensor | None = None,
+        head_labels: dict[str, dict[str, torch.Tensor]] | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs: Any,
+    ) -> DharmaOutput:
+        """Causal LM forward with modules in place.
+
+        concept_labels: ``[B, M]`` or ``[B, T, M]`` in {0, 1, -100}, columns in ``module_refs``
+        order: supervises each module's activation score. head_labels: per head name,
+        the keyword labels that head's forward takes.
+        """
+        if use_cache is None:
+            use_cache = not self.training and bool(getattr(self.config.text_config, "use_cache", True))
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config.text_config)
+        state = _ForwardState(attention_mask, cache if use_cache else None, {})
+        want_hidden = bool(output_hidden_states) or len(self.heads) > 0
+        token = _CURRENT.set(state)
+        try:
+            out = self.backbone(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                cache=cache if use_cache else None,
+                use_cache=use_cache,
+                inputs_embeds=inputs_embeds,
+                position_ids=position_ids,
+                output_hidden_states=want_hidden,
+                **kwargs,
+            )
+        finally:
+            _CURRENT.reset(token)
+
+        losses: dict[str, torch.Tensor] = {}
+        lm_tokens = None
+        if labels is not None:
+            losses["lm"], lm_tokens = lm_loss(out.logits, labels, attention_mask)
+        scores, concept = self._module_scores(state, concept_labels)
+        if concept is not None:
+            losses["concept"] = concept
+        for layer, result in state.results.items():
+            for name, value in result.losses.items():
+                key = name if "/" in name else f"{name}@{layer}"
+                losses[key] = value
+        head_outputs = self._run_heads(
+            out.hidden_states[-1] if want_hidden else None, attention_mask, head_labels or {}, losses
+        )
+        layout_loss = (self.config.layout or {}).get("loss", {})
+        loss = None
+        if "lm" in losses or "concept" in losses or head_labels:
+            loss = total_loss(losses, layout_loss.get("lm", 1.0), layout_loss.get("concept", 0.1))
+        return DharmaOutput(
+            loss=loss,
+            logits=out.logits,
+            cache=cache if use_cache else None,
+            hidden_states=out.hidden_states if output_hidden_states else None,
+            losses=losses,
+            lm_tokens=lm_tokens,
+            module_scores=scores,
+            heads=head_outputs or None,
+        )
+
+    def _module_scores(
+        self, state: _ForwardState, concept_labels: torch.Tensor | None
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        refs = self.module_refs
+        scores: dict[str, torch.Tensor] = {}
+        terms: list[torch.Tensor] = []
+        for ref_index, ref in enumerate(refs):
+            per_layer = [r.scores[ref] for r in state.results.values() if ref in r.scores]
+            if not per_layer:
+                continue
+            scores[ref] = torch.stack(per_layer).mean(0)
+            if concept_labels is None:
+                continue
+            labels = concept_labels[..., ref_index]
+            for result in state.results.values():
+                counted = result.active[ref]
+                if state.attention_mask is not None:
+                    counted = counted & state.attention_mask[:, -counted.shape[1] :].bool()
+                term = concept_loss(result.scores[ref], labels, counted)
+                if term is not None:
+                    terms.append(term)
+        concept = torch.stack(terms).mean() if terms else None
+        return scores, concept
+
+    def _run_heads(
+        self,
+        hidden: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        head_labels: dict[str, dict[str, torch.Tensor]],
+        losses: dict[str, torch.Tensor],
+    ) -> dict[str, Any]:
+        outputs = {}
+        for name, head in self.heads.items():
+            result = head(hidden, attention_mask, **head_labels.get(name, {}))
+            for loss_name, value in result.losses.items():
+                losses[f"{name}/{loss_name}"] = value
+            outputs[name] = result
+        return outputs
+
+    def module_at(self, ref: str, layer: int) -> DharmaModule:
+        """The instance of module ``ref`` at ``layer``."""
+        return self.stacks[str(layer)].members[module_key(ref)]
+
+
+def register_auto_classes() -> None:
+    """Make ``AutoConfig`` / ``AutoModelForCausalLM`` load saved Dharma directories."""
+    AutoConfig.register(DharmaConfig.model_type, DharmaConfig, exist_ok=True)
+    AutoModelForCausalLM.register(DharmaConfig, DharmaModel, exist_ok=True)
+
+
+register_auto_classes()

@@ -1,0 +1,317 @@
+"""Find module and head plugins through entry points; list them without importing, load them lazily.
+
+Listing reads distribution metadata only (no torch, no plugin code), so ``dharma plugins``
+stays fast and one broken plugin never hides the others. :func:`load` imports a plugin's
+class the first time it is needed and turns every way that can fail into a
+:class:`PluginBroken` naming the distribution to reinstall or upgrade.
+
+A plugin distribution declares its class and, for listing without import, the
+MODULE_API it was written for::
+
+    [project.entry-points."dharma.modules"]
+    "darshanas.vedanta" = "dharma_plugin_vedanta:Vedanta"
+
+    [project.entry-points."dharma.api"]
+    "darshanas.vedanta" = "1.0"
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib
+import re
+import sys
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from importlib import metadata
+
+from .errors import DharmaError
+from .version import MODULE_API
+
+__all__ = [
+    "FAMILIES",
+    "GROUPS",
+    "PluginBroken",
+    "PluginInfo",
+    "PluginWarning",
+    "check",
+    "clear_cache",
+    "discover",
+    "distribution_for",
+    "entry_points",
+    "error_line",
+    "load",
+    "resolve",
+]
+
+GROUPS = {"module": "dharma.modules", "head": "dharma.heads"}
+API_GROUP = "dharma.api"
+HOOKS_GROUP = "dharma.hooks"
+FAMILIES = ("paths", "consciousness", "life", "energy", "crisis", "darshanas")
+
+_NAME = re.compile(r"[a-z][a-z0-9_]*")
+_VALUE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # package.module:Class
+_API = re.compile(r"(\d+)\.(\d+)")
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One installed module or head as its distribution's metadata describes it; nothing imported.
+
+    ``problem`` is set when the metadata alone shows the plugin cannot be used
+    (bad ref, unknown family, missing or incompatible MODULE_API, ref provided twice).
+    """
+
+    kind: str  # "module" | "head"
+    ref: str  # "darshanas.vedanta" | "qa"
+    family: str | None  # "darshanas" for modules, None for heads
+    name: str  # "vedanta"
+    value: str  # "dharma_plugin_vedanta:Vedanta"
+    distribution: str | None
+    version: str | None
+    module_api: str | None  # from group dharma.api
+    problem: str | None = None
+
+    @property
+    def install_name(self) -> str:
+        """The distribution to pip install, reinstall or upgrade for this plugin."""
+        return self.distribution or distribution_for(self.ref, self.kind)
+
+
+class PluginBroken(DharmaError):
+    """An installed plugin that cannot be used; ``reason`` says why, the hint what to run."""
+
+    def __init__(self, info: PluginInfo, reason: str, *, hint: str | None = None) -> None:
+        self.info = info
+        self.reason = reason
+        dist = info.install_name
+        super().__init__(
+            f"{info.kind} plugin '{info.ref}' from {dist} is broken: {reason}",
+            hint=hint or f"reinstall or upgrade it: pip install --upgrade --force-reinstall {dist}",
+        )
+
+
+class PluginWarning(UserWarning):
+    """A plugin that loads but may misbehave (written for a newer MODULE_API minor)."""
+
+
+def distribution_for(ref: str, kind: str = "module") -> str:
+    """The pip distribution that conventionally provides ``ref`` (a full ref or a short name)."""
+    if kind == "head":
+        return f"dharma-head-{ref.replace('_', '-')}"
+    family, _, name = ref.rpartition(".")
+    if (family, name) == ("darshanas", "yoga"):
+        return "dharma-plugin-yoga-darshana"
+    return f"dharma-plugin-{name.replace('_', '-')}"
+
+
+def entry_points(group: str) -> list[metadata.EntryPoint]:
+    """The installed entry points of ``group``, read once per ``sys.path``."""
+    return list(_scan(tuple(sys.path)).select(group=group))
+
+
+@functools.lru_cache(maxsize=8)
+def _scan(path: tuple[str, ...]) -> metadata.EntryPoints:
+    # ``path`` only keys the cache: importlib.metadata reads sys.path itself.
+    return metadata.entry_points()
+
+
+def clear_cache() -> None:
+    """Forget scanned metadata and loaded classes (after installing plugins in a running process)."""
+    _scan.cache_clear()
+    _loaded.clear()
+
+
+def _kinds(kind: str | None) -> tuple[str, ...]:
+    if kind is None:
+        return tuple(GROUPS)
+    if kind not in GROUPS:
+        raise DharmaError(f"unknown plugin kind '{kind}'; kinds are: {', '.join(GROUPS)}")
+    return (kind,)
+
+
+def discover(kind: str | None = None) -> list[PluginInfo]:
+    """Every installed plugin of ``kind`` (both when None), from metadata only, sorted by ref."""
+    kinds = _kinds(kind)
+    apis = {(_dist_name(ep), ep.name): ep.value for ep in entry_points(API_GROUP)}
+    infos = [_describe(k, ep, apis) for k in kinds for ep in entry_points(GROUPS[k])]
+    return sorted(_mark_duplicates(infos), key=lambda i: (i.ref, i.kind, i.distribution or ""))
+
+
+def _dist_name(ep: metadata.EntryPoint) -> str | None:
+    return ep.dist.name if ep.dist is not None else None
+
+
+def _describe(kind: str, ep: metadata.EntryPoint, apis: dict[tuple[str | None, str], str]) -> PluginInfo:
+    family, name = None, ep.name
+    if kind == "module" and "." in ep.name:
+        family, _, name = ep.name.partition(".")
+    dist = _dist_name(ep)
+    info = PluginInfo(
+        kind=kind,
+        ref=ep.name,
+        family=family,
+        name=name,
+        value=ep.value,
+        distribution=dist,
+        version=ep.dist.version if ep.dist is not None else None,
+        module_api=apis.get((dist, ep.name)),
+    )
+    return replace(info, problem=_metadata_problem(info))
+
+
+def _metadata_problem(info: PluginInfo) -> str | None:
+    if info.kind == "module":
+        if info.family is None or not (_NAME.fullmatch(info.family) and _NAME.fullmatch(info.name)):
+            return f"ref '{info.ref}' is not '<family>.<name>' in lower case"
+        if info.family not in FAMILIES:
+            return f"unknown family '{info.family}'{_did_you_mean(info.family, FAMILIES)}"
+    elif not _NAME.fullmatch(info.ref):
+        return f"head ref '{info.ref}' is not a lower-case name"
+    if not _VALUE.fullmatch(info.value):
+        return f"entry point value '{info.value}' is not 'package.module:Class'"
+    if info.module_api is None:
+        return f"no MODULE_API declared (entry point '{info.ref}' in group {API_GROUP})"
+    return _api_problem(info.module_api)
+
+
+def _api_problem(api: object) -> str | None:
+    """Why a plugin written for ``api`` cannot run on this kernel, or None."""
+    parsed = _parse_api(api)
+    if parsed is None:
+        return f"MODULE_API {api!r} is not '<major>.<minor>'"
+    if parsed[0] != _parse_api(MODULE_API)[0]:
+        return f"written for MODULE_API {api}, this kernel speaks {MODULE_API}"
+    return None
+
+
+def _parse_api(api: object) -> tuple[int, int] | None:
+    match = _API.fullmatch(api) if isinstance(api, str) else None
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def _mark_duplicates(infos: list[PluginInfo]) -> list[PluginInfo]:
+    by_ref: dict[tuple[str, str], list[PluginInfo]] = defaultdict(list)
+    for info in infos:
+        by_ref[info.kind, info.ref].append(info)
+    marked = []
+    for same in by_ref.values():
+        for info in same:
+            if len(same) > 1:
+                others = ", ".join(sorted({o.distribution or "?" for o in same if o is not info}))
+                info = replace(info, problem=f"'{info.ref}' is also provided by {others}; uninstall one")
+            marked.append(info)
+    return marked
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def resolve(ref: str, kind: str = "module") -> PluginInfo:
+    """The installed plugin named ``ref``: a full ref, or a short name that only one module has."""
+    infos = discover(kind)
+    for info in infos:
+        if info.ref == ref:
+            return info
+    named = sorted({info.ref for info in infos if info.name == ref})
+    if len(named) == 1:
+        return next(info for info in infos if info.ref == named[0])
+    if named:
+        hint = f"write the full ref, e.g. '{named[0]}'"
+        raise DharmaError(f"'{ref}' is ambiguous: it names {' and '.join(named)}", hint=hint)
+    raise _not_installed(ref, kind, infos)
+
+
+def _not_installed(ref: str, kind: str, infos: list[PluginInfo]) -> DharmaError:
+    message = f"no {kind} plugin '{ref}' is installed"
+    full = {info.name: info.ref for info in infos}  # short name -> ref, to suggest the full ref
+    close = difflib.get_close_matches(ref, [info.ref for info in infos] + list(full), n=1)
+    if close:
+        message += f"; did you mean '{full.get(close[0], close[0])}'?"
+    other = "head" if kind == "module" else "module"
+    if any(ref in (info.ref, info.name) for info in discover(other)):
+        message += f" ('{ref}' is a {other} plugin)"
+    install = f"pip install {distribution_for(ref, kind)}"
+    hint = (
+        f"if '{ref}' is a plugin you have not installed: {install}" if close else f"to install it: {install}"
+    )
+    return DharmaError(message, hint=hint)
+
+
+_loaded: dict[PluginInfo, type] = {}
+_MISSING = object()
+
+
+def load(info: PluginInfo) -> type:
+    """Import the plugin's class (once); raise :class:`PluginBroken` when it cannot be used."""
+    cls = _loaded.get(info)
+    if cls is None:
+        cls = _loaded[info] = _import(info)
+    return cls
+
+
+def _import(info: PluginInfo) -> type:
+    if info.problem is not None:
+        raise PluginBroken(info, info.problem, hint=_api_hint(info, info.module_api))
+    from .protocol import DharmaModule, HeadModule  # imports torch: only once a plugin is really needed
+
+    module_name, _, attr = info.value.partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+    except (Exception, SystemExit) as err:
+        raise PluginBroken(info, f"importing {module_name} raised {error_line(err)}") from err
+    for part in attr.split("."):
+        obj = getattr(obj, part, _MISSING)
+        if obj is _MISSING:
+            raise PluginBroken(info, f"{module_name} has no attribute '{attr}'")
+    base = DharmaModule if info.kind == "module" else HeadModule
+    if not (isinstance(obj, type) and issubclass(obj, base)):
+        raise PluginBroken(info, f"{info.value} is not a {base.__name__} subclass")
+    api = getattr(obj, "module_api", None)
+    problem = _api_problem(api)
+    if problem is not None:
+        raise PluginBroken(info, f"class {problem}", hint=_api_hint(info, api))
+    declared = getattr(obj, "name", "?")
+    if info.kind == "module":
+        declared = f"{getattr(obj, 'family', '?')}.{declared}"
+    if declared != info.ref:
+        raise PluginBroken(info, f"{info.value} declares itself '{declared}', not '{info.ref}'")
+    if _parse_api(api)[1] > _parse_api(MODULE_API)[1]:
+        warnings.warn(
+            f"{info.kind} plugin '{info.ref}' was written for MODULE_API {api}, newer than this kernel's "
+            f"{MODULE_API}; upgrade the kernel: pip install --upgrade dharma-kernel",
+            PluginWarning,
+            stacklevel=3,
+        )
+    return obj
+
+
+def _api_hint(info: PluginInfo, api: object) -> str | None:
+    parsed, kernel = _parse_api(api), _parse_api(MODULE_API)
+    if parsed is None or parsed[0] == kernel[0]:
+        return None
+    if parsed[0] > kernel[0]:
+        return "upgrade the kernel: pip install --upgrade dharma-kernel"
+    return f"upgrade the plugin: pip install --upgrade {info.install_name}"
+
+
+def error_line(err: BaseException) -> str:
+    """``"TypeName: first line of the message"``: enough to say why without a traceback."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def check(info: PluginInfo) -> str | None:
+    """Load ``info`` in this process; the reason it is broken, or None when it loads."""
+    try:
+        load(info)
+    except PluginBroken as err:
+        return err.reason
+    except Exception as err:  # a plugin misbehaving in an unforeseen way must not break a listing
+        return error_line(err)
+    return None

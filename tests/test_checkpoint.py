@@ -1,0 +1,115 @@
+"""Saved directories: HF layout, safetensors only, plugin lock, exact round trip."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from tiny import tiny_model
+
+from dharma_kernel import checkpoint
+from dharma_kernel.errors import DharmaError
+from dharma_kernel.model import DharmaModel
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = tiny_model("routed", top_k=1)
+    directory = checkpoint.save(model, tmp_path / "model")
+    return model, directory
+
+
+def test_round_trip_gives_equal_logits(saved):
+    model, directory = saved
+    loaded = DharmaModel.from_pretrained(directory).eval()
+    ids = torch.randint(1, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+    # tied embeddings stay tied after loading
+    assert loaded.backbone.lm_head.weight.data_ptr() == loaded.backbone.transformer.wte.weight.data_ptr()
+
+
+def test_directory_layout(saved):
+    _, directory = saved
+    assert (directory / "model.safetensors").exists()
+    assert not list(directory.glob("*.bin"))
+    config = json.loads((directory / "config.json").read_text())
+    assert config["model_type"] == "dharma"
+    assert [m["ref"] for m in config["layout"]["modules"]] == ["paths.dharma", "darshanas.vedanta"]
+    lock = {entry["ref"]: entry for entry in config["lock"]}
+    assert lock["darshanas.vedanta"]["distribution"] == "dharma-plugin-vedanta"
+    assert lock["darshanas.vedanta"]["version"] == "0.1.0"
+    assert lock["paths.dharma"]["module_api"] == "1.0"
+    with safe_open(directory / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    assert "stacks.0.members.darshanas__vedanta.attention.query.weight" in keys
+    assert "stacks.1.router.weight" in keys
+
+
+def test_auto_classes_load_after_importing_dharma_kernel(saved):
+    model, directory = saved
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        expected = model(ids).logits[0, -1, :4].tolist()
+    code = (
+        "import dharma_kernel, transformers, torch, sys\n"
+        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(directory)!r}).eval()\n"
+        "print(type(m).__name__)\n"
+        "print(m(torch.tensor([[3, 4, 5, 6]])).logits[0, -1, :4].tolist())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    name, logits = out.stdout.strip().splitlines()[-2:]
+    assert name == "DharmaModel"
+    assert json.loads(logits) == pytest.approx(expected, abs=1e-6)
+
+
+def test_pickled_weights_are_refused(saved, tmp_path):
+    model, directory = saved
+    (directory / "model.safetensors").unlink()
+    torch.save(model.state_dict(), directory / "pytorch_model.bin")
+    with pytest.raises(DharmaError, match=r"pickled \(pytorch_model.bin\).*safetensors only"):
+        DharmaModel.from_pretrained(directory)
+
+
+def test_missing_plugin_names_the_distribution(saved):
+    _, directory = saved
+    config = json.loads((directory / "config.json").read_text())
+    config["lock"][0] = {
+        "kind": "module",
+        "ref": "paths.karma",
+        "distribution": "dharma-plugin-karma",
+        "version": "0.1.0",
+        "module_api": "1.0",
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        DharmaError, match=r"paths.karma is not installed; run: pip install 'dharma-plugin-karma==0.1.0'"
+    ):
+        DharmaModel.from_pretrained(directory)
+
+
+def test_major_version_mismatch_refuses(saved):
+    _, directory = saved
+    config = json.loads((directory / "config.json").read_text())
+    config["lock"][0]["version"] = "0.9.0"
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(DharmaError, match=r"saved with dharma-plugin-dharma 0.9.0, but 0.1.0 is installed"):
+        DharmaModel.from_pretrained(directory)
+
+
+def test_save_replaces_atomically(saved, monkeypatch):
+    model, directory = saved
+    before = (directory / "model.safetensors").read_bytes()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(type(model), "save_pretrained", crash)
+    with pytest.raises(RuntimeError):
+        checkpoint.save(model, directory)
+    assert (directory / "model.safetensors").read_bytes() == before
+    assert [p.name for p in directory.parent.iterdir()] == ["model"]  # no staging left behind

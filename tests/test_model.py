@@ -1,0 +1,186 @@
+"""DharmaModel: modules inside the backbone, compositions, masks, losses, generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from dharma_kernel.assemble import build_model
+from dharma_kernel.losses import lm_loss
+from dharma_kernel.testing import tiny_backbone_config
+
+COMPOSITIONS = ["sequential", "parallel", "routed"]
+
+
+def test_fresh_modules_leave_the_backbone_unchanged():
+    # Output projections start at zero: assembling onto a backbone must not change its logits.
+    model = tiny_model(trained=False)
+    bare = build_model(tiny_backbone_config(), {}, seed=0).eval()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, bare(ids).logits)
+
+
+@pytest.mark.parametrize("composition", COMPOSITIONS)
+def test_modules_shape_the_logits(composition):
+    model = tiny_model(composition)
+    bare = build_model(tiny_backbone_config(), {}, seed=0).eval()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        out = model(ids)
+    assert out.logits.shape == (2, 9, 97)
+    assert not torch.allclose(out.logits, bare(ids).logits)
+    assert set(out.module_scores) == {"paths.dharma", "darshanas.vedanta"}
+    for score in out.module_scores.values():
+        assert score.shape == (2, 9) and 0 <= score.min() and score.max() <= 1
+
+
+@pytest.mark.parametrize("composition", COMPOSITIONS)
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_cached_generation_equals_uncached(composition, top_k, prompt):
+    model = tiny_model(composition, top_k)
+    ids, mask = prompt
+    kwargs = {
+        "max_new_tokens": 10,
+        "do_sample": False,
+        "pad_token_id": 0,
+        "attention_mask": mask,
+        "output_logits": True,
+        "return_dict_in_generate": True,
+    }
+    with torch.no_grad():
+        cached = model.generate(ids, use_cache=True, **kwargs)
+        uncached = model.generate(ids, use_cache=False, **kwargs)
+    assert cached.sequences.shape == (2, 16)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    # equal tokens could hide small module effects: the logits of every step agree too
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(uncached.logits), rtol=1e-4, atol=1e-5)
+
+
+def test_beam_search_reorders_module_caches(prompt):
+    model = tiny_model("sequential")
+    ids, mask = prompt
+    kwargs = {
+        "max_new_tokens": 6,
+        "num_beams": 3,
+        "do_sample": False,
+        "pad_token_id": 0,
+        "attention_mask": mask,
+    }
+    with torch.no_grad():
+        assert torch.equal(
+            model.generate(ids, use_cache=True, **kwargs), model.generate(ids, use_cache=False, **kwargs)
+        )
+
+
+@pytest.mark.parametrize("composition", COMPOSITIONS)
+def test_padding_never_changes_real_tokens(composition):
+    model = tiny_model(composition, top_k=1)
+    seq = torch.tensor([[11, 12, 13, 14, 15]])
+    padded = torch.tensor([[0, 0, 11, 12, 13, 14, 15]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        alone = model(seq, position_ids=torch.arange(5)[None])
+        batch = model(padded, attention_mask=mask, position_ids=torch.tensor([[0, 0, 0, 1, 2, 3, 4]]))
+    torch.testing.assert_close(batch.logits[:, 2:], alone.logits, rtol=1e-4, atol=1e-5)
+
+
+def test_routed_runs_only_top_k_modules_per_token():
+    model = tiny_model("routed", top_k=1)
+    from dharma_kernel.model import _CURRENT, _ForwardState
+
+    ids = torch.randint(1, 97, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    state = _ForwardState(mask, None, {})
+    token = _CURRENT.set(state)
+    try:
+        with torch.no_grad():
+            model.backbone(input_ids=ids, attention_mask=mask)
+    finally:
+        _CURRENT.reset(token)
+    for result in state.results.values():
+        active = torch.stack(list(result.active.values()))  # [M, B, T]
+        assert torch.equal(active.sum(0), mask)  # each real token ran exactly one module, padding none
+
+
+def test_loss_components_add_up():
+    model = tiny_model("routed", top_k=1).train()
+    ids = torch.randint(1, 97, (2, 8))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    concept = torch.tensor([[1.0, 0.0], [-100.0, 1.0]])  # [B, M] per sequence; -100 = unknown
+    out = model(ids, attention_mask=mask, labels=ids, concept_labels=concept)
+    assert {"lm", "concept", "router_balance@0", "router_balance@1"} <= set(out.losses)
+    expected = (
+        out.losses["lm"]
+        + 0.1 * out.losses["concept"]
+        + out.losses["router_balance@0"]
+        + out.losses["router_balance@1"]
+    )
+    torch.testing.assert_close(out.loss, expected)
+    assert int(out.lm_tokens) == 5 + 7  # padding and the first token of each row never count
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.stacks.parameters() if p.requires_grad)
+
+
+def test_lm_loss_ignores_padding():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 11)
+    labels = torch.randint(0, 11, (2, 5))
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    loss, count = lm_loss(logits, labels, mask)
+    garbage = labels.clone()
+    garbage[1, 3:] = 7
+    assert torch.equal(loss, lm_loss(logits, garbage, mask)[0])
+    assert int(count) == 4 + 2
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(1, 97, (2, 8))
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = tiny_model("sequential").train()
+        model.config.text_config.resid_pdrop = 0.0
+        if checkpointing:
+            model.backbone.gradient_checkpointing_enable({"use_reentrant": False})
+            model.set_module_checkpointing(True)
+        model(ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    torch.manual_seed(0)
+    plain = grads(False)
+    torch.manual_seed(0)
+    checkpointed = grads(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_llama_style_backbone():
+    backbone = {
+        "architecture": "llama",
+        "num_hidden_layers": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 97,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    }
+    from tiny import tiny_layout
+
+    from dharma_kernel.testing import perturb
+
+    model = build_model(backbone, tiny_layout("parallel"), seed=0)
+    perturb(model.stacks, seed=1, std=0.1)
+    model.eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        cached = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=True, pad_token_id=0)
+        uncached = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached)
+    assert len(model.stacks) == 2
