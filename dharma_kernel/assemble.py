@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -13,8 +14,9 @@ from .backbone import backbone_config, load_backbone, num_layers
 from .catalogue import FAMILIES, distribution_for, standard_refs
 from .checkpoint import make_lock
 from .errors import DharmaError
-from .manifest import Manifest, closest, format_validation_error
+from .manifest import Manifest, check_requires, format_validation_error, load_manifest
 from .model import DharmaConfig, DharmaModel
+from .suggest import closest
 
 
 @dataclass
@@ -124,12 +126,47 @@ def _resolve_overrides(overrides: dict[str, dict[str, Any]], refs: list[str]) ->
 
 def plan(manifest: Manifest) -> Plan:
     """Resolve the manifest into a model config; loads plugin classes, allocates no weights."""
-    text = backbone_config(manifest.backbone.pretrained, manifest.backbone.config)
+    pretrained = _local_or_hub(manifest, manifest.backbone.pretrained)
+    text = backbone_config(pretrained, manifest.backbone.config)
     layout = resolve_layout(manifest, num_layers(text))
     config = DharmaConfig(
         text_config=text.to_dict(), layout=layout, manifest=manifest.to_dict(), lock=make_lock(layout)
     )
-    return Plan(config=config, pretrained=manifest.backbone.pretrained)
+    return Plan(config=config, pretrained=pretrained)
+
+
+def plan_manifest(path: str | Path) -> tuple[Manifest, Plan]:
+    """Load, check ``requires`` and plan: what ``dharma validate`` and ``assemble`` start with."""
+    manifest = load_manifest(path)
+    check_requires(manifest)
+    return manifest, plan(manifest)
+
+
+def _local_or_hub(manifest: Manifest, name: str | None) -> str | None:
+    """A path relative to the manifest when it exists there, else the name as given (a hub id)."""
+    if name is None:
+        return None
+    local = manifest.resolve_path(name)
+    return str(local) if local.exists() else name
+
+
+def load_tokenizer(manifest: Manifest) -> Any:
+    """The manifest's tokenizer, else the pretrained backbone's, else None (fresh backbone)."""
+    from transformers import AutoTokenizer
+
+    name = _local_or_hub(manifest, manifest.backbone.tokenizer)
+    if name is None and manifest.backbone.pretrained is not None:
+        name = _local_or_hub(manifest, manifest.backbone.pretrained)
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError):
+            return None  # a backbone directory without tokenizer files
+    if name is None:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise DharmaError(f"backbone.tokenizer: cannot load '{name}': {str(err).splitlines()[0]}") from None
 
 
 def build_on_meta(plan_: Plan) -> DharmaModel:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from .errors import DharmaError
-from .manifest import closest
+from .suggest import closest
 
 # DistilGPT2's shape: what `config = {}` builds when a key is not given.
 GPT2_DEFAULTS: dict[str, Any] = {"n_layer": 6, "n_embd": 768, "n_head": 12, "n_positions": 1024}
@@ -38,6 +37,9 @@ def backbone_config(pretrained: str | None, config: dict[str, Any] | None) -> Pr
     _check_config_keys(config_class, values)
     if architecture == "gpt2":
         values = {**GPT2_DEFAULTS, **values}
+        if "vocab_size" in values:  # GPT-2's end-of-text is its last id; keep it inside a smaller vocabulary
+            for key in ("bos_token_id", "eos_token_id"):
+                values.setdefault(key, values["vocab_size"] - 1)
     return config_class(**values)
 
 
@@ -113,7 +115,3 @@ def _get_path(module: nn.Module, path: str) -> Any:
 
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
-def is_local(pretrained: str) -> bool:
-    return Path(pretrained).exists()

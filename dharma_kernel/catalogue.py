@@ -27,10 +27,10 @@ def standard_refs(family: str | None = None) -> list[str]:
 
 
 def distribution_for(ref: str, kind: str = "module") -> str:
-    """The pip distribution that conventionally provides ``ref``."""
+    """The pip distribution that conventionally provides ``ref`` (a full ref or a short name)."""
     if kind == "head":
-        return f"dharma-head-{ref}"
-    family, _, name = ref.partition(".")
+        return f"dharma-head-{ref.replace('_', '-')}"
+    family, _, name = ref.rpartition(".")
     if (family, name) == ("darshanas", "yoga"):
         return "dharma-plugin-yoga-darshana"
-    return f"dharma-plugin-{name or family}"
+    return f"dharma-plugin-{name.replace('_', '-')}"

@@ -16,6 +16,7 @@ import os
 import sys
 import warnings
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
@@ -121,6 +122,98 @@ def _row(info: registry.PluginInfo, check: bool) -> dict[str, Any]:
         "status": "ok" if error is None else "broken",
         "error": error,
     }
+
+
+FreezeOption = Annotated[
+    list[str] | None,
+    typer.Option("--freeze", help="Freeze a group as well: backbone, spiritual, heads, a family or a ref."),
+]
+
+
+@app.command()
+def validate(
+    manifest: Annotated[Path, typer.Argument(help="The manifest TOML file.")],
+    freeze: FreezeOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the parameter table as JSON.")] = False,
+) -> None:
+    """Check a manifest and every plugin it needs; build on the meta device and print parameter counts."""
+    from .assemble import build_on_meta, plan_manifest
+    from .freeze import freeze_groups
+
+    _quiet_transformers()
+    resolved, plan = plan_manifest(manifest)
+    model = build_on_meta(plan)
+    freeze_groups(model, [*resolved.freeze.groups, *(freeze or [])])
+    _report(model, plan, as_json)
+    if not as_json:
+        out.print(f"{manifest}: ok (no weights allocated)")
+
+
+@app.command()
+def assemble(
+    manifest: Annotated[Path, typer.Argument(help="The manifest TOML file.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Model directory to write.")] = None,
+    freeze: FreezeOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the parameter table as JSON.")] = False,
+) -> None:
+    """Build the model a manifest describes and save it as a Hugging Face directory."""
+    from .assemble import build, build_on_meta, load_tokenizer, plan_manifest
+    from .checkpoint import save
+    from .freeze import freeze_groups
+
+    _quiet_transformers()
+    resolved, plan = plan_manifest(manifest)
+    groups = list(dict.fromkeys([*resolved.freeze.groups, *(freeze or [])]))
+    freeze_groups(build_on_meta(plan), groups)  # a bad group fails before any weights exist
+    plan.config.manifest["freeze"] = {"groups": groups}
+    tokenizer = load_tokenizer(resolved)
+    model = build(plan, seed=resolved.train.seed)
+    freeze_groups(model, groups)
+    target = save(model, output or Path("runs") / resolved.model.name, tokenizer)
+    _report(model, plan, as_json)
+    if not as_json:
+        note = (
+            "with its tokenizer"
+            if tokenizer is not None
+            else "without a tokenizer: fresh backbone, none given"
+        )
+        out.print(f"saved {target}, {note}")
+
+
+def _quiet_transformers() -> None:
+    """The CLI prints its own facts: no progress bars or advisory logs from transformers."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _report(model: Any, plan: Any, as_json: bool) -> None:
+    from .freeze import parameter_table
+
+    rows = parameter_table(model)
+    if as_json:
+        typer.echo(json.dumps([row.__dict__ for row in rows], indent=2))
+        return
+    from rich.table import Table
+
+    layout = plan.config.layout
+    source = plan.pretrained or f"fresh {plan.config.text_config.model_type}"
+    out.print(
+        f"backbone: {source}, {plan.config.text_config.num_hidden_layers} layers, "
+        f"hidden {plan.config.text_config.hidden_size}"
+    )
+    out.print(
+        f"modules: {len(layout['modules'])} at layers {layout['at_layers']}, {layout['composition']}"
+        + (f" top_k {layout['top_k']}" if layout["composition"] == "routed" else "")
+        + f", preset {layout['preset']}; heads: {', '.join(h['plugin'] for h in layout['heads']) or 'none'}"
+    )
+    total = rows[-1].parameters
+    table = Table("group", "parameters", "share", "trainable", box=None)
+    for row in rows:
+        share = f"{100 * row.parameters / total:.2f}%" if total else "-"
+        table.add_row(row.group, f"{row.parameters:,}", share, f"{row.trainable:,}")
+    out.print(table)
 
 
 @functools.cache  # once per process, however often main() runs

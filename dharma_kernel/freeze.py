@@ -9,9 +9,9 @@ from torch import nn
 
 from .catalogue import FAMILIES
 from .errors import DharmaError
-from .manifest import closest
 from .model import DharmaModel
 from .stack import module_key
+from .suggest import closest
 
 SPECIAL_GROUPS = ("backbone", "spiritual", "heads")
 

@@ -8,7 +8,6 @@ they report through :func:`format_validation_error` so every message reads alike
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 import tomllib
@@ -32,7 +31,9 @@ from pydantic import (
     model_validator,
 )
 
+from .catalogue import FAMILIES
 from .errors import DharmaError
+from .suggest import closest
 
 __all__ = [
     "FAMILIES",
@@ -52,7 +53,6 @@ __all__ = [
     "parse_manifest",
 ]
 
-FAMILIES = ("paths", "consciousness", "life", "energy", "crisis", "darshanas")
 
 DEFAULT_BACKBONE = "distilgpt2"
 
@@ -276,12 +276,6 @@ def check_requires(manifest: Manifest) -> None:
             problems.append(f"requires: '{text}' is not satisfied, {have}; {install}")
     if problems:
         raise DharmaError("\n".join(problems))
-
-
-def closest(name: str, choices: Iterable[str]) -> str | None:
-    """The choice ``name`` was most likely meant to be, or None if none is close."""
-    matches = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return matches[0] if matches else None
 
 
 # What an input of the wrong type should have been, by pydantic error type.

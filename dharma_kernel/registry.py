@@ -17,18 +17,18 @@ MODULE_API it was written for::
 
 from __future__ import annotations
 
-import difflib
 import functools
 import importlib
 import re
 import sys
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from importlib import metadata
 
+from .catalogue import FAMILIES, distribution_for
 from .errors import DharmaError
+from .suggest import closest, did_you_mean
 from .version import MODULE_API
 
 __all__ = [
@@ -50,7 +50,6 @@ __all__ = [
 GROUPS = {"module": "dharma.modules", "head": "dharma.heads"}
 API_GROUP = "dharma.api"
 HOOKS_GROUP = "dharma.hooks"
-FAMILIES = ("paths", "consciousness", "life", "energy", "crisis", "darshanas")
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 _VALUE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # package.module:Class
@@ -96,16 +95,6 @@ class PluginBroken(DharmaError):
 
 class PluginWarning(UserWarning):
     """A plugin that loads but may misbehave (written for a newer MODULE_API minor)."""
-
-
-def distribution_for(ref: str, kind: str = "module") -> str:
-    """The pip distribution that conventionally provides ``ref`` (a full ref or a short name)."""
-    if kind == "head":
-        return f"dharma-head-{ref.replace('_', '-')}"
-    family, _, name = ref.rpartition(".")
-    if (family, name) == ("darshanas", "yoga"):
-        return "dharma-plugin-yoga-darshana"
-    return f"dharma-plugin-{name.replace('_', '-')}"
 
 
 def entry_points(group: str) -> list[metadata.EntryPoint]:
@@ -168,7 +157,7 @@ def _metadata_problem(info: PluginInfo) -> str | None:
         if info.family is None or not (_NAME.fullmatch(info.family) and _NAME.fullmatch(info.name)):
             return f"ref '{info.ref}' is not '<family>.<name>' in lower case"
         if info.family not in FAMILIES:
-            return f"unknown family '{info.family}'{_did_you_mean(info.family, FAMILIES)}"
+            return f"unknown family '{info.family}'{did_you_mean(info.family, FAMILIES)}"
     elif not _NAME.fullmatch(info.ref):
         return f"head ref '{info.ref}' is not a lower-case name"
     if not _VALUE.fullmatch(info.value):
@@ -207,11 +196,6 @@ def _mark_duplicates(infos: list[PluginInfo]) -> list[PluginInfo]:
     return marked
 
 
-def _did_you_mean(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
 def resolve(ref: str, kind: str = "module") -> PluginInfo:
     """The installed plugin named ``ref``: a full ref, or a short name that only one module has."""
     infos = discover(kind)
@@ -230,9 +214,9 @@ def resolve(ref: str, kind: str = "module") -> PluginInfo:
 def _not_installed(ref: str, kind: str, infos: list[PluginInfo]) -> DharmaError:
     message = f"no {kind} plugin '{ref}' is installed"
     full = {info.name: info.ref for info in infos}  # short name -> ref, to suggest the full ref
-    close = difflib.get_close_matches(ref, [info.ref for info in infos] + list(full), n=1)
+    close = closest(ref, [info.ref for info in infos] + list(full))
     if close:
-        message += f"; did you mean '{full.get(close[0], close[0])}'?"
+        message += f"; did you mean '{full.get(close, close)}'?"
     other = "head" if kind == "module" else "module"
     if any(ref in (info.ref, info.name) for info in discover(other)):
         message += f" ('{ref}' is a {other} plugin)"

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from fakedists import install, run_dharma
 from typer.testing import CliRunner
 
 from dharma_kernel import cli, registry
@@ -57,19 +55,6 @@ KEYS = {"ref", "name", "kind", "family", "distribution", "version", "module_api"
 TANTRA_REASON = "importing dharma_fake_tantra raised RuntimeError: tantra needs a GPU"
 
 
-def install(site, dist, entries, sources):
-    """A fake installed distribution: ``<dist>-0.1.dist-info`` with entry points, plus module files."""
-    info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
-    lines = []
-    for group, items in entries.items():
-        lines += [f"[{group}]", *(f"{name} = {value}" for name, value in items.items()), ""]
-    (info / "entry_points.txt").write_text("\n".join(lines))
-    for module, source in sources.items():
-        (site / f"{module}.py").write_text(source)
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     """A valid module, a module that fails at import, a head and a hook plugin adding two commands."""
@@ -89,12 +74,7 @@ def site(tmp_path_factory):
 
 
 def run(site, *args, code=None):
-    """``python -m dharma_kernel ARGS`` (or ``python -c CODE``) with ``site`` on the path, output piped."""
-    env = {**os.environ, "NO_COLOR": "1"}
-    env.pop("COLUMNS", None)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
-    command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "dharma_kernel", *args]
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    return run_dharma(site, *args, code=code)
 
 
 def rows(stdout):

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from fakedists import install
 
 from dharma_kernel import registry
 from dharma_kernel.errors import DharmaError
@@ -41,19 +42,6 @@ class Gloss(HeadModule):
     def forward(self, hidden, attention_mask, **labels):
         return HeadOutput(hidden.mean(-1))
 """
-
-
-def install(site, dist, entries, sources=None):
-    """A fake installed distribution: ``<dist>-0.1.dist-info`` with entry points, plus module files."""
-    info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
-    lines = []
-    for group, items in entries.items():
-        lines += [f"[{group}]", *(f"{name} = {value}" for name, value in items.items()), ""]
-    (info / "entry_points.txt").write_text("\n".join(lines))
-    for module, source in (sources or {}).items():
-        (site / f"{module}.py").write_text(source)
 
 
 def module_plugin(site, ref, *, api="1.0", class_api=None, declared=None, source=None, value=None, dist=None):
