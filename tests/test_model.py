@@ -140,19 +140,30 @@ def test_lm_loss_ignores_padding():
 def test_gradient_checkpointing_gives_the_same_gradients():
     ids = torch.randint(1, 97, (2, 8))
 
+    calls = {"block": 0, "module": 0}
+
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
         model = tiny_model("sequential").train()
-        model.config.text_config.resid_pdrop = 0.0
         if checkpointing:
-            model.backbone.gradient_checkpointing_enable({"use_reentrant": False})
+            model.backbone.activation_checkpointing_enable({"use_reentrant": False})
             model.set_module_checkpointing(True)
+        calls.update(block=0, module=0)
+        # pre-hooks: checkpoint recomputation stops early, so a post-forward hook may never fire in it
+        model.backbone.transformer.h[0].block.mlp.register_forward_pre_hook(
+            lambda *_: calls.update(block=calls["block"] + 1)
+        )
+        model.module_at("darshanas.vedanta", 0).register_forward_pre_hook(
+            lambda *_: calls.update(module=calls["module"] + 1)
+        )
         model(ids, labels=ids).loss.backward()
         return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
 
     torch.manual_seed(0)
     plain = grads(False)
+    assert calls == {"block": 1, "module": 1}
     torch.manual_seed(0)
     checkpointed = grads(True)
+    assert calls == {"block": 2, "module": 2}  # both recomputed in backward: checkpointing is really on
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
