@@ -143,3 +143,25 @@ def test_a_broken_plugin_does_not_break_unrelated_manifests(tmp_path):
 def test_the_example_manifest_validates():
     result = run_dharma(None, "validate", str(ROOT / "examples" / "foundation.toml"))
     assert result.returncode == 0, result.stderr
+
+
+def test_pretrained_backbone_brings_its_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from dharma_kernel.assemble import build_model
+
+    backbone_dir = tmp_path / "tiny-gpt2"
+    words = ["<eos>", "dharma", "karma", "धर्म", *(f"w{i}" for i in range(93))]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<eos>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>").save_pretrained(backbone_dir)
+    tiny = {"architecture": "gpt2", "n_layer": 2, "n_embd": 32, "n_head": 2, "vocab_size": 97}
+    build_model(tiny, {}).backbone.save_pretrained(backbone_dir)
+    path = write(tmp_path, MODULES, backbone='pretrained = "tiny-gpt2"')
+    out = tmp_path / "model"
+    result = run_dharma(None, "assemble", str(path), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "with its tokenizer" in result.stdout
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer("dharma धर्म karma")["input_ids"] == [1, 3, 2]
