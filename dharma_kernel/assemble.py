@@ -7,16 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 
 from . import registry
 from .backbone import backbone_config, load_backbone, num_layers
 from .catalogue import FAMILIES, distribution_for, standard_refs
 from .checkpoint import make_lock
-from .errors import DharmaError
-from .manifest import Manifest, check_requires, format_validation_error, load_manifest
-from .model import DharmaConfig, DharmaModel
-from .suggest import closest
+from .errors import DharmaError, first_line
+from .manifest import Manifest, check_requires, load_manifest
+from .model import DharmaConfig, DharmaModel, plugin_config
+from .suggest import pick_ref
 
 
 @dataclass
@@ -32,11 +31,12 @@ def select_modules(include: list[str], exclude: list[str]) -> list[str]:
 
     ``all`` and family names mean every standard module of them plus installed
     third-party ones; a missing standard module is an error, never silently skipped.
+    Installed but broken plugins count as installed: loading them says why they are broken.
     """
-    installed = [p.ref for p in registry.discover("module") if p.problem is None]
+    installed = [p.ref for p in registry.discover("module")]
     known = list(dict.fromkeys(standard_refs() + installed))
-    chosen = [ref for entry in include for ref in _expand(entry, known, installed, "modules.include")]
-    dropped = {ref for entry in exclude for ref in _expand(entry, known, installed, "modules.exclude")}
+    chosen = [ref for entry in include for ref in _expand(entry, known, "modules.include")]
+    dropped = {ref for entry in exclude for ref in _expand(entry, known, "modules.exclude")}
     chosen = [ref for ref in dict.fromkeys(chosen) if ref not in dropped]
     missing = [ref for ref in chosen if ref not in installed]
     if missing:
@@ -49,23 +49,13 @@ def select_modules(include: list[str], exclude: list[str]) -> list[str]:
     return chosen
 
 
-def _expand(entry: str, known: list[str], installed: list[str], where: str) -> list[str]:
+def _expand(entry: str, known: list[str], where: str) -> list[str]:
+    families = list(dict.fromkeys([*FAMILIES, *(ref.split(".")[0] for ref in known)]))
     if entry == "all":
         return known
-    if entry in FAMILIES or any(ref.startswith(entry + ".") for ref in installed):
+    if entry in families:
         return [ref for ref in known if ref.split(".")[0] == entry]
-    if entry in known:
-        return [entry]
-    named = [ref for ref in known if ref.split(".", 1)[1] == entry]
-    if len(named) == 1:
-        return named
-    if len(named) > 1:
-        raise DharmaError(f"{where}: '{entry}' is ambiguous: {' or '.join(named)}; write the full ref")
-    guess = closest(entry, ["all", *FAMILIES, *known, *(r.split(".", 1)[1] for r in known)])
-    hint = f"; did you mean '{guess}'?" if guess else ""
-    raise DharmaError(
-        f"{where}: unknown module '{entry}'{hint}", hint="`dharma plugins` lists what is installed."
-    )
+    return [pick_ref(entry, known, where)]
 
 
 def resolve_layout(manifest: Manifest, depth: int) -> dict[str, Any]:
@@ -83,22 +73,14 @@ def resolve_layout(manifest: Manifest, depth: int) -> dict[str, Any]:
     modules = []
     for ref in refs:
         cls = registry.load(registry.resolve(ref, "module"))
-        try:
-            config = cls.make_config(section.preset, overrides.get(ref, {}))
-        except ValidationError as err:
-            raise DharmaError(
-                format_validation_error(err, model=cls.Config, prefix=f"modules.override.{ref}")
-            ) from None
+        values = cls.make_config(section.preset).model_dump() | overrides.get(ref, {})
+        config = plugin_config(cls, values, f"modules.override.{ref}")
         modules.append({"ref": ref, "config": config.model_dump(mode="json")})
     heads = []
-    for head in manifest.heads:
+    for index, head in enumerate(manifest.heads):
         cls = registry.load(registry.resolve(head.plugin, "head"))
-        try:
-            config = cls.make_config(section.preset, head.config)
-        except ValidationError as err:
-            raise DharmaError(
-                format_validation_error(err, model=cls.Config, prefix=f"heads.{head.plugin}.config")
-            ) from None
+        values = cls.make_config(section.preset).model_dump() | head.config
+        config = plugin_config(cls, values, f"heads[{index}].config")
         heads.append({"plugin": head.plugin, "config": config.model_dump(mode="json")})
     return {
         "at_layers": sorted(section.at_layers) if refs else [],
@@ -107,26 +89,23 @@ def resolve_layout(manifest: Manifest, depth: int) -> dict[str, Any]:
         "preset": section.preset,
         "modules": modules,
         "heads": heads,
-        "loss": {"lm": manifest.loss.lm, "concept": manifest.loss.concept},
+        "loss": manifest.loss.model_dump(),
     }
 
 
 def _resolve_overrides(overrides: dict[str, dict[str, Any]], refs: list[str]) -> dict[str, dict[str, Any]]:
-    resolved = {}
+    resolved: dict[str, dict[str, Any]] = {}
     for key, values in overrides.items():
-        matches = [ref for ref in refs if key in (ref, ref.split(".", 1)[1])]
-        if len(matches) != 1:
-            guess = closest(key, refs)
-            hint = f"; did you mean '{guess}'?" if guess else ""
-            problem = "is ambiguous" if matches else "names no module in this manifest"
-            raise DharmaError(f"modules.override.{key}: {problem}{hint}")
-        resolved[matches[0]] = values
+        ref = pick_ref(key, refs, f"modules.override.{key}", "a module in this manifest")
+        if ref in resolved:
+            raise DharmaError(f"modules.override.{key}: {ref} is overridden twice; merge the two tables")
+        resolved[ref] = values
     return resolved
 
 
 def plan(manifest: Manifest) -> Plan:
     """Resolve the manifest into a model config; loads plugin classes, allocates no weights."""
-    pretrained = _local_or_hub(manifest, manifest.backbone.pretrained)
+    pretrained = _local_or_hub(manifest, manifest.backbone.pretrained, "backbone.pretrained")
     text = backbone_config(pretrained, manifest.backbone.config)
     layout = resolve_layout(manifest, num_layers(text))
     config = DharmaConfig(
@@ -142,31 +121,33 @@ def plan_manifest(path: str | Path) -> tuple[Manifest, Plan]:
     return manifest, plan(manifest)
 
 
-def _local_or_hub(manifest: Manifest, name: str | None) -> str | None:
+def _local_or_hub(manifest: Manifest, name: str | None, key: str) -> str | None:
     """A path relative to the manifest when it exists there, else the name as given (a hub id)."""
     if name is None:
         return None
     local = manifest.resolve_path(name)
-    return str(local) if local.exists() else name
+    if local.exists():
+        return str(local)
+    if name.startswith((".", "/", "~")):
+        raise DharmaError(f"{key}: directory '{local}' does not exist")
+    return name
 
 
 def load_tokenizer(manifest: Manifest) -> Any:
-    """The manifest's tokenizer, else the pretrained backbone's, else None (fresh backbone)."""
+    """The manifest's tokenizer, else the pretrained backbone's when it has one, else None."""
     from transformers import AutoTokenizer
 
-    name = _local_or_hub(manifest, manifest.backbone.tokenizer)
-    if name is None and manifest.backbone.pretrained is not None:
-        name = _local_or_hub(manifest, manifest.backbone.pretrained)
-        try:
-            return AutoTokenizer.from_pretrained(name)
-        except (OSError, ValueError):
-            return None  # a backbone directory without tokenizer files
+    explicit = manifest.backbone.tokenizer is not None
+    key = "backbone.tokenizer" if explicit else "backbone.pretrained"
+    name = _local_or_hub(manifest, manifest.backbone.tokenizer or manifest.backbone.pretrained, key)
     if name is None:
         return None
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
-        raise DharmaError(f"backbone.tokenizer: cannot load '{name}': {str(err).splitlines()[0]}") from None
+        if not explicit:
+            return None  # a backbone directory without tokenizer files
+        raise DharmaError(f"backbone.tokenizer: cannot load '{name}': {first_line(err)}") from None
 
 
 def build_on_meta(plan_: Plan) -> DharmaModel:
@@ -191,7 +172,7 @@ def build_model(backbone: dict[str, Any], layout: dict[str, Any], seed: int = 0)
         "modules": [],
         "heads": [],
         "at_layers": [],
-        "loss": {"lm": 1.0, "concept": 0.1},
+        "loss": {"lm": 1.0, "concept": 0.1, "router": 0.01},
         **layout,
     }
     config = DharmaConfig(text_config=text.to_dict(), layout=layout, manifest=None, lock=make_lock(layout))

@@ -8,7 +8,7 @@ from typing import Any
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from .errors import DharmaError
+from .errors import DharmaError, error_line, first_line
 from .suggest import closest
 
 # DistilGPT2's shape: what `config = {}` builds when a key is not given.
@@ -22,7 +22,7 @@ def backbone_config(pretrained: str | None, config: dict[str, Any] | None) -> Pr
             return AutoConfig.from_pretrained(pretrained)
         except (OSError, ValueError) as err:
             raise DharmaError(
-                f"backbone.pretrained: cannot load config of '{pretrained}': {_first_line(err)}",
+                f"backbone.pretrained: cannot load config of '{pretrained}': {first_line(err)}",
                 hint="Give a local model directory, or a hub id while online (downloads are cached).",
             ) from err
     values = dict(config or {})
@@ -40,7 +40,10 @@ def backbone_config(pretrained: str | None, config: dict[str, Any] | None) -> Pr
         if "vocab_size" in values:  # GPT-2's end-of-text is its last id; keep it inside a smaller vocabulary
             for key in ("bos_token_id", "eos_token_id"):
                 values.setdefault(key, values["vocab_size"] - 1)
-    return config_class(**values)
+    try:
+        return config_class(**values)
+    except Exception as err:  # transformers' own checks of values and types
+        raise DharmaError(f"backbone.config: {error_line(err)}") from None
 
 
 def _check_config_keys(config_class: type[PretrainedConfig], values: dict[str, Any]) -> None:
@@ -65,11 +68,20 @@ def _check_config_keys(config_class: type[PretrainedConfig], values: dict[str, A
 def load_backbone(pretrained: str | None, config: PretrainedConfig) -> PreTrainedModel:
     """Pretrained weights when ``pretrained`` is set, else fresh weights from ``config``."""
     if pretrained is None:
-        return AutoModelForCausalLM.from_config(config)
+        return fresh_backbone(config)
     try:
         return AutoModelForCausalLM.from_pretrained(pretrained, config=config)
     except (OSError, ValueError) as err:
-        raise DharmaError(f"backbone.pretrained: cannot load '{pretrained}': {_first_line(err)}") from err
+        raise DharmaError(f"backbone.pretrained: cannot load '{pretrained}': {first_line(err)}") from err
+
+
+def fresh_backbone(config: PretrainedConfig) -> PreTrainedModel:
+    """Randomly initialised weights of ``config``'s shape; a shape the model rejects is a DharmaError."""
+    try:
+        return AutoModelForCausalLM.from_config(config)
+    except (ValueError, TypeError, AssertionError, RuntimeError) as err:
+        problem = error_line(err)
+        raise DharmaError(f"backbone.config: {config.model_type} rejects this shape: {problem}") from None
 
 
 # Where common architectures keep their transformer blocks.
@@ -111,7 +123,3 @@ def _get_path(module: nn.Module, path: str) -> Any:
         if module is None:
             return None
     return module
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]

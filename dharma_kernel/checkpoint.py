@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import warnings
@@ -13,10 +14,10 @@ from packaging.version import InvalidVersion, Version
 
 from . import registry
 from .catalogue import distribution_for
-from .errors import DharmaError
+from .errors import DharmaError, first_line
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-WEIGHTS = "model.safetensors"
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards
 
 
 def make_lock(layout: dict[str, Any]) -> list[dict[str, str | None]]:
@@ -42,14 +43,19 @@ def check_lock(lock: list[dict[str, Any]]) -> None:
     """Every locked plugin is installed at a compatible version: else a DharmaError saying what to install."""
     problems = []
     for entry in lock:
-        want = (
-            f"{entry['distribution']}=={entry['version']}" if entry.get("version") else entry["distribution"]
-        )
+        dist = entry.get("distribution") or distribution_for(entry["ref"], entry["kind"])
+        want = f"{dist}=={entry['version']}" if entry.get("version") else dist
         try:
             info = registry.resolve(entry["ref"], entry["kind"])
         except DharmaError:
-            dist = entry.get("distribution") or distribution_for(entry["ref"], entry["kind"])
-            problems.append(f"{entry['ref']} is not installed; run: pip install '{want or dist}'")
+            problems.append(f"{entry['ref']} is not installed; run: pip install '{want}'")
+            continue
+        saved_api, installed_api = entry.get("module_api"), info.module_api
+        if saved_api and installed_api and saved_api.split(".")[0] != installed_api.split(".")[0]:
+            problems.append(
+                f"{entry['ref']} was saved with MODULE_API {saved_api}, the installed {dist} speaks "
+                f"{installed_api}; run: pip install '{want}'"
+            )
             continue
         saved, installed = _version(entry.get("version")), _version(info.version)
         if saved is None or installed is None or saved == installed:
@@ -79,8 +85,8 @@ def check_directory(path: str | Path) -> None:
     """Refuse a local directory whose weights are pickles; check its plugin lock."""
     directory = Path(path)
     if not directory.is_dir():
-        return  # a hub id: transformers resolves it, safetensors only
-    if not (directory / WEIGHTS).exists():
+        return  # a hub id: transformers resolves it (safetensors only); plugins are checked as they load
+    if not any((directory / name).exists() for name in WEIGHTS):
         pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise DharmaError(
@@ -88,27 +94,64 @@ def check_directory(path: str | Path) -> None:
                 "because unpickling can run arbitrary code",
                 hint="Convert them where you trust the file: load with torch and save_pretrained(...) again.",
             )
-        raise DharmaError(f"{directory}: no {WEIGHTS}; is this a saved Dharma model directory?")
-    config_path = directory / "config.json"
-    if config_path.exists():
-        config = json.loads(config_path.read_text())
-        check_lock(config.get("lock") or [])
+        raise DharmaError(f"{directory}: no model.safetensors; is this a saved Dharma model directory?")
+    check_lock(read_config(directory).get("lock") or [])
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    """``config.json`` of a model directory, or a DharmaError saying what is wrong with it."""
+    path = directory / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DharmaError(f"{directory}: no config.json; is this a saved Dharma model directory?") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise DharmaError(f"{path}: unreadable ({first_line(err)})") from None
+
+
+def is_model_directory(path: Path) -> bool:
+    try:
+        return read_config(path).get("model_type") == "dharma"
+    except DharmaError:
+        return False
 
 
 def save(model: Any, directory: str | Path, tokenizer: Any = None) -> Path:
-    """Write ``directory`` atomically: a crash mid-save leaves the previous contents intact."""
-    target = Path(directory)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    """Write ``directory`` so a failure while writing leaves what was there untouched.
+
+    The model is written beside the target, then swapped in by two renames. Only a
+    missing path, an empty directory or a saved Dharma model is ever replaced.
+    """
+    target = Path(directory).resolve()
+    replaceable = target.is_dir() and (not any(target.iterdir()) or is_model_directory(target))
+    if target.exists() and not replaceable:
+        raise DharmaError(
+            f"{target} exists and is not a saved Dharma model; refusing to replace it",
+            hint="Choose another output directory, or remove that one yourself.",
+        )
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as err:
+        raise DharmaError(f"cannot write {target}: {first_line(err)}") from None
+    try:
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a model directory is not
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         _replace(staging, target)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise DharmaError(f"cannot write {target}: {first_line(err)}") from None
         raise
     return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _replace(staging: Path, target: Path) -> None:

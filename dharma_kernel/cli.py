@@ -152,7 +152,7 @@ def validate(
 @app.command()
 def assemble(
     manifest: Annotated[Path, typer.Argument(help="The manifest TOML file.")],
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Model directory to write.")] = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Model directory to write.")],
     freeze: FreezeOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the parameter table as JSON.")] = False,
 ) -> None:
@@ -169,7 +169,7 @@ def assemble(
     tokenizer = load_tokenizer(resolved)
     model = build(plan, seed=resolved.train.seed)
     freeze_groups(model, groups)
-    target = save(model, output or Path("runs") / resolved.model.name, tokenizer)
+    target = save(model, output, tokenizer)
     _report(model, plan, as_json)
     if not as_json:
         note = (

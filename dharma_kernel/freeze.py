@@ -11,7 +11,7 @@ from .catalogue import FAMILIES
 from .errors import DharmaError
 from .model import DharmaModel
 from .stack import module_key
-from .suggest import closest
+from .suggest import pick_ref
 
 SPECIAL_GROUPS = ("backbone", "spiritual", "heads")
 
@@ -29,7 +29,9 @@ def group_parameters(model: DharmaModel, group: str) -> list[nn.Parameter]:
     if group in families or group in FAMILIES:
         chosen = [ref for ref in refs if ref.split(".")[0] == group]
     else:
-        chosen = [_match_ref(group, refs)]
+        chosen = [pick_ref(group, [*SPECIAL_GROUPS, *families, *refs], "freeze", "a group of this model")]
+        if chosen[0] in SPECIAL_GROUPS or chosen[0] in families:
+            return group_parameters(model, chosen[0])
     return [
         param
         for stack in model.stacks.values()
@@ -37,20 +39,6 @@ def group_parameters(model: DharmaModel, group: str) -> list[nn.Parameter]:
         if module_key(ref) in stack.members
         for param in stack.members[module_key(ref)].parameters()
     ]
-
-
-def _match_ref(group: str, refs: list[str]) -> str:
-    if group in refs:
-        return group
-    named = [ref for ref in refs if ref.split(".", 1)[-1] == group]
-    if len(named) == 1:
-        return named[0]
-    if len(named) > 1:
-        raise DharmaError(f"freeze: '{group}' is ambiguous: {', '.join(named)}; name one of them in full")
-    valid = [*SPECIAL_GROUPS, *sorted({r.split(".")[0] for r in refs}), *refs]
-    guess = closest(group, valid)
-    hint = f"; did you mean '{guess}'?" if guess else f"; valid groups: {', '.join(valid)}"
-    raise DharmaError(f"freeze: unknown group '{group}'{hint}")
 
 
 def freeze_groups(model: DharmaModel, groups: Iterable[str]) -> None:

@@ -44,8 +44,19 @@ def concept_loss(score: torch.Tensor, labels: torch.Tensor, counted: torch.Tenso
     return F.binary_cross_entropy(prob, labels[keep].float())
 
 
-def total_loss(components: dict[str, torch.Tensor], lm_weight: float, concept_weight: float) -> torch.Tensor:
-    """Weighted sum of the components; ``lm`` and ``concept`` take their weights, the rest weight 1."""
-    weights = {"lm": lm_weight, "concept": concept_weight}
-    terms = [weights.get(name, 1.0) * value for name, value in components.items()]
+def total_loss(components: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """Weighted sum of the components.
+
+    ``lm`` and ``concept`` take ``weights["lm"]`` and ``weights["concept"]``, every
+    ``router_balance@<layer>`` takes ``weights["router"]``, anything else weight 1.
+    """
+    terms = [weight_of(name, weights) * value for name, value in components.items()]
     return torch.stack(terms).sum()
+
+
+def weight_of(name: str, weights: dict[str, float]) -> float:
+    if name in ("lm", "concept"):
+        return weights.get(name, 1.0)
+    if name.startswith("router_balance@"):
+        return weights.get("router", 0.01)
+    return 1.0

@@ -32,7 +32,7 @@ from pydantic import (
 )
 
 from .catalogue import FAMILIES
-from .errors import DharmaError
+from .errors import DharmaError, first_line
 from .suggest import closest
 
 __all__ = [
@@ -66,7 +66,7 @@ def _valid_requirement(text: str) -> str:
     try:
         Requirement(text)
     except InvalidRequirement as e:
-        raise ValueError(f"{text!r} is not a valid requirement: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"{text!r} is not a valid requirement: {first_line(e)}") from None
     return text
 
 
@@ -139,6 +139,7 @@ class FreezeSection(_Section):
 class LossSection(_Section):
     lm: float = Field(1.0, ge=0)
     concept: float = Field(0.1, ge=0)
+    router: float = Field(0.01, ge=0)  # load balance of routed stacks; the Switch Transformer's weight
 
 
 class DataSection(_Section):
@@ -178,6 +179,14 @@ class Manifest(_Section):
 
     # The manifest file, if it came from one; relative paths inside resolve against its directory.
     _path: Path | None = PrivateAttr(default=None)
+
+    @field_validator("heads")
+    @classmethod
+    def _unique_heads(cls, heads: list[HeadSpec]) -> list[HeadSpec]:
+        seen = [head.plugin for head in heads]
+        if twice := sorted({name for name in seen if seen.count(name) > 1}):
+            raise ValueError(f"each head plugin may appear once; listed more than once: {', '.join(twice)}")
+        return heads
 
     @model_validator(mode="after")
     def _derive_output(self) -> Manifest:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
@@ -15,9 +16,11 @@ from transformers.configuration_utils import SubConfigSpec
 from transformers.utils import ModelOutput
 
 from . import registry
-from .backbone import find_blocks, hidden_size, num_layers
+from .backbone import find_blocks, fresh_backbone, hidden_size, num_layers
+from .errors import DharmaError, error_line
 from .losses import concept_loss, lm_loss, total_loss
-from .protocol import DharmaModule, HeadModule
+from .manifest import format_validation_error
+from .protocol import DharmaModule, HeadModule, ModuleConfig
 from .stack import ModuleStack, StackResult, module_key
 from .version import __version__
 
@@ -96,14 +99,33 @@ class DharmaSlot(nn.Module):
         return (result.hidden, *out[1:]) if isinstance(out, tuple) else result.hidden
 
 
+def plugin_config(cls: type[DharmaModule | HeadModule], values: dict[str, Any], where: str) -> ModuleConfig:
+    """``cls.Config(**values)``, or a DharmaError naming each bad key under ``where``."""
+    try:
+        return cls.Config(**values)
+    except ValidationError as err:
+        raise DharmaError(format_validation_error(err, model=cls.Config, prefix=where)) from None
+
+
+def _construct(cls: type[nn.Module], ref: str, hidden: int, config: ModuleConfig) -> Any:
+    try:
+        return cls(hidden, config)
+    except DharmaError:
+        raise
+    except Exception as err:  # a config the plugin's own checks missed (say a negative size)
+        raise DharmaError(f"{ref}: cannot build with {config!r}: {error_line(err)}") from None
+
+
 def build_module(spec: dict[str, Any], hidden: int) -> DharmaModule:
     cls = registry.load(registry.resolve(spec["ref"], "module"))
-    return cls(hidden, cls.Config(**spec.get("config", {})))
+    config = plugin_config(cls, spec.get("config", {}), f"layout.modules.{spec['ref']}")
+    return _construct(cls, spec["ref"], hidden, config)
 
 
 def build_head(spec: dict[str, Any], hidden: int) -> HeadModule:
     cls = registry.load(registry.resolve(spec["plugin"], "head"))
-    return cls(hidden, cls.Config(**spec.get("config", {})))
+    config = plugin_config(cls, spec.get("config", {}), f"layout.heads.{spec['plugin']}")
+    return _construct(cls, spec["plugin"], hidden, config)
 
 
 class DharmaModel(PreTrainedModel, GenerationMixin):
@@ -116,7 +138,7 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
     def __init__(self, config: DharmaConfig, backbone: PreTrainedModel | None = None) -> None:
         super().__init__(config)
         text = config.text_config
-        self.backbone = backbone if backbone is not None else AutoModelForCausalLM.from_config(text)
+        self.backbone = backbone if backbone is not None else fresh_backbone(text)
         layout = config.layout or {}
         width, depth = hidden_size(text), num_layers(text)
         blocks = find_blocks(self.backbone, depth)
@@ -196,6 +218,11 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
             use_cache = not self.training and bool(getattr(self.config.text_config, "use_cache", True))
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config.text_config)
+        if use_cache and not isinstance(cache, DynamicCache):
+            raise DharmaError(
+                f"Dharma models generate with the dynamic KV cache only, not {type(cache).__name__}",
+                hint="Leave cache_implementation unset (or 'dynamic').",
+            )
         state = _ForwardState(attention_mask, cache if use_cache else None, {})
         want_hidden = bool(output_hidden_states) or len(self.heads) > 0
         token = _CURRENT.set(state)
@@ -222,25 +249,38 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
             losses["concept"] = concept
         for layer, result in state.results.items():
             for name, value in result.losses.items():
-                key = name if "/" in name else f"{name}@{layer}"
-                losses[key] = value
+                losses[f"{name}@{layer}"] = value
         head_outputs = self._run_heads(
             out.hidden_states[-1] if want_hidden else None, attention_mask, head_labels or {}, losses
         )
-        layout_loss = (self.config.layout or {}).get("loss", {})
         loss = None
         if "lm" in losses or "concept" in losses or head_labels:
-            loss = total_loss(losses, layout_loss.get("lm", 1.0), layout_loss.get("concept", 0.1))
+            loss = total_loss(losses, (self.config.layout or {}).get("loss", {}))
         return DharmaOutput(
             loss=loss,
             logits=out.logits,
             cache=cache if use_cache else None,
-            hidden_states=out.hidden_states if output_hidden_states else None,
+            hidden_states=self._with_module_outputs(out.hidden_states, state)
+            if output_hidden_states
+            else None,
             losses=losses,
             lm_tokens=lm_tokens,
             module_scores=scores,
             heads=head_outputs or None,
         )
+
+    def _with_module_outputs(
+        self, hidden_states: tuple[torch.Tensor, ...], state: _ForwardState
+    ) -> tuple[torch.Tensor, ...]:
+        """Per-layer hidden states after the module stacks, not the bare block outputs transformers records.
+
+        Entry ``l + 1`` is the output of block ``l``; the last entry is after the final norm, kept.
+        """
+        states = list(hidden_states)
+        for layer, result in state.results.items():
+            if layer + 1 < len(states) - 1:
+                states[layer + 1] = result.hidden
+        return tuple(states)
 
     def _module_scores(
         self, state: _ForwardState, concept_labels: torch.Tensor | None

@@ -13,7 +13,8 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .registry import HOOKS_GROUP, entry_points, error_line
+from .errors import error_line
+from .registry import HOOKS_GROUP, entry_points
 
 __all__ = ["call_hook", "failures", "get_plugin_manager", "hook_entry_points"]
 

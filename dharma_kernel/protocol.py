@@ -32,7 +32,8 @@ __all__ = [
 class ModuleConfig(BaseModel):
     """Base of every plugin's ``Config``: unknown keys are an error, values are frozen."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict like the manifest: "4" or 4.0 for an integer size is a mistake, not a conversion
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 @dataclass

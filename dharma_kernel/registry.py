@@ -27,8 +27,8 @@ from dataclasses import dataclass, replace
 from importlib import metadata
 
 from .catalogue import FAMILIES, distribution_for
-from .errors import DharmaError
-from .suggest import closest, did_you_mean
+from .errors import DharmaError, error_line
+from .suggest import closest, did_you_mean, matching_refs
 from .version import MODULE_API
 
 __all__ = [
@@ -42,7 +42,6 @@ __all__ = [
     "discover",
     "distribution_for",
     "entry_points",
-    "error_line",
     "load",
     "resolve",
 ]
@@ -199,15 +198,12 @@ def _mark_duplicates(infos: list[PluginInfo]) -> list[PluginInfo]:
 def resolve(ref: str, kind: str = "module") -> PluginInfo:
     """The installed plugin named ``ref``: a full ref, or a short name that only one module has."""
     infos = discover(kind)
-    for info in infos:
-        if info.ref == ref:
-            return info
-    named = sorted({info.ref for info in infos if info.name == ref})
-    if len(named) == 1:
-        return next(info for info in infos if info.ref == named[0])
-    if named:
-        hint = f"write the full ref, e.g. '{named[0]}'"
-        raise DharmaError(f"'{ref}' is ambiguous: it names {' and '.join(named)}", hint=hint)
+    found = matching_refs(ref, sorted({info.ref for info in infos}))
+    if len(found) == 1:
+        return next(info for info in infos if info.ref == found[0])
+    if found:
+        hint = f"write the full ref, e.g. '{found[0]}'"
+        raise DharmaError(f"'{ref}' is ambiguous: it names {' and '.join(found)}", hint=hint)
     raise _not_installed(ref, kind, infos)
 
 
@@ -282,12 +278,6 @@ def _api_hint(info: PluginInfo, api: object) -> str | None:
     if parsed[0] > kernel[0]:
         return "upgrade the kernel: pip install --upgrade dharma-kernel"
     return f"upgrade the plugin: pip install --upgrade {info.install_name}"
-
-
-def error_line(err: BaseException) -> str:
-    """``"TypeName: first line of the message"``: enough to say why without a traceback."""
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
 
 
 def check(info: PluginInfo) -> str | None:

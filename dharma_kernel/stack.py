@@ -106,6 +106,8 @@ class ModuleStack(nn.Module):
             out = module(hidden, ModuleContext(attention_mask, past, active))
             weight = weights[..., index : index + 1].to(hidden.dtype)
             delta = delta + weight * (out.hidden - hidden)
+            # a score only where the module ran: per token, whatever else is in the batch
+            out.score = out.score * active.to(out.score.dtype)
             _record(result, ref, out, active)
         result.hidden = hidden + delta
         result.losses["router_balance"] = _balance_loss(probs, chosen, real, self.top_k)

@@ -47,7 +47,7 @@ def test_meta_build_matches_the_real_build():
 
 def test_unknown_module_suggests_the_closest():
     with pytest.raises(
-        DharmaError, match="modules.include: unknown module 'vedantaa'; did you mean 'vedanta'"
+        DharmaError, match="modules.include: 'vedantaa' is not a known module; did you mean 'vedanta'"
     ):
         select_modules(["vedantaa"], [])
 
@@ -96,7 +96,7 @@ def test_override_with_unknown_key_suggests():
 
 
 def test_override_for_a_module_not_in_the_manifest():
-    with pytest.raises(DharmaError, match="modules.override.karma: names no module in this manifest"):
+    with pytest.raises(DharmaError, match="modules.override.karma: 'karma' is not a module in this manifest"):
         plan(manifest(extra="[modules.override.karma]\nbottleneck = 3\n"))
 
 

@@ -113,3 +113,52 @@ def test_save_replaces_atomically(saved, monkeypatch):
         checkpoint.save(model, directory)
     assert (directory / "model.safetensors").read_bytes() == before
     assert [p.name for p in directory.parent.iterdir()] == ["model"]  # no staging left behind
+
+
+def test_save_refuses_to_replace_what_is_not_a_model(tmp_path):
+    model = tiny_model()
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    with pytest.raises(DharmaError, match="exists and is not a saved Dharma model; refusing to replace it"):
+        checkpoint.save(model, notes)
+    assert (notes / "notes.txt").read_text() == "mine"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(DharmaError, match="refusing to replace it"):
+        checkpoint.save(model, afile)
+    assert afile.read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "notes"]
+
+
+def test_saved_directory_is_readable_by_others(saved):
+    _, directory = saved
+    assert directory.stat().st_mode & 0o055 == 0o055  # not the 0700 of a temporary directory
+
+
+def test_sharded_weights_load(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    loaded = DharmaModel.from_pretrained(tmp_path / "sharded").eval()
+    ids = torch.randint(1, 97, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
+
+
+def test_other_module_api_major_refuses(saved):
+    _, directory = saved
+    config = json.loads((directory / "config.json").read_text())
+    config["lock"][1]["module_api"] = "2.0"
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        DharmaError, match="saved with MODULE_API 2.0, the installed dharma-plugin-vedanta speaks 1.0"
+    ):
+        DharmaModel.from_pretrained(directory)
+
+
+def test_corrupt_config_is_a_clear_error(saved):
+    _, directory = saved
+    (directory / "config.json").write_text("{not json")
+    with pytest.raises(DharmaError, match=r"config.json: unreadable"):
+        DharmaModel.from_pretrained(directory)

@@ -76,7 +76,7 @@ def test_a_failed_assemble_leaves_the_saved_model_alone(tmp_path):
     result = run_dharma(
         None, "assemble", str(write(tmp_path, MODULES)), "-o", str(out), "--freeze", "spirtual"
     )
-    assert_user_error(result, "unknown group 'spirtual'; did you mean 'spiritual'")
+    assert_user_error(result, "'spirtual' is not a group of this model; did you mean 'spiritual'")
     assert (out / "model.safetensors").read_bytes() == before
 
 

@@ -52,5 +52,7 @@ def test_freezing_everything_is_an_error():
 
 def test_unknown_group_suggests():
     model = tiny_model("sequential")
-    with pytest.raises(DharmaError, match="unknown group 'spirtual'; did you mean 'spiritual'"):
+    with pytest.raises(
+        DharmaError, match="freeze: 'spirtual' is not a group of this model; did you mean 'spiritual'"
+    ):
         freeze_groups(model, ["spirtual"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from dharma_kernel.blocks import BottleneckAdapter, CausalAttention, ConceptDetector, RunningSummary
 from dharma_kernel.protocol import DharmaModule, ModuleConfig, ModuleContext, ModuleOutput
@@ -19,10 +20,10 @@ class Vedanta(DharmaModule):
     )  # fmt: skip
 
     class Config(ModuleConfig):
-        heads: int = 2
-        head_dim: int = 16
-        feed_forward: int = 32
-        summary: int = 16
+        heads: int = Field(2, ge=1)
+        head_dim: int = Field(16, ge=1)
+        feed_forward: int = Field(32, ge=1)
+        summary: int = Field(16, ge=1)
 
     presets = {
         "tiny": {"heads": 2, "head_dim": 4, "feed_forward": 8, "summary": 4},

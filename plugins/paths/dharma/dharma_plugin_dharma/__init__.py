@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
 from dharma_kernel.blocks import BottleneckAdapter, ConceptDetector
 from dharma_kernel.protocol import DharmaModule, ModuleConfig, ModuleContext, ModuleOutput
@@ -19,8 +20,8 @@ class Dharma(DharmaModule):
     )  # fmt: skip
 
     class Config(ModuleConfig):
-        bottleneck: int = 32
-        detectors: int = 2
+        bottleneck: int = Field(32, ge=1)
+        detectors: int = Field(2, ge=1)
 
     presets = {
         "tiny": {"bottleneck": 8, "detectors": 2},
