@@ -19,7 +19,7 @@ from . import registry
 from .backbone import find_blocks, fresh_backbone, hidden_size, num_layers
 from .errors import DharmaError, error_line
 from .losses import concept_loss, lm_loss, total_loss
-from .manifest import format_validation_error
+from .validation import format_validation_error
 from .protocol import DharmaModule, HeadModule, ModuleConfig
 from .stack import ModuleStack, StackResult, module_key
 from .version import __version__
