@@ -19,9 +19,9 @@ from . import registry
 from .backbone import find_blocks, fresh_backbone, hidden_size, num_layers
 from .errors import DharmaError, error_line
 from .losses import concept_loss, lm_loss, total_loss
-from .validation import format_validation_error
 from .protocol import DharmaModule, HeadModule, ModuleConfig
 from .stack import ModuleStack, StackResult, module_key
+from .validation import format_validation_error
 from .version import __version__
 
 

@@ -92,6 +92,16 @@ class ModuleConformance:
             assert preset in ("tiny", "lite", "seed"), f"unknown preset {preset!r}"
             module_class.make_config(preset)
 
+    def test_metadata_agrees_with_the_class(self, module_class):
+        """The entry point named after the class's ref loads this class and declares its MODULE_API."""
+        from . import registry
+
+        info = next((p for p in registry.discover("module") if p.ref == module_class.ref()), None)
+        if info is None:
+            pytest.skip(f"{module_class.ref()} is not installed as a plugin")
+        assert info.value == f"{module_class.__module__}:{module_class.__qualname__}"
+        assert info.module_api == module_class.module_api, "dharma.api entry point and module_api differ"
+
     def test_config_rejects_unknown_keys(self, module_class):
         with pytest.raises(ValidationError, match="no_such_option"):
             module_class.Config(no_such_option=1)
@@ -181,6 +191,21 @@ class ModuleConformance:
         scores = torch.cat([s.score for s in steps], dim=1)
         torch.testing.assert_close(incremental[real], full.hidden[real], rtol=1e-4, atol=self.atol)
         torch.testing.assert_close(scores[real], full.score[real], rtol=1e-4, atol=self.atol)
+
+    def test_routed_tokens_match_a_full_forward(self, module_class):
+        """With ``ctx.active`` (routed composition) the active tokens get what a full forward gives them."""
+        module = self.build(module_class).eval()
+        hidden = self.inputs(batch=3, length=10)
+        active = torch.rand(hidden.shape[:2], generator=torch.Generator().manual_seed(2)) < 0.25
+        active[0, 0] = True  # at least one
+        mask = torch.ones(hidden.shape[:2], dtype=torch.long)
+        mask[2, :4] = 0
+        active &= mask.bool()
+        with torch.no_grad():
+            full = self.run(module, hidden, ModuleContext(attention_mask=mask))
+            routed = self.run(module, hidden, ModuleContext(attention_mask=mask, active=active))
+        torch.testing.assert_close(routed.hidden[active], full.hidden[active], rtol=1e-4, atol=self.atol)
+        torch.testing.assert_close(routed.score[active], full.score[active], rtol=1e-4, atol=self.atol)
 
     def test_padding_does_not_change_real_tokens(self, module_class):
         module = self.build(module_class).eval()

@@ -33,7 +33,13 @@ def test_plan_resolves_short_refs_presets_and_overrides():
     layout = p.config.layout
     assert [m["ref"] for m in layout["modules"]] == ["paths.dharma", "darshanas.vedanta"]
     assert layout["modules"][0]["config"] == {"bottleneck": 8, "detectors": 2}  # the tiny preset
-    assert layout["modules"][1]["config"] == {"heads": 3, "head_dim": 4, "feed_forward": 8, "summary": 4}
+    assert layout["modules"][1]["config"] == {
+        "heads": 3,
+        "head_dim": 4,
+        "kv_heads": 1,
+        "feed_forward": 8,
+        "summary": 4,
+    }
     assert {e["distribution"] for e in p.config.lock} == {"dharma-plugin-dharma", "dharma-plugin-vedanta"}
 
 
@@ -57,21 +63,38 @@ def test_ambiguous_yoga_lists_both_refs():
         select_modules(["yoga"], [])
 
 
-def test_all_names_every_missing_standard_module():
-    # Only two of the 37 are installed here: `all` must say what is missing, not assemble two.
+def without(monkeypatch, *refs: str) -> None:
+    """Hide installed plugins, as if their distributions had been uninstalled."""
+    from dharma_kernel import registry
+
+    real = registry.discover
+    monkeypatch.setattr(registry, "discover", lambda kind=None: [p for p in real(kind) if p.ref not in refs])
+
+
+def test_all_names_every_missing_standard_module(monkeypatch):
+    # `all` must say what is missing, never assemble fewer modules than the 37.
+    without(monkeypatch, "paths.karma", "darshanas.yoga")
     with pytest.raises(DharmaError) as err:
         select_modules(["all"], [])
     message = str(err.value)
-    assert "needs 35 module(s) that are not installed" in message
+    assert "needs 2 module(s) that are not installed" in message
     assert "paths.karma: pip install dharma-plugin-karma" in message
     assert "darshanas.yoga: pip install dharma-plugin-yoga-darshana" in message
 
 
-def test_exclude_drops_missing_modules():
+def test_all_and_families_expand_in_catalogue_order():
     from dharma_kernel.catalogue import standard_refs
 
-    missing = [r for r in standard_refs() if r not in ("paths.dharma", "darshanas.vedanta")]
-    assert select_modules(["all"], missing) == ["paths.dharma", "darshanas.vedanta"]
+    assert select_modules(["all"], []) == standard_refs()
+    assert select_modules(["crisis", "vedanta"], ["crisis.health"]) == [
+        "crisis.career", "crisis.financial", "crisis.clarity", "crisis.leadership", "crisis.wellness",
+        "darshanas.vedanta",
+    ]  # fmt: skip
+
+
+def test_exclude_drops_missing_modules(monkeypatch):
+    without(monkeypatch, "paths.karma")
+    assert "paths.karma" not in select_modules(["all"], ["karma"])
 
 
 def test_at_layers_out_of_range():

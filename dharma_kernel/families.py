@@ -1,0 +1,211 @@
+"""The six families' architectures, built from kernel blocks. A plugin subclasses one.
+
+A module plugin then declares only what is its own: name, concept lexicon, and
+any preset that differs from its family's. Sizes: ``lite`` is the ``Config``
+default (all 37 at two layers add under 5% to DistilGPT2); ``seed`` is the original
+system's scale at hidden size 768 (all 37 at one layer: about 174M parameters).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from .blocks import (
+    BottleneckAdapter,
+    CausalAttention,
+    ConceptDetector,
+    GatedResidual,
+    MemoryAttention,
+    MultiViewAttention,
+    RunningSummary,
+)
+from .protocol import DharmaModule, ModuleConfig, ModuleContext, ModuleOutput
+
+
+def _gated(hidden: torch.Tensor, gate: torch.Tensor, delta: torch.Tensor) -> ModuleOutput:
+    """The family modules' shared output: the delta applied as strongly as the concept is detected."""
+    return ModuleOutput(hidden=hidden + gate[..., None] * delta, score=gate)
+
+
+class PathModule(DharmaModule):
+    """paths: a residual concept block: detectors gate a bottleneck adapter plus a concept direction."""
+
+    family: ClassVar[str] = "paths"
+
+    class Config(ModuleConfig):
+        bottleneck: int = Field(24, ge=1)
+        detectors: int = Field(2, ge=1)
+
+    presets: ClassVar[dict] = {"tiny": {"bottleneck": 8}, "seed": {"bottleneck": 3150, "detectors": 4}}
+
+    def __init__(self, hidden_size: int, config: ModuleConfig | None = None) -> None:
+        super().__init__(hidden_size, config)
+        self.detector = ConceptDetector(hidden_size, self.config.detectors)
+        self.adapter = BottleneckAdapter(hidden_size, self.config.bottleneck)
+        self.direction = nn.Parameter(torch.zeros(hidden_size))
+
+    def delta(self, hidden: torch.Tensor, ctx: ModuleContext) -> torch.Tensor:
+        return self.adapter(hidden, ctx) + self.direction
+
+    def forward(self, hidden: torch.Tensor, ctx: ModuleContext) -> ModuleOutput:
+        gate, _ = self.detector(hidden, ctx)
+        return _gated(hidden, gate, self.delta(hidden, ctx))
+
+
+class MemoryPathModule(PathModule):
+    """A path that also reads a learned memory of patterns (karma: patterns of action)."""
+
+    class Config(PathModule.Config):
+        slots: int = Field(16, ge=1)
+        key_dim: int = Field(16, ge=1)
+
+    presets: ClassVar[dict] = {
+        "tiny": {"bottleneck": 8, "slots": 4, "key_dim": 4},
+        "lite": {"bottleneck": 16},
+        "seed": {"bottleneck": 2800, "detectors": 4, "slots": 512, "key_dim": 256},
+    }
+
+    def __init__(self, hidden_size: int, config: ModuleConfig | None = None) -> None:
+        super().__init__(hidden_size, config)
+        self.memory = MemoryAttention(hidden_size, self.config.slots, self.config.key_dim)
+
+    def delta(self, hidden: torch.Tensor, ctx: ModuleContext) -> torch.Tensor:
+        return super().delta(hidden, ctx) + self.memory(hidden, ctx)
+
+
+class MultiViewPathModule(PathModule):
+    """A large path that reads the text so far through several causal attention views (jnana, yoga)."""
+
+    class Config(PathModule.Config):
+        views: int = Field(2, ge=1)
+        heads: int = Field(2, ge=1)
+        head_dim: int = Field(8, ge=1)
+        kv_heads: int = Field(1, ge=1)
+
+    presets: ClassVar[dict] = {
+        "tiny": {"bottleneck": 8, "views": 2, "heads": 2, "head_dim": 4, "kv_heads": 1},
+        "lite": {"bottleneck": 16},
+        "seed": {"bottleneck": 4700, "detectors": 4, "views": 3, "heads": 12, "head_dim": 64, "kv_heads": 2},
+    }
+
+    def __init__(self, hidden_size: int, config: ModuleConfig | None = None) -> None:
+        super().__init__(hidden_size, config)
+        c = self.config
+        self.attention = MultiViewAttention(hidden_size, c.views, c.heads, c.head_dim, c.kv_heads)
+
+    def delta(self, hidden: torch.Tensor, ctx: ModuleContext) -> torch.Tensor:
+        return super().delta(hidden, ctx) + self.attention(hidden, ctx)
+
+
+class ConsciousnessModule(DharmaModule):
+    """consciousness: a small gated residual block (channel-wise GLU), applied as strongly as detected."""
+
+    family: ClassVar[str] = "consciousness"
+
+    class Config(ModuleConfig):
+        inner: int = Field(16, ge=1)
+
+    presets: ClassVar[dict] = {"tiny": {"inner": 8}, "seed": {"inner": 1300}}
+
+    def __init__(self, hidden_size: int, config: ModuleConfig | None = None) -> None:
+        super().__init__(hidden_size, config)
+        self.detector = ConceptDetector(hidden_size)
+        self.block = GatedResidual(hidden_size, self.config.inner)
+
+    def forward(self, hidden: torch.Tensor, ctx: ModuleContext) -> ModuleOutput:
+        gate, _ = self.detector(hidden, ctx)
+        return _gated(hidden, gate, self.block(hidden, ctx))
+
+
+class DetectorModule(DharmaModule):
+    """life and energy: several concept detectors; their per-token intensity gates a residual MLP that
+    also sees which detectors fired."""
+
+    family: ClassVar[str]
+
+    class Config(ModuleConfig):
+        detectors: int = Field(3, ge=1)
+        inner: int = Field(24, ge=1)
+
+    presets: ClassVar[dict] = {"tiny": {"detectors": 2, "inner": 8}, "seed": {"detectors": 6, "inner": 2600}}
+
+    def __init__(self, hidden_size: int, config: ModuleConfig | None = None) -> None:
+        super().__init__(hidden_size, config)
+        self.detector = ConceptDetector(hidden_size, self.config.detectors)
+        self.mlp = BottleneckAdapter(hidden_size, self.config.inner, extra_inputs=self.config.detectors)
+
+    def forward(self, hidden: torch.Tensor, ctx: ModuleContext) -> ModuleOutput:
+        gate, intensity = self.detector(hidden, ctx)
+        return _gated(hidden, gate, self.mlp(hidden, ctx, extra=intensity))
+
+
+class LifeModule(DetectorModule):
+    family: ClassVar[str] = "life"
+
+
+class EnergyModule(DetectorModule):
+    family: ClassVar[str] = "energy"
+
+
+class CrisisModule(DharmaModule):
+    """crisis: detectors of distress cues; where they fire, a guidance transform is blended in.
+
+    The guidance is an MLP of the text plus a learned direction per cue, weighted by how
+    strongly each cue was detected.
+    """
+
+    family: ClassVar[str] = "crisis"
+
+    class Config(ModuleConfig):
+        cues: int = Field(3, ge=1)
+        inner: int = Field(24, ge=1)
+
+    presets: ClassVar[dict] = {"tiny": {"cues": 2, "inner": 8}, "seed": {"cues": 8, "inner": 1900}}
+
+    def __init__(self, hidden_size: int, config: ModuleConfig | None = None) -> None:
+        super().__init__(hidden_size, config)
+        self.detector = ConceptDetector(hidden_size, self.config.cues)
+        self.guidance = BottleneckAdapter(hidden_size, self.config.inner)
+        self.cue_directions = nn.Parameter(torch.zeros(self.config.cues, hidden_size))
+
+    def forward(self, hidden: torch.Tensor, ctx: ModuleContext) -> ModuleOutput:
+        gate, distress = self.detector(hidden, ctx)
+        guidance = self.guidance(hidden, ctx) + distress.to(hidden.dtype) @ self.cue_directions
+        return _gated(hidden, gate, guidance)
+
+
+class DarshanaModule(DharmaModule):
+    """darshanas: causal self-attention, a causal running summary of the text so far, and a feed-forward."""
+
+    family: ClassVar[str] = "darshanas"
+
+    class Config(ModuleConfig):
+        heads: int = Field(2, ge=1)
+        head_dim: int = Field(8, ge=1)
+        kv_heads: int = Field(1, ge=1)
+        feed_forward: int = Field(8, ge=1)
+        summary: int = Field(4, ge=1)
+
+    presets: ClassVar[dict] = {
+        "tiny": {"heads": 2, "head_dim": 4, "kv_heads": 1, "feed_forward": 8, "summary": 4},
+        "seed": {"heads": 12, "head_dim": 64, "kv_heads": 2, "feed_forward": 2850, "summary": 640},
+    }
+
+    def __init__(self, hidden_size: int, config: ModuleConfig | None = None) -> None:
+        super().__init__(hidden_size, config)
+        c = self.config
+        self.detector = ConceptDetector(hidden_size)
+        self.attention = CausalAttention(hidden_size, c.heads, c.head_dim, c.kv_heads)
+        self.summary = RunningSummary()
+        self.summary_proj = BottleneckAdapter(hidden_size, c.summary)
+        self.feed_forward = BottleneckAdapter(hidden_size, c.feed_forward)
+
+    def forward(self, hidden: torch.Tensor, ctx: ModuleContext) -> ModuleOutput:
+        gate, _ = self.detector(hidden, ctx)
+        mixed = hidden + self.attention(hidden, ctx) + self.summary_proj(self.summary(hidden, ctx), ctx)
+        delta = mixed - hidden + self.feed_forward(mixed, ctx)
+        return _gated(hidden, gate, delta)

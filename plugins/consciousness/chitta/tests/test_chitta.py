@@ -1,0 +1,7 @@
+from dharma_plugin_chitta import Chitta
+
+from dharma_kernel.testing import ModuleConformance
+
+
+class TestChittaConformance(ModuleConformance):
+    plugin = Chitta

@@ -1,0 +1,7 @@
+from dharma_plugin_smarana import Smarana
+
+from dharma_kernel.testing import ModuleConformance
+
+
+class TestSmaranaConformance(ModuleConformance):
+    plugin = Smarana

@@ -1,0 +1,7 @@
+from dharma_plugin_shakti import Shakti
+
+from dharma_kernel.testing import ModuleConformance
+
+
+class TestShaktiConformance(ModuleConformance):
+    plugin = Shakti

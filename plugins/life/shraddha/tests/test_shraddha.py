@@ -1,0 +1,7 @@
+from dharma_plugin_shraddha import Shraddha
+
+from dharma_kernel.testing import ModuleConformance
+
+
+class TestShraddhaConformance(ModuleConformance):
+    plugin = Shraddha

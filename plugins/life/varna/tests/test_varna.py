@@ -1,0 +1,7 @@
+from dharma_plugin_varna import Varna
+
+from dharma_kernel.testing import ModuleConformance
+
+
+class TestVarnaConformance(ModuleConformance):
+    plugin = Varna
