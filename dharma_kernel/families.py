@@ -40,7 +40,7 @@ class PathModule(DharmaModule):
         bottleneck: int = Field(24, ge=1)
         detectors: int = Field(2, ge=1)
 
-    presets: ClassVar[dict] = {"tiny": {"bottleneck": 8}, "seed": {"bottleneck": 3150, "detectors": 4}}
+    presets: ClassVar[dict] = {"tiny": {"bottleneck": 8}, "seed": {"bottleneck": 3450, "detectors": 4}}
 
     def __init__(self, hidden_size: int, config: ModuleConfig | None = None) -> None:
         super().__init__(hidden_size, config)
@@ -89,7 +89,7 @@ class MultiViewPathModule(PathModule):
     presets: ClassVar[dict] = {
         "tiny": {"bottleneck": 8, "views": 2, "heads": 2, "head_dim": 4, "kv_heads": 1},
         "lite": {"bottleneck": 16},
-        "seed": {"bottleneck": 4700, "detectors": 4, "views": 3, "heads": 12, "head_dim": 64, "kv_heads": 2},
+        "seed": {"bottleneck": 5100, "detectors": 4, "views": 3, "heads": 12, "head_dim": 64, "kv_heads": 2},
     }
 
     def __init__(self, hidden_size: int, config: ModuleConfig | None = None) -> None:
@@ -192,7 +192,7 @@ class DarshanaModule(DharmaModule):
 
     presets: ClassVar[dict] = {
         "tiny": {"heads": 2, "head_dim": 4, "kv_heads": 1, "feed_forward": 8, "summary": 4},
-        "seed": {"heads": 12, "head_dim": 64, "kv_heads": 2, "feed_forward": 2850, "summary": 640},
+        "seed": {"heads": 12, "head_dim": 64, "kv_heads": 2, "feed_forward": 3100, "summary": 640},
     }
 
     def __init__(self, hidden_size: int, config: ModuleConfig | None = None) -> None:

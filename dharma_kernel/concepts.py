@@ -1,0 +1,208 @@
+"""Concept labels: where a module's lexicon and a record's tags say its concept is present.
+
+A module's ``concepts`` (Devanagari, IAST and English terms) become a :class:`Lexicon`;
+:func:`token_labels` turns lexicon hits and record tags into per-token labels that
+the ``concept`` loss trains each module's activation score against, and
+:func:`label_batch` does it for a tokenized batch.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+IGNORE = -100
+_DEVANAGARI = re.compile(r"[\u0900-\u097F\uA8E0-\uA8FF]")
+# Plural/inflection endings a Latin-script term may carry: "karmas", "deeds", "duties".
+_SUFFIX = r"(?:e?s)?"
+
+
+def _is_devanagari(term: str) -> bool:
+    return bool(_DEVANAGARI.search(term))
+
+
+def _fold(text: str) -> str:
+    """ASCII-fold Latin script: "ātman" -> "atman", "ṛta" -> "rta"."""
+    return "".join(c for c in unicodedata.normalize("NFD", text) if not unicodedata.combining(c))
+
+
+def _view(text: str, fold: bool) -> tuple[str, list[int], list[int]]:
+    """``text`` NFC-normalised (and folded), with each view character's span in ``text``.
+
+    Normalisation can merge or drop characters, so hits are found in the view and
+    mapped back through ``starts``/``ends`` to the caller's character offsets.
+    """
+    chars: list[str] = []
+    starts: list[int] = []
+    ends: list[int] = []
+    i = 0
+    while i < len(text):
+        j = i + 1
+        while j < len(text) and unicodedata.combining(text[j]):
+            j += 1  # a base character and its combining marks normalise together
+        cluster = unicodedata.normalize("NFC", text[i:j])
+        form = _fold(cluster) if fold else cluster
+        chars.extend(form)
+        starts.extend([i] * len(form))
+        ends.extend([j] * len(form))
+        i = j
+    return "".join(chars), starts, ends
+
+
+def _pattern(term: str) -> re.Pattern[str]:
+    words = re.split(r"\s+", unicodedata.normalize("NFC", term).strip())
+    if _is_devanagari(term):
+        # Sanskrit inflects and compounds: कर्म sits inside कर्मण्येवाधिकारस्ते.
+        return re.compile(r"\s+".join(map(re.escape, words)))
+    words = [re.escape(_fold(w)).replace("'", "['’]") for w in words]
+    last = words[-1]
+    if re.search(r"[^aeiou]y$", last):
+        last = last[:-1] + r"(?:y|ies)"  # duty -> duties
+    body = r"\s+".join([*words[:-1], last + _SUFFIX])
+    return re.compile(rf"(?<!\w){body}(?!\w)", re.IGNORECASE)
+
+
+class Lexicon:
+    """The terms of one concept and where they occur in text.
+
+    Matching is case-insensitive on NFC-normalised text. Devanagari terms match as
+    substrings (inside compounds and inflected forms). Latin-script terms (English,
+    IAST) match whole words, optionally followed by "s"/"es" ("karmas", "deeds"), or
+    "ies" for a final consonant + "y" ("duties"); diacritics are ignored on both sides,
+    so "ātman" matches "atman" and "Ātman". The words of a multi-word term match with
+    any whitespace between them; an apostrophe matches ' or ’.
+    """
+
+    def __init__(self, terms: Iterable[str]) -> None:
+        self.terms = tuple(t for t in terms if t.strip())
+        self._devanagari = [_pattern(t) for t in self.terms if _is_devanagari(t)]
+        self._latin = [_pattern(t) for t in self.terms if not _is_devanagari(t)]
+
+    @classmethod
+    def from_module(cls, module_class: type) -> Lexicon:
+        """The lexicon of a :class:`~dharma_kernel.protocol.DharmaModule` subclass's ``concepts``."""
+        return cls(module_class.concepts)
+
+    def __repr__(self) -> str:
+        return f"Lexicon({len(self.terms)} terms)"
+
+    def find(self, text: str) -> list[tuple[int, int]]:
+        """Sorted character spans ``(start, end)`` in ``text`` where a term occurs; overlaps merged."""
+        spans: list[tuple[int, int]] = []
+        for patterns, fold in ((self._devanagari, False), (self._latin, True)):
+            if not patterns:
+                continue
+            view, starts, ends = _view(text, fold)
+            for pattern in patterns:
+                spans += [(starts[m.start()], ends[m.end() - 1]) for m in pattern.finditer(view)]
+        merged: list[tuple[int, int]] = []
+        for start, end in sorted(spans):
+            if merged and start < merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+            else:
+                merged.append((start, end))
+        return merged
+
+    def covers(self, text: str) -> bool:
+        """Whether ``text`` as a whole is one of the terms (e.g. a record tag "Karma" or "कर्म")."""
+        stripped = text.strip()
+        offset = text.index(stripped) if stripped else 0
+        return bool(stripped) and self.find(text) == [(offset, offset + len(stripped))]
+
+
+def lexicons_for(refs: Sequence[str]) -> dict[str, Lexicon]:
+    """The lexicon of each installed module ref (loads the plugin classes)."""
+    from . import registry
+
+    return {ref: Lexicon.from_module(registry.load(registry.resolve(ref, "module"))) for ref in refs}
+
+
+def _names(ref: str, tag: str, lexicon: Lexicon) -> bool:
+    tag = tag.strip().casefold()
+    return tag in (ref.casefold(), ref.rpartition(".")[2].casefold()) or lexicon.covers(tag)
+
+
+def token_labels(
+    text: str,
+    offsets: Sequence[tuple[int, int]],
+    lexicons: dict[str, Lexicon],
+    refs: Sequence[str],
+    tags: Iterable[str] = (),
+) -> torch.Tensor:
+    """Labels ``[T, M]`` (float, columns in ``refs`` order) for one tokenized text.
+
+    ``offsets`` are each token's character span in ``text``. For each module:
+
+    - a record tag naming it (its name, its full ref, or one of its terms, any case)
+      labels every token 1: the record is about the concept as a whole;
+    - otherwise labels are causal, "the concept so far": 0 before the first token that
+      overlaps a lexicon hit, 1 from that token on. The modules are causal, so at token
+      t a module sees only tokens <= t; asking it to fire before the concept has
+      appeared would train it to guess the future, and labelling the whole text from a
+      late hit would punish a correct detector on every earlier token.
+
+    Tokens with an empty span (special tokens report ``(0, 0)``) are -100, ignored.
+    """
+    tags = list(tags)
+    labels = torch.zeros(len(offsets), len(refs))
+    for column, ref in enumerate(refs):
+        lexicon = lexicons[ref]
+        if any(_names(ref, tag, lexicon) for tag in tags):
+            labels[:, column] = 1.0
+            continue
+        spans = lexicon.find(text)
+        for t, (start, end) in enumerate(offsets):
+            if end > start and any(start < b and a < end for a, b in spans):
+                labels[t:, column] = 1.0
+                break
+    special = torch.tensor([end <= start for start, end in offsets], dtype=torch.bool)
+    labels[special] = IGNORE
+    return labels
+
+
+def encode(texts: Sequence[str], tokenizer: Any, max_length: int = 256) -> dict[str, Any]:
+    """Tokenize with a fast tokenizer, right-padded: ``input_ids``, ``attention_mask``, ``offsets``.
+
+    Pads by hand so tokenizers without a pad token (GPT-2's) work unchanged; pad id is
+    the pad token's, else EOS, else 0. ``offsets`` stays a list of unpadded lists.
+    """
+    encoded = tokenizer(
+        list(texts), return_offsets_mapping=True, truncation=True, max_length=max_length, padding=False
+    )
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max((len(row) for row in ids), default=0)
+    input_ids = torch.full((len(ids), width), pad if pad is not None else 0, dtype=torch.long)
+    attention_mask = torch.zeros(len(ids), width, dtype=torch.long)
+    for row, tokens in enumerate(ids):
+        input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        attention_mask[row, : len(tokens)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "offsets": offsets}
+
+
+def label_batch(
+    texts: Sequence[str],
+    tokenizer: Any,
+    refs: Sequence[str],
+    tags: Sequence[Iterable[str]] | None = None,
+    max_length: int = 256,
+    lexicons: dict[str, Lexicon] | None = None,
+) -> dict[str, torch.Tensor]:
+    """A right-padded batch with ``concept_labels`` ``[B, T, M]`` for :meth:`DharmaModel.forward`.
+
+    ``refs`` gives the label columns (use ``model.module_refs``); ``tags`` holds each
+    text's record tags. ``lexicons`` defaults to the installed plugins' own. Padding
+    and special tokens are labelled -100.
+    """
+    lexicons = lexicons if lexicons is not None else lexicons_for(refs)
+    batch = encode(texts, tokenizer, max_length)
+    ids = batch["input_ids"]
+    concept_labels = torch.full((*ids.shape, len(refs)), float(IGNORE))
+    for row, (text, offsets) in enumerate(zip(texts, batch["offsets"], strict=True)):
+        record_tags = tags[row] if tags is not None else ()
+        concept_labels[row, : len(offsets)] = token_labels(text, offsets, lexicons, refs, record_tags)
+    return {"input_ids": ids, "attention_mask": batch["attention_mask"], "concept_labels": concept_labels}

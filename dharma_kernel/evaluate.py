@@ -1,0 +1,99 @@
+"""Evaluation: how well each module's activation score separates text about its concept."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from .concepts import IGNORE, encode
+from .errors import DharmaError
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[int]) -> float | None:
+    """Area under the ROC curve of ``scores`` for ``labels`` in {0, 1}; None with one class only.
+
+    The Mann-Whitney rank statistic: the chance a random positive outscores a random
+    negative, ties counting half (tied scores share their average rank).
+    """
+    if len(scores) != len(labels):
+        raise ValueError(f"{len(scores)} scores but {len(labels)} labels")
+    if any(label not in (0, 1) for label in labels):
+        raise ValueError("labels must be 0 or 1")
+    positives = sum(labels)
+    negatives = len(labels) - positives
+    if positives == 0 or negatives == 0:
+        return None
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and scores[order[end + 1]] == scores[order[start]]:
+            end += 1
+        for k in range(start, end + 1):
+            ranks[order[k]] = (start + end) / 2 + 1
+        start = end + 1
+    positive_ranks = sum(rank for rank, label in zip(ranks, labels, strict=True) if label == 1)
+    return (positive_ranks - positives * (positives + 1) / 2) / (positives * negatives)
+
+
+def _scores(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    output = model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+        use_cache=False,
+    )
+    return {ref: score.float().cpu() for ref, score in (output.module_scores or {}).items()}
+
+
+def activation_auc(model: Any, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float | None]:
+    """Per module ref, the ROC-AUC of its mean activation per sequence against the sequence's label.
+
+    ``batches`` come from :func:`~dharma_kernel.concepts.label_batch` with columns in
+    ``model.module_refs`` order. A sequence is positive for a module when any real token
+    is labelled 1, negative when its known labels are all 0, and left out when all are -100.
+    None for a module whose sequences are all of one class.
+    """
+    refs = model.module_refs
+    collected: dict[str, tuple[list[float], list[int]]] = {ref: ([], []) for ref in refs}
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                scores = _scores(model, batch)
+                real = batch["attention_mask"].bool()
+                labels = batch["concept_labels"]
+                if labels.dim() == 2:  # per-sequence labels [B, M]
+                    labels = labels[:, None, :].expand(*real.shape, len(refs))
+                for column, ref in enumerate(refs):
+                    if ref not in scores:
+                        continue
+                    for row in range(real.shape[0]):
+                        known = labels[row, :, column][real[row] & (labels[row, :, column] != IGNORE)]
+                        if known.numel() == 0:
+                            continue
+                        collected[ref][0].append(scores[ref][row][real[row]].mean().item())
+                        collected[ref][1].append(int(bool((known == 1).any())))
+    finally:
+        model.train(was_training)
+    return {ref: roc_auc(*collected[ref]) for ref in refs}
+
+
+def mean_activation(model: Any, texts: Sequence[str], tokenizer: Any, ref: str, max_length: int = 256) -> float:
+    """Mean activation score of module ``ref`` over every real token of ``texts``."""
+    if ref not in model.module_refs:
+        raise DharmaError(f"module '{ref}' is not in this model; it has: {', '.join(model.module_refs)}")
+    batch = encode(texts, tokenizer, max_length)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            score = _scores(model, batch)[ref]
+    finally:
+        model.train(was_training)
+    real = batch["attention_mask"].bool()
+    return score[real].mean().item()
