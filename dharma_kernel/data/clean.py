@@ -1,0 +1,101 @@
+"""Cleaning: markup and encoding noise out, too-short and duplicate records dropped, all counted."""
+
+from __future__ import annotations
+
+import html
+import re
+import unicodedata
+from collections.abc import Iterable
+from dataclasses import replace
+
+from .records import Record
+from .report import DataReport
+
+__all__ = ["clean_records", "clean_text"]
+
+_INDIC = "\u0900-\u0dff\u1cd0-\u1cff\ua8e0-\ua8ff"  # Devanagari, the other Indic scripts, Vedic marks
+_INVISIBLE = re.compile(
+    "[\u00ad\u200b\u200e\u200f\u2060\ufeff\u202a-\u202e\u2066-\u2069]"
+    # ZWJ/ZWNJ choose conjunct forms in Indic scripts; elsewhere they are noise.
+    f"|(?<![{_INDIC}])[\u200c\u200d]"
+)
+_CONTROL = re.compile("[\x00-\x08\x0e-\x1f\x7f-\x9f]")
+_HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+_HTML_BREAK = re.compile(r"</?(?:br|p|div|li|ul|ol|tr|h[1-6]|blockquote)\b[^<>]*>", re.IGNORECASE)
+_HTML_TAG = re.compile(r"</?[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]*)?/?>")
+_MD_LINK = re.compile(r"\[([^\]\n]+)\]\((?:https?://|www\.)[^)\s]*\)")
+_URL = re.compile(r"(?:\b(?:https?|ftp)://|\bwww\.)[^\s<>\"]+")
+_MD_HEADING = re.compile(r"^[ \t]*#{1,6}[ \t]+", re.MULTILINE)
+_MD_STRONG = re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1")
+_MD_EMPHASIS = re.compile(
+    r"(?<![\w*])\*(?=\S)([^*\n]+?)(?<=\S)\*(?![\w*])"  # *word*, not 2*3*4 or a "* " bullet
+    r"|(?<![\w_])_(?=\S)([^_\n]+?)(?<=\S)_(?![\w_])"  # _word_, not snake_case_names
+)
+_REPEATED_MARK = re.compile(r"([!?,;:])\1+")
+_LONG_ELLIPSIS = re.compile(r"\.{4,}")
+_DECORATION = re.compile(r"([=\-_*~#+])\1{3,}")
+_SPACES = re.compile(r"[^\S\n]+")
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+
+def clean_text(text: str) -> str:
+    """``text`` without markup and encoding noise, whitespace collapsed, NFC-normalised.
+
+    Removes HTML tags, comments and entities, URLs, markdown heading and emphasis
+    markers, zero-width and control characters, and runs of decoration (``=====``);
+    collapses repeated punctuation (``!!!``, ``.......``) and spaces; keeps line breaks,
+    at most one blank line in a row. Letters of every script, Devanagari and IAST
+    diacritics included, are kept as they are (in NFC).
+    """
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
+    text = text.replace("\x0b", "\n").replace("\x0c", "\n")
+    text = _HTML_COMMENT.sub("", text)
+    text = _HTML_BREAK.sub("\n", text)
+    text = _HTML_TAG.sub("", text)
+    text = html.unescape(text)
+    text = _CONTROL.sub("", _INVISIBLE.sub("", text))
+    text = _URL.sub("", _MD_LINK.sub(r"\1", text))
+    text = _MD_HEADING.sub("", text)
+    text = _MD_STRONG.sub(r"\2", text)
+    text = _MD_EMPHASIS.sub(lambda match: match.group(1) or match.group(2), text)
+    text = _DECORATION.sub(" ", text)
+    text = _LONG_ELLIPSIS.sub("...", _REPEATED_MARK.sub(r"\1", text))
+    text = _SPACES.sub(" ", text)
+    text = "\n".join(line.strip() for line in text.split("\n"))
+    return unicodedata.normalize("NFC", _BLANK_LINES.sub("\n\n", text).strip())
+
+
+def _clean_record(record: Record) -> Record:
+    messages = record.messages
+    if messages is not None:
+        messages = [{**turn, "content": clean_text(str(turn.get("content", "")))} for turn in messages]
+    pair = record.pair
+    if pair is not None:
+        pair = (clean_text(pair[0]), clean_text(pair[1]))
+        pair = pair if all(pair) else None
+    return replace(record, text=clean_text(record.text), messages=messages, pair=pair)
+
+
+def clean_records(
+    records: Iterable[Record], min_chars: int = 20, report: DataReport | None = None
+) -> list[Record]:
+    """The records cleaned (:func:`clean_text`, also on ``messages`` and ``pair``), in order,
+    without those left empty, shorter than ``min_chars`` characters, or equal to an
+    earlier one; each drop is counted in ``report``."""
+    report = DataReport() if report is None else report
+    kept: list[Record] = []
+    seen: set[str] = set()
+    for record in map(_clean_record, records):
+        if not record.text:
+            reason = "empty"
+        elif len(record.text) < min_chars:
+            reason = "too_short"
+        elif record.text in seen:
+            reason = "duplicate"
+        else:
+            seen.add(record.text)
+            kept.append(record)
+            continue
+        report.dropped[reason] += 1
+    report.records_kept += len(kept)
+    return kept

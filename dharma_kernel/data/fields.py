@@ -1,0 +1,165 @@
+"""Reading a file and the fields of a record, with a reason for every way they can be wrong.
+
+Our users' JSON often holds lists and dicts written out as Python literals
+(``"['gita', 'yoga']"``); they are parsed with :func:`ast.literal_eval`, which
+evaluates literals only, never code.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .records import Record, render_messages
+from .report import DataReport
+
+__all__ = [
+    "BadFile",
+    "BadRecord",
+    "build_each",
+    "load_json",
+    "messages_field",
+    "object_record",
+    "optional_text",
+    "read_text",
+    "record_tags",
+    "require_list",
+    "require_object",
+    "tags_field",
+    "text_field",
+]
+
+
+class BadFile(ValueError):
+    """A file a reader cannot use at all; the message says why."""
+
+
+class BadRecord(ValueError):
+    """A record a reader cannot use; the message says why."""
+
+
+def read_text(path: Path) -> str:
+    """The file as text (UTF-8, a leading byte-order mark dropped)."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise BadFile(f"not UTF-8 text (byte {err.start} is {err.object[err.start]:#04x})") from None
+    except OSError as err:
+        raise BadFile(f"cannot be read: {err.strerror}") from None
+
+
+def load_json(path: Path) -> Any:
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as err:
+        raise BadFile(f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+
+
+def _literal(value: Any) -> Any:
+    """``value``, or the Python literal a string spells (a list or dict written out as text)."""
+    if isinstance(value, str) and value.lstrip()[:1] in ("[", "(", "{"):
+        try:
+            return ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return value
+    return value
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def text_field(obj: dict[str, Any], key: str) -> str:
+    """A required string field."""
+    if key not in obj:
+        raise BadRecord(f"missing field {key!r}")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise BadRecord(f"field {key!r} should be a string, not {_type_name(value)}")
+    return value
+
+
+def optional_text(obj: dict[str, Any], key: str) -> str:
+    """A string field that may be absent or null (then empty)."""
+    return "" if obj.get(key) is None else text_field(obj, key)
+
+
+def tags_field(obj: dict[str, Any], key: str = "tags") -> tuple[str, ...]:
+    """A list of strings, or the same written out as a string; absent or null means none."""
+    value = _literal(obj.get(key))
+    if value is None:
+        return ()
+    if not isinstance(value, list | tuple) or not all(isinstance(tag, str) for tag in value):
+        raise BadRecord(f"field {key!r} should be a list of strings, not {obj[key]!r:.60}")
+    return tuple(tag.strip() for tag in value if tag.strip())
+
+
+def record_tags(obj: dict[str, Any], *extra: str) -> tuple[str, ...]:
+    """The object's ``tags``, then its ``category``, then ``extra``; each once."""
+    tags = [*tags_field(obj), optional_text(obj, "category").strip(), *extra]
+    return tuple(dict.fromkeys(tag for tag in tags if tag))
+
+
+def require_object(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise BadRecord(f"expected a JSON object, not {_type_name(value)}")
+    return value
+
+
+def require_list(value: Any, where: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise BadFile(f"{where} should be a list, not {_type_name(value)}")
+    return value
+
+
+def messages_field(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    """A non-empty list of ``{"role": str, "content": str}`` turns."""
+    turns = _literal(obj["messages"])
+    if not isinstance(turns, list) or not turns:
+        raise BadRecord("field 'messages' should be a non-empty list of turns")
+    for number, turn in enumerate(turns, 1):
+        if not isinstance(turn, dict):
+            raise BadRecord(f"message {number} should be an object, not {_type_name(turn)}")
+        for key in ("role", "content"):
+            if not isinstance(turn.get(key), str):
+                raise BadRecord(f"message {number} needs a string {key!r}")
+    return turns
+
+
+def build_each(
+    path: Path,
+    items: Iterable[tuple[int, Any]],
+    build: Callable[[Any], Record],
+    report: DataReport,
+) -> Iterator[Record]:
+    """``build(item)`` for every numbered item; a :class:`BadRecord` is reported and skipped."""
+    for index, item in items:
+        try:
+            record = build(item)
+        except BadRecord as err:
+            report.malformed(str(path), index, str(err))
+            continue
+        yield replace(record, source=str(path), index=index)
+
+
+def object_record(obj: Any) -> Record:
+    """A ``{"text" | "messages", "tags"?, "category"?}`` object, as in ``.jsonl`` files.
+
+    text: ``text``, or the rendered ``messages``; tags: ``tags`` then ``category``.
+    """
+    obj = require_object(obj)
+    tags, category = record_tags(obj), optional_text(obj, "category").strip()
+    messages = messages_field(obj) if "messages" in obj else None
+    if "text" in obj:
+        text = text_field(obj, "text")
+        # Scraped records repeat their category as a "[category] " prefix: a label, not text.
+        if category and text.startswith(f"[{category}]"):
+            text = text[len(category) + 2 :].lstrip()
+        return Record(text, tags, messages=messages)
+    if messages is not None:
+        return Record(render_messages(messages), tags, messages=messages)
+    raise BadRecord("needs a 'text' or a 'messages' field")

@@ -1,0 +1,67 @@
+"""What reading and cleaning did to the data: counts, and every problem with its file and record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..errors import DharmaError
+
+__all__ = ["DROP_REASONS", "DataReport", "problem_line"]
+
+DROP_REASONS = ("empty", "too_short", "duplicate", "malformed")
+
+
+def problem_line(source: str, index: int, reason: str) -> str:
+    """``file:record: reason``; index 0 means the whole file."""
+    return f"{source}:{index}: {reason}" if index else f"{source}: {reason}"
+
+
+@dataclass
+class DataReport:
+    """Counts for one run over the data; ``records_read == records_kept + sum(dropped)`` once cleaned.
+
+    files_read: files a reader read. files_skipped: files no reader knows, or that could
+    not be read at all (each is also a problem, with record number 0).
+    problems: ``(source, index, reason)`` for every skipped file and malformed record.
+    strict: a malformed file or record raises :class:`DharmaError` instead of being skipped.
+    """
+
+    files_read: int = 0
+    files_skipped: int = 0
+    records_read: int = 0
+    records_kept: int = 0
+    dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
+    problems: list[tuple[str, int, str]] = field(default_factory=list)
+    strict: bool = False
+
+    def malformed(self, source: str, index: int, reason: str) -> None:
+        """A record a reader could not use: skip and count it, or raise when strict."""
+        self._fail(source, index, reason)
+        self.records_read += 1
+        self.dropped["malformed"] += 1
+
+    def bad_file(self, source: str, reason: str) -> None:
+        """A file that could not be read at all: skip and count it, or raise when strict."""
+        self._fail(source, 0, reason)
+        self.files_skipped += 1
+
+    def unknown_file(self, source: str, reason: str) -> None:
+        """A file no reader knows; skipped even when strict, since directories hold such files."""
+        self.problems.append((source, 0, reason))
+        self.files_skipped += 1
+
+    def _fail(self, source: str, index: int, reason: str) -> None:
+        if self.strict:
+            raise DharmaError(
+                problem_line(source, index, reason), hint="fix it, or leave out --strict to skip it"
+            )
+        self.problems.append((source, index, reason))
+
+    def summary(self) -> str:
+        """A few lines of numbers."""
+        dropped = ", ".join(f"{self.dropped[reason]} {reason}" for reason in DROP_REASONS)
+        return (
+            f"files: {self.files_read} read, {self.files_skipped} skipped\n"
+            f"records: {self.records_read} read, {self.records_kept} kept\n"
+            f"dropped: {dropped}"
+        )
