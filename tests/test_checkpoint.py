@@ -80,14 +80,14 @@ def test_missing_plugin_names_the_distribution(saved):
     config = json.loads((directory / "config.json").read_text())
     config["lock"][0] = {
         "kind": "module",
-        "ref": "paths.karma",
-        "distribution": "dharma-plugin-karma",
+        "ref": "paths.tantra",
+        "distribution": "dharma-plugin-tantra",
         "version": "0.1.0",
         "module_api": "1.0",
     }
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(
-        DharmaError, match=r"paths.karma is not installed; run: pip install 'dharma-plugin-karma==0.1.0'"
+        DharmaError, match=r"paths.tantra is not installed; run: pip install 'dharma-plugin-tantra==0.1.0'"
     ):
         DharmaModel.from_pretrained(directory)
 

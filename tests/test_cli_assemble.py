@@ -90,10 +90,6 @@ def test_a_failed_assemble_leaves_the_saved_model_alone(tmp_path):
         ),
         ('[train]\nbatch_size = "eight"\n', ["train.batch_size: expected an integer, got 'eight'"]),
         (
-            '[modules]\ninclude = ["karma"]\nat_layers = [0]\n',
-            ["paths.karma: pip install dharma-plugin-karma"],
-        ),
-        (
             '[modules]\ninclude = ["yoga"]\nat_layers = [0]\n',
             ["'yoga' is ambiguous: paths.yoga or darshanas.yoga"],
         ),
@@ -138,6 +134,16 @@ def test_a_broken_plugin_does_not_break_unrelated_manifests(tmp_path):
     assert_user_error(
         run_dharma(site, "validate", str(needing)), "paths.karma", "needs libfoo", "dharma-plugin-karma"
     )
+
+
+def test_an_uninstalled_standard_module_names_its_distribution(tmp_path):
+    # A metadata-only dharma-plugin-karma earlier on the path shadows the installed one: to
+    # importlib.metadata, karma is now installed without its entry point, as after an uninstall.
+    site = tmp_path / "site"
+    site.mkdir()
+    install(site, "dharma-plugin-karma", {})
+    needing = write(tmp_path, '[modules]\ninclude = ["karma"]\nat_layers = [0]\n')
+    assert_user_error(run_dharma(site, "validate", str(needing)), "paths.karma: pip install dharma-plugin-karma")
 
 
 def test_the_example_manifest_validates():
