@@ -8,6 +8,7 @@ the ``concept`` loss trains each module's activation score against, and
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -30,12 +31,16 @@ def _fold(text: str) -> str:
     return "".join(c for c in unicodedata.normalize("NFD", text) if not unicodedata.combining(c))
 
 
-def _view(text: str, fold: bool) -> tuple[str, list[int], list[int]]:
+@functools.lru_cache(maxsize=4096)
+def _view(text: str, fold: bool) -> tuple[str, tuple[int, ...], tuple[int, ...]]:
     """``text`` NFC-normalised (and folded), with each view character's span in ``text``.
 
     Normalisation can merge or drop characters, so hits are found in the view and
     mapped back through ``starts``/``ends`` to the caller's character offsets.
+    Cached: every module's lexicon looks at the same texts.
     """
+    if text.isascii():
+        return text, tuple(range(len(text))), tuple(range(1, len(text) + 1))
     chars: list[str] = []
     starts: list[int] = []
     ends: list[int] = []
@@ -50,7 +55,7 @@ def _view(text: str, fold: bool) -> tuple[str, list[int], list[int]]:
         starts.extend([i] * len(form))
         ends.extend([j] * len(form))
         i = j
-    return "".join(chars), starts, ends
+    return "".join(chars), tuple(starts), tuple(ends)
 
 
 def _pattern(term: str) -> re.Pattern[str]:
@@ -195,8 +200,9 @@ def label_batch(
     """A right-padded batch with ``concept_labels`` ``[B, T, M]`` for :meth:`DharmaModel.forward`.
 
     ``refs`` gives the label columns (use ``model.module_refs``); ``tags`` holds each
-    text's record tags. ``lexicons`` defaults to the installed plugins' own. Padding
-    and special tokens are labelled -100.
+    text's record tags. ``lexicons`` defaults to the installed plugins' own; pass
+    :func:`lexicons_for` once when labelling many batches. Padding and special tokens
+    are labelled -100.
     """
     lexicons = lexicons if lexicons is not None else lexicons_for(refs)
     batch = encode(texts, tokenizer, max_length)

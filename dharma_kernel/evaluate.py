@@ -53,9 +53,10 @@ def activation_auc(model: Any, batches: Iterable[dict[str, torch.Tensor]]) -> di
     """Per module ref, the ROC-AUC of its mean activation per sequence against the sequence's label.
 
     ``batches`` come from :func:`~dharma_kernel.concepts.label_batch` with columns in
-    ``model.module_refs`` order. A sequence is positive for a module when any real token
-    is labelled 1, negative when its known labels are all 0, and left out when all are -100.
-    None for a module whose sequences are all of one class.
+    ``model.module_refs`` order. A sequence's score is the module's mean activation over
+    its labelled tokens (padding and special tokens, labelled -100, have no say); it is
+    positive when any of them is labelled 1, negative when all are 0, and left out when
+    it has none. None for a module whose sequences are all of one class.
     """
     refs = model.module_refs
     collected: dict[str, tuple[list[float], list[int]]] = {ref: ([], []) for ref in refs}
@@ -69,22 +70,26 @@ def activation_auc(model: Any, batches: Iterable[dict[str, torch.Tensor]]) -> di
                 labels = batch["concept_labels"]
                 if labels.dim() == 2:  # per-sequence labels [B, M]
                     labels = labels[:, None, :].expand(*real.shape, len(refs))
+                known = real[..., None] & (labels != IGNORE)  # [B, T, M]
+                counts = known.sum(1)
+                positive = ((labels == 1) & known).any(1)
                 for column, ref in enumerate(refs):
                     if ref not in scores:
                         continue
-                    for row in range(real.shape[0]):
-                        known = labels[row, :, column][real[row] & (labels[row, :, column] != IGNORE)]
-                        if known.numel() == 0:
-                            continue
-                        collected[ref][0].append(scores[ref][row][real[row]].mean().item())
-                        collected[ref][1].append(int(bool((known == 1).any())))
+                    mask = known[..., column].float()
+                    means = (scores[ref] * mask).sum(1) / counts[:, column].clamp_min(1)
+                    keep = counts[:, column] > 0
+                    collected[ref][0].extend(means[keep].tolist())
+                    collected[ref][1].extend(positive[keep, column].int().tolist())
     finally:
         model.train(was_training)
     return {ref: roc_auc(*collected[ref]) for ref in refs}
 
 
-def mean_activation(model: Any, texts: Sequence[str], tokenizer: Any, ref: str, max_length: int = 256) -> float:
-    """Mean activation score of module ``ref`` over every real token of ``texts``."""
+def mean_activation(
+    model: Any, texts: Sequence[str], tokenizer: Any, ref: str, max_length: int = 256
+) -> float:
+    """Mean activation score of module ``ref`` over the text tokens of ``texts`` (not padding or special)."""
     if ref not in model.module_refs:
         raise DharmaError(f"module '{ref}' is not in this model; it has: {', '.join(model.module_refs)}")
     batch = encode(texts, tokenizer, max_length)
@@ -95,5 +100,7 @@ def mean_activation(model: Any, texts: Sequence[str], tokenizer: Any, ref: str, 
             score = _scores(model, batch)[ref]
     finally:
         model.train(was_training)
-    real = batch["attention_mask"].bool()
-    return score[real].mean().item()
+    text = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    for row, offsets in enumerate(batch["offsets"]):
+        text[row, : len(offsets)] = torch.tensor([end > start for start, end in offsets])
+    return score[text].mean().item()
