@@ -143,7 +143,9 @@ def test_an_uninstalled_standard_module_names_its_distribution(tmp_path):
     site.mkdir()
     install(site, "dharma-plugin-karma", {})
     needing = write(tmp_path, '[modules]\ninclude = ["karma"]\nat_layers = [0]\n')
-    assert_user_error(run_dharma(site, "validate", str(needing)), "paths.karma: pip install dharma-plugin-karma")
+    assert_user_error(
+        run_dharma(site, "validate", str(needing)), "paths.karma: pip install dharma-plugin-karma"
+    )
 
 
 def test_the_example_manifest_validates():
