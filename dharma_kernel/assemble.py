@@ -134,12 +134,18 @@ def _local_or_hub(manifest: Manifest, name: str | None, key: str) -> str | None:
 
 
 def load_tokenizer(manifest: Manifest) -> Any:
-    """The manifest's tokenizer, else the pretrained backbone's when it has one, else None."""
+    """The manifest's tokenizer, else the pretrained backbone's when it has one, else None.
+
+    None also when the manifest asks for a BPE trained on the corpus: training does that.
+    """
     from transformers import AutoTokenizer
 
-    explicit = manifest.backbone.tokenizer is not None
+    given = manifest.backbone.tokenizer
+    if given is not None and not isinstance(given, str):
+        return None
+    explicit = given is not None
     key = "backbone.tokenizer" if explicit else "backbone.pretrained"
-    name = _local_or_hub(manifest, manifest.backbone.tokenizer or manifest.backbone.pretrained, key)
+    name = _local_or_hub(manifest, given or manifest.backbone.pretrained, key)
     if name is None:
         return None
     try:

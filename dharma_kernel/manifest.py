@@ -44,6 +44,7 @@ __all__ = [
     "ModelSection",
     "ModulesSection",
     "TrainSection",
+    "TrainedTokenizer",
     "check_requires",
     "closest",
     "format_validation_error",
@@ -72,13 +73,25 @@ class ModelSection(_Section):
     name: str = Field("dharma-model", min_length=1)
 
 
+class TrainedTokenizer(_Section):
+    """``tokenizer = { train = true, vocab_size = 8000 }``: a byte-level BPE trained on the corpus."""
+
+    train: Literal[True]
+    vocab_size: int | None = Field(None, ge=300)  # None: the backbone's vocabulary size
+    min_frequency: int = Field(2, ge=1)
+
+
 class BackboneSection(_Section):
-    """Exactly one of ``pretrained`` (HF hub id or local directory) or ``config`` (fresh weights)."""
+    """Exactly one of ``pretrained`` (HF hub id or local directory) or ``config`` (fresh weights).
+
+    ``tokenizer``: a hub id or directory, or a table asking for a BPE trained on the
+    corpus. Unset, a pretrained backbone brings its own and a fresh one gets a trained BPE.
+    """
 
     pretrained: str | None = Field(None, min_length=1)
     # HF config keys plus `architecture`; the backbone loader checks the keys.
     config: dict[str, Any] | None = None
-    tokenizer: str | None = Field(None, min_length=1)
+    tokenizer: Annotated[str, Field(min_length=1)] | TrainedTokenizer | None = None
 
     @field_validator("config")
     @classmethod
@@ -145,6 +158,8 @@ class DataSection(_Section):
     eval: list[str] = []
     eval_fraction: float = Field(0.05, ge=0, lt=1)
     max_length: int = Field(256, ge=8)
+    min_chars: int = Field(20, ge=0)  # records shorter than this after cleaning are dropped
+    strict: bool = False  # a malformed file or record stops the run instead of being skipped
 
 
 class TrainSection(_Section):
@@ -161,7 +176,15 @@ class TrainSection(_Section):
     output: str | None = Field(None, min_length=1)  # None until the manifest fills in runs/<model.name>
     seed: int = 0
     eval_every: int = Field(200, ge=1)
+    save_every: int | None = Field(None, ge=1)  # None: at every eval
+    keep_last: int = Field(2, ge=1)  # step checkpoints kept besides latest/ and best/
+    log_every: int = Field(10, ge=1)
     max_grad_norm: float = Field(1.0, ge=0)  # 0 turns clipping off
+    optimizer_in_backward: bool = False  # step each parameter as its gradient is ready, then free it
+    optimizer_state: Literal["fp32", "bf16"] = "fp32"  # AdamW moments' dtype
+    max_nonfinite: int = Field(5, ge=1)  # consecutive skipped non-finite steps that stop the run
+    distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun
+    tensorboard: bool = False
 
 
 class Manifest(_Section):

@@ -127,7 +127,14 @@ def test_defaults():
         "heads": [],
         "freeze": {"groups": []},
         "loss": {"lm": 1.0, "concept": 0.1, "router": 0.01},
-        "data": {"train": [], "eval": [], "eval_fraction": 0.05, "max_length": 256},
+        "data": {
+            "train": [],
+            "eval": [],
+            "eval_fraction": 0.05,
+            "max_length": 256,
+            "min_chars": 20,
+            "strict": False,
+        },
         "train": {
             "epochs": 1,
             "batch_size": 8,
@@ -141,7 +148,14 @@ def test_defaults():
             "output": "runs/dharma-model",
             "seed": 0,
             "eval_every": 200,
+            "keep_last": 2,
+            "log_every": 10,
             "max_grad_norm": 1.0,
+            "optimizer_in_backward": False,
+            "optimizer_state": "fp32",
+            "max_nonfinite": 5,
+            "distributed": "ddp",
+            "tensorboard": False,
         },
     }
     m = parse_manifest("")
@@ -285,7 +299,8 @@ def test_every_problem_is_listed_on_its_own_line():
         "m.toml: train.batch_size: expected an integer, got 'eight'",
         "m.toml: train.lr: unknown key; valid keys: epochs, max_steps, batch_size, grad_accum, "
         "learning_rate, weight_decay, warmup_fraction, precision, gradient_checkpointing, schedule, "
-        "output, seed, eval_every, max_grad_norm",
+        "output, seed, eval_every, save_every, keep_last, log_every, max_grad_norm, optimizer_in_backward, "
+        "optimizer_state, max_nonfinite, distributed, tensorboard",
     ]
 
 
