@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,11 +117,15 @@ def is_model_directory(path: Path) -> bool:
         return False
 
 
-def save(model: Any, directory: str | Path, tokenizer: Any = None) -> Path:
+def save(
+    model: Any, directory: str | Path, tokenizer: Any = None, extra: Callable[[Path], None] | None = None
+) -> Path:
     """Write ``directory`` so a failure while writing leaves what was there untouched.
 
     The model is written beside the target, then swapped in by two renames. Only a
     missing path, an empty directory or a saved Dharma model is ever replaced.
+    ``extra(staging)`` may add files (training state) that must appear with the model
+    or not at all.
     """
     target = Path(directory).resolve()
     replaceable = target.is_dir() and (not any(target.iterdir()) or is_model_directory(target))
@@ -139,6 +144,8 @@ def save(model: Any, directory: str | Path, tokenizer: Any = None) -> Path:
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        if extra is not None:
+            extra(staging)
         _replace(staging, target)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)

@@ -216,6 +216,9 @@ def _report(model: Any, plan: Any, as_json: bool) -> None:
     out.print(table)
 
 
+from . import cli_train  # noqa: E402, F401  (registers train, eval, generate on app)
+
+
 @functools.cache  # once per process, however often main() runs
 def _add_hook_commands() -> None:
     # Reading metadata is cheap; importing hook modules is not, so only when some exist.

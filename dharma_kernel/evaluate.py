@@ -1,8 +1,10 @@
-"""Evaluation: how well each module's activation score separates text about its concept."""
+"""Evaluation: perplexity, and how well each module's activation score separates text about its concept."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -104,3 +106,38 @@ def mean_activation(
     for row, offsets in enumerate(batch["offsets"]):
         text[row, : len(offsets)] = torch.tensor([end > start for start, end in offsets])
     return score[text].mean().item()
+
+
+@torch.no_grad()
+def lm_totals(
+    model: Any,
+    data: Any,
+    batch_size: int,
+    rows: Sequence[int] | None = None,
+    precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> tuple[float, float]:
+    """Summed next-token loss and the number of tokens it covers, over ``rows`` of packed ``data``.
+
+    Sums rather than a mean, so processes holding different rows can add theirs up.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    rows = list(range(len(data))) if rows is None else list(rows)
+    loss_sum = count = 0.0
+    try:
+        for start in range(0, len(rows), batch_size):
+            batch = data.batch(rows[start : start + batch_size])
+            batch = {k: v.to(device) for k, v in batch.items() if k != "concept_labels"}
+            with precision():
+                out = model(**batch, use_cache=False)
+            loss_sum += float(out.losses["lm"]) * float(out.lm_tokens)
+            count += float(out.lm_tokens)
+    finally:
+        model.train(was_training)
+    return loss_sum, count
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, capped where it would overflow."""
+    return math.exp(min(loss, 50.0))

@@ -1,0 +1,190 @@
+"""``dharma train``, ``dharma eval`` and ``dharma generate``: the commands that run a model.
+
+Registered on :data:`dharma_kernel.cli.app` when that module imports this one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from .cli import FreezeOption, _quiet_transformers, app, err, out
+from .errors import DharmaError
+
+DataOption = Annotated[
+    list[str] | None,
+    typer.Option("--data", help="Data files, directories or globs (repeatable); replaces the manifest's."),
+]
+StrictOption = Annotated[
+    bool | None,
+    typer.Option("--strict/--lenient", help="Stop at a malformed file or record, or skip and count it."),
+]
+
+
+@app.command()
+def train(
+    manifest: Annotated[Path, typer.Argument(help="The manifest TOML file.")],
+    freeze: FreezeOption = None,
+    data: DataOption = None,
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Run directory (default: train.output).")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in the output directory.")
+    ] = False,
+    reset_optimizer: Annotated[
+        bool,
+        typer.Option(
+            "--reset-optimizer", help="With --resume: fresh optimizer state (after a freeze change)."
+        ),
+    ] = False,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", min=1, help="Stop after this many steps.")
+    ] = None,
+    strict: StrictOption = None,
+    device: Annotated[
+        str | None, typer.Option("--device", help="cpu or cuda (default: cuda when available).")
+    ] = None,
+) -> None:
+    """Train the model a manifest describes; checkpoints, metrics and best model go to the run directory."""
+    from .train.session import TrainOptions
+    from .train.session import train as run_training
+
+    _quiet_transformers()
+    if reset_optimizer and not resume:
+        raise DharmaError("--reset-optimizer only applies with --resume")
+    options = TrainOptions(
+        data=data, output=output, resume=resume, reset_optimizer=reset_optimizer,
+        max_steps=max_steps, freeze=freeze or [], strict=strict, device=device,
+    )  # fmt: skip
+    summary = run_training(manifest, options, out)
+    first, best = summary.first_eval_ppl, summary.best_eval_ppl
+    out.print(
+        f"trained {summary.steps} steps, {summary.tokens:,} tokens; "
+        f"non-finite steps skipped: {summary.skipped}"
+    )
+    if best is not None:
+        start = f" (from {first:.2f} at the start)" if first is not None else ""
+        out.print(f"best eval perplexity {best:.2f} at step {summary.best_step}{start}")
+    out.print(f"run directory: {summary.output}; best model: {summary.best or summary.latest}")
+    if summary.interrupted:
+        err.print(
+            f"interrupted: saved step {summary.steps} to {summary.latest}; "
+            f"continue with: dharma train {escape(str(manifest))} --resume"
+        )
+        raise SystemExit(130)
+
+
+@app.command("eval")
+def eval_command(
+    model_dir: Annotated[
+        Path, typer.Argument(help="A saved model, or a run directory (its best checkpoint).")
+    ],
+    data: Annotated[list[str], typer.Option("--data", help="Held-out data files, directories or globs.")],
+    max_length: Annotated[int, typer.Option("--max-length", min=8, help="Tokens per packed sequence.")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+    strict: StrictOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Perplexity on held-out text, and each module's activation ROC-AUC against its concept labels."""
+    from .data import DataReport, clean_records, pack, read_records
+    from .evaluate import activation_auc, lm_totals, perplexity
+    from .model import DharmaModel
+    from .train.rundir import model_directory
+
+    _quiet_transformers()
+    directory = model_directory(model_dir)
+    model = DharmaModel.from_pretrained(directory)
+    tokenizer = _tokenizer(directory)
+    report = DataReport()
+    records = clean_records(read_records(data, strict=bool(strict), report=report), report=report)
+    if not records:
+        raise DharmaError(f"--data {' '.join(data)}: no text to evaluate on", hint=report.summary())
+    packed = pack(records, tokenizer, max_length, refs=model.module_refs)
+    loss_sum, count = lm_totals(model, packed, batch_size)
+    loss = loss_sum / max(count, 1.0)
+    batches = (
+        packed.batch(list(range(i, min(i + batch_size, len(packed)))))
+        for i in range(0, len(packed), batch_size)
+    )
+    auc = activation_auc(model, batches) if model.module_refs else {}
+    result = {
+        "model": str(directory),
+        "tokens": int(count),
+        "loss": loss,
+        "perplexity": perplexity(loss),
+        "auc": auc,
+    }
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    out.print(f"{directory}: {int(count):,} tokens, loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
+    if auc:
+        from rich.table import Table
+
+        table = Table("module", "activation AUC", box=None)
+        for ref, value in auc.items():
+            table.add_row(ref, "-" if value is None else f"{value:.3f}")
+        out.print(table)
+        out.print("AUC '-': the data has no text both with and without that concept.")
+
+
+@app.command()
+def generate(
+    model_dir: Annotated[
+        Path, typer.Argument(help="A saved model, or a run directory (its best checkpoint).")
+    ],
+    prompt: Annotated[str, typer.Argument(help="The text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
+    temperature: Annotated[
+        float, typer.Option("--temperature", min=0.0, help="0 picks the likeliest token.")
+    ] = 0.8,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Continue a prompt with a saved model (KV-cached, modules included)."""
+    import torch
+
+    from .model import DharmaModel
+    from .train.rundir import model_directory
+
+    _quiet_transformers()
+    directory = model_directory(model_dir)
+    model = DharmaModel.from_pretrained(directory).eval()
+    tokenizer = _tokenizer(directory)
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        raise DharmaError("the prompt is empty", hint="Give some text to continue.")
+    torch.manual_seed(seed)
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        if temperature > 0
+        else {"do_sample": False}
+    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        result = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad,
+            **sampling,
+        )
+    typer.echo(prompt + tokenizer.decode(result[0, ids.shape[1] :], skip_special_tokens=True))
+
+
+def _tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError):
+        raise DharmaError(
+            f"{directory} was saved without a tokenizer",
+            hint="`dharma train` saves one with every checkpoint; "
+            "for `dharma assemble`, set backbone.tokenizer.",
+        ) from None

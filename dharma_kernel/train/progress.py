@@ -1,0 +1,118 @@
+"""What a run shows and records: a progress bar (or plain lines when piped), metrics.jsonl,
+TensorBoard when asked for, and the ``dharma_train_callbacks`` of installed hook plugins."""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..errors import DharmaError, error_line
+from .rundir import RunDir
+
+
+class Reporter:
+    def __init__(
+        self,
+        run: RunDir,
+        console: Console,
+        total_steps: int,
+        first_step: int,
+        log_every: int,
+        tensorboard: bool,
+        enabled: bool,
+    ) -> None:
+        self.run, self.console, self.total, self.log_every = run, console, total_steps, log_every
+        self.enabled = enabled
+        self.callbacks = _callbacks() if enabled else []
+        self.writer = _tensorboard(run.root) if tensorboard and enabled else None
+        self.progress: Progress | None = None
+        if enabled and console.is_terminal:
+            self.progress = Progress(
+                TextColumn("step {task.completed}/{task.total}"),
+                BarColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            )
+            self.task = self.progress.add_task("train", total=total_steps, completed=first_step, status="")
+            self.progress.start()
+        self.started = time.perf_counter()
+
+    def step(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.run.log({"step": step, **metrics})
+        if metrics.get("skipped"):
+            status = "skipped: loss or gradients not finite"
+        else:
+            status = f"loss {metrics['loss']:.4f}  {metrics['tok_per_s']:,.0f} tok/s  lr {metrics['lr']:.2e}"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, status=status)
+        elif step % self.log_every == 0 or step == self.total or metrics.get("skipped"):
+            self.console.print(f"step {step}/{self.total}  {status}")
+        self._scalars("train", step, metrics)
+        self._call("on_step", step, metrics)
+
+    def eval(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.run.log({"step": step, **metrics})
+        line = f"eval at step {step}: loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_ppl']:.2f}"
+        (self.progress.console if self.progress else self.console).print(line)
+        self._scalars("eval", step, metrics)
+        self._call("on_eval", step, metrics)
+
+    def saved(self, path: Path) -> None:
+        if self.enabled:
+            self._call("on_save", path)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.writer is not None:
+            self.writer.close()
+
+    def _scalars(self, prefix: str, step: int, metrics: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for name, value in metrics.items():
+            if isinstance(value, int | float) and math.isfinite(value):
+                self.writer.add_scalar(f"{prefix}/{name}", value, step)
+
+    def _call(self, method: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            hook = getattr(callback, method, None)
+            if hook is None:
+                continue
+            try:
+                hook(*args)
+            except Exception as err:  # a plugin's bug must not end a long run
+                warnings.warn(
+                    f"train callback {type(callback).__name__}.{method} failed: {error_line(err)}",
+                    stacklevel=2,
+                )
+
+
+def _callbacks() -> list[Any]:
+    from ..plugins import call_hook
+
+    return [cb for offered in call_hook("dharma_train_callbacks") for cb in (offered or [])]
+
+
+def _tensorboard(root: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise DharmaError(
+            "train.tensorboard = true, but the tensorboard package is not installed",
+            hint="Run: pip install tensorboard, or set tensorboard = false "
+            "(metrics.jsonl is always written).",
+        ) from None
+    return SummaryWriter(log_dir=str(root / "tensorboard"))

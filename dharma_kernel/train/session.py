@@ -1,0 +1,283 @@
+"""``dharma train``: a manifest, its data and a run directory turned into a finished run.
+
+Setup (data, tokenizer, model, optimizer, resume) then the loop: step, log, evaluate
+every ``eval_every`` steps, checkpoint every ``save_every``, and on a stop request
+(Ctrl-C, SIGTERM) save and return. Only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from ..errors import DharmaError
+from .distributed import Dist, setup, teardown, wrap
+from .loop import Loop, Progress, check_finite_weights
+from .precision import LossScale, resolve_precision
+from .progress import Reporter
+from .rundir import RunDir
+from .state import capture_rng, load_state, restore_rng, save_state
+from .windows import Windows
+
+
+@dataclass
+class TrainOptions:
+    """What the command line may change on top of the manifest."""
+
+    data: list[str] | None = None
+    output: str | None = None
+    resume: bool = False
+    reset_optimizer: bool = False
+    max_steps: int | None = None
+    freeze: list[str] = field(default_factory=list)
+    strict: bool | None = None
+    device: str | None = None
+
+
+@dataclass
+class Summary:
+    steps: int
+    tokens: int
+    skipped: int
+    first_eval_ppl: float | None
+    best_eval_ppl: float | None
+    best_step: int | None
+    output: Path
+    interrupted: bool
+    latest: Path | None
+    best: Path | None
+
+
+def train(manifest_path: str | Path, options: TrainOptions, console: Console | None = None) -> Summary:
+    dist, device = setup(options.device)
+    try:
+        return _Session(manifest_path, options, dist, device, console or Console()).run()
+    finally:
+        teardown(dist)
+
+
+class _Session:
+    def __init__(
+        self,
+        manifest_path: str | Path,
+        options: TrainOptions,
+        dist: Dist,
+        device: torch.device,
+        console: Console,
+    ) -> None:
+        from ..assemble import plan_manifest
+
+        self.options, self.dist, self.device, self.console = options, dist, device, console
+        self.manifest, self.plan = plan_manifest(manifest_path)
+        self.cfg = self.manifest.train
+        output = Path(options.output) if options.output else self.manifest.resolve_path(self.cfg.output)
+        self.run_dir = RunDir(output)
+        self._check_run_dir()
+        self.precision = resolve_precision(self.cfg.precision, device)
+
+    def _check_run_dir(self) -> None:
+        latest = self.run_dir.link("latest")
+        if self.options.resume and latest is None:
+            raise DharmaError(
+                f"--resume: {self.run_dir.root} holds no checkpoint to resume from",
+                hint="Run without --resume to start training, or give the run's --output.",
+            )
+        if not self.options.resume and latest is not None:
+            raise DharmaError(
+                f"{self.run_dir.root} already holds a training run (latest: {latest.name})",
+                hint="Pass --resume to continue it, or --output DIR to start a new run elsewhere.",
+            )
+
+    # -- setup -------------------------------------------------------------------------
+
+    def run(self) -> Summary:
+        from ..assemble import build
+        from ..freeze import freeze_groups
+        from .optim import build_optimizer
+
+        latest = self.run_dir.link("latest") if self.options.resume else None
+        state = load_state(latest) if latest is not None else None
+        self.tokenizer, train_data, eval_data, report = self._data(latest)
+        if self.dist.main:
+            self.console.print(report.summary())
+
+        groups = list(dict.fromkeys([*self.manifest.freeze.groups, *self.options.freeze]))
+        self.plan.config.manifest["freeze"] = {"groups": groups}
+        model = self._model(latest, build)
+        freeze_groups(model, groups)
+        model.to(self.device)
+        if self.cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.set_module_checkpointing(True)
+
+        windows = Windows(len(train_data), self.cfg.batch_size, self.cfg.grad_accum,
+                          self.dist.world, self.dist.rank, self.cfg.seed)  # fmt: skip
+        total = self.options.max_steps or self.cfg.max_steps or self.cfg.epochs * windows.steps_per_epoch
+        optimizer = build_optimizer(model, self.cfg, total, self.device)
+        loop = Loop(
+            model=wrap(model, self.dist, self.device, self.cfg.distributed),
+            raw=model,
+            optimizer=optimizer,
+            train_data=train_data,
+            eval_data=eval_data,
+            windows=windows,
+            dist=self.dist,
+            device=self.device,
+            precision=self.precision,
+            lm_weight=self.manifest.loss.lm,
+            max_grad_norm=self.cfg.max_grad_norm,
+            scale=LossScale(enabled=self.precision == "fp16"),
+        )
+        if state is not None:
+            self._restore(loop, state, model)
+        elif self.dist.main:
+            self.run_dir.root.mkdir(parents=True, exist_ok=True)
+            self.run_dir.metrics.unlink(missing_ok=True)
+            (self.run_dir.root / "manifest.json").write_text(json.dumps(self.manifest.to_dict(), indent=2))
+        return self._loop(loop, total)
+
+    def _data(self, latest: Path | None) -> tuple:
+        from transformers import AutoTokenizer
+
+        from ..data import prepare_data, read_data, resolve_tokenizer
+
+        records = read_data(self.manifest, self.options.data, self.options.strict)
+        if latest is not None:
+            tokenizer = AutoTokenizer.from_pretrained(latest)  # a resumed run keeps its vocabulary
+        else:
+            tokenizer = resolve_tokenizer(self.manifest, records.texts, self.plan.config.text_config)
+        refs = [spec["ref"] for spec in self.plan.config.layout["modules"]]
+        train_data, eval_data, report = prepare_data(self.manifest, tokenizer, refs, records=records)
+        return tokenizer, train_data, eval_data, report
+
+    def _model(self, latest: Path | None, build: Any) -> Any:
+        if latest is None:
+            return build(self.plan, seed=self.cfg.seed)
+        from ..model import DharmaModel
+
+        model = DharmaModel.from_pretrained(latest)
+        if model.config.layout != self.plan.config.layout:
+            raise DharmaError(
+                f"{latest} was trained with a different model layout than the manifest now describes",
+                hint="Resume with the manifest the run started from, or start a new run with --output.",
+            )
+        return model
+
+    def _restore(self, loop: Loop, state: dict[str, Any], model: Any) -> None:
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if names != state["trainable"] and not self.options.reset_optimizer:
+            raise DharmaError(
+                f"the trainable parameters differ from the checkpoint's ({len(names)} now, "
+                f"{len(state['trainable'])} then): the freeze groups changed",
+                hint="Pass --reset-optimizer to resume with fresh optimizer state, "
+                "or use the run's freeze groups.",
+            )
+        if not self.options.reset_optimizer:
+            loop.optimizer.load_state_dict(state["optimizer"])
+        else:
+            for _ in range(state["progress"]["step"]):
+                loop.optimizer.schedule_step()  # keep the learning rate where the run was
+        loop.scale.load_state_dict(state["scale"])
+        loop.progress = Progress(**state["progress"])
+        restore_rng(state["rng"])
+        if self.dist.main:
+            self.run_dir.truncate_metrics(loop.progress.step)
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def _loop(self, loop: Loop, total: int) -> Summary:
+        cfg = self.cfg
+        save_every = cfg.save_every or cfg.eval_every
+        reporter = Reporter(self.run_dir, self.console, total, loop.progress.step, cfg.log_every,
+                            cfg.tensorboard, self.dist.main)  # fmt: skip
+        loop.install_interrupt()
+        try:
+            if loop.progress.step == 0 and loop.eval_data is not None:
+                self._evaluate(loop, reporter)
+            while loop.progress.step < total and not loop.stop_requested:
+                result = loop.train_step()
+                step = loop.progress.step
+                reporter.step(step, result.metrics)
+                if not result.finite and loop.progress.consecutive_skips >= cfg.max_nonfinite:
+                    self._too_many_skips(loop)
+                improved = False
+                if loop.eval_data is not None and (step % cfg.eval_every == 0 or step == total):
+                    improved = self._evaluate(loop, reporter)
+                if step % save_every == 0 or step == total or improved:
+                    self._save(loop, reporter)
+            if loop.stop_requested and self.run_dir.link("latest") != self.run_dir.step_dir(
+                loop.progress.step
+            ):
+                self._save(loop, reporter)
+        finally:
+            reporter.close()
+        return self._summary(loop)
+
+    def _evaluate(self, loop: Loop, reporter: Reporter) -> bool:
+        metrics = loop.evaluate(self.cfg.batch_size)
+        progress = loop.progress
+        if progress.first_eval is None:
+            progress.first_eval = metrics["eval_loss"]
+        progress.last_eval = metrics["eval_loss"]
+        reporter.eval(progress.step, metrics)
+        if progress.step > 0 and metrics["eval_loss"] < progress.best_eval:
+            progress.best_eval, progress.best_step = metrics["eval_loss"], progress.step
+            return True
+        return False
+
+    def _save(self, loop: Loop, reporter: Reporter) -> None:
+        from ..checkpoint import save
+
+        step = loop.progress.step
+        if self.dist.main:
+            check_finite_weights(loop.raw)
+            state = {
+                "progress": asdict(loop.progress),
+                "optimizer": loop.optimizer.state_dict(),
+                "scale": loop.scale.state_dict(),
+                "rng": capture_rng(),
+                "trainable": [n for n, p in loop.raw.named_parameters() if p.requires_grad],
+                "world": self.dist.world,
+            }
+            target = save(loop.raw, self.run_dir.step_dir(step), self.tokenizer,
+                          extra=lambda d: save_state(d, state))  # fmt: skip
+            self.run_dir.point("latest", target)
+            if loop.progress.best_step == step:
+                self.run_dir.point("best", target)
+            self.run_dir.prune(self.cfg.keep_last)
+            reporter.saved(target)
+        self.dist.barrier()
+
+    def _too_many_skips(self, loop: Loop) -> None:
+        latest = self.run_dir.link("latest")
+        where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved yet"
+        raise DharmaError(
+            f"the loss or gradients were not finite for {loop.progress.consecutive_skips} steps in a row "
+            f"(up to step {loop.progress.step}); stopped. {where}",
+            hint='Lower train.learning_rate, or use precision = "fp32", then resume or start again.',
+        )
+
+    def _summary(self, loop: Loop) -> Summary:
+        p = loop.progress
+        from ..evaluate import perplexity
+
+        def ppl(loss: float | None) -> float | None:
+            return perplexity(loss) if loss is not None else None
+
+        return Summary(
+            steps=p.step,
+            tokens=p.tokens,
+            skipped=p.skipped,
+            first_eval_ppl=ppl(p.first_eval),
+            best_eval_ppl=ppl(p.best_eval if p.best_step is not None else None),
+            best_step=p.best_step,
+            output=self.run_dir.root,
+            interrupted=loop.stop_requested,
+            latest=self.run_dir.link("latest"),
+            best=self.run_dir.link("best"),
+        )
