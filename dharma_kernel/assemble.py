@@ -149,11 +149,16 @@ def load_tokenizer(manifest: Manifest) -> Any:
     if name is None:
         return None
     try:
-        return AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as err:
         if not explicit:
             return None  # a backbone directory without tokenizer files
         raise DharmaError(f"backbone.tokenizer: cannot load '{name}': {first_line(err)}") from None
+    if tokenizer.vocab_size == 0:  # transformers builds an empty one from a bare config.json
+        if not explicit:
+            return None
+        raise DharmaError(f"backbone.tokenizer: '{name}' holds no tokenizer files")
+    return tokenizer
 
 
 def build_on_meta(plan_: Plan) -> DharmaModel:

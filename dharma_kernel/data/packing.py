@@ -1,0 +1,188 @@
+"""Packing: records tokenized, each followed by EOS, concatenated and cut into rows of one length.
+
+    packed = pack(records, tokenizer, max_length=128, refs=model.module_refs)
+    loss = model(**packed.batch([0, 1, 2, 3])).loss
+
+No row is wasted on padding but the last. A row may hold the end of one document
+and the start of the next; the model is never asked to predict a document's first
+token from the one before it (that label is -100), but it is trained to predict the
+EOS that ends each document. Tokens attend across the documents in a row, as in
+GPT-2's training; the EOS between them marks the boundary.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..concepts import IGNORE, Lexicon, concept_hits, lexicons_for
+from ..errors import DharmaError
+from .records import Record
+
+__all__ = ["PackedData", "pack"]
+
+
+@dataclass
+class PackedData:
+    """Rows of ``max_length`` tokens, ready for :meth:`DharmaModel.forward`.
+
+    input_ids, labels, attention_mask: ``[N, L]`` long. labels are input_ids with -100
+    on padding and on a document's first token when another document precedes it in
+    the row. attention_mask is 1 on real tokens (EOS included), 0 on padding.
+    concept_labels: ``[N, L, M]`` int8 in {-100, 0, 1}, columns in ``refs`` order (see
+    :func:`~dharma_kernel.concepts.token_labels`), -100 on EOS/BOS and padding; None
+    without ``refs``.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor
+    concept_labels: torch.Tensor | None = None
+    refs: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __repr__(self) -> str:
+        return f"PackedData({len(self)} rows of {self.input_ids.shape[1]}, {self.tokens} tokens trained)"
+
+    @property
+    def tokens(self) -> int:
+        """Label positions the LM loss trains on: labels != -100, the first column (never
+        predicted: nothing precedes it in the row) left out."""
+        return int((self.labels[:, 1:] != IGNORE).sum())
+
+    def batch(self, indices: Sequence[int] | torch.Tensor | slice) -> dict[str, torch.Tensor]:
+        """The rows at ``indices`` as keyword arguments of :meth:`DharmaModel.forward`
+        (``concept_labels`` as float, as the concept loss takes them)."""
+        if not isinstance(indices, slice):
+            indices = torch.as_tensor(indices, dtype=torch.long)
+        batch = {
+            "input_ids": self.input_ids[indices],
+            "attention_mask": self.attention_mask[indices],
+            "labels": self.labels[indices],
+        }
+        if self.concept_labels is not None:
+            batch["concept_labels"] = self.concept_labels[indices].float()
+        return batch
+
+
+def pack(
+    records: Sequence[Record],
+    tokenizer: Any,
+    max_length: int,
+    refs: Sequence[str] = (),
+    lexicons: dict[str, Lexicon] | None = None,
+) -> PackedData:
+    """Tokenize ``records`` and pack them into rows of exactly ``max_length`` tokens.
+
+    Each document is its tokens (after the tokenizer's BOS when it has one other than
+    EOS), then EOS; the last row is right-padded with the pad token (else EOS). Text
+    that spells a special token (``<|endoftext|>``) is tokenized as text, so only real
+    document ends are EOS. With ``refs``, concept labels are computed for each piece of
+    a document that lands in one row, as :func:`~dharma_kernel.concepts.token_labels`
+    would on that piece alone: a lexicon hit in an earlier row, which the model cannot
+    see, does not label tokens in a later one; a record tag labels all its tokens.
+    ``lexicons`` defaults to the installed plugins' own.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DharmaError(
+            "the tokenizer has no end-of-text (eos) token, which packing puts between documents",
+            hint="Use a tokenizer with an eos_token, or backbone.tokenizer = { train = true }.",
+        )
+    bos = tokenizer.bos_token_id
+    prefix = [bos] if bos is not None and bos != eos else []
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    refs = tuple(refs)
+    texts = [record.text for record in records]
+    ids, offsets = _tokenize(tokenizer, texts, with_offsets=bool(refs))
+
+    # Where each document's text tokens start in the stream; BOS before and EOS after them.
+    lengths = torch.tensor([len(prefix) + len(doc) + 1 for doc in ids], dtype=torch.long)
+    starts = torch.cumsum(lengths, 0) - lengths
+    total = int(lengths.sum())
+    rows = -(-total // max_length)
+    stream = torch.full((rows * max_length,), pad, dtype=torch.long)
+    tokens = chain.from_iterable([*prefix, *doc, eos] for doc in ids)
+    stream[:total] = torch.tensor(list(tokens), dtype=torch.long)
+
+    labels = stream.clone()
+    labels[total:] = IGNORE
+    follows = starts[starts % max_length != 0]  # a document's first token after another's EOS
+    labels[follows] = IGNORE
+    attention_mask = torch.zeros_like(stream)
+    attention_mask[:total] = 1
+
+    concept_labels = None
+    if refs:
+        lexicons = lexicons if lexicons is not None else lexicons_for(refs)
+        first = (starts + len(prefix)).tolist()
+        concept_labels = _concept_labels(
+            records, offsets, first, rows * max_length, max_length, lexicons, refs
+        )
+        concept_labels = concept_labels.view(rows, max_length, len(refs))
+    return PackedData(
+        input_ids=stream.view(rows, max_length),
+        labels=labels.view(rows, max_length),
+        attention_mask=attention_mask.view(rows, max_length),
+        concept_labels=concept_labels,
+        refs=refs,
+    )
+
+
+def _tokenize(
+    tokenizer: Any, texts: list[str], with_offsets: bool, chunk: int = 4096
+) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """Token ids (and character offsets) of each text, no special tokens added; batched
+    so the tokenizer's own threads do the work."""
+    ids: list[list[int]] = []
+    offsets: list[list[tuple[int, int]]] = []
+    for begin in range(0, len(texts), chunk):
+        encoded = tokenizer(
+            texts[begin : begin + chunk],
+            add_special_tokens=False,
+            return_attention_mask=False,
+            return_offsets_mapping=with_offsets,
+            split_special_tokens=True,
+            verbose=False,  # documents longer than model_max_length are fine: packing cuts them
+        )
+        ids += encoded["input_ids"]
+        if with_offsets:
+            offsets += encoded["offset_mapping"]
+    return ids, offsets
+
+
+def _concept_labels(
+    records: Sequence[Record],
+    offsets: list[list[tuple[int, int]]],
+    first: list[int],
+    size: int,
+    max_length: int,
+    lexicons: dict[str, Lexicon],
+    refs: tuple[str, ...],
+) -> torch.Tensor:
+    """``[size, M]`` int8 labels over the stream: 0 on text tokens, then tags and hits, -100 elsewhere.
+
+    Built in NumPy: see :func:`~dharma_kernel.concepts.concept_hits` for why.
+    """
+    labels = np.full((size, len(refs)), IGNORE, dtype=np.int8)
+    for record, spans, begin in zip(records, offsets, first, strict=True):
+        end = begin + len(spans)
+        labels[begin:end] = 0
+        tagged, hits = concept_hits(record.text, spans, lexicons, refs, record.tags)
+        labels[begin:end, tagged] = 1
+        if hits is not None:
+            # Causal within each row: a piece of the document starts at ``begin`` or at a row start.
+            cuts = [begin, *range((begin // max_length + 1) * max_length, end, max_length), end]
+            for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+                seen = np.logical_or.accumulate(hits[a - begin : b - begin], axis=0)
+                labels[a:b][seen] = 1
+        bounds = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+        labels[begin:end][bounds[:, 1] <= bounds[:, 0]] = IGNORE
+    return torch.from_numpy(labels)
