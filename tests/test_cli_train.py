@@ -146,8 +146,8 @@ def test_generate_continues_a_prompt_reproducibly(trained):
 
 
 def test_eval_reports_perplexity_and_module_auc(trained):
-    result = run_dharma(None, "eval", str(trained / "run"), "--data", str(trained / "data"), "--max-length", "32",
-                        "--json")  # fmt: skip
+    data = str(trained / "data")
+    result = run_dharma(None, "eval", str(trained / "run"), "--data", data, "--max-length", "32", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["tokens"] > 500 and 1 < report["perplexity"] < 400
