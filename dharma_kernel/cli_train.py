@@ -6,6 +6,7 @@ Registered on :data:`dharma_kernel.cli.app` when that module imports this one.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -62,6 +63,8 @@ def train(
         max_steps=max_steps, freeze=freeze or [], strict=strict, device=device,
     )  # fmt: skip
     summary = run_training(manifest, options, out)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun, the main process reports
     first, best = summary.first_eval_ppl, summary.best_eval_ppl
     out.print(
         f"trained {summary.steps} steps, {summary.tokens:,} tokens; "
