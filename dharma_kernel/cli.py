@@ -216,6 +216,63 @@ def _report(model: Any, plan: Any, as_json: bool) -> None:
     out.print(table)
 
 
+@app.command("plan")
+def plan_command(
+    manifest: Annotated[Path, typer.Argument(help="The manifest TOML file.")],
+    memory: Annotated[str, typer.Option("--memory", help="Memory to fit in: 4GiB, 512MiB, 4GB or bytes.")],
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Sequences (default: train.batch_size).")
+    ] = None,
+    length: Annotated[
+        int | None, typer.Option("--length", min=1, help="Tokens per sequence (default: data.max_length).")
+    ] = None,
+    freeze: FreezeOption = None,
+) -> None:
+    """Estimate a training step's peak memory and list the memory settings that fit; no weights allocated."""
+    from rich.table import Table
+
+    from .assemble import build_on_meta, plan_manifest
+    from .freeze import freeze_groups
+    from .train.memory import MemorySettings, changes, estimate, fitting_settings, gib, parse_size
+
+    budget = parse_size(memory, "--memory")
+    _quiet_transformers()
+    resolved, plan = plan_manifest(manifest)
+    model = build_on_meta(plan)
+    freeze_groups(model, [*resolved.freeze.groups, *(freeze or [])])
+    batch, length = batch_size or resolved.train.batch_size, length or resolved.data.max_length
+    own = MemorySettings.from_train(resolved.train)
+    mine = estimate(model, batch, length, own)
+    switches = ", ".join(f"{name} {str(value).lower()}" for name, value in own.__dict__.items())
+    auto = " (counted as fp32)" if own.precision == "auto" else ""
+    out.print(f"{manifest}: batch {batch} x {length} tokens; {switches}{auto}")
+    table = Table("part", "GiB", "bytes", box=None)
+    for name, value in mine.parts():
+        table.add_row(name, gib(value), f"{value:,}")
+    out.print(table)
+    verdict = "fits" if mine.total <= budget else f"does not fit, {gib(mine.total - budget)} GiB over"
+    out.print(f"budget {gib(budget)} GiB ({budget:,} bytes): {verdict}")
+    fits = fitting_settings(model, budget, batch, length, own)
+    if not fits:
+        least = min(fitting_settings(model, 2**63, batch, length, own), key=lambda e: e.total)
+        out.print(
+            f"no settings fit: the least memory is {gib(least.total)} GiB, with "
+            f"{', '.join(changes(least.settings, own)) or 'these settings'}; lower --batch-size or "
+            "--length, or freeze more groups"
+        )
+        return
+    table = Table(escape("changes to [train]"), "total GiB", box=None)
+    for fit in fits:
+        table.add_row(", ".join(changes(fit.settings, own)) or "none", gib(fit.total))
+    out.print("settings that fit, fewest changes first:")
+    out.print(table)
+    if any(f.settings.optimizer_in_backward for f in fits):
+        note = "optimizer_in_backward clips each parameter's gradient on its own and needs grad_accum = 1"
+        if resolved.train.grad_accum > 1:
+            note += f" (now {resolved.train.grad_accum}: raise batch_size instead and plan again)"
+        out.print(note)
+
+
 from . import cli_train  # noqa: E402, F401  (registers train, eval, generate on app)
 
 

@@ -1,0 +1,1 @@
+"""Training: the loop, AdamW and its schedules, memory options and estimates, checkpoints of runs."""

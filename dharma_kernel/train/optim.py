@@ -1,0 +1,435 @@
+"""AdamW, its learning-rate schedules and the optimizer memory switches of ``[train]``.
+
+``build_optimizer(model, train, total_steps, device)`` returns an :class:`Optimizer`
+that the loop drives the same way whatever the switches are::
+
+    loss.backward()  # under in_backward, each parameter is stepped here
+    if optimizer.in_backward:
+        finite = not optimizer.skipped_last
+    else:
+        norm = torch.nn.utils.clip_grad_norm_(optimizer.trainable, limit)
+        finite = bool(torch.isfinite(norm))
+        if finite:
+            optimizer.step()
+    optimizer.zero_grad()
+    optimizer.schedule_step()
+
+Switches (torchtune's, as plain booleans):
+
+- ``optimizer_state = "bf16"``: AdamW's two moments kept in bfloat16 (4 bytes per
+  trainable parameter instead of 8), parameters stay fp32: :class:`BF16AdamW`.
+- ``optimizer_in_backward = true``: one AdamW per parameter, stepped from the
+  parameter's post-accumulate-grad hook the moment its gradient is complete, then
+  the gradient is freed, so at most a few gradients exist at once. Gradients cannot
+  accumulate over micro-batches (``grad_accum`` must be 1) and there is no global
+  norm to clip by: each parameter's gradient is clipped to ``max_grad_norm`` on its
+  own. A parameter whose gradient is not finite is not updated and ``skipped_last``
+  says so.
+
+Weight decay applies to weight matrices only: parameters with two or more dimensions
+that are not embedding tables. Biases, norm weights, 1-D module vectors (concept
+directions, detector mixes) and embedding tables (token and position embeddings, and
+an output head tied to them) are not decayed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DharmaError
+from ..manifest import TrainSection
+
+__all__ = ["BF16AdamW", "Optimizer", "build_optimizer", "decay_split", "lr_factor"]
+
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+STATE_FORMAT = 1
+ONECYCLE_DIV, ONECYCLE_FINAL_DIV = 25.0, 1e4  # torch's OneCycleLR defaults
+
+
+# -- schedules ---------------------------------------------------------------------------------
+
+
+def lr_factor(schedule: str, step: int, total_steps: int, warmup_fraction: float) -> float:
+    """The learning rate of optimizer step ``step`` (0-based), as a fraction of ``learning_rate``.
+
+    onecycle: torch's ``OneCycleLR`` (cosine, two phases, ``div_factor`` 25, ``final_div_factor``
+    1e4, ``pct_start = warmup_fraction``) without its momentum cycling, so beta1 stays 0.9:
+    from lr/25 up to lr over the first ``warmup_fraction`` of the steps, then down to lr/250000
+    at the last step. cosine: linear warm-up over ``ceil(warmup_fraction * total_steps)``
+    steps (step ``s`` at ``(s + 1) / warmup``), then cosine decay towards 0 at ``total_steps``.
+    constant: the same warm-up, then constant. Steps past ``total_steps`` keep the final rate.
+    """
+    if schedule == "onecycle":
+        return _one_cycle(step, total_steps, warmup_fraction)
+    warmup = math.ceil(warmup_fraction * total_steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def _one_cycle(step: int, total_steps: int, warmup_fraction: float) -> float:
+    # The same phase boundaries and interpolation as torch.optim.lr_scheduler.OneCycleLR.
+    start, peak = 1.0 / ONECYCLE_DIV, 1.0
+    final = start / ONECYCLE_FINAL_DIV
+    up_end, down_end = warmup_fraction * total_steps - 1, total_steps - 1
+    step = min(step, down_end)
+    if step <= up_end:
+        return _cosine(start, peak, step / up_end) if up_end > 0 else peak
+    span = down_end - up_end
+    return _cosine(peak, final, (step - up_end) / span) if span > 0 else final
+
+
+def _cosine(start: float, end: float, fraction: float) -> float:
+    return end + (start - end) / 2.0 * (math.cos(math.pi * fraction) + 1)
+
+
+# -- parameter groups ------------------------------------------------------------------------
+
+
+def decay_split(
+    model: nn.Module, params: Iterable[nn.Parameter]
+) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``params`` split into (weight-decayed, not decayed); see the module docstring for the rule."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, plain = [], []
+    for p in params:
+        (decay if p.ndim >= 2 and id(p) not in tables else plain).append(p)
+    return decay, plain
+
+
+@functools.cache
+def fused_adamw_runs(device: str, dtype: torch.dtype) -> bool:
+    """Whether this torch build's fused AdamW really steps a ``dtype`` parameter on ``device``."""
+    try:
+        p = torch.zeros(4, device=device, dtype=dtype, requires_grad=True)
+        p.grad = torch.ones_like(p)
+        torch.optim.AdamW([p], lr=0.1, fused=True).step()
+        return bool((p.detach() != 0).all())
+    except (RuntimeError, ValueError, TypeError, NotImplementedError, AssertionError):
+        return False
+
+
+# -- AdamW with bf16 moments ---------------------------------------------------------------
+
+
+class BF16AdamW(torch.optim.Optimizer):
+    """AdamW whose two moments are stored in bfloat16; parameters stay in their own dtype (fp32).
+
+    The arithmetic is torch's AdamW (decoupled weight decay, bias correction), in fp32:
+    each step reads the moments into fp32, updates moments and parameter, and writes the
+    moments back with stochastic rounding. Rounding to nearest would freeze the second
+    moment: its per-step change, ``1 - beta2`` = 0.1% of its size, is below half of bf16's
+    resolution (2^-8 = 0.4%), so it would never move once warm. Stochastic rounding is
+    unbiased, so the stored moments follow the fp32 ones on average; the random bits come
+    from ``generator`` (its state is part of :class:`Optimizer`'s state, for exact resume).
+
+    Tensors are processed in flat chunks of ``CHUNK`` elements, so the fp32 temporaries
+    stay a few tens of MB whatever the parameter's size. A ``found_inf`` attribute (a
+    0-dim float tensor, as torch's fused AdamW takes from a grad scaler) skips the step
+    on the device without a host sync: every tensor keeps its value where it is non-zero.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = BETAS,
+        eps: float = EPS,
+        weight_decay: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        self.generator = generator
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                self._update(p, p.grad, state, group, found_inf)
+        return loss
+
+    def _update(
+        self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, found_inf: torch.Tensor | None
+    ) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+        skip = None if found_inf is None else found_inf.to(p.device) != 0
+        step = state["step"]
+        step.add_(1.0 if skip is None else (~skip).float())
+        # Bias corrections as tensors: no host sync on a GPU.
+        correction1 = 1 - torch.pow(beta1, step.clamp_min(1))
+        correction2_sqrt = (1 - torch.pow(beta2, step.clamp_min(1))).sqrt()
+        tensors = (p, grad, state["exp_avg"], state["exp_avg_sq"])
+        if all(t.is_contiguous() for t in tensors):
+            pieces = zip(*(t.view(-1).split(self.CHUNK) for t in tensors), strict=True)
+        else:
+            pieces = [tensors]  # whole tensors: the writes below go straight into them
+        for param, g, m, v in pieces:
+            g32 = g.float()
+            m32 = m.float().lerp_(g32, 1 - beta1)
+            v32 = v.float().mul_(beta2).addcmul_(g32, g32, value=1 - beta2)
+            p32 = param.to(torch.float32, copy=True).mul_(1 - lr * decay)
+            p32.sub_(m32 / (v32.sqrt() / correction2_sqrt).add_(eps) * (lr / correction1))
+            m_new, v_new = _stochastic_bf16(m32, self.generator), _stochastic_bf16(v32, self.generator)
+            if skip is not None:
+                p32 = torch.where(skip, param.float(), p32)
+                m_new, v_new = torch.where(skip, m, m_new), torch.where(skip, v, v_new)
+            param.copy_(p32)
+            m.copy_(m_new)
+            v.copy_(v_new)
+
+
+def _stochastic_bf16(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """fp32 -> bf16 rounding up with probability equal to the dropped fraction (unbiased)."""
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    bits = (x.contiguous().view(torch.int32) + noise) & -65536  # keep the top 16 bits: a bf16 value
+    return bits.view(torch.float32).to(torch.bfloat16)  # exact: the dropped bits are zero
+
+
+# -- the optimizer the loop drives ----------------------------------------------------------
+
+
+class Optimizer:
+    """AdamW over the trainable parameters with a schedule and the memory switches.
+
+    ``in_backward``: steps happen inside ``backward()``; ``step()`` is then a no-op.
+    ``trainable``: the parameters it updates (``requires_grad``), in ``model.parameters()`` order.
+    ``lr``: the learning rate the next optimizer step uses.
+    ``skipped_last``: under ``in_backward``, a gradient since the last ``zero_grad()`` was not
+    finite and that parameter was not updated (always False otherwise).
+    ``grad_norm``: under ``in_backward``, the global L2 norm of the gradients since the last
+    ``zero_grad()``, before per-parameter clipping (None otherwise: clip as usual).
+    """
+
+    def __init__(self, model: nn.Module, train: TrainSection, total_steps: int, device: torch.device) -> None:
+        if total_steps < 1:
+            raise ValueError(f"total_steps must be at least 1, got {total_steps}")
+        self.train = train
+        self.total_steps = total_steps
+        self.in_backward = train.optimizer_in_backward
+        self.trainable: list[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
+        if not self.trainable:
+            raise DharmaError("nothing to train: every parameter is frozen", hint="Freeze fewer groups.")
+        self._step = 0  # schedule position: optimizer steps taken (or skipped) so far
+        self._generator: torch.Generator | None = None
+        if train.optimizer_state == "bf16":
+            self._generator = torch.Generator(device=device).manual_seed(train.seed)
+        decay, _ = decay_split(model, self.trainable)
+        decayed = {id(p) for p in decay}
+        self._fused = train.optimizer_state == "fp32" and all(
+            fused_adamw_runs(str(p.device), p.dtype) for p in self.trainable
+        )
+        self._owner: dict[int, torch.optim.Optimizer] = {}
+        self._hooks: list[Any] = []
+        self._sq_norm: torch.Tensor | None = None
+        self._bad: torch.Tensor | None = None
+        if self.in_backward:
+            for p in self.trainable:
+                self._owner[id(p)] = self._adamw([{"params": [p], "weight_decay": self._decay(p, decayed)}])
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._step_in_backward))
+            self._optimizers = list(dict.fromkeys(self._owner.values()))
+        else:
+            groups = [
+                {
+                    "params": [p for p in self.trainable if id(p) in decayed],
+                    "weight_decay": train.weight_decay,
+                },
+                {"params": [p for p in self.trainable if id(p) not in decayed], "weight_decay": 0.0},
+            ]
+            optimizer = self._adamw([g for g in groups if g["params"]])
+            self._owner = {id(p): optimizer for p in self.trainable}
+            self._optimizers = [optimizer]
+
+    def _decay(self, p: nn.Parameter, decayed: set[int]) -> float:
+        return self.train.weight_decay if id(p) in decayed else 0.0
+
+    def _adamw(self, groups: list[dict]) -> torch.optim.Optimizer:
+        lr = self.lr
+        if self.train.optimizer_state == "bf16":
+            return BF16AdamW(groups, lr=lr, betas=BETAS, eps=EPS, generator=self._generator)
+        if self._fused:
+            return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=EPS, fused=True)
+        return torch.optim.AdamW(groups, lr=lr, betas=BETAS, eps=EPS, foreach=not self.in_backward)
+
+    # -- what the loop calls ---------------------------------------------------------------
+
+    @property
+    def lr(self) -> float:
+        factor = lr_factor(self.train.schedule, self._step, self.total_steps, self.train.warmup_fraction)
+        return self.train.learning_rate * factor
+
+    @property
+    def fused(self) -> bool:
+        """Whether torch's fused AdamW kernel does the fp32 updates (else foreach or BF16AdamW)."""
+        return self._fused
+
+    def step(self) -> None:
+        """Update every parameter that has a gradient (after backward and clipping); no-op in backward."""
+        if self.in_backward:
+            return
+        optimizer = self._optimizers[0]
+        lr = self.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+
+    def zero_grad(self) -> None:
+        """Drop the gradients (set to None); under ``in_backward``, also forget the last backward's record."""
+        for p in self.trainable:
+            p.grad = None
+        self._sq_norm = None
+        self._bad = None
+
+    def schedule_step(self) -> None:
+        """Advance the learning-rate schedule by one optimizer step (taken or skipped)."""
+        self._step += 1
+
+    @property
+    def skipped_last(self) -> bool:
+        return self._bad is not None and bool(self._bad)
+
+    @property
+    def grad_norm(self) -> float | None:
+        if not self.in_backward:
+            return None
+        return 0.0 if self._sq_norm is None else float(self._sq_norm.sqrt())
+
+    def remove_hooks(self) -> None:
+        """Detach the in-backward hooks, so the model can be trained by another optimizer."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+    # -- in backward ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _step_in_backward(self, p: nn.Parameter) -> None:
+        grad = p.grad
+        if grad is None:
+            return
+        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        squared = norm.square()
+        self._sq_norm = squared if self._sq_norm is None else self._sq_norm + squared
+        bad = ~torch.isfinite(norm)
+        self._bad = bad if self._bad is None else self._bad | bad
+        if self.train.max_grad_norm > 0:
+            grad.mul_((self.train.max_grad_norm / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype))
+        optimizer = self._owner[id(p)]
+        optimizer.param_groups[0]["lr"] = self.lr
+        if self._fused or isinstance(optimizer, BF16AdamW):
+            optimizer.found_inf = bad.float()  # skipped on the device, no host sync
+            optimizer.step()
+        elif not bool(bad):
+            optimizer.step()
+        p.grad = None
+
+    # -- exact resume ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Moments and step counts per trainable parameter (by index), schedule position, rounding RNG.
+
+        The same layout whatever the switches, so a run can resume with them changed.
+        Only tensors, numbers and strings: loads with ``torch.load(weights_only=True)``.
+        """
+        index = {id(p): i for i, p in enumerate(self.trainable)}
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for optimizer in self._optimizers:
+            for p, values in optimizer.state.items():
+                if values:
+                    state[index[id(p)]] = {k: values[k] for k in ("step", "exp_avg", "exp_avg_sq")}
+        return {
+            "format": STATE_FORMAT,
+            "schedule_step": self._step,
+            "shapes": [list(p.shape) for p in self.trainable],
+            "state": state,
+            "rng": None if self._generator is None else self._generator.get_state(),
+        }
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        if saved.get("format") != STATE_FORMAT:
+            raise DharmaError(f"optimizer state format {saved.get('format')!r}, expected {STATE_FORMAT}")
+        shapes = [list(p.shape) for p in self.trainable]
+        if saved["shapes"] != shapes:
+            raise DharmaError(
+                f"the optimizer state is for {len(saved['shapes'])} trainable parameters of other shapes "
+                f"than this model's {len(shapes)}: the freeze groups or the model changed",
+                hint="Resume with the run's manifest and freeze groups, or start the optimizer afresh.",
+            )
+        moments = torch.bfloat16 if self.train.optimizer_state == "bf16" else None
+        for optimizer in self._optimizers:
+            optimizer.state.clear()
+        for i, values in saved["state"].items():
+            p = self.trainable[int(i)]
+            optimizer = self._owner[id(p)]
+            on_device = isinstance(optimizer, BF16AdamW) or self._fused
+            self._owner[id(p)].state[p] = {
+                "step": values["step"].to(p.device if on_device else "cpu", torch.float32, copy=True),
+                "exp_avg": values["exp_avg"].to(p.device, moments or p.dtype, copy=True),
+                "exp_avg_sq": values["exp_avg_sq"].to(p.device, moments or p.dtype, copy=True),
+            }
+        self._step = int(saved["schedule_step"])
+        if self._generator is not None and saved.get("rng") is not None:
+            self._generator.set_state(saved["rng"])
+
+
+def build_optimizer(model: nn.Module, train: TrainSection, total_steps: int, device: Any) -> Optimizer:
+    """AdamW for ``model``'s trainable parameters, already on ``device``, as ``train`` configures it.
+
+    ``total_steps``: optimizer steps of the whole run, which the schedule spans.
+    """
+    device = torch.device(device)
+    if train.optimizer_in_backward:
+        _check_in_backward(train, device)
+    return Optimizer(model, train, total_steps, device)
+
+
+def _check_in_backward(train: TrainSection, device: torch.device) -> None:
+    if train.grad_accum > 1:
+        raise DharmaError(
+            f"train.optimizer_in_backward = true updates each parameter during backward, so gradients "
+            f"cannot accumulate over train.grad_accum = {train.grad_accum} micro-batches",
+            hint="Set grad_accum = 1 (raise batch_size to keep the tokens per step), "
+            "or set optimizer_in_backward = false.",
+        )
+    fp16 = train.precision == "fp16" or (
+        train.precision == "auto" and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    )
+    if fp16:
+        raise DharmaError(
+            "train.optimizer_in_backward = true cannot run with fp16 loss scaling: the gradients "
+            "would be stepped while still scaled",
+            hint='Set precision = "bf16" or "fp32", or set optimizer_in_backward = false.',
+        )
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if torch.distributed.get_world_size() > 1:
+            raise DharmaError(
+                "train.optimizer_in_backward = true cannot run under torchrun with several processes: "
+                "each parameter would be stepped before its gradient is averaged across them",
+                hint="Set optimizer_in_backward = false for distributed training.",
+            )
