@@ -16,9 +16,19 @@ $(STAMP): pyproject.toml constraints.txt $(addsuffix /pyproject.toml,$(PLUGIN_DI
 	$(PIP) install -c constraints.txt --no-build-isolation -e '.[dev]' $(addprefix -e ,$(PLUGIN_DIRS))
 	touch $@
 
+DEMO_RUN := runs/dharma-foundation
+DHARMA := $(VENV)/bin/dharma
+
+# The main job. A finished run is kept, never overwritten: it is evaluated again instead.
 demo: install
-	$(VENV)/bin/dharma validate examples/foundation.toml
-	$(VENV)/bin/dharma assemble examples/foundation.toml -o runs/foundation
+	$(DHARMA) validate examples/foundation.toml
+	@if [ -e $(DEMO_RUN)/latest ]; then \
+		echo "$(DEMO_RUN) holds a finished run; evaluating it (remove it to train again)"; \
+	else \
+		$(DHARMA) train examples/foundation.toml; \
+	fi
+	$(DHARMA) eval $(DEMO_RUN) --data examples/heldout --max-length 128
+	$(DHARMA) generate $(DEMO_RUN) "Q: What is dharma? A:" --max-new-tokens 60 --seed 0
 
 test: install
 	$(PY) -m pytest -q

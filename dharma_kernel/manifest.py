@@ -183,7 +183,6 @@ class TrainSection(_Section):
     optimizer_in_backward: bool = False  # step each parameter as its gradient is ready, then free it
     optimizer_state: Literal["fp32", "bf16"] = "fp32"  # AdamW moments' dtype
     max_nonfinite: int = Field(5, ge=1)  # consecutive skipped non-finite steps that stop the run
-    distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun
     tensorboard: bool = False
 
 

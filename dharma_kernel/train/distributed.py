@@ -1,8 +1,7 @@
-"""Data parallelism under ``torchrun``: process group, device, model wrapping, reductions.
+"""Data parallelism under ``torchrun``: process group, device, DDP wrapping, reductions.
 
 Without torchrun's environment everything here is the single-process identity, so
-the loop reads the same either way. No home-made distribution layer: DDP, or FSDP
-for backbones that do not fit one device.
+the loop reads the same either way. No home-made distribution layer: plain DDP.
 """
 
 from __future__ import annotations
@@ -64,16 +63,9 @@ def teardown(d: Dist) -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, d: Dist, device: torch.device, strategy: str) -> nn.Module:
-    """The model as the loop drives it: itself, DDP, or FSDP (``train.distributed``)."""
+def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
+    """The model as the loop drives it: itself, or DDP under torchrun."""
     if not d.enabled:
-        return model
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for slot in _blocks(model):
-            fully_shard(slot)
-        fully_shard(model)
         return model
     # Routed stacks run only the modules their tokens chose: some get no gradient in a step.
     return nn.parallel.DistributedDataParallel(
@@ -81,16 +73,6 @@ def wrap(model: nn.Module, d: Dist, device: torch.device, strategy: str) -> nn.M
         device_ids=[device.index] if device.type == "cuda" else None,
         find_unused_parameters=True,
     )
-
-
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    from ..model import DharmaSlot
-
-    return [m for m in model.modules() if isinstance(m, DharmaSlot)]
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def no_sync(model: nn.Module, last: bool) -> contextlib.AbstractContextManager:

@@ -76,6 +76,7 @@ class _Session:
         self.manifest, self.plan = plan_manifest(manifest_path)
         self.cfg = self.manifest.train
         output = Path(options.output) if options.output else self.manifest.resolve_path(self.cfg.output)
+        output = output.resolve()
         self.run_dir = RunDir(output)
         self._check_run_dir()
         self.precision = resolve_precision(self.cfg.precision, device)
@@ -121,7 +122,7 @@ class _Session:
         total = self.options.max_steps or self.cfg.max_steps or self.cfg.epochs * windows.steps_per_epoch
         optimizer = build_optimizer(model, self.cfg, total, self.device)
         loop = Loop(
-            model=wrap(model, self.dist, self.device, self.cfg.distributed),
+            model=wrap(model, self.dist, self.device),
             raw=model,
             optimizer=optimizer,
             train_data=train_data,
