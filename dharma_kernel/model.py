@@ -134,6 +134,10 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_attention_backend = True
+    # `loss` is a per-batch mean. Without this, transformers' Trainer sees **kwargs in forward,
+    # assumes the loss is normalised over the whole accumulation window and stops dividing by
+    # gradient_accumulation_steps: gradients and logged loss would grow with it.
+    accepts_loss_kwargs = False
 
     def __init__(self, config: DharmaConfig, backbone: PreTrainedModel | None = None) -> None:
         super().__init__(config)
