@@ -13,7 +13,7 @@ from dharma_kernel.errors import DharmaError
 from dharma_kernel.model import DharmaModel
 from dharma_kernel.train.session import TrainOptions, train
 
-QUIET = Console(file=open("/dev/null", "w"))  # noqa: SIM115
+QUIET = Console(quiet=True)
 
 
 def run(manifest, **options):
