@@ -1,8 +1,9 @@
 """Parameters of the standard modules per preset and family, and training speed over the bare backbone.
 
 Counts come from models built on the meta device; speed from one plain training loop
-(forward with labels, backward, AdamW step) run on the bare backbone and on each
-assembled model in this one process, same batch, so the ratios compare like with like.
+(forward with labels, backward, fused AdamW step as the trainer takes) run on the bare
+backbone and on each assembled model in this one process, same batch, so the ratios
+compare like with like.
 ``--quick`` (or DHARMA_BENCH_QUICK=1) times fewer rounds.
 """
 
@@ -115,12 +116,14 @@ def parameter_counts(folder: Path, refs: list[str], complete: bool) -> bool:
 
 
 class Trainer:
-    """A model with its AdamW, stepping on one fixed batch: forward with labels, backward, update."""
+    """A model with its fused AdamW (the trainer's default), stepping on one fixed batch: forward with
+    labels, backward, update."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model.train()
         self.params = sum(p.numel() for p in model.parameters())
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
 
     def step(self, ids: torch.Tensor) -> float:
         start = time.perf_counter()
@@ -148,7 +151,7 @@ def training_speed(folder: Path, refs: list[str], complete: bool, budget: Budget
     text = backbone_config(None, {})
     ids = torch.randint(0, text.vocab_size, (BATCH, LENGTH), generator=torch.Generator().manual_seed(0))
     print(
-        f"training speed: batch {BATCH} x {LENGTH} tokens, {torch.get_num_threads()} threads, AdamW, "
+        f"training speed: batch {BATCH} x {LENGTH} tokens, {torch.get_num_threads()} threads, fused AdamW, "
         f"{WARMUP} warm-up steps per model; then rounds of one bare and one assembled step "
         f"({budget.least} to {budget.most} rounds, more while under {budget.seconds:.0f} s per config)."
     )

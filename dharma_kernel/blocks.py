@@ -1,10 +1,12 @@
 """Building blocks that plugins compose. Each returns a residual delta or a gate.
 
-Every block takes the module's ``ModuleContext``. Under routed composition
-``ctx.active`` marks the tokens the router sent to the module, and blocks compute
-at those tokens only (zeros elsewhere: the kernel discards them). Blocks that mix
-positions (attention, running summary) read ``ctx.past`` too, so cached
-generation sees exactly the sequence an uncached forward sees. Output
+Position-wise blocks (adapter, gated residual, memory, detector) work on any
+``[..., H]`` input: a token-wise module calls them on just its tokens ``x``.
+Given ``[B, T, H]`` and a ``ModuleContext`` whose ``active`` marks the tokens the
+router sent to the module, they compute at those tokens only (zeros elsewhere: the
+kernel discards them). Blocks that mix positions (attention, running summary) read
+``ctx.past`` too, so cached generation sees exactly the sequence an uncached forward
+sees; their ``at_tokens`` gives the output at the active tokens only. Output
 projections start at zero, so a fresh module leaves a pretrained backbone unchanged.
 """
 
@@ -18,9 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .protocol import ModuleContext
-
-# Below this share of active tokens, gathering them beats computing every token.
-SPARSE_BELOW = 0.5
 
 
 def zero_init(linear: nn.Linear) -> nn.Linear:
@@ -37,24 +36,14 @@ def with_past(hidden: torch.Tensor, ctx: ModuleContext | None) -> torch.Tensor:
     return torch.cat([ctx.past.to(hidden.dtype), hidden], dim=1)
 
 
-def sparse_positions(ctx: ModuleContext | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(batch, time)`` indices of the active tokens when few enough are active to gather them."""
-    if ctx is None or ctx.active is None or ctx.active.float().mean() >= SPARSE_BELOW:
-        return None
-    return ctx.active.nonzero(as_tuple=True)
-
-
 def per_token(
     fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, ctx: ModuleContext | None
 ) -> torch.Tensor:
     """``fn`` (position-wise, ``[..., H] -> [..., K]``) at the active tokens only; zeros elsewhere."""
-    index = sparse_positions(ctx)
-    if index is None:
+    if ctx is None or ctx.rows is None:
         return fn(hidden)
-    picked = fn(hidden[index])
-    out = picked.new_zeros(*hidden.shape[:2], *picked.shape[1:])
-    out[index] = picked
-    return out
+    batch, length = hidden.shape[:2]
+    return ctx.place(fn(ctx.pick(hidden)), batch, length)
 
 
 class BottleneckAdapter(nn.Module):
@@ -69,15 +58,14 @@ class BottleneckAdapter(nn.Module):
     def forward(
         self, hidden: torch.Tensor, ctx: ModuleContext | None = None, extra: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``extra``: ``[B, T, extra_inputs]`` features joined to the normalised input (e.g. intensities)."""
-        joined = hidden if extra is None else torch.cat([hidden, extra.to(hidden.dtype)], dim=-1)
-        width = hidden.shape[-1]
-        return per_token(lambda x: self.up(F.gelu(self.down(self._norm(x, width)))), joined, ctx)
-
-    def _norm(self, x: torch.Tensor, width: int) -> torch.Tensor:
-        if x.shape[-1] == width:
-            return self.norm(x)
-        return torch.cat([self.norm(x[..., :width]), x[..., width:]], dim=-1)
+        """``extra``: ``[..., extra_inputs]`` features joined to the normalised input (e.g. intensities)."""
+        if ctx is not None and ctx.rows is not None:
+            picked = self(ctx.pick(hidden), None, None if extra is None else ctx.pick(extra))
+            return ctx.place(picked, *hidden.shape[:2])
+        x = self.norm(hidden)
+        if extra is not None:
+            x = torch.cat([x, extra.to(x.dtype)], dim=-1)
+        return self.up(F.gelu(self.down(x)))
 
 
 class GatedResidual(nn.Module):
@@ -120,36 +108,63 @@ class CausalAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, ctx: ModuleContext | None = None) -> torch.Tensor:
         ctx = ctx or ModuleContext()
-        batch, length, _ = hidden.shape
-        full = with_past(hidden, ctx)
-        total = full.shape[1]
-        k, v = self.key_value(self.norm(full)).chunk(2, dim=-1)
-        k, v = (t.view(batch, total, self.kv_heads, self.head_dim).transpose(1, 2) for t in (k, v))
-        groups = self.heads // self.kv_heads
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
-        keys = ctx.key_mask(length)  # [B, P + T]
-        offset = total - length
-        index = sparse_positions(ctx)
-        if index is None:
-            position = torch.arange(length, device=hidden.device)[:, None] + offset  # [T, 1]
-            allowed = _allowed(position, None if keys is None else keys[:, None, :], total)
-            y = self._attend(hidden, k, v, allowed if keys is None else allowed[:, None])
-            return self.out(y)
-        rows, at = index  # one query per active token, against its own sequence's keys
-        allowed = _allowed((at + offset)[:, None], None if keys is None else keys[rows], total)
-        y = self._attend(hidden[index][:, None], k[rows], v[rows], allowed[:, None, None, :])
-        out = hidden.new_zeros(batch, length, hidden.shape[-1])
-        out[index] = self.out(y[:, 0])
-        return out
+        if ctx.rows is None:
+            return self._every_token(hidden, ctx)
+        return ctx.place(self.at_tokens(ctx.pick(hidden), hidden, ctx), *hidden.shape[:2])
 
-    def _attend(
-        self, queries: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
-    ) -> torch.Tensor:
-        q = self.query(self.norm(queries))
-        q = q.view(q.shape[0], q.shape[1], self.heads, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
-        return y.transpose(1, 2).reshape(q.shape[0], q.shape[2], self.heads * self.head_dim)
+    def at_tokens(self, x: torch.Tensor, hidden: torch.Tensor, ctx: ModuleContext) -> torch.Tensor:
+        """The delta ``[N, H]`` at the active tokens ``x = ctx.pick(hidden)`` (all of them if none marked).
+
+        Keys and values only where some query looks: each sequence up to its last active
+        token. ``ctx.rows`` ascend, so each sequence's queries are consecutive: one attention
+        call per sequence, never a copy of the keys per query.
+        """
+        if ctx.rows is None:
+            return self._every_token(hidden, ctx).flatten(0, 1)
+        full = with_past(hidden, ctx)
+        batch, total, _ = full.shape
+        length = hidden.shape[1]
+        sequence, position = ctx.rows // length, ctx.rows % length + (total - length)
+        queries = torch.bincount(sequence, minlength=batch).tolist()
+        seen = (position.new_full((batch,), -1).scatter_reduce(0, sequence, position, "amax") + 1).tolist()
+        prefixes = torch.arange(total, device=full.device) < torch.tensor(seen, device=full.device)[:, None]
+        normed = self.norm(full.flatten(0, 1).index_select(0, prefixes.flatten().nonzero().squeeze(1)))
+        k, v = self._keys_values(normed[None])  # [1, kv_heads, sum(seen), D]
+        q = self.query(self.norm(x)).view(-1, self.heads, self.head_dim)
+        real = ctx.key_mask(length)  # [B, P + T]
+        parts = zip(
+            q.split(queries), position.split(queries), k.split(seen, 2), v.split(seen, 2), strict=True
+        )
+        outputs = []
+        for b, (q_b, at, k_b, v_b) in enumerate(parts):
+            if queries[b]:
+                allowed = _allowed(at[:, None], None if real is None else real[b, : seen[b]], seen[b])
+                outputs.append(_attend(q_b.transpose(0, 1)[None], k_b, v_b, allowed)[0].transpose(0, 1))
+        return self.out(torch.cat(outputs).reshape(-1, self.heads * self.head_dim))
+
+    def _every_token(self, hidden: torch.Tensor, ctx: ModuleContext) -> torch.Tensor:
+        batch, length, _ = hidden.shape
+        normed = self.norm(with_past(hidden, ctx))  # [B, P + T, H]
+        total = normed.shape[1]
+        k, v = self._keys_values(normed)
+        q = self.query(normed[:, total - length :] if total > length else normed)
+        q = q.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
+        keys = ctx.key_mask(length)  # [B, P + T]
+        position = torch.arange(length, device=hidden.device)[:, None] + (total - length)  # [T, 1]
+        allowed = _allowed(position, None if keys is None else keys[:, None, :], total)
+        y = _attend(q, k, v, allowed if keys is None else allowed[:, None])
+        return self.out(y.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim))
+
+    def _keys_values(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, kv_heads, S, D]`` keys and values of ``normed [B, S, H]``."""
+        batch, positions, _ = normed.shape
+        k, v = self.key_value(normed).chunk(2, dim=-1)
+        return tuple(t.view(batch, positions, self.kv_heads, self.head_dim).transpose(1, 2) for t in (k, v))
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``[B, heads, Q, D]`` queries over ``[B, kv_heads, K, D]`` keys; query head groups share a key head."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
 
 
 def _allowed(position: torch.Tensor, keys: torch.Tensor | None, total: int) -> torch.Tensor:
@@ -177,9 +192,14 @@ class MultiViewAttention(nn.Module):
         self.mix = nn.Linear(hidden_size, views)
 
     def forward(self, hidden: torch.Tensor, ctx: ModuleContext | None = None) -> torch.Tensor:
-        weights = per_token(lambda x: torch.softmax(self.mix(self.norm(x)), dim=-1), hidden, ctx)
-        outputs = torch.stack([view(hidden, ctx) for view in self.views], dim=-1)  # [B, T, H, V]
-        return (outputs * weights[..., None, :]).sum(-1)
+        ctx = ctx or ModuleContext()
+        return ctx.place(self.at_tokens(ctx.pick(hidden), hidden, ctx), *hidden.shape[:2])
+
+    def at_tokens(self, x: torch.Tensor, hidden: torch.Tensor, ctx: ModuleContext) -> torch.Tensor:
+        """The delta ``[N, H]`` at the active tokens ``x = ctx.pick(hidden)`` (all of them if none marked)."""
+        weights = torch.softmax(self.mix(self.norm(x)), dim=-1)  # [N, V]
+        outputs = torch.stack([view.at_tokens(x, hidden, ctx) for view in self.views], dim=-1)  # [N, H, V]
+        return (outputs * weights[:, None, :]).sum(-1)
 
 
 class MemoryAttention(nn.Module):

@@ -1,9 +1,13 @@
 """The six families' architectures, built from kernel blocks. A plugin subclasses one.
 
 A module plugin then declares only what is its own: name, concept lexicon, and
-any preset that differs from its family's. Sizes: ``lite`` is the ``Config``
-default (all 37 at two layers add under 5% to DistilGPT2); ``seed`` is the original
-system's scale at hidden size 768 (all 37 at one layer: about 174M parameters).
+any preset that differs from its family's. The families are written token-wise
+(``forward_tokens``): under routed composition they compute only at the tokens
+routed to them, ``x``, reading the whole sequence ``hidden`` only to attend.
+
+Sizes: ``lite`` is the ``Config`` default (all 37 at two layers add under 5% to
+DistilGPT2); ``seed`` is the original system's scale at hidden size 768 (all 37 at
+one layer: about 174M parameters).
 """
 
 from __future__ import annotations
@@ -23,12 +27,12 @@ from .blocks import (
     MultiViewAttention,
     RunningSummary,
 )
-from .protocol import DharmaModule, ModuleConfig, ModuleContext, ModuleOutput
+from .protocol import DharmaModule, ModuleConfig, ModuleContext, TokenOutput
 
 
-def _gated(hidden: torch.Tensor, gate: torch.Tensor, delta: torch.Tensor) -> ModuleOutput:
+def _gated(gate: torch.Tensor, delta: torch.Tensor) -> TokenOutput:
     """The family modules' shared output: the delta applied as strongly as the concept is detected."""
-    return ModuleOutput(hidden=hidden + gate[..., None] * delta, score=gate)
+    return TokenOutput(delta=gate[:, None] * delta, score=gate)
 
 
 class PathModule(DharmaModule):
@@ -48,12 +52,13 @@ class PathModule(DharmaModule):
         self.adapter = BottleneckAdapter(hidden_size, self.config.bottleneck)
         self.direction = nn.Parameter(torch.zeros(hidden_size))
 
-    def delta(self, hidden: torch.Tensor, ctx: ModuleContext) -> torch.Tensor:
-        return self.adapter(hidden, ctx) + self.direction
+    def delta(self, x: torch.Tensor, hidden: torch.Tensor, ctx: ModuleContext) -> torch.Tensor:
+        """The delta ``[N, H]`` at the module's tokens ``x``."""
+        return self.adapter(x) + self.direction
 
-    def forward(self, hidden: torch.Tensor, ctx: ModuleContext) -> ModuleOutput:
-        gate, _ = self.detector(hidden, ctx)
-        return _gated(hidden, gate, self.delta(hidden, ctx))
+    def forward_tokens(self, x: torch.Tensor, hidden: torch.Tensor, ctx: ModuleContext) -> TokenOutput:
+        gate, _ = self.detector(x)
+        return _gated(gate, self.delta(x, hidden, ctx))
 
 
 class MemoryPathModule(PathModule):
@@ -73,8 +78,8 @@ class MemoryPathModule(PathModule):
         super().__init__(hidden_size, config)
         self.memory = MemoryAttention(hidden_size, self.config.slots, self.config.key_dim)
 
-    def delta(self, hidden: torch.Tensor, ctx: ModuleContext) -> torch.Tensor:
-        return super().delta(hidden, ctx) + self.memory(hidden, ctx)
+    def delta(self, x: torch.Tensor, hidden: torch.Tensor, ctx: ModuleContext) -> torch.Tensor:
+        return super().delta(x, hidden, ctx) + self.memory(x)
 
 
 class MultiViewPathModule(PathModule):
@@ -97,8 +102,8 @@ class MultiViewPathModule(PathModule):
         c = self.config
         self.attention = MultiViewAttention(hidden_size, c.views, c.heads, c.head_dim, c.kv_heads)
 
-    def delta(self, hidden: torch.Tensor, ctx: ModuleContext) -> torch.Tensor:
-        return super().delta(hidden, ctx) + self.attention(hidden, ctx)
+    def delta(self, x: torch.Tensor, hidden: torch.Tensor, ctx: ModuleContext) -> torch.Tensor:
+        return super().delta(x, hidden, ctx) + self.attention.at_tokens(x, hidden, ctx)
 
 
 class ConsciousnessModule(DharmaModule):
@@ -116,9 +121,9 @@ class ConsciousnessModule(DharmaModule):
         self.detector = ConceptDetector(hidden_size)
         self.block = GatedResidual(hidden_size, self.config.inner)
 
-    def forward(self, hidden: torch.Tensor, ctx: ModuleContext) -> ModuleOutput:
-        gate, _ = self.detector(hidden, ctx)
-        return _gated(hidden, gate, self.block(hidden, ctx))
+    def forward_tokens(self, x: torch.Tensor, hidden: torch.Tensor, ctx: ModuleContext) -> TokenOutput:
+        gate, _ = self.detector(x)
+        return _gated(gate, self.block(x))
 
 
 class DetectorModule(DharmaModule):
@@ -138,9 +143,9 @@ class DetectorModule(DharmaModule):
         self.detector = ConceptDetector(hidden_size, self.config.detectors)
         self.mlp = BottleneckAdapter(hidden_size, self.config.inner, extra_inputs=self.config.detectors)
 
-    def forward(self, hidden: torch.Tensor, ctx: ModuleContext) -> ModuleOutput:
-        gate, intensity = self.detector(hidden, ctx)
-        return _gated(hidden, gate, self.mlp(hidden, ctx, extra=intensity))
+    def forward_tokens(self, x: torch.Tensor, hidden: torch.Tensor, ctx: ModuleContext) -> TokenOutput:
+        gate, intensity = self.detector(x)
+        return _gated(gate, self.mlp(x, extra=intensity))
 
 
 class LifeModule(DetectorModule):
@@ -172,10 +177,9 @@ class CrisisModule(DharmaModule):
         self.guidance = BottleneckAdapter(hidden_size, self.config.inner)
         self.cue_directions = nn.Parameter(torch.zeros(self.config.cues, hidden_size))
 
-    def forward(self, hidden: torch.Tensor, ctx: ModuleContext) -> ModuleOutput:
-        gate, distress = self.detector(hidden, ctx)
-        guidance = self.guidance(hidden, ctx) + distress.to(hidden.dtype) @ self.cue_directions
-        return _gated(hidden, gate, guidance)
+    def forward_tokens(self, x: torch.Tensor, hidden: torch.Tensor, ctx: ModuleContext) -> TokenOutput:
+        gate, distress = self.detector(x)
+        return _gated(gate, self.guidance(x) + distress.to(x.dtype) @ self.cue_directions)
 
 
 class DarshanaModule(DharmaModule):
@@ -204,8 +208,9 @@ class DarshanaModule(DharmaModule):
         self.summary_proj = BottleneckAdapter(hidden_size, c.summary)
         self.feed_forward = BottleneckAdapter(hidden_size, c.feed_forward)
 
-    def forward(self, hidden: torch.Tensor, ctx: ModuleContext) -> ModuleOutput:
-        gate, _ = self.detector(hidden, ctx)
-        mixed = hidden + self.attention(hidden, ctx) + self.summary_proj(self.summary(hidden, ctx), ctx)
-        delta = mixed - hidden + self.feed_forward(mixed, ctx)
-        return _gated(hidden, gate, delta)
+    def forward_tokens(self, x: torch.Tensor, hidden: torch.Tensor, ctx: ModuleContext) -> TokenOutput:
+        gate, _ = self.detector(x)
+        mixed = self.attention.at_tokens(x, hidden, ctx) + self.summary_proj(
+            ctx.pick(self.summary(hidden, ctx))
+        )
+        return _gated(gate, mixed + self.feed_forward(x + mixed))

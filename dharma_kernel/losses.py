@@ -22,8 +22,9 @@ def lm_loss(
     """
     if attention_mask is not None:
         labels = labels.masked_fill(attention_mask[:, -labels.shape[1] :] == 0, IGNORE)
-    shifted = labels[:, 1:].reshape(-1)
-    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+    # Shift the labels, not the logits: slicing the [B, T, V] logits would copy them and their gradient.
+    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
+    flat = logits.reshape(-1, logits.shape[-1]).float()
     count = (shifted != IGNORE).sum()
     total = F.cross_entropy(flat, shifted, ignore_index=IGNORE, reduction="sum")
     return total / count.clamp_min(1), count

@@ -26,6 +26,7 @@ __all__ = [
     "ModuleConfig",
     "ModuleContext",
     "ModuleOutput",
+    "TokenOutput",
 ]
 
 
@@ -47,11 +48,18 @@ class ModuleContext:
         ``cat(past, hidden)`` so cached and uncached runs agree.
     active: ``[B, T]`` bool, the tokens the router sent to this module under
         ``routed`` composition (outputs elsewhere are discarded); ``None`` = all.
+    rows: the active tokens as ascending indices into the flattened ``B * T`` tokens;
+        derived from ``active`` when not given. ``None`` = all tokens.
     """
 
     attention_mask: torch.Tensor | None = None
     past: torch.Tensor | None = None
     active: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.rows is None and self.active is not None:
+            self.rows = self.active.flatten().nonzero().squeeze(1)
 
     @property
     def past_length(self) -> int:
@@ -69,6 +77,18 @@ class ModuleContext:
             return None
         return self.attention_mask[:, -(self.past_length + length) :].bool()
 
+    def pick(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [B, T, ...]`` at the active tokens: ``[N, ...]``, in ``rows`` order (all ``B * T`` if None)."""
+        flat = x.flatten(0, 1)
+        return flat if self.rows is None else flat.index_select(0, self.rows)
+
+    def place(self, picked: torch.Tensor, batch: int, length: int) -> torch.Tensor:
+        """The inverse of :meth:`pick`: ``[B, T, ...]``, ``picked`` at the active tokens, zeros elsewhere."""
+        if self.rows is None:
+            return picked.reshape(batch, length, *picked.shape[1:])
+        out = picked.new_zeros(batch * length, *picked.shape[1:]).index_copy(0, self.rows, picked)
+        return out.view(batch, length, *picked.shape[1:])
+
 
 @dataclass
 class ModuleOutput:
@@ -79,6 +99,20 @@ class ModuleOutput:
     """
 
     hidden: torch.Tensor
+    score: torch.Tensor
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class TokenOutput:
+    """A module's output at the tokens it was given (``ctx.rows``, all ``B * T`` when None), in that order.
+
+    delta: ``[N, H]`` added to the hidden states there. score: ``[N]`` activation in [0, 1].
+    losses, metrics: as in :class:`ModuleOutput`.
+    """
+
+    delta: torch.Tensor
     score: torch.Tensor
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -109,7 +143,10 @@ class DharmaModule(_Plugin):
 
     Subclasses set ``family``, ``name``, ``module_api``, ``concepts`` (lexicon terms in
     Devanagari, IAST and English), a ``Config`` and optionally ``presets``, and
-    implement :meth:`forward`.
+    implement :meth:`forward`, or instead ``forward_tokens(x, hidden, ctx) -> TokenOutput``:
+    the residual delta at the tokens ``x = ctx.pick(hidden)`` only (``hidden`` is there for
+    blocks that read other positions). A module written token-wise gets ``forward`` from
+    it, and under routed composition computes nothing at the tokens not routed to it.
     """
 
     family: ClassVar[str]
@@ -119,8 +156,28 @@ class DharmaModule(_Plugin):
     def ref(cls) -> str:
         return f"{cls.family}.{cls.name}"
 
-    def forward(self, hidden: torch.Tensor, ctx: ModuleContext) -> ModuleOutput:  # pragma: no cover
-        raise NotImplementedError
+    def forward(self, hidden: torch.Tensor, ctx: ModuleContext) -> ModuleOutput:
+        """``forward_tokens``' output placed at its tokens (a module that defines neither method errs)."""
+        if not hasattr(self, "forward_tokens"):
+            raise NotImplementedError(f"{type(self).__name__} defines neither forward nor forward_tokens")
+        out = self.forward_tokens(ctx.pick(hidden), hidden, ctx)
+        batch, length, _ = hidden.shape
+        new_hidden = hidden + ctx.place(out.delta.to(hidden.dtype), batch, length)
+        return ModuleOutput(new_hidden, ctx.place(out.score, batch, length), out.losses, out.metrics)
+
+
+def computes_tokens(module: DharmaModule) -> bool:
+    """Whether ``forward_tokens`` is the module's own computation.
+
+    True when its class defines ``forward_tokens`` more recently than ``forward``: a
+    plugin that overrides ``forward`` over a token-wise family keeps its override.
+    """
+    for cls in type(module).__mro__:
+        if "forward_tokens" in vars(cls):
+            return True
+        if "forward" in vars(cls):
+            return False
+    return False
 
 
 @dataclass

@@ -9,7 +9,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from .module_cache import extend_stream
-from .protocol import DharmaModule, ModuleContext, ModuleOutput
+from .protocol import DharmaModule, ModuleContext, ModuleOutput, TokenOutput, computes_tokens
 
 COMPOSITIONS = ("sequential", "parallel", "routed")
 
@@ -75,7 +75,7 @@ class ModuleStack(nn.Module):
             ctx = ModuleContext(attention_mask, self._past(cache, offset, result.hidden))
             out = module(result.hidden, ctx)
             result.hidden = out.hidden
-            _record(result, ref, out, None)
+            _record(result, ref, out, out.score, torch.ones_like(out.score, dtype=torch.bool))
         return result
 
     def _parallel(self, hidden, ctx) -> StackResult:
@@ -84,7 +84,7 @@ class ModuleStack(nn.Module):
         for ref, module in zip(self.refs, self.members.values(), strict=True):
             out = module(hidden, ctx)
             delta = delta + (out.hidden - hidden)
-            _record(result, ref, out, None)
+            _record(result, ref, out, out.score, torch.ones_like(out.score, dtype=torch.bool))
         result.hidden = hidden + delta / len(self.refs)
         return result
 
@@ -93,25 +93,50 @@ class ModuleStack(nn.Module):
         probs = torch.softmax(self.router(hidden).float(), dim=-1)  # [B, T, M]
         top_weight, top_index = probs.topk(self.top_k, dim=-1)
         top_weight = top_weight / top_weight.sum(-1, keepdim=True)
-        weights = torch.zeros_like(probs).scatter(-1, top_index, top_weight)
         chosen = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_index, True)
         real = _real_tokens(attention_mask, hidden)
-        delta = torch.zeros_like(hidden)
-        for index, (ref, module) in enumerate(zip(self.refs, self.members.values(), strict=True)):
-            active = chosen[..., index] & real
-            if not bool(active.any()):
-                result.scores[ref] = hidden.new_zeros(hidden.shape[:2])
-                result.active[ref] = active
+        contexts = [ModuleContext(attention_mask, past, chosen[..., m] & real) for m in range(len(self.refs))]
+        # Every module's tokens, module after module: one gather of them all and one scatter of
+        # all the deltas, so backward has one of each too.
+        rows = torch.cat([ctx.rows for ctx in contexts])
+        tokens = hidden.flatten(0, 1).index_select(0, rows).split([len(ctx.rows) for ctx in contexts])
+        deltas = []
+        for ref, module, ctx, x in zip(self.refs, self.members.values(), contexts, tokens, strict=True):
+            if not len(x):  # no token chose it: skipped, score zero
+                result.scores[ref], result.active[ref] = hidden.new_zeros(hidden.shape[:2]), ctx.active
                 continue
-            out = module(hidden, ModuleContext(attention_mask, past, active))
-            weight = weights[..., index : index + 1].to(hidden.dtype)
-            delta = delta + weight * (out.hidden - hidden)
+            out = _at_tokens(module, x, hidden, ctx)
+            deltas.append(out.delta.to(hidden.dtype))
             # a score only where the module ran: per token, whatever else is in the batch
-            out.score = out.score * active.to(out.score.dtype)
-            _record(result, ref, out, active)
-        result.hidden = hidden + delta
+            _record(result, ref, out, ctx.place(out.score, *hidden.shape[:2]), ctx.active)
+        if deltas:
+            weight = _pair_weights(probs.shape[-1], top_index, top_weight, contexts).to(hidden.dtype)
+            delta = torch.cat(deltas) * weight[:, None]
+            result.hidden = hidden.flatten(0, 1).index_add(0, rows, delta).view_as(hidden)
         result.losses["router_balance"] = _balance_loss(probs, chosen, real, self.top_k)
         return result
+
+
+def _pair_weights(
+    modules: int, top_index: torch.Tensor, top_weight: torch.Tensor, contexts: list[ModuleContext]
+) -> torch.Tensor:
+    """The router's weight of each (token, module) pair that runs, in the order of the contexts' rows."""
+    weights = top_weight.new_zeros(*top_weight.shape[:-1], modules).scatter(-1, top_index, top_weight)
+    weights = weights.flatten()  # [B * T * M]
+    counts = torch.tensor([len(ctx.rows) for ctx in contexts], device=top_index.device)
+    module = torch.arange(modules, device=top_index.device).repeat_interleave(counts)
+    return weights.index_select(0, torch.cat([ctx.rows for ctx in contexts]) * modules + module)
+
+
+def _at_tokens(
+    module: DharmaModule, x: torch.Tensor, hidden: torch.Tensor, ctx: ModuleContext
+) -> TokenOutput:
+    """The module's output at ``x = ctx.pick(hidden)``: a token-wise module computes only there; others
+    run on every token and are picked."""
+    if computes_tokens(module):
+        return module.forward_tokens(x, hidden, ctx)
+    out = module(hidden, ctx)
+    return TokenOutput(ctx.pick(out.hidden) - x, ctx.pick(out.score), out.losses, out.metrics)
 
 
 def _real_tokens(attention_mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
@@ -121,9 +146,16 @@ def _real_tokens(attention_mask: torch.Tensor | None, hidden: torch.Tensor) -> t
     return attention_mask[:, -length:].bool()
 
 
-def _record(result: StackResult, ref: str, out: ModuleOutput, active: torch.Tensor | None) -> None:
-    result.scores[ref] = out.score
-    result.active[ref] = active if active is not None else torch.ones_like(out.score, dtype=torch.bool)
+def _record(
+    result: StackResult,
+    ref: str,
+    out: ModuleOutput | TokenOutput,
+    score: torch.Tensor,
+    active: torch.Tensor,
+) -> None:
+    """Keep a module's score ``[B, T]``, where it ran ``[B, T]``, and its named losses and metrics."""
+    result.scores[ref] = score
+    result.active[ref] = active
     for name, value in out.losses.items():
         result.losses[f"{ref}/{name}"] = value
     for name, value in out.metrics.items():

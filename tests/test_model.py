@@ -148,6 +148,46 @@ def test_loss_components_add_up():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.stacks["0"].router.parameters())
 
 
+def test_routed_stack_mixes_what_each_chosen_module_gives_a_full_forward():
+    """Modules compute only at their routed tokens, yet each token gets the router-weighted deltas a
+    full (unrouted) forward of its chosen modules gives it; padding keeps the block's output."""
+    from dharma_kernel.protocol import ModuleContext
+
+    stack = tiny_model("routed", top_k=1).stacks["0"]
+    hidden = torch.randn(3, 11, 32, generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        routed = stack(hidden, mask).hidden
+        probs = torch.softmax(stack.router(hidden), dim=-1)
+        top_weight, top_index = probs.topk(1, dim=-1)
+        weight = torch.zeros_like(probs).scatter(-1, top_index, top_weight / top_weight.sum(-1, keepdim=True))
+        weight = weight * mask[..., None]
+        expected = hidden.clone()
+        for index, module in enumerate(stack.members.values()):
+            full = module(hidden, ModuleContext(attention_mask=mask)).hidden
+            expected += weight[..., index, None] * (full - hidden)
+    assert 0 < int((top_index[..., 0] == 0).sum()) < 33  # both modules ran, on different tokens
+    torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_forward_override_over_a_token_wise_family_runs_under_routing(monkeypatch):
+    from dharma_plugin_dharma import Dharma
+
+    plain = Dharma.forward
+
+    def with_aux(self, hidden, ctx):
+        out = plain(self, hidden, ctx)
+        out.losses["aux"] = torch.tensor(1.0)
+        return out
+
+    monkeypatch.setattr(Dharma, "forward", with_aux)
+    model = tiny_model("routed", top_k=2)  # two modules, top 2: every token runs both
+    ids = torch.randint(1, 97, (1, 6))
+    out = model(ids, labels=ids)
+    assert out.losses["paths.dharma/aux@0"] == 1.0 and out.losses["paths.dharma/aux@1"] == 1.0
+
+
 def test_module_losses_count_once_per_layer(monkeypatch):
     from dharma_plugin_dharma import Dharma
 
