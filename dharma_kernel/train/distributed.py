@@ -60,6 +60,7 @@ def setup(device: str | None) -> tuple[Dist, torch.device]:
 
 def teardown(d: Dist) -> None:
     if d.enabled and dist.is_initialized():
+        dist.barrier()  # no process leaves while another still talks to it
         dist.destroy_process_group()
 
 
