@@ -6,7 +6,7 @@ Given ``[B, T, H]`` and a ``ModuleContext`` whose ``active`` marks the tokens th
 router sent to the module, they compute at those tokens only (zeros elsewhere: the
 kernel discards them). Blocks that mix positions (attention, running summary) read
 ``ctx.past`` too, so cached generation sees exactly the sequence an uncached forward
-sees; their ``at_tokens`` gives the output at the active tokens only. Output
+sees; attention's ``at_tokens`` gives its output at the active tokens only. Output
 projections start at zero, so a fresh module leaves a pretrained backbone unchanged.
 """
 
@@ -90,8 +90,8 @@ class CausalAttention(nn.Module):
     """Multi-head causal self-attention over ``cat(past, hidden)``; returns a residual delta.
 
     ``kv_heads`` key/value heads are shared by groups of query heads (grouped-query
-    attention): keys and values are computed at every position, so keeping them
-    narrow keeps routed modules cheap. Queries are computed only at active tokens.
+    attention): keys and values are computed at every position a query sees, so keeping
+    them narrow keeps routed modules cheap. Queries are computed only at active tokens.
     Padding keys are masked; a query may always see itself, so no softmax row is empty.
     """
 
@@ -115,21 +115,16 @@ class CausalAttention(nn.Module):
     def at_tokens(self, x: torch.Tensor, hidden: torch.Tensor, ctx: ModuleContext) -> torch.Tensor:
         """The delta ``[N, H]`` at the active tokens ``x = ctx.pick(hidden)`` (all of them if none marked).
 
-        Keys and values only where some query looks: each sequence up to its last active
-        token. ``ctx.rows`` ascend, so each sequence's queries are consecutive: one attention
-        call per sequence, never a copy of the keys per query.
+        ``ctx.rows`` ascend, so each sequence's queries are consecutive: one attention call per
+        sequence, over keys up to its last query (later keys are never attended).
         """
         if ctx.rows is None:
             return self._every_token(hidden, ctx).flatten(0, 1)
         full = with_past(hidden, ctx)
-        batch, total, _ = full.shape
         length = hidden.shape[1]
-        sequence, position = ctx.rows // length, ctx.rows % length + (total - length)
-        queries = torch.bincount(sequence, minlength=batch).tolist()
-        seen = (position.new_full((batch,), -1).scatter_reduce(0, sequence, position, "amax") + 1).tolist()
-        prefixes = torch.arange(total, device=full.device) < torch.tensor(seen, device=full.device)[:, None]
-        normed = self.norm(full.flatten(0, 1).index_select(0, prefixes.flatten().nonzero().squeeze(1)))
-        k, v = self._keys_values(normed[None])  # [1, kv_heads, sum(seen), D]
+        sequence, position = ctx.rows // length, ctx.rows % length + (full.shape[1] - length)
+        queries, seen, prefixes = _prefixes(sequence, position, *full.shape[:2])
+        k, v = self._keys_values(self.norm(full.flatten(0, 1).index_select(0, prefixes))[None])
         q = self.query(self.norm(x)).view(-1, self.heads, self.head_dim)
         real = ctx.key_mask(length)  # [B, P + T]
         parts = zip(
@@ -160,6 +155,18 @@ class CausalAttention(nn.Module):
         batch, positions, _ = normed.shape
         k, v = self.key_value(normed).chunk(2, dim=-1)
         return tuple(t.view(batch, positions, self.kv_heads, self.head_dim).transpose(1, 2) for t in (k, v))
+
+
+def _prefixes(
+    sequence: torch.Tensor, position: torch.Tensor, batch: int, total: int
+) -> tuple[list[int], list[int], torch.Tensor]:
+    """For queries at (``sequence``, ``position``): per sequence, how many queries it has and how
+    many positions they see (through its last query; none without queries), and those positions
+    as rows of the flattened ``[B, total]``."""
+    queries = torch.bincount(sequence, minlength=batch).tolist()
+    last = position.new_full((batch,), -1).scatter_reduce(0, sequence, position, "amax")
+    rows = (torch.arange(total, device=position.device) <= last[:, None]).flatten().nonzero().squeeze(1)
+    return queries, (last + 1).tolist(), rows
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -250,14 +257,24 @@ class RunningSummary(nn.Module):
     """Causal running mean of the real (non-padding) tokens: position t sees positions <= t.
 
     Never a whole-sequence mean, which would leak the future into the past. No
-    parameters: a module projects the summary itself.
+    parameters: a module projects the summary itself. Modules of one stack share it
+    through ``ctx.shared``.
     """
 
     def forward(self, hidden: torch.Tensor, ctx: ModuleContext | None = None) -> torch.Tensor:
-        length = hidden.shape[1]
-        full = with_past(hidden, ctx).float()
-        keys = ctx.key_mask(length) if ctx is not None else None
-        weight = torch.ones_like(full[..., :1]) if keys is None else keys[..., None].float()
-        total = torch.cumsum(full * weight, dim=1)
-        count = torch.cumsum(weight, dim=1).clamp_min(1.0)
-        return (total / count)[:, -length:].to(hidden.dtype)
+        if ctx is None:
+            return _running_mean(hidden, None)
+        kept = ctx.shared.get("running_summary")
+        if kept is None or kept[0] is not hidden:
+            kept = ctx.shared["running_summary"] = (hidden, _running_mean(hidden, ctx))
+        return kept[1]
+
+
+def _running_mean(hidden: torch.Tensor, ctx: ModuleContext | None) -> torch.Tensor:
+    length = hidden.shape[1]
+    full = with_past(hidden, ctx).float()
+    keys = ctx.key_mask(length) if ctx is not None else None
+    weight = torch.ones_like(full[..., :1]) if keys is None else keys[..., None].float()
+    total = torch.cumsum(full * weight, dim=1)
+    count = torch.cumsum(weight, dim=1).clamp_min(1.0)
+    return (total / count)[:, -length:].to(hidden.dtype)

@@ -210,7 +210,6 @@ class DarshanaModule(DharmaModule):
 
     def forward_tokens(self, x: torch.Tensor, hidden: torch.Tensor, ctx: ModuleContext) -> TokenOutput:
         gate, _ = self.detector(x)
-        mixed = self.attention.at_tokens(x, hidden, ctx) + self.summary_proj(
-            ctx.pick(self.summary(hidden, ctx))
-        )
+        summary = ctx.pick(self.summary(hidden, ctx))  # one for all darshanas of a routed/parallel stack
+        mixed = self.attention.at_tokens(x, hidden, ctx) + self.summary_proj(summary)
         return _gated(gate, mixed + self.feed_forward(x + mixed))

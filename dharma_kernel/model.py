@@ -169,7 +169,9 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
 
         check_directory(pretrained_model_name_or_path)
         kwargs["use_safetensors"] = True
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        _align_tensors(model)
+        return model
 
     @property
     def module_refs(self) -> list[str]:
@@ -328,6 +330,19 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
     def module_at(self, ref: str, layer: int) -> DharmaModule:
         """The instance of module ``ref`` at ``layer``."""
         return self.stacks[str(layer)].members[module_key(ref)]
+
+
+def _align_tensors(model: nn.Module, alignment: int = 64) -> None:
+    """Copy weights that sit at an unaligned address (loaded from a mapped safetensors file at
+    the offset its header left) into fresh, aligned memory.
+
+    Kernels take other code paths, and sum in another order, on unaligned data: aligned, a
+    loaded model computes bit for bit what the saved one did.
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.data_ptr() % alignment:
+                tensor.data = tensor.data.clone()
 
 
 def register_auto_classes() -> None:

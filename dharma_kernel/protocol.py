@@ -50,12 +50,16 @@ class ModuleContext:
         ``routed`` composition (outputs elsewhere are discarded); ``None`` = all.
     rows: the active tokens as ascending indices into the flattened ``B * T`` tokens;
         derived from ``active`` when not given. ``None`` = all tokens.
+    shared: one dict for all modules of a routed or parallel stack in one forward (they
+        read the same input): blocks keep parameter-free results there, such as the
+        running summary, so that they are computed once.
     """
 
     attention_mask: torch.Tensor | None = None
     past: torch.Tensor | None = None
     active: torch.Tensor | None = None
     rows: torch.Tensor | None = None
+    shared: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.rows is None and self.active is not None:

@@ -95,7 +95,11 @@ class ModuleStack(nn.Module):
         top_weight = top_weight / top_weight.sum(-1, keepdim=True)
         chosen = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_index, True)
         real = _real_tokens(attention_mask, hidden)
-        contexts = [ModuleContext(attention_mask, past, chosen[..., m] & real) for m in range(len(self.refs))]
+        shared: dict = {}
+        contexts = [
+            ModuleContext(attention_mask, past, chosen[..., m] & real, shared=shared)
+            for m in range(len(self.refs))
+        ]
         # Every module's tokens, module after module: one gather of them all and one scatter of
         # all the deltas, so backward has one of each too.
         rows = torch.cat([ctx.rows for ctx in contexts])

@@ -276,3 +276,18 @@ def test_llama_style_backbone():
         uncached = model.generate(ids, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
     assert torch.equal(cached, uncached)
     assert len(model.stacks) == 2
+
+
+def test_a_loaded_model_computes_bit_for_bit_what_was_saved(tmp_path):
+    # safetensors maps weights at whatever offset the header leaves; unaligned, kernels sum in another order
+    from dharma_kernel.model import DharmaModel
+
+    model = tiny_model("routed")
+    model.save_pretrained(tmp_path)
+    loaded = DharmaModel.from_pretrained(tmp_path).eval()
+    assert all(p.data_ptr() % 64 == 0 for p in loaded.parameters())
+    ids = torch.randint(1, 97, (3, 17), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[2, :6] = 0
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
