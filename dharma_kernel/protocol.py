@@ -9,7 +9,9 @@ cache-compatible) in :mod:`dharma_kernel.testing`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -24,6 +26,7 @@ __all__ = [
     "HeadModule",
     "HeadOutput",
     "ModuleConfig",
+    "RecordError",
     "ModuleContext",
     "ModuleOutput",
     "TokenOutput",
@@ -186,17 +189,78 @@ def computes_tokens(module: DharmaModule) -> bool:
 
 @dataclass
 class HeadOutput:
-    """logits: whatever the task predicts. losses: named losses when labels were given."""
+    """logits: whatever the task predicts. losses: named losses when labels were given.
+
+    The kernel adds each loss to the total as ``<head>/<name>`` (weight 1).
+    """
 
     logits: torch.Tensor | dict[str, torch.Tensor]
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+class RecordError(ValueError):
+    """A data record a head cannot use. Raise it from ``encode`` or ``fit_config`` with what is
+    wrong with the record; the kernel turns it into a DharmaError naming the file and record number.
+    """
+
+
 class HeadModule(_Plugin):
-    """Base class of task heads: reads the backbone's final hidden states ``[B, T, H]``."""
+    """Base class of task heads: reads the backbone's final hidden states ``[B, T, H]``.
+
+    See docs/HEADS.md. The kernel reads records (JSONL objects; or :meth:`read`), checks
+    that each has the ``inputs`` and ``targets`` fields, lets :meth:`fit_config` learn from
+    the training records (a label list), turns each record into features with
+    :meth:`encode`, pads and batches them, trains with the model's total loss, and calls
+    :meth:`predict` and :meth:`metrics` to evaluate and to answer ``dharma predict``.
+    """
+
+    inputs: ClassVar[tuple[str, ...]] = ("text",)  # record fields a prediction needs
+    targets: ClassVar[tuple[str, ...]] = ()  # record fields training and evaluation also need
+    # True: the head trains the language model itself (its features carry ``labels``, LM
+    # targets with -100 where no loss is wanted) and predicts by generating.
+    uses_lm_loss: ClassVar[bool] = False
+    # Padding of per-token features other than input_ids (pad id) and labels (-100); default 0.
+    pad_values: ClassVar[dict[str, int | float]] = {}
+
+    @classmethod
+    def read(cls, path: Path) -> list[dict[str, Any]] | None:
+        """Records of a file in a format of the head's own; None: the kernel reads it as JSONL."""
+        return None
+
+    @classmethod
+    def fit_config(cls, config: ModuleConfig, records: list[dict[str, Any]]) -> ModuleConfig:
+        """The config with what is learned from the training records (e.g. the label list).
+
+        It is saved with the model, so the head is rebuilt the same way when loaded.
+        """
+        return config
+
+    def encode(self, record: dict[str, Any], tokenizer: Any, max_length: int) -> dict[str, Any]:
+        """One record as features: ``input_ids`` (list of ints, at most ``max_length``) and
+        the head's own fields: an int or float per record, or a list per token.
+
+        ``labels`` (a per-token list) is the LM target; every other field reaches
+        :meth:`forward` as a keyword. Target fields are encoded only when the record has
+        them (``dharma predict`` gives records without). Raise :class:`RecordError`.
+        """
+        raise NotImplementedError
 
     def forward(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, **labels: torch.Tensor
     ) -> HeadOutput:  # pragma: no cover
         raise NotImplementedError
+
+    def predict(
+        self, model: nn.Module, tokenizer: Any, records: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        """One JSON-able prediction per record (a batch); ``model`` is in eval mode, no grad."""
+        raise NotImplementedError
+
+    def metrics(self, predictions: list[dict[str, Any]], records: list[dict[str, Any]]) -> dict[str, float]:
+        """Named scores of ``predictions`` against the records' targets (higher is better)."""
+        return {}
+
+    def format_prediction(self, prediction: dict[str, Any]) -> str:
+        """What ``dharma predict`` prints for one prediction (``--json`` prints it as JSON)."""
+        return json.dumps(prediction, ensure_ascii=False)
