@@ -4,7 +4,13 @@ To add a command, write a function under ``@app.command()``; its docstring is it
 help. Import torch-heavy modules inside the function so ``dharma --help`` stays
 fast, and raise :class:`DharmaError` for anything the user can fix: :func:`main`
 prints it as ``error: <message>`` without a traceback and exits with its
-``exit_code``. Print results with :data:`out`, warnings with :func:`warn`.
+``exit_code``. Print results with :data:`out`, warnings with :func:`warn`,
+progress with ``logging.getLogger(__name__).info`` (stderr, see :mod:`.logs`).
+
+Conventions: a command that prints a table takes ``quiet: QuietOption = False``
+and ``as_json: JsonOption = False``. The options act when parsed: ``--quiet``
+silences :data:`out` and lets only warnings and errors log; ``--json`` sends
+:data:`out` to stderr, so stdout holds only the JSON the command echoes.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import sys
 import warnings
@@ -25,6 +32,7 @@ from rich.markup import escape
 
 from . import plugins, registry
 from .errors import DharmaError
+from .logs import set_level, setup_logging
 from .version import MODULE_API, __version__
 
 app = typer.Typer(
@@ -39,8 +47,11 @@ if not out.is_terminal and "COLUMNS" not in os.environ:
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
+log = logging.getLogger(__name__)
+
+
 def warn(message: str) -> None:
-    err.print(f"[yellow]warning:[/] {escape(message)}")
+    log.warning(message)
 
 
 def fail(error: DharmaError) -> NoReturn:
@@ -63,6 +74,34 @@ def _root(
     ] = False,
 ) -> None:
     """Assemble and train causal language models from plugin modules declared in a TOML manifest."""
+    # One process may run several commands (tests, notebooks): each starts loud, on stdout.
+    out.quiet, out.file = False, None
+    set_level(logging.INFO)
+
+
+def _quiet(value: bool) -> bool:
+    if value:
+        out.quiet = True
+        set_level(logging.WARNING)
+    return value
+
+
+def _json(value: bool) -> bool:
+    if value:
+        out.file = sys.stderr  # human lines still show, but stdout stays parseable
+    return value
+
+
+QuietOption = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", callback=_quiet, help="Print nothing on stdout; only warnings and errors."),
+]
+JsonOption = Annotated[
+    bool,
+    typer.Option(
+        "--json", callback=_json, help="Print the result as JSON on stdout; other lines go to stderr."
+    ),
+]
 
 
 class Kind(StrEnum):
@@ -74,7 +113,8 @@ class Kind(StrEnum):
 def plugins_command(
     kind: Annotated[Kind | None, typer.Option(help="Only modules or only heads.")] = None,
     check: Annotated[bool, typer.Option("--check", help="Import each plugin to find broken ones.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """List installed module and head plugins from their metadata; --check also imports them."""
     rows = [_row(info, check) for info in registry.discover(kind.value if kind else None)]
@@ -134,7 +174,8 @@ FreezeOption = Annotated[
 def validate(
     manifest: Annotated[Path, typer.Argument(help="The manifest TOML file.")],
     freeze: FreezeOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the parameter table as JSON.")] = False,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Check a manifest and every plugin it needs; build on the meta device and print parameter counts."""
     from .assemble import build_on_meta, plan_manifest
@@ -154,7 +195,8 @@ def assemble(
     manifest: Annotated[Path, typer.Argument(help="The manifest TOML file.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Model directory to write.")],
     freeze: FreezeOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the parameter table as JSON.")] = False,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Build the model a manifest describes and save it as a Hugging Face directory."""
     from .assemble import build, build_on_meta, load_tokenizer, plan_manifest
@@ -290,6 +332,7 @@ def _add_hook_commands() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point of ``dharma`` and ``python -m dharma_kernel``."""
     try:
+        setup_logging(err)
         _add_hook_commands()
         app(args=argv, prog_name="dharma")
     except DharmaError as error:
