@@ -59,7 +59,11 @@ def read_head_records(
             if not isinstance(record, dict):
                 raise DharmaError(f"{location}: expected a JSON object, got {type(record).__name__}")
             needed = [*head.inputs, *(head.targets if targets else ())]
-            missing = [name for name in needed if record.get(name) in (None, "")]
+            missing = [
+                name
+                for name in needed
+                if all(record.get(k) in (None, "") for k in (name, *head.field_aliases.get(name, ())))
+            ]
             if missing:
                 raise DharmaError(
                     f"{location}: no {' or '.join(repr(m) for m in missing)} field "

@@ -222,6 +222,8 @@ class HeadModule(_Plugin):
     uses_lm_loss: ClassVar[bool] = False
     # Padding of per-token features other than input_ids (pad id) and labels (-100); default 0.
     pad_values: ClassVar[dict[str, int | float]] = {}
+    # Other names a record may give an inputs or targets field under (qa: "answers" for "answer").
+    field_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     @classmethod
     def read(cls, path: Path) -> list[dict[str, Any]] | None:
