@@ -189,3 +189,13 @@ def max_length_of(model: Any, default: int = 256) -> int:
     """The ``data.max_length`` the model was trained (or fine-tuned) with."""
     manifest = getattr(model.config, "manifest", None) or {}
     return int(manifest.get("data", {}).get("max_length", default))
+
+
+def forward_inputs(model: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """``model`` on the padded ``input_ids`` and ``attention_mask`` of ``tensors`` (on its device)."""
+    device = next(model.parameters()).device
+    return model(
+        input_ids=tensors["input_ids"].to(device),
+        attention_mask=tensors["attention_mask"].to(device),
+        use_cache=False,
+    )

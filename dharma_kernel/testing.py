@@ -13,6 +13,7 @@ every installed plugin.
 
 from __future__ import annotations
 
+import functools
 import re
 import tempfile
 from pathlib import Path
@@ -23,7 +24,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_model, save_model
 from torch.utils.checkpoint import checkpoint
 
-from .protocol import DharmaModule, ModuleConfig, ModuleContext, ModuleOutput
+from .protocol import DharmaModule, HeadModule, HeadOutput, ModuleConfig, ModuleContext, ModuleOutput
 from .version import MODULE_API
 
 DEVANAGARI = re.compile(r"[\u0900-\u097F]")
@@ -257,3 +258,164 @@ class ModuleConformance:
         torch.testing.assert_close(
             torch.stack(cached.logits), torch.stack(uncached.logits), rtol=1e-4, atol=self.atol
         )
+
+
+class HeadConformance:
+    """Contract checks for one head class; set ``plugin``, a fitted ``config`` and a few valid
+    ``records`` (with targets) in a subclass. See docs/HEADS.md."""
+
+    plugin: type[HeadModule]
+    config: dict = {}
+    records: list[dict] = []
+    hidden_size = 32
+    max_length = 48
+
+    @pytest.fixture
+    def tokenizer(self):
+        texts = tuple(str(value) for record in self.records for value in record.values())
+        return _records_tokenizer(texts)
+
+    def build(self, seed: int = 0) -> HeadModule:
+        torch.manual_seed(seed)
+        head = self.plugin(self.hidden_size, self.plugin.Config(**self.config))
+        return perturb(head, seed)
+
+    def batch(self, head: HeadModule, tokenizer, records: list[dict], extra_pad: int = 0) -> dict:
+        from .head_data import pad_features, pad_id
+
+        features = [head.encode(record, tokenizer, self.max_length) for record in records]
+        tensors = pad_features(features, pad_id(tokenizer), type(head).pad_values)
+        if extra_pad:
+            tensors = {k: _pad_right(v, extra_pad, k, type(head).pad_values) for k, v in tensors.items()}
+        return tensors
+
+    def run(self, head: HeadModule, tensors: dict, seed: int = 1, width: int | None = None) -> HeadOutput:
+        """The head on random hidden states (the first ``T`` of ``width`` positions drawn from ``seed``)."""
+        from .head_data import MODEL_KEYS
+
+        length = tensors["input_ids"].shape[1]
+        generator = torch.Generator().manual_seed(seed)
+        hidden = torch.randn(
+            len(tensors["input_ids"]), width or length, self.hidden_size, generator=generator
+        )
+        hidden = hidden[:, :length]
+        features = {k: v for k, v in tensors.items() if k not in MODEL_KEYS}
+        return head(hidden, tensors["attention_mask"], **features)
+
+    def test_declares_the_contract(self):
+        cls = self.plugin
+        assert issubclass(cls, HeadModule)
+        assert re.fullmatch(r"[a-z][a-z0-9_]*", cls.name), "name: lowercase identifier"
+        assert cls.module_api.split(".")[0] == MODULE_API.split(".")[0]
+        assert issubclass(cls.Config, ModuleConfig)
+        assert cls.inputs and all(isinstance(f, str) for f in (*cls.inputs, *cls.targets))
+        assert self.records, "set records: a few valid records with targets"
+
+    def test_metadata_agrees_with_the_class(self):
+        from . import registry
+
+        info = next((p for p in registry.discover("head") if p.ref == self.plugin.name), None)
+        if info is None:
+            pytest.skip(f"{self.plugin.name} is not installed as a plugin")
+        assert info.value == f"{self.plugin.__module__}:{self.plugin.__qualname__}"
+        assert info.module_api == self.plugin.module_api, "dharma.api entry point and module_api differ"
+
+    def test_config_rejects_unknown_keys(self):
+        with pytest.raises(ValidationError, match="no_such_option"):
+            self.plugin.Config(no_such_option=1)
+
+    def test_encode_and_forward_shapes(self, tokenizer):
+        head = self.build()
+        tensors = self.batch(head, tokenizer, self.records)
+        assert tensors["input_ids"].shape[1] <= self.max_length
+        out = self.run(head, tensors)
+        assert isinstance(out, HeadOutput)
+        for value in _tensors(out.logits):
+            assert value.numel() == 0 or value.shape[0] == len(self.records)
+            assert torch.isfinite(value).all()
+        if not self.plugin.uses_lm_loss:
+            assert out.losses, "with targets, the head returns its loss"
+        for name, value in out.losses.items():
+            assert value.dim() == 0 and torch.isfinite(value), name
+        unlabelled = [{k: r[k] for k in self.plugin.inputs} for r in self.records]
+        assert not self.run(head, self.batch(head, tokenizer, unlabelled)).losses, "no targets, no loss"
+
+    def test_padding_does_not_change_real_outputs(self, tokenizer):
+        head = self.build().eval()
+        for index, record in enumerate(self.records):
+            alone = self.batch(head, tokenizer, [record])
+            padded = self.batch(head, tokenizer, [record], extra_pad=5)
+            with torch.no_grad():
+                a = self.run(head, alone, width=alone["input_ids"].shape[1] + 5)
+                b = self.run(head, padded)
+            length = alone["input_ids"].shape[1]
+            for x, y in zip(_tensors(a.logits), _tensors(b.logits), strict=True):
+                if y.dim() >= 2 and y.shape[1] == length + 5:
+                    y = y[:, :length]
+                torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=f"record {index}")
+            for name in a.losses:
+                torch.testing.assert_close(a.losses[name], b.losses[name], rtol=1e-4, atol=1e-5)
+
+    def test_every_parameter_gets_a_gradient(self, tokenizer):
+        head = self.build().train()
+        out = self.run(head, self.batch(head, tokenizer, self.records))
+        terms = list(out.losses.values()) or [v.float().pow(2).mean() for v in _tensors(out.logits)]
+        torch.stack(terms).sum().backward()
+        missing = [n for n, p in head.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+        assert not missing, f"parameters without gradient: {missing}"
+
+    def test_save_load_round_trip(self, tokenizer):
+        head, fresh = self.build(seed=0).eval(), self.build(seed=1).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "head.safetensors"
+            save_model(head, str(path))
+            load_model(fresh, str(path))
+        tensors = self.batch(head, tokenizer, self.records)
+        with torch.no_grad():
+            before, after = self.run(head, tensors).logits, self.run(fresh, tensors).logits
+            for x, y in zip(_tensors(before), _tensors(after), strict=True):
+                assert torch.equal(x, y)
+
+    def test_predict_and_metrics_in_a_tiny_model(self, tokenizer):
+        import json
+
+        from . import registry
+        from .assemble import build_model
+
+        try:
+            registry.resolve(self.plugin.name, "head")
+        except Exception as err:
+            pytest.skip(f"{self.plugin.name} is not installed as a plugin ({err})")
+        model = build_model(
+            backbone=tiny_backbone_config(vocab_size=len(tokenizer), n_positions=self.max_length + 16),
+            layout={"heads": [{"plugin": self.plugin.name, "config": self.config}]},
+        ).eval()
+        inputs = [{k: r[k] for k in self.plugin.inputs} for r in self.records]
+        with torch.no_grad():
+            predictions = model.heads[self.plugin.name].predict(model, tokenizer, inputs)
+        assert len(predictions) == len(self.records)
+        json.dumps(predictions)
+        scores = model.heads[self.plugin.name].metrics(predictions, self.records)
+        assert scores and all(isinstance(v, float) for v in scores.values())
+
+
+@functools.cache
+def _records_tokenizer(texts: tuple[str, ...]):
+    """A byte-level BPE trained on the records' text (cached: trained once per set of records)."""
+    from .data.tokenizer import train_tokenizer
+
+    return train_tokenizer(list(texts) * 3, vocab_size=300, min_frequency=1)
+
+
+def _tensors(logits) -> list[torch.Tensor]:
+    return [logits[k] for k in sorted(logits)] if isinstance(logits, dict) else [logits]
+
+
+def _pad_right(value: torch.Tensor, extra: int, key: str, pad_values: dict) -> torch.Tensor:
+    """``value`` with ``extra`` more padding positions, when it is per token (dim 2)."""
+    if value.dim() != 2:
+        return value
+    fill = {"attention_mask": 0, "labels": -100}.get(key, pad_values.get(key, 0))
+    if key == "input_ids":
+        fill = 0
+    return torch.cat([value, value.new_full((value.shape[0], extra), fill)], dim=1)
