@@ -37,6 +37,7 @@ __all__ = [
     "FAMILIES",
     "BackboneSection",
     "DataSection",
+    "FinetuneSection",
     "FreezeSection",
     "HeadSpec",
     "LossSection",
@@ -186,6 +187,20 @@ class TrainSection(_Section):
     tensorboard: bool = False
 
 
+class FinetuneSection(_Section):
+    """``[finetune] from = "runs/foundation"``: train the ``[[heads]]`` (or, without one, the LM) on
+    ``[data]`` starting from a saved model or run directory, instead of assembling a new model.
+
+    ``train.output`` is then the application directory; the run's checkpoints go beside it
+    (``<output>-run``). ``merge``: write a standalone model directory instead of an application.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    from_: str = Field(alias="from", min_length=1)
+    merge: bool = False
+
+
 class Manifest(_Section):
     requires: list[Annotated[str, AfterValidator(_valid_requirement)]] = []
     model: ModelSection = Field(default_factory=ModelSection)
@@ -196,6 +211,7 @@ class Manifest(_Section):
     loss: LossSection = Field(default_factory=LossSection)
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
+    finetune: FinetuneSection | None = None
 
     # The manifest file, if it came from one; relative paths inside resolve against its directory.
     _path: Path | None = PrivateAttr(default=None)
@@ -228,7 +244,7 @@ class Manifest(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved manifest (defaults filled in) as plain JSON-able data."""
-        return self.model_dump(mode="json", exclude_none=True)
+        return self.model_dump(mode="json", exclude_none=True, by_alias=True)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, path: str | Path | None = None) -> Manifest:
