@@ -358,6 +358,8 @@ class HeadConformance:
 
     def test_every_parameter_gets_a_gradient(self, tokenizer):
         head = self.build().train()
+        if not any(True for _ in head.parameters()):
+            pytest.skip("the head has no parameters of its own (the LM loss trains the model)")
         out = self.run(head, self.batch(head, tokenizer, self.records))
         terms = list(out.losses.values()) or [v.float().pow(2).mean() for v in _tensors(out.logits)]
         torch.stack(terms).sum().backward()
