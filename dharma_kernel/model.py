@@ -260,7 +260,8 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
             out.hidden_states[-1] if want_hidden else None, attention_mask, head_labels or {}, losses
         )
         loss = None
-        if "lm" in losses or "concept" in losses or head_labels:
+        # head features without targets (qa's context_mask when predicting) give no loss
+        if "lm" in losses or "concept" in losses or any(o.losses for o in head_outputs.values()):
             loss = total_loss(losses, (self.config.layout or {}).get("loss", {}))
         return DharmaOutput(
             loss=loss,
