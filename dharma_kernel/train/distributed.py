@@ -50,7 +50,8 @@ def setup(device: str | None) -> tuple[Dist, torch.device]:
     want = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise DharmaError("--device cuda: no CUDA device is available here", hint="Use --device cpu.")
-    target = torch.device(f"cuda:{local}" if want == "cuda" and world > 1 else want)
+    # set_device needs an index: plain "cuda" is this process's local card (0 without torchrun).
+    target = torch.device(f"cuda:{local}" if want == "cuda" else want)
     if target.type == "cuda":
         torch.cuda.set_device(target)
     if world > 1 and not dist.is_initialized():
