@@ -35,27 +35,31 @@ def select_modules(include: list[str], exclude: list[str]) -> list[str]:
     """
     installed = [p.ref for p in registry.discover("module")]
     known = list(dict.fromkeys(standard_refs() + installed))
-    chosen = [ref for entry in include for ref in _expand(entry, known, "modules.include")]
-    dropped = {ref for entry in exclude for ref in _expand(entry, known, "modules.exclude")}
+    # DHARMA_PLUGINS and --no-plugin: a disabled module named outright is an error saying so
+    off = {p.ref: p.disabled for p in registry.disabled_plugins("module")}
+    chosen = [ref for entry in include for ref in _expand(entry, known, "modules.include", off)]
+    dropped = {ref for entry in exclude for ref in _expand(entry, known, "modules.exclude", off)}
     chosen = [ref for ref in dict.fromkeys(chosen) if ref not in dropped]
     missing = [ref for ref in chosen if ref not in installed]
     if missing:
-        lines = [f"{ref}: pip install {distribution_for(ref)}" for ref in missing]
+        lines = [f"{ref}: {off.get(ref) or 'pip install ' + distribution_for(ref)}" for ref in missing]
+        disabled = set(missing) <= set(off)
         raise DharmaError(
-            f"modules.include needs {len(missing)} module(s) that are not installed:\n  "
-            + "\n  ".join(lines),
-            hint="Install them, or drop them with modules.exclude, or list only the modules you have.",
+            f"modules.include needs {len(missing)} module(s) that are "
+            f"{'disabled' if disabled else 'not installed'}:\n  " + "\n  ".join(lines),
+            hint=f"{'Allow' if disabled else 'Install'} them, or drop them with modules.exclude, "
+            "or list only the modules you have.",
         )
     return chosen
 
 
-def _expand(entry: str, known: list[str], where: str) -> list[str]:
+def _expand(entry: str, known: list[str], where: str, off: dict[str, str] | None = None) -> list[str]:
     families = list(dict.fromkeys([*FAMILIES, *(ref.split(".")[0] for ref in known)]))
     if entry == "all":
         return known
     if entry in families:
         return [ref for ref in known if ref.split(".")[0] == entry]
-    return [pick_ref(entry, known, where)]
+    return [pick_ref(entry, list(dict.fromkeys([*known, *(off or {})])), where)]
 
 
 def resolve_layout(manifest: Manifest, depth: int) -> dict[str, Any]:

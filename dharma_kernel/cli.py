@@ -72,8 +72,18 @@ def _root(
         bool,
         typer.Option("--version", callback=_print_version, is_eager=True, help="Print versions and exit."),
     ] = False,
+    no_plugin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--no-plugin",
+            metavar="REF",
+            help="Do not load this plugin (ref, short name or distribution); repeatable; "
+            "accepted before or after any command.",
+        ),
+    ] = None,
 ) -> None:
     """Assemble and train causal language models from plugin modules declared in a TOML manifest."""
+    registry.disable(no_plugin or [])
     # One process may run several commands (tests, notebooks): each starts loud, on stdout.
     out.quiet, out.file = False, None
     set_level(logging.INFO)
@@ -117,7 +127,17 @@ def plugins_command(
     quiet: QuietOption = False,
 ) -> None:
     """List installed module and head plugins from their metadata; --check also imports them."""
-    rows = [_row(info, check) for info in registry.discover(kind.value if kind else None)]
+    infos = registry.discover(kind.value if kind else None, disabled=True)
+    timeout = registry.import_timeout()
+    # A plugin printing while it imports must not corrupt --json on stdout.
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(sys.stderr):
+        warnings.simplefilter("always", registry.PluginWarning)
+        rows = [_row(info, check, timeout) for info in infos]
+    for w in caught:
+        if issubclass(w.category, registry.PluginWarning):
+            warn(str(w.message))
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -130,27 +150,22 @@ def plugins_command(
 
     table = Table("ref", "distribution", "version", "family", "MODULE_API", "status", box=None)
     for row in rows:
-        status = "ok" if row["error"] is None else f"[red]broken: {escape(row['error'])}[/]"
+        status = "ok" if row["error"] is None else f"[red]{row['status']}: {escape(row['error'])}[/]"
         cells = [row[key] or "-" for key in ("ref", "distribution", "version", "family", "module_api")]
         table.add_row(*map(escape, cells), status)
     out.print(table)
     broken = sum(row["status"] == "broken" for row in rows)
+    disabled = sum(row["status"] == "disabled" for row in rows)
     note = "" if check else " (metadata only; --check imports each)"
-    out.print(f"{len(rows)} plugins, {broken} broken{note}")
+    out.print(f"{len(rows)} plugins, {broken} broken" + (f", {disabled} disabled" if disabled else "") + note)
 
 
-def _row(info: registry.PluginInfo, check: bool) -> dict[str, Any]:
-    error = info.problem
+def _row(info: registry.PluginInfo, check: bool, timeout: float) -> dict[str, Any]:
+    """One plugin as ``--json`` lists it; status is ok, broken (error says why) or disabled."""
+    error = info.disabled or info.problem
     if error is None and check:
-        # A plugin printing while it imports must not corrupt --json on stdout.
-        with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(sys.stderr):
-            warnings.simplefilter("always", registry.PluginWarning)
-            error = registry.check(info)
-        for w in caught:
-            if issubclass(w.category, registry.PluginWarning):
-                warn(str(w.message))
-            else:
-                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+        error = registry.check(info, timeout)  # a hanging import is abandoned after ``timeout`` s
+    status = "disabled" if info.disabled else "ok" if error is None else "broken"
     return {
         "ref": info.ref,
         "name": info.name,
@@ -159,7 +174,7 @@ def _row(info: registry.PluginInfo, check: bool) -> dict[str, Any]:
         "distribution": info.distribution,
         "version": info.version,
         "module_api": info.module_api,
-        "status": "ok" if error is None else "broken",
+        "status": status,
         "error": error,
     }
 
@@ -329,10 +344,29 @@ def _add_hook_commands() -> None:
         warn(f"hook plugin '{ep.name}' from {dist} is broken: {reason}; reinstall or upgrade {dist}")
 
 
+def _take_no_plugin(argv: list[str]) -> list[str]:
+    """Apply every ``--no-plugin REF`` (before ``--``) and return the rest: hooks load before typer parses."""
+    rest, names, args = [], [], iter(argv)
+    for arg in args:
+        if arg == "--":
+            rest += [arg, *args]
+        elif arg == "--no-plugin":
+            names.append(next(args, ""))
+        elif arg.startswith("--no-plugin="):
+            names.append(arg.partition("=")[2])
+        else:
+            rest.append(arg)
+    if "" in names:
+        raise DharmaError("--no-plugin needs a plugin ref, short name or distribution")
+    registry.disable(names)
+    return rest
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point of ``dharma`` and ``python -m dharma_kernel``."""
     try:
         setup_logging(err)
+        argv = _take_no_plugin(sys.argv[1:] if argv is None else list(argv))
         _add_hook_commands()
         app(args=argv, prog_name="dharma")
     except DharmaError as error:

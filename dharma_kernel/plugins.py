@@ -7,6 +7,9 @@ the reason; every other hook keeps working.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import time
 from importlib import metadata
 from typing import Any
 
@@ -14,7 +17,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import error_line
-from .registry import HOOKS_GROUP, entry_points
+from .registry import HOOKS_GROUP, allowed, call_with_timeout, entry_points, import_timeout, trace
 
 __all__ = ["call_hook", "failures", "get_plugin_manager", "hook_entry_points"]
 
@@ -26,8 +29,11 @@ _sources: dict[str, metadata.EntryPoint] = {}  # registered plugin name -> its e
 
 
 def hook_entry_points() -> list[metadata.EntryPoint]:
-    """The installed ``dharma.hooks`` entry points; metadata only, nothing imported."""
-    return entry_points(HOOKS_GROUP)
+    """The installed ``dharma.hooks`` entry points that may load; metadata only, nothing imported.
+
+    DHARMA_PLUGINS and ``--no-plugin`` name a hook plugin by its entry point or distribution.
+    """
+    return [ep for ep in entry_points(HOOKS_GROUP) if allowed(ep.name, ep.dist.name if ep.dist else None)]
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -47,11 +53,21 @@ def get_plugin_manager() -> pluggy.PluginManager:
 def _register(manager: pluggy.PluginManager, ep: metadata.EntryPoint) -> str | None:
     """Register the hook module ``ep`` names; why it could not be, or None."""
     name = f"{ep.dist.name if ep.dist else '?'}:{ep.name}"
+    start = time.perf_counter()
+    timeout = import_timeout()
     try:
-        plugin = ep.load()
+        # Every command loads hooks: one that prints must not corrupt stdout, one that hangs must not hang it.
+        with contextlib.redirect_stdout(sys.stderr):
+            done, plugin = call_with_timeout(ep.load, timeout)
+        if not done:
+            return f"import did not finish within {timeout:g} s"
         manager.register(plugin, name=name)
     except Exception as err:  # a broken hook plugin is reported, never fatal
         return error_line(err)
+    trace(
+        f"loaded hooks {ep.name} from {name.rpartition(':')[0]} ({ep.value}) in "
+        f"{1000 * (time.perf_counter() - start):.1f} ms"
+    )
     # A misspelt hook name is never called and pluggy says nothing: report it.
     unknown = [caller.name for caller in manager.get_hookcallers(plugin) or [] if not caller.has_spec()]
     if unknown:

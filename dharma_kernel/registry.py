@@ -19,10 +19,15 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
+import os
 import re
 import sys
+import threading
+import time
 import warnings
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from importlib import metadata
 
@@ -37,18 +42,26 @@ __all__ = [
     "PluginBroken",
     "PluginInfo",
     "PluginWarning",
+    "allowed",
     "check",
     "clear_cache",
+    "disable",
+    "disabled_plugins",
     "discover",
     "distribution_for",
     "entry_points",
     "load",
     "resolve",
+    "trace",
 ]
 
 GROUPS = {"module": "dharma.modules", "head": "dharma.heads"}
 API_GROUP = "dharma.api"
 HOOKS_GROUP = "dharma.hooks"
+ALLOW_ENV = "DHARMA_PLUGINS"  # comma-separated refs, names or distributions; set but empty: none load
+TRACE_ENV = "DHARMA_TRACE_PLUGINS"  # 1: print to stderr what loaded, from where, in how long
+TIMEOUT_ENV = "DHARMA_IMPORT_TIMEOUT"  # seconds an import may take where a hang must not block (--check)
+DEFAULT_TIMEOUT = 30.0
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 _VALUE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # package.module:Class
@@ -72,6 +85,7 @@ class PluginInfo:
     version: str | None
     module_api: str | None  # from group dharma.api
     problem: str | None = None
+    disabled: str | None = None  # why DHARMA_PLUGINS or --no-plugin keeps it from loading
 
     @property
     def install_name(self) -> str:
@@ -111,6 +125,7 @@ def clear_cache() -> None:
     """Forget scanned metadata and loaded classes (after installing plugins in a running process)."""
     _scan.cache_clear()
     _loaded.clear()
+    _hung.clear()
 
 
 def _kinds(kind: str | None) -> tuple[str, ...]:
@@ -121,12 +136,72 @@ def _kinds(kind: str | None) -> tuple[str, ...]:
     return (kind,)
 
 
-def discover(kind: str | None = None) -> list[PluginInfo]:
-    """Every installed plugin of ``kind`` (both when None), from metadata only, sorted by ref."""
-    kinds = _kinds(kind)
+def discover(kind: str | None = None, *, disabled: bool = False) -> list[PluginInfo]:
+    """Every installed plugin of ``kind`` (both when None), from metadata only, sorted by ref.
+
+    Plugins that DHARMA_PLUGINS or ``--no-plugin`` leave out are not returned, unless
+    ``disabled`` (for listings), and then with ``disabled`` saying why.
+    """
+    infos = _described(kind)
+    off = [info for info in infos if info.disabled]
+    _trace_discovery(len(infos), off)
+    found = _mark_duplicates([info for info in infos if not info.disabled]) + (off if disabled else [])
+    return sorted(found, key=lambda i: (i.ref, i.kind, i.distribution or ""))
+
+
+def disabled_plugins(kind: str | None = None) -> list[PluginInfo]:
+    """The installed plugins of ``kind`` that DHARMA_PLUGINS or ``--no-plugin`` keep from loading."""
+    return [info for info in _described(kind) if info.disabled]
+
+
+def _described(kind: str | None) -> list[PluginInfo]:
     apis = {(_dist_name(ep), ep.name): ep.value for ep in entry_points(API_GROUP)}
-    infos = [_describe(k, ep, apis) for k in kinds for ep in entry_points(GROUPS[k])]
-    return sorted(_mark_duplicates(infos), key=lambda i: (i.ref, i.kind, i.distribution or ""))
+    infos = [_describe(k, ep, apis) for k in _kinds(kind) for ep in entry_points(GROUPS[k])]
+    return [replace(info, disabled=_why_disabled(info.ref, info.name, info.distribution)) for info in infos]
+
+
+_disabled_by_flag: set[str] = set()
+
+
+def disable(names: Iterable[str]) -> None:
+    """``--no-plugin``: refs, short names or distributions that must not load in this process."""
+    _disabled_by_flag.update(name.strip() for name in names if name.strip())
+
+
+def _why_disabled(*names: str | None) -> str | None:
+    """Why a plugin known by ``names`` (ref, short name, distribution) must not load, or None."""
+    known = {name for name in names if name}
+    flagged = sorted(known & _disabled_by_flag)
+    if flagged:
+        return f"disabled by --no-plugin {flagged[0]}"
+    allow = os.environ.get(ALLOW_ENV)
+    if allow is not None and not known & {part.strip() for part in allow.split(",")}:
+        return f"not in {ALLOW_ENV}={allow}"
+    return None
+
+
+def allowed(*names: str | None) -> bool:
+    """Whether a plugin known by ``names`` may load (hook plugins use this too)."""
+    return _why_disabled(*names) is None
+
+
+def trace(message: str) -> None:
+    """One line on stderr when DHARMA_TRACE_PLUGINS is set: what loaded, from where, how long it took."""
+    if os.environ.get(TRACE_ENV, "") not in ("", "0"):
+        print(f"dharma trace: {message}", file=sys.stderr, flush=True)
+
+
+_traced_discovery: set[tuple[int, tuple[str, ...]]] = set()
+
+
+def _trace_discovery(count: int, off: list[PluginInfo]) -> None:
+    key = (count, tuple(f"{i.kind}:{i.ref}" for i in off))
+    if key in _traced_discovery:  # discover() runs several times per command: say it once
+        return
+    _traced_discovery.add(key)
+    trace(f"{count} plugin entry points in metadata, {len(off)} disabled")
+    for info in off:
+        trace(f"skipped {info.kind} {info.ref} from {info.distribution}: {info.disabled}")
 
 
 def _dist_name(ep: metadata.EntryPoint) -> str | None:
@@ -208,6 +283,12 @@ def resolve(ref: str, kind: str = "module") -> PluginInfo:
 
 
 def _not_installed(ref: str, kind: str, infos: list[PluginInfo]) -> DharmaError:
+    off = [info for info in disabled_plugins(kind) if ref in (info.ref, info.name)]
+    if off:
+        return DharmaError(
+            f"{kind} plugin '{off[0].ref}' from {off[0].distribution} is installed but {off[0].disabled}",
+            hint=f"allow it: drop --no-plugin {ref}, or add {off[0].ref} to {ALLOW_ENV}",
+        )
     message = f"no {kind} plugin '{ref}' is installed"
     full = {info.name: info.ref for info in infos}  # short name -> ref, to suggest the full ref
     close = closest(ref, [info.ref for info in infos] + list(full))
@@ -231,8 +312,35 @@ def load(info: PluginInfo) -> type:
     """Import the plugin's class (once); raise :class:`PluginBroken` when it cannot be used."""
     cls = _loaded.get(info)
     if cls is None:
-        cls = _loaded[info] = _import(info)
+        if info in _hung:
+            raise PluginBroken(info, _hung[info])
+        _import_protocol()
+        start = time.perf_counter()
+        try:
+            cls = _loaded[info] = _import(info)
+        except PluginBroken as err:
+            trace(f"{info.kind} {info.ref} from {_where(info)} is broken ({_ms(start)}): {err.reason}")
+            raise
+        source = getattr(sys.modules.get(cls.__module__), "__file__", None) or cls.__module__
+        trace(f"loaded {info.kind} {info.ref} from {_where(info)} at {source} in {_ms(start)}")
     return cls
+
+
+def _import_protocol() -> None:
+    # torch comes with the protocol: timed apart, so a plugin's own import time is not hidden by it
+    if "dharma_kernel.protocol" not in sys.modules:
+        start = time.perf_counter()
+        from . import protocol  # noqa: F401
+
+        trace(f"imported dharma_kernel.protocol (torch) in {_ms(start)}")
+
+
+def _where(info: PluginInfo) -> str:
+    return f"{info.distribution} {info.version}" if info.distribution else "no distribution"
+
+
+def _ms(start: float) -> str:
+    return f"{1000 * (time.perf_counter() - start):.1f} ms"
 
 
 def _import(info: PluginInfo) -> type:
@@ -241,6 +349,10 @@ def _import(info: PluginInfo) -> type:
     from .protocol import DharmaModule, HeadModule  # imports torch: only once a plugin is really needed
 
     module_name, _, attr = info.value.partition(":")
+    if importlib.util.find_spec(module_name.partition(".")[0]) is None:
+        raise PluginBroken(
+            info, f"its entry point names {info.value}, but no module {module_name} is installed"
+        )
     try:
         obj = importlib.import_module(module_name)
     except (Exception, SystemExit) as err:
@@ -280,8 +392,27 @@ def _api_hint(info: PluginInfo, api: object) -> str | None:
     return f"upgrade the plugin: pip install --upgrade {info.install_name}"
 
 
-def check(info: PluginInfo) -> str | None:
-    """Load ``info`` in this process; the reason it is broken, or None when it loads."""
+def check(info: PluginInfo, timeout: float | None = None) -> str | None:
+    """Load ``info`` in this process; the reason it is broken, or None when it loads.
+
+    With ``timeout``, an import still running after that many seconds is abandoned (its
+    thread is left behind; the process should exit soon) and reported as broken.
+    """
+    if timeout is None:
+        return _check(info)
+    _import_protocol()  # torch's own import time must not count against the plugin
+    done, result = call_with_timeout(lambda: _check(info), timeout)
+    if not done:
+        _hung[info] = f"import did not finish within {timeout:g} s (set {TIMEOUT_ENV} to wait longer)"
+        trace(f"{info.kind} {info.ref} from {_where(info)}: {_hung[info]}")
+        return _hung[info]
+    return result
+
+
+_hung: dict[PluginInfo, str] = {}
+
+
+def _check(info: PluginInfo) -> str | None:
     try:
         load(info)
     except PluginBroken as err:
@@ -289,3 +420,37 @@ def check(info: PluginInfo) -> str | None:
     except Exception as err:  # a plugin misbehaving in an unforeseen way must not break a listing
         return error_line(err)
     return None
+
+
+def import_timeout() -> float:
+    """DHARMA_IMPORT_TIMEOUT in seconds (30 when unset or not a positive number)."""
+    try:
+        value = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
+    except ValueError:
+        return DEFAULT_TIMEOUT
+    return value if value > 0 else DEFAULT_TIMEOUT
+
+
+def call_with_timeout(fn: Callable[[], object], timeout: float) -> tuple[bool, object]:
+    """``(True, fn())`` or, when ``fn`` is still running after ``timeout`` seconds, ``(False, None)``.
+
+    ``fn`` runs in a daemon thread: Python cannot stop an import midway, but it can stop
+    waiting for one, and a daemon thread does not keep the process alive at exit.
+    """
+    box: list[object] = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            box.append(fn())
+        except BaseException as err:  # re-raised in the caller's thread
+            failure.append(err)
+
+    thread = threading.Thread(target=run, name="dharma-plugin-import", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        return False, None
+    if failure:
+        raise failure[0]
+    return True, box[0]

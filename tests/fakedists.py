@@ -9,12 +9,16 @@ from pathlib import Path
 
 
 def install(
-    site: Path, dist: str, entries: dict[str, dict[str, str]], sources: dict[str, str] | None = None
+    site: Path,
+    dist: str,
+    entries: dict[str, dict[str, str]],
+    sources: dict[str, str] | None = None,
+    version: str = "0.1",
 ) -> None:
-    """``<dist>-0.1.dist-info`` with ``entries`` as entry points, plus ``sources`` as module files."""
-    info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
+    """``<dist>-<version>.dist-info`` with ``entries`` as entry points, plus ``sources`` as module files."""
+    info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
     lines = []
     for group, items in entries.items():
         lines += [f"[{group}]", *(f"{name} = {value}" for name, value in items.items()), ""]
@@ -23,9 +27,19 @@ def install(
         (site / f"{module}.py").write_text(source)
 
 
-def run_dharma(site: Path | None, *args: str, code: str | None = None, cwd: Path | None = None):
-    """``python -m dharma_kernel ARGS`` (or ``python -c CODE``) with ``site`` on the path, output piped."""
-    env = {**os.environ, "NO_COLOR": "1"}
+def run_dharma(
+    site: Path | None,
+    *args: str,
+    code: str | None = None,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+):
+    """``python -m dharma_kernel ARGS`` (or ``python -c CODE``) with ``site`` on the path, output piped.
+
+    ``env`` adds to (or, where a value is None, removes from) the environment.
+    """
+    env = {**os.environ, "NO_COLOR": "1", **(env or {})}
+    env = {key: value for key, value in env.items() if value is not None}
     env.pop("COLUMNS", None)
     env["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(site) if site else None, os.environ.get("PYTHONPATH")])

@@ -194,7 +194,7 @@ print(json.dumps({"codes": codes, "imported": [name for name in heavy if name in
 
 
 def test_empty_listing_says_how_to_install_one(monkeypatch):
-    monkeypatch.setattr(registry, "discover", lambda kind=None: [])
+    monkeypatch.setattr(registry, "discover", lambda kind=None, disabled=False: [])
     runner = CliRunner()
 
     result = runner.invoke(cli.app, ["plugins"])
