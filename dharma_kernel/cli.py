@@ -41,10 +41,12 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False)  # rich honours NO_COLOR
+# NO_COLOR (no-color.org): rich alone drops colours but keeps bold; no escape codes at all is plainer.
+_styles = None if os.environ.get("NO_COLOR") else "auto"
+out = Console(highlight=False, color_system=_styles)
 if not out.is_terminal and "COLUMNS" not in os.environ:
     out.width = 10_000  # piped output is for grep and scripts: never cut a ref or a reason at 80 columns
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True, color_system=_styles)
 
 
 log = logging.getLogger(__name__)
@@ -331,6 +333,7 @@ def plan_command(
 
 
 from . import cli_train  # noqa: E402, F401  (registers train, eval, generate on app)
+from . import cli_report  # noqa: E402, F401  (registers report)
 
 
 @functools.cache  # once per process, however often main() runs

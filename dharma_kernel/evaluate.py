@@ -115,10 +115,13 @@ def lm_totals(
     batch_size: int,
     rows: Sequence[int] | None = None,
     precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    activation: Any | None = None,
 ) -> tuple[float, float]:
     """Summed next-token loss and the number of tokens it covers, over ``rows`` of packed ``data``.
 
     Sums rather than a mean, so processes holding different rows can add theirs up.
+    ``activation`` (a :class:`~dharma_kernel.concept_activation.ConceptActivation`), when
+    given, also collects module activation by concept from the same forward passes.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -128,9 +131,12 @@ def lm_totals(
     try:
         for start in range(0, len(rows), batch_size):
             batch = data.batch(rows[start : start + batch_size])
-            batch = {k: v.to(device) for k, v in batch.items() if k != "concept_labels"}
+            concept_labels = batch.pop("concept_labels", None)
+            batch = {k: v.to(device) for k, v in batch.items()}
             with precision():
                 out = model(**batch, use_cache=False)
+            if activation is not None and concept_labels is not None and out.module_scores:
+                activation.add(out.module_scores, concept_labels, batch["attention_mask"])
             loss_sum += float(out.losses["lm"]) * float(out.lm_tokens)
             count += float(out.lm_tokens)
     finally:

@@ -9,6 +9,7 @@ message for progress (info). ``--quiet`` raises the level to warnings.
 from __future__ import annotations
 
 import logging
+import os
 
 from rich.console import Console, ConsoleRenderable
 from rich.highlighter import NullHighlighter
@@ -35,7 +36,7 @@ def setup_logging(console: Console | None = None, level: int = logging.INFO) -> 
     for handler in [h for h in logger.handlers if isinstance(h, _LineHandler)]:
         logger.removeHandler(handler)
     handler = _LineHandler(
-        console=console or Console(stderr=True, highlight=False, soft_wrap=True),
+        console=console or Console(stderr=True, highlight=False, soft_wrap=True, color_system=_styles()),
         show_time=False,
         show_level=False,
         show_path=False,
@@ -46,6 +47,10 @@ def setup_logging(console: Console | None = None, level: int = logging.INFO) -> 
     logger.setLevel(level)
     logger.propagate = False  # the root logger's handlers (pytest's, an app's) would print it twice
     return logger
+
+
+def _styles() -> str | None:
+    return None if os.environ.get("NO_COLOR") else "auto"  # NO_COLOR: no escape codes at all
 
 
 def set_level(level: int) -> None:

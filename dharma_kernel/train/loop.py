@@ -157,16 +157,27 @@ class Loop:
     # -- evaluation --------------------------------------------------------------------
 
     def evaluate(self, batch_size: int) -> dict[str, float]:
-        """Token-weighted LM loss over the eval rows (split across processes), and perplexity."""
+        """Token-weighted LM loss over the eval rows (split across processes), and perplexity;
+        with concept labels, also ``activation``: module activation by concept (see concept_activation)."""
+        from ..concept_activation import ConceptActivation
         from ..evaluate import lm_totals, perplexity
 
         rows = range(self.dist.rank, len(self.eval_data), self.dist.world)
+        refs = getattr(self.raw, "module_refs", ())
+        labelled = getattr(self.eval_data, "concept_labels", None) is not None  # head data has none
+        table = ConceptActivation(refs) if refs and labelled else None
         sums = lm_totals(
-            self.raw, self.eval_data, batch_size, rows, lambda: autocast(self.precision, self.device)
+            self.raw, self.eval_data, batch_size, rows, lambda: autocast(self.precision, self.device), table
         )
         loss_sum, count = self.dist.sum(torch.tensor(sums)).tolist()
         loss = loss_sum / max(count, 1.0)
-        return {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": count}
+        metrics: dict[str, Any] = {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": count}
+        if table is not None:
+            table.merge(
+                self.dist.sum(table.sums.to(self.device)), self.dist.sum(table.tokens.to(self.device))
+            )
+            metrics["activation"] = table.record()
+        return metrics
 
     # -- stopping on request -----------------------------------------------------------
 

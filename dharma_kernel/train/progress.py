@@ -60,10 +60,14 @@ class Reporter:
         self._scalars("train", step, metrics)
         self._call("on_step", step, metrics)
 
-    def eval(self, step: int, metrics: dict[str, float]) -> None:
+    def eval(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        metrics = dict(metrics)
+        activation = metrics.pop("activation", None)  # a table, not a scalar: its own record
         self.run.log({"step": step, **metrics})
+        if activation is not None:
+            self.run.log({"step": step, "activation": activation})
         line = f"eval at step {step}: loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_ppl']:.2f}"
         (self.progress.console if self.progress else self.console).print(line)
         self._scalars("eval", step, metrics)
