@@ -376,3 +376,6 @@ def main(argv: list[str] | None = None) -> None:
         fail(error)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+
+
+from . import cli_finetune  # noqa: E402, F401  (registers finetune, predict; extends eval)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import DharmaError
+from ..head_data import to_device
 from .distributed import Dist, no_sync
 from .precision import LossScale, autocast
 from .windows import Windows
@@ -74,7 +75,7 @@ class Loop:
         logged: dict[str, float] = defaultdict(float)
         accum = len(batches)
         for j, (batch, count) in enumerate(zip(batches, counts, strict=True)):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            batch = to_device(batch, self.device)  # head batches nest their features in head_labels
             with no_sync(self.model, last=j == accum - 1), autocast(self.precision, self.device):
                 out = self.model(**batch, use_cache=False)
                 loss = self._window_share(out, count, window_tokens, accum, logged)
@@ -197,7 +198,9 @@ class Loop:
 
 
 def _lm_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Positions whose next token is predicted and counted (see losses.lm_loss)."""
+    """Positions whose next token is predicted and counted (see losses.lm_loss); 0 without LM labels."""
+    if "labels" not in batch:
+        return 0
     labels = batch["labels"][:, 1:]
     counted = labels != -100
     if "attention_mask" in batch:

@@ -68,7 +68,7 @@ class Reporter:
         self.run.log({"step": step, **metrics})
         if activation is not None:
             self.run.log({"step": step, "activation": activation})
-        line = f"eval at step {step}: loss {metrics['eval_loss']:.4f}, perplexity {metrics['eval_ppl']:.2f}"
+        line = f"eval at step {step}: loss {metrics['eval_loss']:.4f}" + _eval_extras(metrics)
         (self.progress.console if self.progress else self.console).print(line)
         self._scalars("eval", step, metrics)
         self._call("on_eval", step, metrics)
@@ -120,3 +120,12 @@ def _tensorboard(root: Path) -> Any:
             "(metrics.jsonl is always written).",
         ) from None
     return SummaryWriter(log_dir=str(root / "tensorboard"))
+
+
+def _eval_extras(metrics: dict[str, Any]) -> str:
+    """Perplexity for LM evaluation; a head's metrics (``eval_accuracy`` ...) for fine-tuning."""
+    if "eval_ppl" in metrics:
+        return f", perplexity {metrics['eval_ppl']:.2f}"
+    skip = ("eval_loss", "eval_records", "eval_tokens")
+    return "".join(f", {k.removeprefix('eval_')} {v:.4f}" for k, v in metrics.items()
+                   if k.startswith("eval_") and k not in skip and isinstance(v, float))  # fmt: skip
