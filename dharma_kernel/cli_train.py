@@ -65,6 +65,10 @@ def train(
     summary = run_training(manifest, options, out)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, the main process reports
+    if summary.application is not None or summary.best_eval:  # a [finetune] manifest
+        from .cli_finetune import report_finetune
+
+        return report_finetune(summary)
     first, best = summary.first_eval_ppl, summary.best_eval_ppl
     out.print(
         f"trained {summary.steps} steps, {summary.tokens:,} tokens; "
@@ -92,8 +96,14 @@ def eval_command(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
     strict: StrictOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    head: Annotated[str | None, typer.Option("--head", help="With several task heads: which one.")] = None,
 ) -> None:
-    """Perplexity on held-out text, and each module's activation ROC-AUC against its concept labels."""
+    """Perplexity on held-out text, and each module's activation ROC-AUC against its concept labels;
+    for an application or a model with a task head, the head's loss and metrics on its records."""
+    from .cli_finetune import eval_head, has_head
+
+    if has_head(model_dir):
+        return eval_head(model_dir, data, batch_size, head, as_json)
     from .data import DataReport, clean_records, pack, read_records
     from .evaluate import activation_auc, lm_totals, perplexity
     from .model import DharmaModel

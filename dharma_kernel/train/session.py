@@ -16,6 +16,7 @@ import torch
 from rich.console import Console
 
 from ..errors import DharmaError
+from ..manifest import Manifest, load_manifest
 from .distributed import Dist, setup, teardown, wrap
 from .loop import Loop, Progress, check_finite_weights
 from .precision import LossScale, resolve_precision
@@ -51,12 +52,21 @@ class Summary:
     interrupted: bool
     latest: Path | None
     best: Path | None
+    application: Path | None = None  # fine-tuning: the application (or merged model) written
+    first_eval: dict[str, float] = field(default_factory=dict)  # fine-tuning with a head: eval metrics
+    best_eval: dict[str, float] = field(default_factory=dict)
 
 
-def train(manifest_path: str | Path, options: TrainOptions, console: Console | None = None) -> Summary:
+def train(manifest: str | Path | Manifest, options: TrainOptions, console: Console | None = None) -> Summary:
+    """Train what the manifest describes; with a ``[finetune]`` section, fine-tune its foundation."""
+    if not isinstance(manifest, Manifest):
+        manifest = load_manifest(manifest)
+    session: type[_Session] = _Session
+    if manifest.finetune is not None:
+        from .finetune import FinetuneSession as session
     dist, device = setup(options.device)
     try:
-        return _Session(manifest_path, options, dist, device, console or Console()).run()
+        return session(manifest, options, dist, device, console or Console()).run()
     finally:
         teardown(dist)
 
@@ -64,22 +74,29 @@ def train(manifest_path: str | Path, options: TrainOptions, console: Console | N
 class _Session:
     def __init__(
         self,
-        manifest_path: str | Path,
+        manifest: Manifest,
         options: TrainOptions,
         dist: Dist,
         device: torch.device,
         console: Console,
     ) -> None:
-        from ..assemble import plan_manifest
-
         self.options, self.dist, self.device, self.console = options, dist, device, console
-        self.manifest, self.plan = plan_manifest(manifest_path)
-        self.cfg = self.manifest.train
-        output = Path(options.output) if options.output else self.manifest.resolve_path(self.cfg.output)
-        output = output.resolve()
-        self.run_dir = RunDir(output)
+        self.manifest, self.cfg = manifest, manifest.train
+        self.plan = self._plan()
+        self.run_dir = RunDir(self._run_root())
         self._check_run_dir()
         self.precision = resolve_precision(self.cfg.precision, device)
+
+    def _plan(self) -> Any:
+        from ..assemble import plan
+        from ..manifest import check_requires
+
+        check_requires(self.manifest)
+        return plan(self.manifest)
+
+    def _run_root(self) -> Path:
+        output = self.options.output or self.manifest.resolve_path(self.cfg.output)
+        return Path(output).resolve()
 
     def _check_run_dir(self) -> None:
         latest = self.run_dir.link("latest")
@@ -221,7 +238,7 @@ class _Session:
         return self._summary(loop)
 
     def _evaluate(self, loop: Loop, reporter: Reporter) -> bool:
-        metrics = loop.evaluate(self.cfg.batch_size)
+        metrics = self._eval_metrics(loop)
         progress = loop.progress
         if progress.first_eval is None:
             progress.first_eval = metrics["eval_loss"]
@@ -231,6 +248,9 @@ class _Session:
             progress.best_eval, progress.best_step = metrics["eval_loss"], progress.step
             return True
         return False
+
+    def _eval_metrics(self, loop: Loop) -> dict[str, Any]:
+        return loop.evaluate(self.cfg.batch_size)
 
     def _save(self, loop: Loop, reporter: Reporter) -> None:
         from ..checkpoint import save

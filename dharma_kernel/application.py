@@ -1,0 +1,226 @@
+"""Application directories: what fine-tuning changed, on top of a foundation model it names.
+
+    apps/classifier/
+      application.json      foundation path and sha256, head specs, plugin lock, trainable names, manifest
+      adapter.safetensors   the head weights and every parameter that was trainable
+      tokenizer files
+
+Like a PEFT adapter: small, and only meaningful with its foundation, whose weights
+must hash to the recorded sha256. ``--merge`` writes a standalone model directory
+instead (:func:`dharma_kernel.checkpoint.save`). Loading never unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import DharmaError, first_line
+
+APPLICATION_FILE = "application.json"
+ADAPTER_FILE = "adapter.safetensors"
+FORMAT = "dharma-application/1"
+
+
+def is_application(path: str | Path) -> bool:
+    return (Path(path) / APPLICATION_FILE).is_file()
+
+
+def foundation_checksum(directory: str | Path) -> str:
+    """sha256 over the model directory's safetensors files, in name order (one file: its own sha256)."""
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise DharmaError(f"{directory}: no safetensors weights to check the foundation against")
+    digest = hashlib.sha256()
+    for path in files:
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def add_heads(model: Any, specs: list[dict[str, Any]]) -> None:
+    """Build each head of ``specs`` (``{"plugin", "config"}``) onto ``model`` and into its layout and lock."""
+    from .backbone import hidden_size
+    from .checkpoint import make_lock
+    from .model import build_head
+
+    layout = dict(model.config.layout or {})
+    heads = [spec for spec in layout.get("heads", []) if spec["plugin"] not in {s["plugin"] for s in specs}]
+    width = hidden_size(model.config.text_config)
+    device = next(model.parameters()).device
+    for spec in specs:
+        require_head(spec["plugin"])
+        model.heads[spec["plugin"]] = build_head(spec, width).to(device)
+        heads.append(spec)
+    layout["heads"] = heads
+    model.config.layout = layout
+    model.config.lock = make_lock(layout)
+
+
+def require_head(name: str) -> None:
+    """The head plugin ``name`` is installed, else a DharmaError saying what to pip install."""
+    from . import registry
+    from .catalogue import distribution_for
+
+    try:
+        registry.resolve(name, "head")
+    except DharmaError:
+        raise DharmaError(
+            f"this needs the head plugin '{name}', which is not installed",
+            hint=f"pip install {distribution_for(name, 'head')}",
+        ) from None
+
+
+def save_application(
+    model: Any,
+    directory: str | Path,
+    foundation: str | Path,
+    trainable: list[str],
+    tokenizer: Any = None,
+) -> Path:
+    """Write the application: head weights, the ``trainable`` parameters and the foundation's reference."""
+    from safetensors.torch import save_file
+
+    target = Path(directory).resolve()
+    foundation = Path(foundation).resolve()
+    heads = tuple(f"heads.{name}." for name in model.heads)
+    keep = set(trainable)
+    tensors = {
+        name: param.detach().cpu().contiguous()
+        for name, param in model.named_parameters()
+        if name in keep or name.startswith(heads)
+    }
+    info = {
+        "format": FORMAT,
+        "foundation": os.path.relpath(foundation, target),
+        "foundation_absolute": str(foundation),
+        "foundation_sha256": foundation_checksum(foundation),
+        "heads": (model.config.layout or {}).get("heads", []),
+        "lock": [entry for entry in (model.config.lock or []) if entry["kind"] == "head"],
+        "trainable": sorted(tensors),
+        "manifest": model.config.manifest,
+    }
+
+    def write(staging: Path) -> None:
+        save_file(tensors, str(staging / ADAPTER_FILE), metadata={"format": FORMAT})
+        (staging / APPLICATION_FILE).write_text(json.dumps(info, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+
+    _write_atomically(target, write)
+    return target
+
+
+def _write_atomically(target: Path, write: Any) -> None:
+    if target.exists() and not (
+        target.is_dir() and (not any(target.iterdir()) or (target / APPLICATION_FILE).exists())
+    ):
+        raise DharmaError(
+            f"{target} exists and is not an application directory; refusing to replace it",
+            hint="Choose another output directory, or remove that one yourself.",
+        )
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as err:
+        raise DharmaError(f"cannot write {target}: {first_line(err)}") from None
+    try:
+        staging.chmod(0o755)
+        write(staging)
+        if target.exists():
+            retired = target.with_name(f".{target.name}.old")
+            shutil.rmtree(retired, ignore_errors=True)
+            target.rename(retired)
+            staging.rename(target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            staging.rename(target)
+    except BaseException as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise DharmaError(f"cannot write {target}: {first_line(err)}") from None
+        raise
+
+
+def read_application(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / APPLICATION_FILE
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DharmaError(f"{path}: unreadable ({first_line(err)})") from None
+    if info.get("format") != FORMAT:
+        raise DharmaError(f"{path}: not a {FORMAT} file (format {info.get('format')!r})")
+    return info
+
+
+def find_foundation(directory: Path, info: dict[str, Any]) -> Path:
+    """The foundation the application names: relative to it, else the absolute path recorded."""
+    for candidate in (directory / info["foundation"], Path(info.get("foundation_absolute", ""))):
+        if (candidate / "config.json").exists():
+            return candidate.resolve()
+    raise DharmaError(
+        f"{directory}: its foundation model {info['foundation']} "
+        f"(at fine-tuning: {info.get('foundation_absolute')}) is missing",
+        hint="Put the foundation back where it was, or load the merged model (dharma finetune --merge).",
+    )
+
+
+def load_application(path: str | Path) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from an application, a saved model or a run directory (its best)."""
+    from transformers import AutoTokenizer
+
+    from .model import DharmaModel
+    from .train.rundir import model_directory
+
+    directory = Path(path)
+    if not is_application(directory):
+        directory = model_directory(directory)
+        return DharmaModel.from_pretrained(directory), _tokenizer(directory, AutoTokenizer)
+    info = read_application(directory)
+    for spec in info["heads"]:
+        require_head(spec["plugin"])
+    foundation = find_foundation(directory, info)
+    checksum = foundation_checksum(foundation)
+    if checksum != info["foundation_sha256"]:
+        raise DharmaError(
+            f"{directory} was fine-tuned from a different foundation: {foundation} has weights with sha256 "
+            f"{checksum[:16]}..., the application expects {info['foundation_sha256'][:16]}...",
+            hint="Use the foundation it was fine-tuned from, or fine-tune again from this one.",
+        )
+    model = DharmaModel.from_pretrained(foundation)
+    add_heads(model, info["heads"])
+    _load_adapter(model, directory / ADAPTER_FILE)
+    model.config.manifest = info.get("manifest")
+    return model, _tokenizer(directory, AutoTokenizer)
+
+
+def _load_adapter(model: Any, path: Path) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise DharmaError(f"{path}: cannot read ({first_line(err)})") from None
+    params = dict(model.named_parameters())
+    unknown = sorted(set(tensors) - set(params))
+    wrong = [n for n, t in tensors.items() if n in params and t.shape != params[n].shape]
+    if unknown or wrong:
+        raise DharmaError(
+            f"{path} does not fit its foundation: "
+            + (f"unknown parameters {', '.join(unknown[:3])}" if unknown else f"shapes differ for {wrong[0]}")
+        )
+    model.load_state_dict(tensors, strict=False)
+
+
+def _tokenizer(directory: Path, auto: Any) -> Any:
+    try:
+        return auto.from_pretrained(directory)
+    except (OSError, ValueError):
+        raise DharmaError(f"{directory} holds no tokenizer; it cannot read text") from None

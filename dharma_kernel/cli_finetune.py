@@ -1,0 +1,194 @@
+"""``dharma finetune`` and ``dharma predict``, and the head half of ``dharma eval``.
+
+Registered on :data:`dharma_kernel.cli.app` when that module imports this one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .cli import FreezeOption, _quiet_transformers, app, err, out
+from .errors import DharmaError
+
+
+@app.command()
+def finetune(
+    foundation: Annotated[
+        str, typer.Argument(help="A saved model, or a run directory (its best checkpoint).")
+    ],
+    data: Annotated[list[str], typer.Option("--data", help="Training data files, directories or globs.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The application directory to write.")],
+    head: Annotated[
+        str | None, typer.Option("--head", help="Task head plugin (e.g. classification); none: the LM.")
+    ] = None,
+    eval_data: Annotated[
+        list[str] | None, typer.Option("--eval", help="Held-out data, evaluated during training.")
+    ] = None,
+    freeze: FreezeOption = None,
+    merge: Annotated[
+        bool, typer.Option("--merge", help="Write a standalone model directory, not an application.")
+    ] = False,
+    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 3,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+    learning_rate: Annotated[float, typer.Option("--learning-rate", min=0.0)] = 1e-3,
+    max_length: Annotated[
+        int | None, typer.Option("--max-length", min=8, help="Tokens per record (default: up to 256).")
+    ] = None,
+    eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Evaluate every N steps.")] = 50,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run beside the output.")] = False,
+    device: Annotated[str | None, typer.Option("--device", help="cpu or cuda.")] = None,
+) -> None:
+    """Fine-tune a foundation model on task data; writes an application directory (or, --merge, a model)."""
+    from .manifest import Manifest
+    from .train.session import TrainOptions
+    from .train.session import train as run_training
+
+    _quiet_transformers()
+    if max_length is None:
+        max_length = _default_length(foundation)
+    manifest = Manifest.from_dict(
+        {
+            "model": {"name": Path(output).name or "application"},
+            "heads": [{"plugin": head}] if head else [],
+            "finetune": {"from": foundation, "merge": merge},
+            "freeze": {"groups": freeze or []},
+            "data": {"train": data, "eval": eval_data or [], "max_length": max_length, "eval_fraction": 0.0},
+            "train": {
+                "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
+                "learning_rate": learning_rate, "eval_every": eval_every, "seed": seed,
+                "output": output, "log_every": 10, "warmup_fraction": 0.1, "precision": "auto",
+            },
+        }
+    )  # fmt: skip
+    summary = run_training(manifest, TrainOptions(resume=resume, device=device), out)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    report_finetune(summary)
+
+
+def report_finetune(summary: Any) -> None:
+    """What ``dharma finetune`` (and ``dharma train`` on a [finetune] manifest) prints at the end."""
+    out.print(f"trained {summary.steps} steps; non-finite steps skipped: {summary.skipped}")
+    if summary.best_eval:
+        first = summary.first_eval
+        for name, value in summary.best_eval.items():
+            if name.startswith("eval_") and name != "eval_records":
+                start = f" (at the start: {first[name]:.4f})" if name in first else ""
+                out.print(f"{name} {value:.4f} at step {summary.best_eval['step']}{start}")
+    elif summary.best_eval_ppl is not None:
+        out.print(f"best eval perplexity {summary.best_eval_ppl:.2f} at step {summary.best_step}")
+    out.print(f"run directory: {summary.output}")
+    if summary.interrupted:
+        err.print(f"interrupted: saved step {summary.steps}; continue with --resume")
+        raise SystemExit(130)
+    out.print(f"application: {summary.application}")
+
+
+def _default_length(foundation: str) -> int:
+    from .train.rundir import model_directory
+
+    config = json.loads((model_directory(foundation) / "config.json").read_text())
+    text = config.get("text_config") or {}
+    positions = text.get("n_positions") or text.get("max_position_embeddings") or 256
+    return min(256, int(positions))
+
+
+@app.command()
+def predict(
+    application: Annotated[Path, typer.Argument(help="An application, or a model directory with a head.")],
+    text: Annotated[str | None, typer.Argument(help="The text (the record's 'text' field).")] = None,
+    question: Annotated[str | None, typer.Option("--question", help="The record's 'question' field.")] = None,
+    context: Annotated[str | None, typer.Option("--context", help="The record's 'context' field.")] = None,
+    inputs: Annotated[
+        list[str] | None, typer.Option("--input", "-i", help="Any record field, as KEY=VALUE (repeatable).")
+    ] = None,
+    head: Annotated[
+        str | None, typer.Option("--head", help="Which head, when the model has several.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the prediction as JSON.")] = False,
+) -> None:
+    """Run the application's head on one record: a label and probabilities, an answer span, a translation."""
+    import torch
+
+    from .application import load_application
+
+    _quiet_transformers()
+    record = {"text": text, "question": question, "context": context}
+    for item in inputs or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DharmaError(f"--input {item!r}: expected KEY=VALUE")
+        record[key] = value
+    record = {k: v for k, v in record.items() if v is not None}
+    model, tokenizer = load_application(application)
+    chosen = pick_head(model, head)
+    missing = [field for field in type(chosen).inputs if not record.get(field)]
+    if missing:
+        raise DharmaError(
+            f"the {chosen.name} head needs {', '.join(missing)}",
+            hint="Give the text as the argument, or --question/--context, or --input FIELD=VALUE.",
+        )
+    model.eval()
+    with torch.no_grad():
+        prediction = chosen.predict(model, tokenizer, [record])[0]
+    if as_json:
+        typer.echo(json.dumps(prediction, ensure_ascii=False, indent=2))
+    else:
+        typer.echo(chosen.format_prediction(prediction))
+
+
+def pick_head(model: Any, name: str | None) -> Any:
+    """The model's head ``name``, or its only head."""
+    heads = list(model.heads)
+    if not heads:
+        raise DharmaError("this model has no task head", hint="Fine-tune one: dharma finetune --head NAME.")
+    if name is None:
+        if len(heads) > 1:
+            raise DharmaError(f"this model has several heads ({', '.join(heads)}); choose one with --head")
+        name = heads[0]
+    if name not in heads:
+        raise DharmaError(f"this model has no head '{name}'; it has {', '.join(heads)}")
+    return model.heads[name]
+
+
+def has_head(path: Path) -> bool:
+    """Whether ``path`` is an application or a model (or run) directory with a head; reads JSON only."""
+    from .application import is_application
+    from .train.rundir import model_directory
+
+    if is_application(path):
+        return True
+    try:
+        config = json.loads((model_directory(path) / "config.json").read_text())
+    except (DharmaError, OSError, json.JSONDecodeError):
+        return False
+    return bool((config.get("layout") or {}).get("heads"))
+
+
+def eval_head(path: Path, data: list[str], batch_size: int, head: str | None, as_json: bool) -> None:
+    """``dharma eval`` on a model with a head: its mean loss and metrics on ``data``."""
+    from .application import load_application
+    from .head_data import encode_records, max_length_of, read_head_records
+    from .train.finetune import evaluate_head
+
+    _quiet_transformers()
+    model, tokenizer = load_application(path)
+    chosen = pick_head(model, head)
+    records = read_head_records(type(chosen), data)
+    encoded = encode_records(chosen, records, tokenizer, max_length_of(model))
+    result = evaluate_head(model, encoded, tokenizer, batch_size)
+    metrics = {k.removeprefix("eval_"): v for k, v in result.items()}
+    metrics["records"] = int(metrics["records"])
+    if as_json:
+        typer.echo(json.dumps({"model": str(path), "head": chosen.name, **metrics}, indent=2))
+        return
+    out.print(f"{path}: {chosen.name} head, {metrics.pop('records')} records")
+    for name, value in metrics.items():
+        out.print(f"{name} {value:.4f}")

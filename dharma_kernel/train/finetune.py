@@ -1,0 +1,198 @@
+"""Fine-tuning: the trainer of ``dharma train`` started from a saved model, with a task head.
+
+The foundation (a model or run directory) is loaded, the ``[[heads]]`` plugin is fitted
+to the training records and added, and the same session trains it: same loop, optimizer,
+precision, checkpoints, Ctrl-C handling and ``metrics.jsonl``. Only the data source
+differs (:class:`~dharma_kernel.head_data.HeadData` batches instead of packed LM rows).
+Without a head, the language model itself is fine-tuned on the data. At the end the
+best checkpoint becomes an application directory (or, with ``merge``, a model directory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DharmaError
+from .loop import Loop
+from .precision import autocast
+from .session import Summary, _Session
+
+
+@dataclass
+class HeadReport:
+    train: int
+    eval: int
+    head: str
+    config: dict[str, Any]
+
+    def summary(self) -> str:
+        learned = {k: v for k, v in self.config.items() if isinstance(v, list) and v}
+        extra = "".join(f"; {k}: {', '.join(map(str, v))}" for k, v in learned.items())
+        return f"{self.head}: {self.train} training records, {self.eval} eval records{extra}"
+
+
+class FinetuneSession(_Session):
+    def _plan(self) -> Any:
+        from .. import registry
+        from ..application import require_head
+        from ..assemble import Plan
+        from ..model import DharmaConfig
+        from .rundir import model_directory
+
+        manifest = self.manifest
+        if len(manifest.heads) > 1:
+            raise DharmaError("[finetune] trains one head at a time; list one [[heads]] table")
+        self.foundation = model_directory(manifest.resolve_path(manifest.finetune.from_)).resolve()
+        self.head_cls = None
+        if manifest.heads:
+            require_head(manifest.heads[0].plugin)
+            self.head_cls = registry.load(registry.resolve(manifest.heads[0].plugin, "head"))
+        config = DharmaConfig.from_pretrained(self.foundation)
+        config.manifest = manifest.to_dict()
+        return Plan(config=config, pretrained=None)
+
+    def _run_root(self) -> Path:
+        return self.application_dir.with_name(self.application_dir.name + "-run")
+
+    @property
+    def application_dir(self) -> Path:
+        return self.manifest.resolve_path(self.options.output or self.cfg.output).resolve()
+
+    # -- data and model ----------------------------------------------------------------
+
+    def _data(self, latest: Path | None) -> tuple:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(latest or self.foundation)
+        except (OSError, ValueError):
+            raise DharmaError(
+                f"{self.foundation} was saved without a tokenizer; it cannot read text"
+            ) from None
+        limit = getattr(tokenizer, "model_max_length", None)
+        length = self.manifest.data.max_length
+        if isinstance(limit, int) and 0 < limit < length:
+            raise DharmaError(
+                f"data.max_length: {length} is longer than the foundation's {limit} positions",
+                hint=f"Pass --max-length {limit} (or less).",
+            )
+        if self.head_cls is None:
+            return super()._data(latest)
+        return (tokenizer, *self._head_data(tokenizer, length))
+
+    def _head_data(self, tokenizer: Any, length: int) -> tuple:
+        from ..backbone import hidden_size
+        from ..head_data import encode_records, fit_head_config, read_head_records
+        from ..model import build_head, plugin_config
+
+        cls, spec = self.head_cls, self.manifest.heads[0]
+        paths = self.options.data or [self.manifest.resolve_path(p) for p in self.manifest.data.train]
+        if not paths:
+            raise DharmaError("no training data: pass --data FILE or list [data] train = [...]")
+        records = read_head_records(cls, paths)
+        config = plugin_config(cls, {**cls.make_config(None).model_dump(), **spec.config}, "heads[0].config")
+        fitted = {"plugin": cls.name, "config": fit_head_config(cls, config, records).model_dump(mode="json")}
+        layout = self.plan.config.layout
+        others = [h for h in layout.get("heads", []) if h["plugin"] != cls.name]
+        self.plan.config.layout = {**layout, "heads": [*others, fitted]}
+        self.head_spec = fitted
+        encoder = build_head(fitted, hidden_size(self.plan.config.text_config))
+        train_data = encode_records(encoder, records, tokenizer, length)
+        eval_data = None
+        if self.manifest.data.eval:
+            held_out = read_head_records(
+                cls, [self.manifest.resolve_path(p) for p in self.manifest.data.eval]
+            )
+            eval_data = encode_records(encoder, held_out, tokenizer, length)
+        report = HeadReport(len(train_data), len(eval_data or []), cls.name, fitted["config"])
+        return train_data, eval_data, report
+
+    def _model(self, latest: Path | None, build: Any) -> Any:
+        if latest is not None:
+            return super()._model(latest, build)
+        from ..application import add_heads
+        from ..model import DharmaModel
+
+        model = DharmaModel.from_pretrained(self.foundation)
+        torch.manual_seed(self.cfg.seed)
+        if self.head_cls is not None:
+            add_heads(model, [self.head_spec])
+        model.config.manifest = self.plan.config.manifest
+        return model
+
+    # -- evaluation and the result -----------------------------------------------------
+
+    def _loop(self, loop: Loop, total: int) -> Summary:
+        self.trainable = [name for name, p in loop.raw.named_parameters() if p.requires_grad]
+        self.first_eval: dict[str, float] = {}
+        self.best_eval: dict[str, float] = {}
+        return super()._loop(loop, total)
+
+    def _eval_metrics(self, loop: Loop) -> dict[str, Any]:
+        if self.head_cls is None:
+            return loop.evaluate(self.cfg.batch_size)
+        metrics = evaluate_head(loop.raw, loop.eval_data, self.tokenizer, self.cfg.batch_size,
+                                lambda: autocast(self.precision, self.device))  # fmt: skip
+        if not self.first_eval:
+            self.first_eval = metrics
+        if loop.progress.step > 0 and metrics["eval_loss"] < loop.progress.best_eval:
+            self.best_eval = {**metrics, "step": loop.progress.step}
+        return metrics
+
+    def _summary(self, loop: Loop) -> Summary:
+        summary = super()._summary(loop)
+        if self.head_cls is not None:
+            summary.first_eval_ppl = summary.best_eval_ppl = None
+            summary.first_eval, summary.best_eval = self.first_eval, self.best_eval
+        return summary
+
+    def run(self) -> Summary:
+        summary = super().run()
+        if summary.interrupted or not self.dist.main:
+            return summary
+        from ..application import save_application
+        from ..checkpoint import save
+        from ..model import DharmaModel
+
+        chosen = summary.best or summary.latest
+        model = DharmaModel.from_pretrained(chosen)
+        if self.manifest.finetune.merge:
+            summary.application = save(model, self.application_dir, self.tokenizer)
+        else:
+            summary.application = save_application(
+                model, self.application_dir, self.foundation, self.trainable, self.tokenizer
+            )
+        return summary
+
+
+@torch.no_grad()
+def evaluate_head(
+    model: Any, data: Any, tokenizer: Any, batch_size: int, precision: Any = None
+) -> dict[str, float]:
+    """Mean loss per record over ``data`` (HeadData) and the head's metrics on its records."""
+    import contextlib
+
+    precision = precision or contextlib.nullcontext
+    from ..head_data import to_device
+
+    head = model.heads[data.head]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss_sum, predictions = 0.0, []
+    try:
+        for start in range(0, len(data), batch_size):
+            rows = list(range(start, min(start + batch_size, len(data))))
+            with precision():
+                out = model(**to_device(data.batch(rows), device), use_cache=False)
+                predictions += head.predict(model, tokenizer, [data.records[i] for i in rows])
+            loss_sum += float(out.loss) * len(rows)
+    finally:
+        model.train(was_training)
+    scores = head.metrics(predictions, data.records)
+    return {"eval_loss": loss_sum / len(data), "eval_records": float(len(data)),
+            **{f"eval_{k}": float(v) for k, v in scores.items()}}  # fmt: skip
