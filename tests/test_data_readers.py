@@ -163,7 +163,8 @@ def test_verse_database_gives_sanskrit_english_pairs(tmp_path):
 
 
 def test_training_data_scriptures_then_conversations_with_stringified_tags(tmp_path):
-    conversation = {"messages": [{"role": "user", "content": "Who is Krishna?"}], "tags": "['qa']"}
+    turns = [{"role": "user", "content": "Who is Krishna?"}, {"role": "assistant", "content": "A teacher."}]
+    conversation = {"messages": turns, "tags": "['qa']"}
     scripture = {
         "sanskrit": "योगः कर्मसु कौशलम्",
         "transliteration": "yogaḥ karmasu kauśalam",
@@ -183,7 +184,11 @@ def test_training_data_scriptures_then_conversations_with_stringified_tags(tmp_p
         ("gita", "yoga", "scripture"),
         ("योगः कर्मसु कौशलम्", "Yoga is skill in action."),
     )
-    assert (second.index, second.text, second.tags) == (2, "User: Who is Krishna?", ("qa",))
+    assert (second.index, second.text, second.tags) == (
+        2,
+        "User: Who is Krishna?\nAssistant: A teacher.",
+        ("qa",),
+    )
 
 
 def test_conversation_list(tmp_path):

@@ -80,14 +80,16 @@ def clean_records(
     records: Iterable[Record], min_chars: int = 20, report: DataReport | None = None
 ) -> list[Record]:
     """The records cleaned (:func:`clean_text`, also on ``messages`` and ``pair``), in order,
-    without those left empty, shorter than ``min_chars`` characters, or equal to an
-    earlier one; each drop is counted in ``report``."""
+    without those left empty (or with an empty message), shorter than ``min_chars``
+    characters, or equal to an earlier one; each drop is counted in ``report``."""
     report = DataReport() if report is None else report
     kept: list[Record] = []
     seen: set[str] = set()
     for record in map(_clean_record, records):
-        if not record.text:
-            reason = "empty"
+        if not record.text or (
+            record.messages is not None and not all(t["content"] for t in record.messages)
+        ):
+            reason = "empty"  # a conversation with a message left empty cannot be rendered as a chat
         elif len(record.text) < min_chars:
             reason = "too_short"
         elif record.text in seen:

@@ -38,8 +38,12 @@ class DataRecords:
 
     @property
     def texts(self) -> list[str]:
-        """The training texts, what a tokenizer is trained on (never the held-out ones)."""
-        return [record.text for record in self.train]
+        """The training texts, what a tokenizer is trained on (never the held-out ones); a
+        conversation's are its messages' contents, which is what the chat template shows."""
+        return [
+            "\n".join(turn["content"] for turn in record.messages) if record.messages else record.text
+            for record in self.train
+        ]
 
 
 def read_data(
@@ -122,8 +126,15 @@ def prepare_data(
         from ..concepts import lexicons_for
 
         lexicons = lexicons_for(refs)
-    train = pack(data.train, tokenizer, max_length, refs, lexicons)
-    held_out = pack(data.eval, tokenizer, max_length, refs, lexicons) if data.eval else None
+    train = pack(data.train, tokenizer, max_length, refs, lexicons, data.report)
+    held_out = pack(data.eval, tokenizer, max_length, refs, lexicons, data.report) if data.eval else None
+    if len(train) == 0:
+        raise DharmaError(
+            f"no training rows: every conversation was dropped ({data.report.summary().splitlines()[-1]})",
+            hint=f"Raise data.max_length (now {max_length}) or shorten the conversations.",
+        )
+    if held_out is not None and len(held_out) == 0:
+        held_out = None
     return train, held_out, data.report
 
 

@@ -20,6 +20,7 @@ from .report import DataReport
 __all__ = [
     "BadFile",
     "BadRecord",
+    "ROLES",
     "build_each",
     "load_json",
     "messages_field",
@@ -116,8 +117,16 @@ def require_list(value: Any, where: str) -> list[Any]:
     return value
 
 
+ROLES = ("system", "user", "assistant")
+
+
 def messages_field(obj: dict[str, Any]) -> list[dict[str, Any]]:
-    """A non-empty list of ``{"role": str, "content": str}`` turns."""
+    """A conversation: a non-empty list of ``{"role": str, "content": str}`` turns.
+
+    Roles are ``system`` (at most one, first), ``user`` and ``assistant``; the first turn after
+    the system message is the user's; every content has text; at least one turn is the
+    assistant's (the turns a chat model is trained on).
+    """
     turns = _literal(obj["messages"])
     if not isinstance(turns, list) or not turns:
         raise BadRecord("field 'messages' should be a non-empty list of turns")
@@ -127,6 +136,21 @@ def messages_field(obj: dict[str, Any]) -> list[dict[str, Any]]:
         for key in ("role", "content"):
             if not isinstance(turn.get(key), str):
                 raise BadRecord(f"message {number} needs a string {key!r}")
+        role = turn["role"]
+        if role not in ROLES:
+            raise BadRecord(f"message {number} has role {role!r}; roles are {', '.join(ROLES)}")
+        if not turn["content"].strip():
+            raise BadRecord(f"message {number} ({role}) has empty content")
+        if role == "system" and number != 1:
+            raise BadRecord(f"message {number} is a system message; only the first message may be one")
+    if not any(turn["role"] == "assistant" for turn in turns):
+        raise BadRecord("the conversation has no assistant turn, so nothing to train a chat model on")
+    opening = 2 if turns[0]["role"] == "system" else 1
+    if turns[opening - 1]["role"] != "user":
+        raise BadRecord(
+            f"message {opening} is from the {turns[opening - 1]['role']}; "
+            "a conversation starts with a user message (after an optional system message)"
+        )
     return turns
 
 

@@ -3,6 +3,10 @@
     packed = pack(records, tokenizer, max_length=128, refs=model.module_refs)
     loss = model(**packed.batch([0, 1, 2, 3])).loss
 
+Conversations (records with ``messages``) are packed apart, after the text rows, by
+:func:`~dharma_kernel.data.chat.pack_conversations`: rendered with the chat
+template, whole conversations to a row, loss on the assistant's turns only.
+
 No row is wasted on padding but the last. A row may hold the end of one document
 and the start of the next; the model is never asked to predict a document's first
 token from the one before it (that label is -100), but it is trained to predict the
@@ -23,6 +27,7 @@ import torch
 from ..concepts import IGNORE, Lexicon, concept_hits, lexicons_for
 from ..errors import DharmaError
 from .records import Record
+from .report import DataReport
 
 __all__ = ["PackedData", "pack"]
 
@@ -33,7 +38,9 @@ class PackedData:
 
     input_ids, labels, attention_mask: ``[N, L]`` long. labels are input_ids with -100
     on padding and on a document's first token when another document precedes it in
-    the row. attention_mask is 1 on real tokens (EOS included), 0 on padding.
+    the row; in a conversation's row, -100 everywhere but on the assistant's tokens
+    (the per-token mask of what is trained). attention_mask is 1 on real tokens (EOS
+    included), 0 on padding.
     concept_labels: ``[N, L, M]`` int8 in {-100, 0, 1}, columns in ``refs`` order (see
     :func:`~dharma_kernel.concepts.token_labels`), -100 on EOS/BOS and padding; None
     without ``refs``.
@@ -78,8 +85,13 @@ def pack(
     max_length: int,
     refs: Sequence[str] = (),
     lexicons: dict[str, Lexicon] | None = None,
+    report: DataReport | None = None,
 ) -> PackedData:
     """Tokenize ``records`` and pack them into rows of exactly ``max_length`` tokens.
+
+    Records with ``messages`` become the chat rows of
+    :func:`~dharma_kernel.data.chat.pack_conversations` (counted in ``report``), after
+    the rows of the others, which are packed as follows.
 
     Each document is its tokens (after the tokenizer's BOS when it has one other than
     EOS), then EOS; the last row is right-padded with the pad token (else EOS). Text
@@ -90,6 +102,15 @@ def pack(
     see, does not label tokens in a later one; a record tag labels all its tokens.
     ``lexicons`` defaults to the installed plugins' own.
     """
+    chats = [record for record in records if record.messages is not None]
+    if chats:
+        from .chat import pack_conversations
+
+        texts_only = [record for record in records if record.messages is None]
+        lexicons = lexicons if lexicons is not None or not refs else lexicons_for(refs)
+        parts = [pack(texts_only, tokenizer, max_length, refs, lexicons)] if texts_only else []
+        parts.append(pack_conversations(chats, tokenizer, max_length, report, refs, lexicons))
+        return _concat(parts)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise DharmaError(
@@ -133,6 +154,19 @@ def pack(
         attention_mask=attention_mask.view(rows, max_length),
         concept_labels=concept_labels,
         refs=refs,
+    )
+
+
+def _concat(parts: list[PackedData]) -> PackedData:
+    if len(parts) == 1:
+        return parts[0]
+    concept = [part.concept_labels for part in parts]
+    return PackedData(
+        input_ids=torch.cat([part.input_ids for part in parts]),
+        labels=torch.cat([part.labels for part in parts]),
+        attention_mask=torch.cat([part.attention_mask for part in parts]),
+        concept_labels=torch.cat(concept) if all(c is not None for c in concept) else None,  # type: ignore[arg-type]
+        refs=parts[0].refs,
     )
 
 

@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 
 from ..errors import DharmaError
 
-__all__ = ["DROP_REASONS", "DataReport", "problem_line"]
+__all__ = ["CHAT_DROP_REASONS", "DROP_REASONS", "DataReport", "problem_line"]
 
 DROP_REASONS = ("empty", "too_short", "duplicate", "malformed")
+CHAT_DROP_REASONS = ("too_long", "control_token")  # conversations dropped when packed
 
 
 def problem_line(source: str, index: int, reason: str) -> str:
@@ -24,6 +25,10 @@ class DataReport:
     not be read at all (each is also a problem, with record number 0).
     problems: ``(source, index, reason)`` for every skipped file and malformed record.
     strict: a malformed file or record raises :class:`DharmaError` instead of being skipped.
+    conversations: conversation records packed (train and eval); conversations_truncated:
+    those that lost their oldest exchanges to fit ``max_length``; conversations_cut: those
+    whose last exchange alone was longer, cut at ``max_length``; conversations_dropped:
+    those left out, by reason (see :func:`~dharma_kernel.data.chat.pack_conversations`).
     """
 
     files_read: int = 0
@@ -33,6 +38,10 @@ class DataReport:
     dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(DROP_REASONS, 0))
     problems: list[tuple[str, int, str]] = field(default_factory=list)
     strict: bool = False
+    conversations: int = 0
+    conversations_truncated: int = 0
+    conversations_cut: int = 0
+    conversations_dropped: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CHAT_DROP_REASONS, 0))
 
     def malformed(self, source: str, index: int, reason: str) -> None:
         """A record a reader could not use: skip and count it, or raise when strict."""
@@ -60,8 +69,16 @@ class DataReport:
     def summary(self) -> str:
         """A few lines of numbers."""
         dropped = ", ".join(f"{self.dropped[reason]} {reason}" for reason in DROP_REASONS)
-        return (
+        lines = (
             f"files: {self.files_read} read, {self.files_skipped} skipped\n"
             f"records: {self.records_read} read, {self.records_kept} kept\n"
             f"dropped: {dropped}"
         )
+        if self.conversations:
+            left_out = ", ".join(f"{self.conversations_dropped[r]} {r}" for r in CHAT_DROP_REASONS)
+            lines += (
+                f"\nconversations: {self.conversations} (loss on assistant turns only); "
+                f"{self.conversations_truncated} kept only their latest turns, "
+                f"{self.conversations_cut} cut at max_length; dropped: {left_out}"
+            )
+        return lines

@@ -2,7 +2,9 @@
 
 A trained tokenizer is byte-level (GPT-2's scheme): every string, Devanagari, IAST
 diacritics and runs of whitespace included, encodes to tokens that decode back to
-it exactly, and nothing is ever an unknown token. Save it with
+it exactly, and nothing is ever an unknown token. It carries the chat template
+(:data:`~dharma_kernel.data.chat.CHAT_TEMPLATE`) and its role markers as special
+tokens. Save it with
 ``tokenizer.save_pretrained(directory)``; ``AutoTokenizer.from_pretrained(directory)``
 loads it back.
 """
@@ -28,7 +30,8 @@ def train_tokenizer(
 ) -> PreTrainedTokenizerFast:
     """A byte-level BPE of at most ``vocab_size`` tokens trained on ``texts``.
 
-    The vocabulary holds :data:`END_OF_TEXT` (id 0: eos, bos and pad), the 256 bytes, then
+    The vocabulary holds :data:`END_OF_TEXT` (id 0: eos, bos and pad), the chat template's
+    role markers ``<|system|>``, ``<|user|>``, ``<|assistant|>`` (ids 1 to 3), the 256 bytes, then
     merges of pairs seen at least ``min_frequency`` times; a small corpus may run out of
     such pairs before ``vocab_size``. No text is normalised, so decoding gives back
     exactly what was encoded, and offsets are character spans in the text as given. The
@@ -36,6 +39,8 @@ def train_tokenizer(
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from .chat import CHAT_TEMPLATE, MARKERS
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -46,7 +51,7 @@ def train_tokenizer(
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=[END_OF_TEXT],
+        special_tokens=[END_OF_TEXT, *MARKERS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -56,15 +61,18 @@ def train_tokenizer(
         eos_token=END_OF_TEXT,
         bos_token=END_OF_TEXT,
         pad_token=END_OF_TEXT,
+        extra_special_tokens=list(MARKERS),
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,  # " ." stays " .": decoding is exact
+        chat_template=CHAT_TEMPLATE,
     )
 
 
 def resolve_tokenizer(
     manifest: Manifest, texts: Iterable[str], text_config: PretrainedConfig | None = None
 ) -> Any:
-    """The tokenizer to train with, checked against the backbone's embedding table.
+    """The tokenizer to train with, checked against the backbone's embedding table, with
+    Dharma's chat template when it has none (:func:`~dharma_kernel.data.chat.ensure_chat_template`).
 
     ``backbone.tokenizer`` names one, or the pretrained backbone brings its own
     (:func:`~dharma_kernel.assemble.load_tokenizer`); otherwise, for a fresh backbone or
@@ -73,6 +81,7 @@ def resolve_tokenizer(
     ``text_config`` is the backbone's config when the caller has it (``plan(manifest).config.text_config``).
     """
     from ..assemble import load_tokenizer
+    from .chat import ensure_chat_template
 
     config = text_config if text_config is not None else _backbone_config(manifest)
     embeddings = int(config.vocab_size)
@@ -104,7 +113,7 @@ def resolve_tokenizer(
             f"the tokenizer has {len(tokenizer)} tokens, more than the backbone's {embeddings} embeddings",
             hint=_too_large_hint(manifest, len(tokenizer), embeddings),
         )
-    return tokenizer
+    return ensure_chat_template(tokenizer)
 
 
 def _too_large_hint(manifest: Manifest, tokens: int, embeddings: int) -> str:
