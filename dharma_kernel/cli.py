@@ -286,6 +286,8 @@ def plan_command(
         int | None, typer.Option("--length", min=1, help="Tokens per sequence (default: data.max_length).")
     ] = None,
     freeze: FreezeOption = None,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Estimate a training step's peak memory and list the memory settings that fit; no weights allocated."""
     from rich.table import Table
@@ -302,6 +304,15 @@ def plan_command(
     batch, length = batch_size or resolved.train.batch_size, length or resolved.data.max_length
     own = MemorySettings.from_train(resolved.train)
     mine = estimate(model, batch, length, own)
+    fits = fitting_settings(model, budget, batch, length, own)
+    if as_json:
+        result = {
+            "manifest": str(manifest), "batch_size": batch, "length": length, "settings": own.__dict__,
+            "bytes": dict(mine.parts()), "total": mine.total, "budget": budget, "fits": mine.total <= budget,
+            "fitting": [{"changes": changes(f.settings, own), "total": f.total} for f in fits],
+        }  # fmt: skip
+        typer.echo(json.dumps(result, indent=2))
+        return
     switches = ", ".join(f"{name} {str(value).lower()}" for name, value in own.__dict__.items())
     auto = " (counted as fp32)" if own.precision == "auto" else ""
     out.print(f"{manifest}: batch {batch} x {length} tokens; {switches}{auto}")
@@ -311,7 +322,6 @@ def plan_command(
     out.print(table)
     verdict = "fits" if mine.total <= budget else f"does not fit, {gib(mine.total - budget)} GiB over"
     out.print(f"budget {gib(budget)} GiB ({budget:,} bytes): {verdict}")
-    fits = fitting_settings(model, budget, batch, length, own)
     if not fits:
         least = min(fitting_settings(model, 2**63, batch, length, own), key=lambda e: e.total)
         out.print(
@@ -332,8 +342,8 @@ def plan_command(
         out.print(note)
 
 
-from . import cli_train  # noqa: E402, F401  (registers train, eval, generate on app)
 from . import cli_report  # noqa: E402, F401  (registers report)
+from . import cli_train  # noqa: E402, F401  (registers train, eval, generate on app)
 
 
 @functools.cache  # once per process, however often main() runs
