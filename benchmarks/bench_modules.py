@@ -4,7 +4,9 @@ Counts come from models built on the meta device; speed from one plain training 
 (forward with labels, backward, fused AdamW step as the trainer takes) run on the bare
 backbone and on each assembled model in this one process, same batch, so the ratios
 compare like with like.
-``--quick`` (or DHARMA_BENCH_QUICK=1) times fewer rounds.
+``--quick`` (or DHARMA_BENCH_QUICK=1) times fewer rounds. On a CUDA machine the speeds are
+measured there, under bf16 autocast where the card supports it (what ``precision = "auto"`` picks);
+DHARMA_BENCH_DEVICE=cpu measures on the CPU anyway.
 """
 
 from __future__ import annotations
@@ -115,21 +117,36 @@ def parameter_counts(folder: Path, refs: list[str], complete: bool) -> bool:
     return all(passed for *_, passed in checks)
 
 
+def bench_device() -> torch.device:
+    wanted = os.environ.get("DHARMA_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(wanted)
+
+
 class Trainer:
     """A model with its fused AdamW (the trainer's default), stepping on one fixed batch: forward with
     labels, backward, update."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model.train()
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        self.model = model.to(device).train()
+        self.device = device
         self.params = sum(p.numel() for p in model.parameters())
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=bf16)
 
     def step(self, ids: torch.Tensor) -> float:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
         start = time.perf_counter()
-        self.model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        with self.autocast:
+            loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
 
 
@@ -149,9 +166,15 @@ def paired_rounds(
 def training_speed(folder: Path, refs: list[str], complete: bool, budget: Budget) -> bool:
     """Each round times one bare step then one assembled step, so a busy moment slows both alike."""
     text = backbone_config(None, {})
+    device = bench_device()
     ids = torch.randint(0, text.vocab_size, (BATCH, LENGTH), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    where = (
+        f"{torch.cuda.get_device_name(device)}, bf16 autocast" if device.type == "cuda" else
+        f"CPU, {torch.get_num_threads()} threads"
+    )  # fmt: skip
     print(
-        f"training speed: batch {BATCH} x {LENGTH} tokens, {torch.get_num_threads()} threads, fused AdamW, "
+        f"training speed: batch {BATCH} x {LENGTH} tokens, {where}, fused AdamW, "
         f"{WARMUP} warm-up steps per model; then rounds of one bare and one assembled step "
         f"({budget.least} to {budget.most} rounds, more while under {budget.seconds:.0f} s per config)."
     )
@@ -159,12 +182,13 @@ def training_speed(folder: Path, refs: list[str], complete: bool, budget: Budget
     print("tokens/s: from the fastest step; ratio: fastest bare step / fastest assembled step, same rounds")
     print(f"{'config':<22} {'params':>9} {'tokens/s':>9} {'ratio':>6} {'target':>7} {'rounds':>6}  result")
     torch.manual_seed(0)
-    bare = Trainer(fresh_backbone(text))
+    bare = Trainer(fresh_backbone(text), device)
     speed = ids.numel() / min([bare.step(ids) for _ in range(WARMUP + 3)][WARMUP:])
     print(f"{'bare backbone':<22} {bare.params / 1e6:>8.1f}M {speed:>9.1f} {1:>6.2f} {'-':>7} {'-':>6}  -")
     ok = True
     for preset, composition, target in SPEED:
-        trainer = Trainer(build(plan(load_manifest(manifest_path(folder, refs, preset, composition)))))
+        model = build(plan(load_manifest(manifest_path(folder, refs, preset, composition))))
+        trainer = Trainer(model, device)
         for _ in range(WARMUP):
             trainer.step(ids)
         pairs = paired_rounds(bare, trainer, ids, budget)
@@ -179,7 +203,7 @@ def training_speed(folder: Path, refs: list[str], complete: bool, budget: Budget
             f"{len(pairs):>6}  {result}",
             flush=True,
         )
-        del trainer
+        del trainer, model
         gc.collect()
     return ok
 

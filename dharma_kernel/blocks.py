@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .protocol import ModuleContext
 
@@ -169,9 +170,17 @@ def _prefixes(
     return queries, (last + 1).tolist(), rows
 
 
+# cuDNN attention builds a plan per new shape (measured on an H200: ~30 ms forward, ~48 ms backward
+# each), and routed modules attend with a new query/key count per sequence almost every call.
+_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """``[B, heads, Q, D]`` queries over ``[B, kv_heads, K, D]`` keys; query head groups share a key head."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
+    with sdpa_kernel(_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
 
 
 def _allowed(position: torch.Tensor, keys: torch.Tensor | None, total: int) -> torch.Tensor:

@@ -42,7 +42,10 @@ def concept_loss(score: torch.Tensor, labels: torch.Tensor, counted: torch.Tenso
     if not bool(keep.any()):
         return None
     prob = score.float()[keep].clamp(1e-6, 1 - 1e-6)
-    return F.binary_cross_entropy(prob, labels[keep].float())
+    # Autocast refuses binary_cross_entropy (fp16 overflow); the scores are already probabilities
+    # in fp32 here, so the loss is computed outside it.
+    with torch.autocast(score.device.type, enabled=False):
+        return F.binary_cross_entropy(prob, labels[keep].float())
 
 
 def total_loss(components: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:

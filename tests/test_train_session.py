@@ -48,7 +48,9 @@ def grads_after_one_step(manifest, monkeypatch, batch_size, grad_accum):
 
     monkeypatch.setattr(optim.Optimizer, "step", record)
     options = {"batch_size": batch_size, "grad_accum": grad_accum}
-    path = write_manifest(manifest, modules=False, dropout=0.0, train={**options, "max_grad_norm": 0.0})
+    path = write_manifest(
+        manifest, modules=False, dropout=0.0, train={**options, "max_grad_norm": 0.0, "precision": "fp32"}
+    )
     with pytest.raises(SystemExit):
         run(path)
     return seen
