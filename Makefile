@@ -39,5 +39,17 @@ lint: install
 bench: install
 	$(PY) benchmarks/run.py
 
+# Wheels and sdists of the kernel and every plugin under plugins/, built offline by the
+# venv's hatchling. `pip install --find-links dist dharma-plugin-<name>` then installs from here.
+DIST ?= dist
+dist: install
+	mkdir -p $(DIST)
+	rm -f $(DIST)/*.whl $(DIST)/*.tar.gz
+	$(PY) -m hatchling build -d $(abspath $(DIST)) >/dev/null
+	for dir in $(PLUGIN_DIRS); do \
+		(cd $$dir && $(abspath $(PY)) -m hatchling build -d $(abspath $(DIST)) >/dev/null) || exit 1; \
+	done
+	@echo "$(DIST): $$(ls $(DIST)/*.whl | wc -l) wheels, $$(ls $(DIST)/*.tar.gz | wc -l) sdists"
+
 clean:
 	rm -rf $(VENV) runs dist build
