@@ -345,6 +345,7 @@ def plan_command(
 from . import cli_report  # noqa: E402, F401  (registers report)
 from . import cli_train  # noqa: E402, F401  (registers train, eval, generate on app)
 from . import cli_new_plugin  # noqa: E402, F401  (registers new-plugin)
+from . import cli_export  # noqa: E402, F401  (registers export on app)
 
 
 @functools.cache  # once per process, however often main() runs

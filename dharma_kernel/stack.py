@@ -50,6 +50,9 @@ class ModuleStack(nn.Module):
         self.router = nn.Linear(hidden_size, len(modules), bias=False) if composition == "routed" else None
         self.stream_base = 0  # first cache stream index; set by the model
         self.gradient_checkpointing = False
+        # Every module at every token, unchosen ones weighted zero: the same result without the
+        # data-dependent gather and scatter, so graph exporters can trace it (dharma_kernel.export).
+        self.dense_routing = False
 
     @property
     def streams(self) -> int:
@@ -95,6 +98,9 @@ class ModuleStack(nn.Module):
         top_weight = top_weight / top_weight.sum(-1, keepdim=True)
         chosen = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_index, True)
         real = _real_tokens(attention_mask, hidden)
+        if self.dense_routing:
+            active = chosen & real[..., None]
+            return self._routed_dense(result, attention_mask, past, top_index, top_weight, active)
         shared: dict = {}
         contexts = [
             ModuleContext(attention_mask, past, chosen[..., m] & real, shared=shared)
@@ -118,6 +124,20 @@ class ModuleStack(nn.Module):
             delta = torch.cat(deltas) * weight[:, None]
             result.hidden = hidden.flatten(0, 1).index_add(0, rows, delta).view_as(hidden)
         result.losses["router_balance"] = _balance_loss(probs, chosen, real, self.top_k)
+        return result
+
+    def _routed_dense(self, result, attention_mask, past, top_index, top_weight, active) -> StackResult:
+        """``_routed``'s hidden states and scores (no balance loss), from full forwards of every module."""
+        hidden = result.hidden
+        weight = top_weight.new_zeros(active.shape).scatter(-1, top_index, top_weight) * active
+        weight = weight.to(hidden.dtype)
+        shared: dict = {}
+        delta = torch.zeros_like(hidden)
+        for m, (ref, module) in enumerate(zip(self.refs, self.members.values(), strict=True)):
+            out = module(hidden, ModuleContext(attention_mask, past, shared=shared))
+            delta = delta + (out.hidden - hidden) * weight[..., m : m + 1]
+            _record(result, ref, out, out.score * active[..., m], active[..., m])
+        result.hidden = hidden + delta
         return result
 
 
