@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from .cli import FreezeOption, _quiet_transformers, app, err, out
+from .cli import FreezeOption, JsonOption, QuietOption, _quiet_transformers, app, err, out
 from .errors import DharmaError
 
 DataOption = Annotated[
@@ -50,6 +51,8 @@ def train(
     device: Annotated[
         str | None, typer.Option("--device", help="cpu or cuda (default: cuda when available).")
     ] = None,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Train the model a manifest describes; checkpoints, metrics and best model go to the run directory."""
     from .train.session import TrainOptions
@@ -65,10 +68,23 @@ def train(
     summary = run_training(manifest, options, out)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, the main process reports
-    if summary.application is not None or summary.best_eval:  # a [finetune] manifest
+    if as_json:
+        typer.echo(json.dumps(_jsonable(asdict(summary)), indent=2))
+    elif summary.application is not None or summary.best_eval:  # a [finetune] manifest
         from .cli_finetune import report_finetune
 
         return report_finetune(summary)
+    else:
+        _report_training(summary)
+    if summary.interrupted:
+        err.print(
+            f"interrupted: saved step {summary.steps} to {summary.latest}; "
+            f"continue with: dharma train {escape(str(manifest))} --resume"
+        )
+        raise SystemExit(130)
+
+
+def _report_training(summary) -> None:
     first, best = summary.first_eval_ppl, summary.best_eval_ppl
     out.print(
         f"trained {summary.steps} steps, {summary.tokens:,} tokens; "
@@ -78,12 +94,12 @@ def train(
         start = f" (from {first:.2f} at the start)" if first is not None else ""
         out.print(f"best eval perplexity {best:.2f} at step {summary.best_step}{start}")
     out.print(f"run directory: {summary.output}; best model: {summary.best or summary.latest}")
-    if summary.interrupted:
-        err.print(
-            f"interrupted: saved step {summary.steps} to {summary.latest}; "
-            f"continue with: dharma train {escape(str(manifest))} --resume"
-        )
-        raise SystemExit(130)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {key: _jsonable(v) for key, v in value.items()}
+    return str(value) if isinstance(value, Path) else value
 
 
 @app.command("eval")
@@ -95,7 +111,8 @@ def eval_command(
     max_length: Annotated[int, typer.Option("--max-length", min=8, help="Tokens per packed sequence.")] = 256,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
     strict: StrictOption = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
     head: Annotated[str | None, typer.Option("--head", help="With several task heads: which one.")] = None,
 ) -> None:
     """Perplexity on held-out text, and each module's activation ROC-AUC against its concept labels;
