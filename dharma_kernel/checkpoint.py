@@ -21,6 +21,10 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards
 
 
+class LockWarning(UserWarning):
+    """A saved model's plugin is installed at another compatible version (same major, or minor below 1.0)."""
+
+
 def make_lock(layout: dict[str, Any]) -> list[dict[str, str | None]]:
     """Distribution, version and MODULE_API of every plugin the layout uses."""
     entries = [("module", spec["ref"]) for spec in layout.get("modules", [])]
@@ -68,7 +72,9 @@ def check_lock(lock: list[dict[str, Any]]) -> None:
             )
         else:
             warnings.warn(
-                f"{entry['ref']}: saved with {entry['distribution']} {saved}, loading with {installed}",
+                f"{entry['ref']}: saved with {entry['distribution']} {saved}, loading with {installed}; "
+                f"for the version it was saved with: pip install '{want}'",
+                LockWarning,
                 stacklevel=3,
             )
     if problems:
