@@ -26,6 +26,10 @@ def finetune(
     head: Annotated[
         str | None, typer.Option("--head", help="Task head plugin (e.g. classification); none: the LM.")
     ] = None,
+    head_options: Annotated[
+        list[str] | None,
+        typer.Option("--head-option", help="A head config value, KEY=VALUE (JSON or text); repeatable."),
+    ] = None,
     eval_data: Annotated[
         list[str] | None, typer.Option("--eval", help="Held-out data, evaluated during training.")
     ] = None,
@@ -56,7 +60,7 @@ def finetune(
     manifest = Manifest.from_dict(
         {
             "model": {"name": Path(output).name or "application"},
-            "heads": [{"plugin": head}] if head else [],
+            "heads": [{"plugin": head, "config": _key_values(head_options, "--head-option")}] if head else [],
             "finetune": {"from": foundation, "merge": merge},
             "freeze": {"groups": freeze or []},
             "data": {"train": data, "eval": eval_data or [], "max_length": max_length, "eval_fraction": 0.0},
@@ -71,6 +75,20 @@ def finetune(
     if int(os.environ.get("RANK", "0")) != 0:
         return
     report_finetune(summary)
+
+
+def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
+    """``KEY=VALUE`` items as a dict; a value that parses as JSON (numbers, true, lists) is that."""
+    values: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise DharmaError(f"{flag} {item!r}: expected KEY=VALUE")
+        try:
+            values[key] = json.loads(text)
+        except json.JSONDecodeError:
+            values[key] = text
+    return values
 
 
 def report_finetune(summary: Any) -> None:
@@ -125,7 +143,7 @@ def predict(
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise DharmaError(f"--input {item!r}: expected KEY=VALUE")
-        record[key] = value
+        record[key] = value  # text as given: a field is never parsed as JSON
     record = {k: v for k, v in record.items() if v is not None}
     model, tokenizer = load_application(application)
     chosen = pick_head(model, head)

@@ -421,3 +421,31 @@ def _pad_right(value: torch.Tensor, extra: int, key: str, pad_values: dict) -> t
     if key == "input_ids":
         fill = 0
     return torch.cat([value, value.new_full((value.shape[0], extra), fill)], dim=1)
+
+
+def tiny_foundation(
+    directory: str | Path,
+    texts: list[str],
+    modules: tuple[str, ...] = (),
+    seed: int = 0,
+    positions: int = 128,
+) -> Path:
+    """A saved foundation for head tests: a 2-layer, 64-wide GPT-2 with fresh weights and a
+    byte-level BPE trained on ``texts`` (EOS, BOS and pad are id 0), and the module ``refs``
+    (tiny preset) after layer 0. Loads with ``DharmaModel.from_pretrained``; no download."""
+    from . import registry
+    from .assemble import build_model
+    from .checkpoint import save
+    from .data.tokenizer import train_tokenizer
+
+    tokenizer = train_tokenizer(texts, vocab_size=400, min_frequency=1, model_max_length=positions)
+    specs = [
+        {"ref": ref, "config": registry.load(registry.resolve(ref)).make_config("tiny").model_dump()}
+        for ref in modules
+    ]
+    layout = {"at_layers": [0], "preset": "tiny", "modules": specs} if specs else {}
+    backbone = tiny_backbone_config(
+        vocab_size=len(tokenizer), n_embd=64, n_positions=positions, pad_token_id=0
+    )
+    model = build_model(backbone=backbone, layout=layout, seed=seed)
+    return save(model, directory, tokenizer)
