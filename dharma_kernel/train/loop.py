@@ -198,9 +198,13 @@ class Loop:
 
 
 def _lm_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Positions whose next token is predicted and counted (see losses.lm_loss); 0 without LM labels."""
+    """Positions whose next token is predicted and counted (see losses.lm_loss).
+
+    A head batch without LM labels counts its real input tokens: only for throughput and
+    ``progress.tokens``, as no LM loss is weighted by them.
+    """
     if "labels" not in batch:
-        return 0
+        return int(batch["attention_mask"].sum())
     labels = batch["labels"][:, 1:]
     counted = labels != -100
     if "attention_mask" in batch:
