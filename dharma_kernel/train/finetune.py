@@ -81,8 +81,18 @@ class FinetuneSession(_Session):
                 hint=f"Pass --max-length {limit} (or less).",
             )
         if self.head_cls is None:
-            return super()._data(latest)
+            return (tokenizer, *self._lm_data(tokenizer))
         return (tokenizer, *self._head_data(tokenizer, length))
+
+    def _lm_data(self, tokenizer: Any) -> tuple:
+        """Packed LM rows in the foundation's vocabulary (never a new tokenizer); conversations
+        get the chat template and assistant-only labels (:mod:`dharma_kernel.data.chat`)."""
+        from ..data import prepare_data, read_data
+        from ..data.chat import ensure_chat_template
+
+        records = read_data(self.manifest, self.options.data, self.options.strict)
+        refs = [spec["ref"] for spec in self.plan.config.layout["modules"]]
+        return prepare_data(self.manifest, ensure_chat_template(tokenizer), refs, records=records)
 
     def _head_data(self, tokenizer: Any, length: int) -> tuple:
         from ..backbone import hidden_size
