@@ -3,8 +3,9 @@
 An input is the question's tokens, then one newline token run, then a window of the
 context's tokens: the backbone is causal, so the context comes after the question and
 every context token has seen it. The question keeps at most ``max_question_tokens``
-tokens. A context too long for the rest of ``max_length`` is cut into windows that
-overlap by ``stride`` tokens; a prediction takes the best span over all windows.
+tokens, and never more than half of ``max_length``. A context too long for the rest of
+``max_length`` is cut into windows that overlap by ``stride`` tokens; a prediction takes
+the best span over all windows.
 In training, a window that does not hold the whole answer is not used, and a record
 whose answer fits in none of its windows is an error (raise ``max_length``).
 
@@ -91,8 +92,9 @@ def encode_record(
 ) -> list[Window]:
     """The windows for ``record``. With ``train``, only those holding the first answer, labelled."""
     question, _ = _encode(tokenizer, record.question.strip() + SEPARATOR)
+    keep = min(max_question_tokens, max_length // 2)  # the context always has half the room
     sep = question[-1:]  # a cut question still ends with the separator
-    question = question[: max_question_tokens - 1] + sep if len(question) > max_question_tokens else question
+    question = question[: keep - 1] + sep if len(question) > keep else question
     room = max_length - len(question)
     if room < 8:
         raise RecordError(

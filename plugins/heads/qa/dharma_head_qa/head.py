@@ -45,8 +45,10 @@ class QAHead(HeadModule):
         super().__init__(hidden_size, config)
         heads = self.config.lookahead_heads
         self.lookahead = Lookahead(hidden_size, heads) if heads > 0 else None
-        self.norm = nn.LayerNorm(hidden_size)
-        self.span = nn.Linear(hidden_size, 2)
+        # No biases before the scores: a shift shared by all positions never changes a softmax
+        # over positions, so it would get no gradient and could never learn.
+        self.norm = nn.LayerNorm(hidden_size, bias=False)
+        self.span = nn.Linear(hidden_size, 2, bias=False)
 
     def forward(
         self,
@@ -96,32 +98,26 @@ class QAHead(HeadModule):
         text = model.config.text_config
         positions = getattr(text, "n_positions", None) or getattr(text, "max_position_embeddings", None)
         max_length = min(max_length_of(model), positions or 10**9)
-        return [self._predict_one(model, tokenizer, record, max_length) for record in records]
-
-    def _predict_one(self, model: nn.Module, tokenizer: Any, record: dict[str, Any], max_length: int) -> dict:
-        windows = self._windows(record, tokenizer, max_length, train=False)
-        batch = pad_features(
-            [{"input_ids": w.input_ids, "context_mask": w.context_mask} for w in windows], pad_id(tokenizer)
-        )
-        device = next(model.parameters()).device
-        batch = to_device(model_batch(self.name, batch), device)
+        per_record = [self._windows(record, tokenizer, max_length, train=False) for record in records]
+        windows = [w for ws in per_record for w in ws]
+        features = [{"input_ids": w.input_ids, "context_mask": w.context_mask} for w in windows]
+        batch = to_device(model_batch(self.name, pad_features(features, pad_id(tokenizer))), model.device)
         logits = model(**batch, use_cache=False).heads[self.name].logits
         in_context = batch["head_labels"][self.name]["context_mask"]
-        best = None
-        for row, window in enumerate(windows):
-            span = best_span(
-                logits["start"][row], logits["end"][row], in_context[row], self.config.max_answer_tokens
-            )
-            if span is not None and (best is None or span.score > best[1].score):
-                best = (window, span)
-        window, span = best  # type: ignore[misc]  # every window holds context tokens
-        start, end = char_span(record["context"], window.offsets, span.first, span.last)
-        return {
-            "answer": record["context"][start:end],
-            "start": start,
-            "end": end,
-            "score": round(span.score, 6),
-        }
+        spans = [
+            best_span(logits["start"][i], logits["end"][i], in_context[i], self.config.max_answer_tokens)
+            for i in range(len(windows))
+        ]
+        predictions, row = [], 0
+        for record, ws in zip(records, per_record, strict=True):
+            # every window holds at least one context token, so each has a span
+            score, index = max((spans[row + i].score, row + i) for i in range(len(ws)))  # type: ignore[union-attr]
+            span, window = spans[index], windows[index]
+            start, end = char_span(record["context"], window.offsets, span.first, span.last)  # type: ignore[union-attr]
+            answer = record["context"][start:end]
+            predictions.append({"answer": answer, "start": start, "end": end, "score": round(score, 6)})
+            row += len(ws)
+        return predictions
 
     def metrics(self, predictions: list[dict[str, Any]], records: list[dict[str, Any]]) -> dict[str, float]:
         """``exact_match`` and ``f1`` in [0, 1], each answer scored against its record's best gold answer."""
