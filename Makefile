@@ -28,6 +28,7 @@ demo: install
 		$(DHARMA) train examples/foundation.toml; \
 	fi
 	$(DHARMA) eval $(DEMO_RUN) --data examples/heldout --max-length 128
+	$(DHARMA) report $(DEMO_RUN)
 	$(DHARMA) generate $(DEMO_RUN) "Q: What is dharma? A:" --max-new-tokens 60 --seed 0
 
 test: install
