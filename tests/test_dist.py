@@ -52,6 +52,7 @@ def test_every_plugin_depends_on_a_compatible_kernel_and_declares_its_api(path: 
     assert points["dharma.api"] == {ref: MODULE_API}
 
 
+@pytest.mark.slow
 def test_make_dist_builds_every_distribution_and_vedanta_installs_alone(tmp_path: Path) -> None:
     """SLOW (about 40 s): all wheels and sdists, then a fresh venv installs vedanta from them offline."""
     dist = tmp_path / "dist"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import sys
 import tomllib
 
 import pytest
@@ -118,26 +117,30 @@ def test_cli_writes_the_distribution_and_refuses_a_directory_that_is_not_empty(t
     assert (target / "README.md").read_text() == (target / "README.md").read_text()  # untouched
 
 
-def test_generated_module_and_head_install_pass_their_tests_and_are_listed(tmp_path):
-    """SLOW (about a minute): fresh venv; `pip install -e` of both kinds, pytest, listing, assembling."""
+@pytest.mark.slow
+def test_from_new_plugin_to_a_wheel_that_another_venv_installs_and_assembles(tmp_path):
+    """SLOW (about 90 s): the README's walkthrough, in two fresh venvs; also the head template.
+
+    Offline here, so pip gets --no-index --no-build-isolation and the kernel comes from its
+    wheel; a user online runs the same commands without them.
+    """
     wheels = build_wheels([ROOT], tmp_path / "wheels")
-    venv = make_venv(tmp_path / "venv", shared_deps(tmp_path))
-    check(pip(venv, "install", *OFFLINE, "--find-links", wheels, "dharma-kernel"))
-    assert plugin_rows(venv) == []
+    deps = shared_deps(tmp_path)
+    author = make_venv(tmp_path / "author", deps)
+    check(pip(author, "install", *OFFLINE, "--find-links", wheels, "dharma-kernel"))
+    assert plugin_rows(author) == []
 
     tarka, gloss = tmp_path / "dharma-plugin-tarka", tmp_path / "gloss"
-    check(dharma(venv, "new-plugin", "tarka", "--family", "darshanas", "-o", tarka))
-    check(dharma(venv, "new-plugin", "gloss", "--kind", "head", "-o", gloss))
-    check(pip(venv, "install", *OFFLINE, "--find-links", wheels, "-e", tarka, "-e", gloss))
-
-    for directory, expected in ((tarka, "16 passed"), (gloss, "9 passed")):
+    check(dharma(author, "new-plugin", "tarka", "--family", "darshanas", "-o", tarka))
+    check(dharma(author, "new-plugin", "gloss", "--kind", "head", "-o", gloss))
+    check(pip(author, "install", *OFFLINE, "--find-links", wheels, "-e", tarka, "-e", gloss))
+    for directory, expected in ((tarka, "16 passed"), (gloss, "9 passed")):  # nothing skipped: installed
         result = run(
-            [venv / "bin" / "python", "-m", "pytest", directory, "-q", "-p", "no:cacheprovider"], tmp_path
+            [author / "bin" / "python", "-m", "pytest", directory, "-q", "-p", "no:cacheprovider"], tmp_path
         )
         summary = result.stdout.strip().splitlines()[-1]
         assert result.returncode == 0 and re.match(rf"{expected} in ", summary), result.stdout[-3000:]
-
-    rows = plugin_rows(venv, "--check")
+    rows = plugin_rows(author, "--check")
     assert [
         (r["ref"], r["kind"], r["distribution"], r["version"], r["module_api"], r["status"]) for r in rows
     ] == [
@@ -145,8 +148,31 @@ def test_generated_module_and_head_install_pass_their_tests_and_are_listed(tmp_p
         ("gloss", "head", "dharma-head-gloss", "0.1.0", MODULE_API, "ok"),
     ]
 
+    # Publish: a wheel; another venv installs it, with the kernel as its dependency, and assembles.
+    published = tmp_path / "published"
+    check(
+        run(
+            [author / "bin" / "python", "-m", "pip", "wheel", "--no-deps", *OFFLINE, "-w", published, tarka],
+            tmp_path,
+        )
+    )
+    assert [p.name for p in published.iterdir()] == ["dharma_plugin_tarka-0.1.0-py3-none-any.whl"]
+    user = make_venv(tmp_path / "user", deps)
+    check(
+        pip(
+            user,
+            "install",
+            "--no-index",
+            "--find-links",
+            wheels,
+            "--find-links",
+            published,
+            "dharma-plugin-tarka",
+        )
+    )
+    assert [(r["ref"], r["status"]) for r in plugin_rows(user, "--check")] == [("darshanas.tarka", "ok")]
     manifest = tiny_manifest(tmp_path / "m.toml", '"tarka"')
-    check(dharma(venv, "assemble", manifest, "-o", tmp_path / "model"))
-    name, refs, kernel = load_saved(venv, tmp_path / "model")
+    check(dharma(user, "assemble", manifest, "-o", tmp_path / "model"))
+    name, refs, kernel = load_saved(user, tmp_path / "model")
     assert (name, refs) == ("DharmaModel", "darshanas.tarka")
-    assert kernel.startswith(str(venv)) and not kernel.startswith(str(ROOT)), sys.prefix
+    assert kernel.startswith(str(user)), kernel  # the user venv's kernel, from the wheel

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from venvkit import (
     OFFLINE,
     ROOT,
@@ -22,6 +23,7 @@ from venvkit import (
 EXAMPLE = ROOT / "examples" / "third_party_plugin"
 
 
+@pytest.mark.slow
 def test_the_example_installs_from_its_wheel_and_assembles_its_manifest(tmp_path):
     """SLOW (about a minute): wheels, a fresh venv, the plugin's own tests there, validate and assemble."""
     wheels = build_wheels([ROOT, EXAMPLE], tmp_path / "wheels")
