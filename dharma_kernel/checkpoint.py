@@ -16,6 +16,7 @@ from packaging.version import InvalidVersion, Version
 from . import registry
 from .catalogue import distribution_for
 from .errors import DharmaError, first_line
+from .hub import write_card
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards
@@ -150,6 +151,7 @@ def save(
         model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        write_card(staging, model.config, source=target)  # README.md: manifest, plugins, data, metrics
         if extra is not None:
             extra(staging)
         _replace(staging, target)

@@ -173,6 +173,16 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
         _align_tensors(model)
         return model
 
+    def push_to_hub(self, repo_id: str, *, tokenizer: Any = None, **options: Any) -> Any:
+        """Upload weights, config, tokenizer and the model card (the one ``checkpoint.save`` writes).
+
+        ``tokenizer``: else the one saved where the model was loaded from. ``options``: as
+        ``PreTrainedModel.push_to_hub`` (``private``, ``token``, ``commit_message``, ``revision``, ...).
+        """
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, tokenizer=tokenizer, **options)
+
     @property
     def module_refs(self) -> list[str]:
         """Module refs in layout order: the column order of ``concept_labels``."""
