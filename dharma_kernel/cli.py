@@ -373,7 +373,7 @@ def _take_no_plugin(argv: list[str]) -> list[str]:
             rest.append(arg)
     if "" in names:
         raise DharmaError("--no-plugin needs a plugin ref, short name or distribution")
-    registry.disable(names)
+    registry.disable(names, reset=True)
     return rest
 
 

@@ -163,8 +163,13 @@ def _described(kind: str | None) -> list[PluginInfo]:
 _disabled_by_flag: set[str] = set()
 
 
-def disable(names: Iterable[str]) -> None:
-    """``--no-plugin``: refs, short names or distributions that must not load in this process."""
+def disable(names: Iterable[str], *, reset: bool = False) -> None:
+    """``--no-plugin``: refs, short names or distributions that must not load in this process.
+
+    ``reset`` first forgets earlier ones (each ``main()`` call is a new command line).
+    """
+    if reset:
+        _disabled_by_flag.clear()
     _disabled_by_flag.update(name.strip() for name in names if name.strip())
 
 

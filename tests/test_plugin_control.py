@@ -250,3 +250,22 @@ def test_resolving_a_disabled_plugin_says_how_to_allow_it(tmp_path, monkeypatch)
         assert registry.resolve("tarka").distribution == "dharma-fake-tarka"
     finally:
         registry.clear_cache()
+
+
+def test_no_plugin_is_taken_from_anywhere_before_a_double_dash_and_lasts_one_command_line():
+    from dharma_kernel.cli import _take_no_plugin
+
+    try:
+        assert _take_no_plugin(["--no-plugin", "a", "plugins", "--no-plugin=b", "--json"]) == [
+            "plugins",
+            "--json",
+        ]
+        assert registry._disabled_by_flag == {"a", "b"}
+        assert _take_no_plugin(["generate", "m", "--", "--no-plugin", "c"]) == [
+            "generate", "m", "--", "--no-plugin", "c",
+        ]  # fmt: skip
+        assert registry._disabled_by_flag == set()
+        with pytest.raises(DharmaError, match="--no-plugin needs a plugin ref, short name or distribution"):
+            _take_no_plugin(["plugins", "--no-plugin"])
+    finally:
+        registry.disable([], reset=True)
