@@ -108,7 +108,8 @@ def write_report(metrics: RunMetrics, out_dir: str | Path) -> Report:
         )
     else:
         report.missing["activation"] = (
-            "no activation table was logged: the model has no modules or the run had no eval data"
+            "no activation table in metrics.jsonl: the model has no modules, the run had no eval data, "
+            "or an older dharma trained it"
         )
     report.html.write_text(_page(metrics, report), encoding="utf-8")
     return report
@@ -157,7 +158,7 @@ def _lines(
     axes.set_ylabel(ylabel)
     axes.grid(True, alpha=0.3)
     if len(keys) > 1:
-        axes.legend(loc="upper right", fontsize="small")
+        axes.legend(loc="best", fontsize="small")
     figure.tight_layout(rect=(0, 0, 1, 0.93))
 
 

@@ -171,7 +171,8 @@ def test_run_without_eval_draws_what_it_has_and_says_what_not(tmp_path, capsys):
     assert sorted(result["plots"]) == ["loss", "lr", "throughput"]
     assert result["missing"] == {
         "eval_perplexity": "no evaluation was logged: the run had no eval data",
-        "activation": "no activation table was logged: the model has no modules or the run had no eval data",
+        "activation": "no activation table in metrics.jsonl: the model has no modules, "
+        "the run had no eval data, or an older dharma trained it",
     }
     page = Path(result["html"]).read_text()
     assert "<li>eval_perplexity: no evaluation was logged" in page

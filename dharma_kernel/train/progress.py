@@ -1,8 +1,12 @@
 """What a run shows and records: a progress bar (or plain lines when piped), metrics.jsonl,
-TensorBoard when asked for, and the ``dharma_train_callbacks`` of installed hook plugins."""
+TensorBoard when asked for, and the ``dharma_train_callbacks`` of installed hook plugins.
+
+Plain lines are log records (``logging``, shown on stderr by the CLI), so stdout keeps
+only the results a script reads."""
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import warnings
@@ -14,6 +18,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..errors import DharmaError, error_line
 from .rundir import RunDir
+
+log = logging.getLogger(__name__)
 
 
 class Reporter:
@@ -56,7 +62,7 @@ class Reporter:
         if self.progress is not None:
             self.progress.update(self.task, completed=step, status=status)
         elif step % self.log_every == 0 or step == self.total or metrics.get("skipped"):
-            self.console.print(f"step {step}/{self.total}  {status}")
+            log.info(f"step {step}/{self.total}  {status}")
         self._scalars("train", step, metrics)
         self._call("on_step", step, metrics)
 
@@ -69,7 +75,10 @@ class Reporter:
         if activation is not None:
             self.run.log({"step": step, "activation": activation})
         line = f"eval at step {step}: loss {metrics['eval_loss']:.4f}" + _eval_extras(metrics)
-        (self.progress.console if self.progress else self.console).print(line)
+        if self.progress is not None:
+            self.progress.console.print(line)  # above the bar
+        else:
+            log.info(line)
         self._scalars("eval", step, metrics)
         self._call("on_eval", step, metrics)
 
