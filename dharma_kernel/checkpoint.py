@@ -125,14 +125,19 @@ def is_model_directory(path: Path) -> bool:
 
 
 def save(
-    model: Any, directory: str | Path, tokenizer: Any = None, extra: Callable[[Path], None] | None = None
+    model: Any,
+    directory: str | Path,
+    tokenizer: Any = None,
+    extra: Callable[[Path], None] | None = None,
+    state_dict: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``directory`` so a failure while writing leaves what was there untouched.
 
     The model is written beside the target, then swapped in by two renames. Only a
     missing path, an empty directory or a saved Dharma model is ever replaced.
     ``extra(staging)`` may add files (training state) that must appear with the model
-    or not at all.
+    or not at all. ``state_dict``: the weights to write instead of the model's own (a sharded
+    model's, gathered).
     """
     target = Path(directory).resolve()
     replaceable = target.is_dir() and (not any(target.iterdir()) or is_model_directory(target))
@@ -148,7 +153,7 @@ def save(
         raise DharmaError(f"cannot write {target}: {first_line(err)}") from None
     try:
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a model directory is not
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         write_card(staging, model.config, source=target)  # README.md: manifest, plugins, data, metrics

@@ -185,6 +185,9 @@ class TrainSection(_Section):
     optimizer_state: Literal["fp32", "bf16"] = "fp32"  # AdamW moments' dtype
     max_nonfinite: int = Field(5, ge=1)  # consecutive skipped non-finite steps that stop the run
     tensorboard: bool = False
+    # Under torchrun: "ddp" keeps a whole copy of the model per process; "fsdp" shards parameters,
+    # gradients and optimizer state over the processes (FSDP2), for backbones one card cannot hold.
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
 
 class FinetuneSection(_Section):

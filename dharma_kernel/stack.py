@@ -53,6 +53,8 @@ class ModuleStack(nn.Module):
         # Every module at every token, unchosen ones weighted zero: the same result without the
         # data-dependent gather and scatter, so graph exporters can trace it (dharma_kernel.export).
         self.dense_routing = False
+        # Give modules no token chose a zero gradient (FSDP needs one on every process).
+        self.touch_unused = False
 
     @property
     def streams(self) -> int:
@@ -110,10 +112,11 @@ class ModuleStack(nn.Module):
         # all the deltas, so backward has one of each too.
         rows = torch.cat([ctx.rows for ctx in contexts])
         tokens = hidden.flatten(0, 1).index_select(0, rows).split([len(ctx.rows) for ctx in contexts])
-        deltas = []
+        deltas, unused = [], []
         for ref, module, ctx, x in zip(self.refs, self.members.values(), contexts, tokens, strict=True):
             if not len(x):  # no token chose it: skipped, score zero
                 result.scores[ref], result.active[ref] = hidden.new_zeros(hidden.shape[:2]), ctx.active
+                unused.append(module)
                 continue
             out = _at_tokens(module, x, hidden, ctx)
             deltas.append(out.delta.to(hidden.dtype))
@@ -124,6 +127,9 @@ class ModuleStack(nn.Module):
             delta = torch.cat(deltas) * weight[:, None]
             result.hidden = hidden.flatten(0, 1).index_add(0, rows, delta).view_as(hidden)
         result.losses["router_balance"] = _balance_loss(probs, chosen, real, self.top_k)
+        if self.touch_unused and unused and torch.is_grad_enabled():
+            zero = sum(p.sum() for m in unused for p in m.parameters() if p.requires_grad) * 0.0
+            result.hidden = result.hidden + zero
         return result
 
     def _routed_dense(self, result, attention_mask, past, top_index, top_weight, active) -> StackResult:

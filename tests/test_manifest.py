@@ -155,6 +155,7 @@ def test_defaults():
             "optimizer_state": "fp32",
             "max_nonfinite": 5,
             "tensorboard": False,
+            "distributed": "ddp",
         },
     }
     m = parse_manifest("")
@@ -299,7 +300,7 @@ def test_every_problem_is_listed_on_its_own_line():
         "m.toml: train.lr: unknown key; valid keys: epochs, max_steps, batch_size, grad_accum, "
         "learning_rate, weight_decay, warmup_fraction, precision, gradient_checkpointing, schedule, "
         "output, seed, eval_every, save_every, keep_last, log_every, max_grad_norm, optimizer_in_backward, "
-        "optimizer_state, max_nonfinite, tensorboard",
+        "optimizer_state, max_nonfinite, tensorboard, distributed",
     ]
 
 

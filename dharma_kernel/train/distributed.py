@@ -1,7 +1,8 @@
-"""Data parallelism under ``torchrun``: process group, device, DDP wrapping, reductions.
+"""Data parallelism under ``torchrun``: process group, device, DDP or FSDP2 wrapping, reductions.
 
 Without torchrun's environment everything here is the single-process identity, so
-the loop reads the same either way. No home-made distribution layer: plain DDP.
+the loop reads the same either way. No home-made distribution layer: plain DDP, or
+torch's ``fully_shard`` when ``train.distributed = "fsdp"``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from ..errors import DharmaError
 
@@ -65,10 +67,15 @@ def teardown(d: Dist) -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
-    """The model as the loop drives it: itself, or DDP under torchrun."""
+def wrap(model: nn.Module, d: Dist, device: torch.device, strategy: str = "ddp") -> nn.Module:
+    """The model as the loop drives it: itself, or under torchrun DDP, or itself sharded (FSDP2).
+
+    Build the optimizer after this: sharding replaces the parameters with their shards.
+    """
     if not d.enabled:
         return model
+    if strategy == "fsdp":
+        return shard(model)
     # Routed stacks run only the modules their tokens chose: some get no gradient in a step.
     return nn.parallel.DistributedDataParallel(
         model,
@@ -77,8 +84,38 @@ def wrap(model: nn.Module, d: Dist, device: torch.device) -> nn.Module:
     )
 
 
+def shard(model: nn.Module) -> nn.Module:
+    """FSDP2 in place: each transformer block (with the module stack after it) is one unit whose
+    parameters are gathered for its forward and backward only; the rest (embeddings, final norm,
+    heads) is the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    from ..backbone import find_blocks, num_layers
+
+    for block in find_blocks(model.backbone, num_layers(model.config.text_config)):
+        fully_shard(block)
+    # FSDP2 reduce-scatters the same gradients on every process: a routed module that no token
+    # chose on one process must still get a (zero) gradient there.
+    for stack in getattr(model, "stacks", {}).values():
+        stack.touch_unused = True
+    fully_shard(model)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor gathered whole on every process (a collective); a plain one as it is."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def no_sync(model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
-    """Skip DDP's gradient all-reduce on every micro-batch but the window's last."""
+    """Skip DDP's gradient all-reduce (FSDP's reduce-scatter) on every micro-batch but the window's last."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: a switch, not a context
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
     if isinstance(model, nn.parallel.DistributedDataParallel) and not last:
         return model.no_sync()
     return contextlib.nullcontext()

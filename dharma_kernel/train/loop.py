@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import DharmaError
 from ..head_data import to_device
-from .distributed import Dist, no_sync
+from .distributed import Dist, full, is_sharded, no_sync
 from .precision import LossScale, autocast
 from .windows import Windows
 
@@ -91,7 +91,7 @@ class Loop:
             trainable = self.optimizer.trainable
             self.scale.unscale(trainable)
             limit = self.max_grad_norm if self.max_grad_norm > 0 else math.inf
-            norm = torch.nn.utils.clip_grad_norm_(trainable, limit)
+            norm = full(torch.nn.utils.clip_grad_norm_(trainable, limit))
             logged["grad_norm"] = float(norm)
             finite = math.isfinite(float(norm)) and math.isfinite(logged["loss"])
             if finite:
@@ -163,20 +163,22 @@ class Loop:
         from ..concept_activation import ConceptActivation
         from ..evaluate import lm_totals, perplexity
 
-        rows = range(self.dist.rank, len(self.eval_data), self.dist.world)
+        # Sharded, every process must run the same forwards: each evaluates all rows, counted once.
+        sharded = is_sharded(self.raw)
+        every = range(len(self.eval_data))
+        rows = every if sharded else range(self.dist.rank, len(self.eval_data), self.dist.world)
+        reduce = (lambda t: t) if sharded else self.dist.sum
         refs = getattr(self.raw, "module_refs", ())
         labelled = getattr(self.eval_data, "concept_labels", None) is not None  # head data has none
         table = ConceptActivation(refs) if refs and labelled else None
         sums = lm_totals(
             self.raw, self.eval_data, batch_size, rows, lambda: autocast(self.precision, self.device), table
         )
-        loss_sum, count = self.dist.sum(torch.tensor(sums)).tolist()
+        loss_sum, count = reduce(torch.tensor(sums)).tolist()
         loss = loss_sum / max(count, 1.0)
         metrics: dict[str, Any] = {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": count}
         if table is not None:
-            table.merge(
-                self.dist.sum(table.sums.to(self.device)), self.dist.sum(table.tokens.to(self.device))
-            )
+            table.merge(reduce(table.sums.to(self.device)), reduce(table.tokens.to(self.device)))
             metrics["activation"] = table.record()
         return metrics
 
@@ -218,9 +220,11 @@ def _weighted(name: str, value: float, raw: nn.Module) -> float:
     return weight_of(name, (raw.config.layout or {}).get("loss", {})) * value
 
 
-def check_finite_weights(model: nn.Module) -> None:
-    """A checkpoint never holds NaN or infinite weights."""
-    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+def check_finite_weights(model: nn.Module, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """A checkpoint never holds NaN or infinite weights (``weights``: the state dict to save, if not
+    the model's own parameters)."""
+    named = weights.items() if weights is not None else model.named_parameters()
+    bad = [name for name, p in named if p.is_floating_point() and not bool(torch.isfinite(p).all())]
     if bad:
         raise DharmaError(
             f"refusing to save: {len(bad)} parameter(s) are not finite (first: {bad[0]})",

@@ -41,9 +41,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..errors import DharmaError
 from ..manifest import TrainSection
+from .distributed import full
 
 __all__ = ["BF16AdamW", "Optimizer", "build_optimizer", "decay_split", "lr_factor"]
 
@@ -361,8 +363,8 @@ class Optimizer:
         state: dict[int, dict[str, torch.Tensor]] = {}
         for optimizer in self._optimizers:
             for p, values in optimizer.state.items():
-                if values:
-                    state[index[id(p)]] = {k: values[k] for k in ("step", "exp_avg", "exp_avg_sq")}
+                if values:  # sharded moments are gathered whole: every process must call this
+                    state[index[id(p)]] = {k: full(values[k]) for k in ("step", "exp_avg", "exp_avg_sq")}
         return {
             "format": STATE_FORMAT,
             "schedule_step": self._step,
@@ -390,12 +392,19 @@ class Optimizer:
             on_device = isinstance(optimizer, BF16AdamW) or self._fused
             self._owner[id(p)].state[p] = {
                 "step": values["step"].to(p.device if on_device else "cpu", torch.float32, copy=True),
-                "exp_avg": values["exp_avg"].to(p.device, moments or p.dtype, copy=True),
-                "exp_avg_sq": values["exp_avg_sq"].to(p.device, moments or p.dtype, copy=True),
+                "exp_avg": _like(values["exp_avg"], p, moments),
+                "exp_avg_sq": _like(values["exp_avg_sq"], p, moments),
             }
         self._step = int(saved["schedule_step"])
         if self._generator is not None and saved.get("rng") is not None:
             self._generator.set_state(saved["rng"])
+
+
+def _like(saved: torch.Tensor, p: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """A saved whole moment as ``p`` holds it: on its device, in ``dtype``, sharded as ``p`` is."""
+    if isinstance(p, DTensor):
+        return distribute_tensor(saved.to(p.device, dtype or p.dtype), p.device_mesh, p.placements)
+    return saved.to(p.device, dtype or p.dtype, copy=True)
 
 
 def build_optimizer(model: nn.Module, train: TrainSection, total_steps: int, device: Any) -> Optimizer:

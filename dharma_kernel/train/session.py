@@ -17,7 +17,7 @@ from rich.console import Console
 
 from ..errors import DharmaError
 from ..manifest import Manifest, load_manifest
-from .distributed import Dist, setup, teardown, wrap
+from .distributed import Dist, is_sharded, setup, teardown, wrap
 from .loop import Loop, Progress, check_finite_weights
 from .precision import LossScale, resolve_precision
 from .progress import Reporter
@@ -137,9 +137,10 @@ class _Session:
         windows = Windows(len(train_data), self.cfg.batch_size, self.cfg.grad_accum,
                           self.dist.world, self.dist.rank, self.cfg.seed)  # fmt: skip
         total = self.options.max_steps or self.cfg.max_steps or self.cfg.epochs * windows.steps_per_epoch
-        optimizer = build_optimizer(model, self.cfg, total, self.device)
+        wrapped = wrap(model, self.dist, self.device, self.cfg.distributed)
+        optimizer = build_optimizer(model, self.cfg, total, self.device)  # after sharding
         loop = Loop(
-            model=wrap(model, self.dist, self.device),
+            model=wrapped,
             raw=model,
             optimizer=optimizer,
             train_data=train_data,
@@ -256,18 +257,22 @@ class _Session:
         from ..checkpoint import save
 
         step = loop.progress.step
+        sharded = is_sharded(loop.raw)
+        # Sharded, every process takes part in gathering the weights and optimizer state.
+        weights = _full_state_dict(loop.raw) if sharded else None
+        optimizer = loop.optimizer.state_dict() if sharded or self.dist.main else None
         if self.dist.main:
-            check_finite_weights(loop.raw)
+            check_finite_weights(loop.raw, weights)
             state = {
                 "progress": asdict(loop.progress),
-                "optimizer": loop.optimizer.state_dict(),
+                "optimizer": optimizer,
                 "scale": loop.scale.state_dict(),
                 "rng": capture_rng(),
                 "trainable": [n for n, p in loop.raw.named_parameters() if p.requires_grad],
                 "world": self.dist.world,
             }
             target = save(loop.raw, self.run_dir.step_dir(step), self.tokenizer,
-                          extra=lambda d: save_state(d, state))  # fmt: skip
+                          extra=lambda d: save_state(d, state), state_dict=weights)  # fmt: skip
             self.run_dir.point("latest", target)
             if loop.progress.best_step == step:
                 self.run_dir.point("best", target)
@@ -318,3 +323,14 @@ def _use_special_tokens(model: Any, tokenizer: Any) -> None:
             continue
         setattr(model.config.text_config, name, value)
         setattr(model.generation_config, name, value)
+
+
+def _full_state_dict(model: Any) -> dict[str, torch.Tensor]:
+    """A sharded model's whole state dict on the main process, in CPU memory (empty elsewhere)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Gathered copies no longer share storage, so save_pretrained would keep both names of a tied
+    # weight (the output embedding): keep each parameter under the one name the model lists it by.
+    kept = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return {name: tensor for name, tensor in weights.items() if name in kept}
