@@ -111,6 +111,8 @@ def write_report(metrics: RunMetrics, out_dir: str | Path) -> Report:
             "no activation table in metrics.jsonl: the model has no modules, the run had no eval data, "
             "or an older dharma trained it"
         )
+    for name in report.missing:
+        (out / f"{name}.png").unlink(missing_ok=True)  # an earlier report's plot would mislead
     report.html.write_text(_page(metrics, report), encoding="utf-8")
     return report
 

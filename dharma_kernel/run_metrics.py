@@ -95,7 +95,13 @@ def read_run(run_dir: str | Path) -> RunMetrics:
                 f"{run.metrics}, line {number}: a record needs an integer 'step'",
                 hint="Was this file written by `dharma train`?",
             )
-        if isinstance(record.get("activation"), dict):
+        if "activation" in record:
+            if not _is_table(record["activation"]):
+                raise DharmaError(
+                    f"{run.metrics}, line {number}: 'activation' is not a table of modules by concepts",
+                    hint="It needs lists modules, concepts, tokens (one per concept) and mean (a row per "
+                    "module, a number or null per concept).",
+                )
             kind, record = "activations", {"step": record["step"], **record["activation"]}
         elif "eval_loss" in record or "eval_ppl" in record:
             kind = "evals"
@@ -110,3 +116,17 @@ def read_run(run_dir: str | Path) -> RunMetrics:
             hint="Train for at least one step (`dharma train`), then run the report again.",
         )
     return metrics
+
+
+def _is_table(table: Any) -> bool:
+    if not isinstance(table, dict) or not all(
+        isinstance(table.get(key), list) for key in ("modules", "concepts", "tokens", "mean")
+    ):
+        return False
+    width = len(table["concepts"])
+    return (
+        len(table["tokens"]) == width
+        and len(table["mean"]) == len(table["modules"])
+        and all(isinstance(row, list) and len(row) == width for row in table["mean"])
+        and all(v is None or isinstance(v, int | float) for row in table["mean"] for v in row)
+    )

@@ -165,6 +165,8 @@ STEPS = [
 
 def test_run_without_eval_draws_what_it_has_and_says_what_not(tmp_path, capsys):
     write_metrics(tmp_path / "run", STEPS, extra='{"step": 21, "loss": 4.')  # killed mid-line
+    (tmp_path / "run" / "report").mkdir()
+    (tmp_path / "run" / "report" / "activation.png").write_bytes(b"an earlier report's")
     code, stdout, _ = dharma(capsys, "report", str(tmp_path / "run"), "--json")
     assert code == 0
     result = json.loads(stdout)
@@ -176,6 +178,7 @@ def test_run_without_eval_draws_what_it_has_and_says_what_not(tmp_path, capsys):
     }
     page = Path(result["html"]).read_text()
     assert "<li>eval_perplexity: no evaluation was logged" in page
+    assert not (tmp_path / "run" / "report" / "activation.png").exists()
     assert "loss, lm, qa/span at each optimizer step" in page  # a head's loss is a component too
     assert "<td>unreadable last line (ignored)</td><td>21</td>" in page
 
@@ -212,6 +215,12 @@ def test_heatmap_grows_with_the_modules(tmp_path, capsys):
         (
             lambda d: write_metrics(d / "missing", [{"loss": 1.0}]),
             "{d}/missing/metrics.jsonl, line 1: a record needs an integer 'step'",
+        ),
+        (
+            lambda d: write_metrics(
+                d / "missing", [{"step": 1, "activation": {"modules": ["a"], "mean": [1]}}]
+            ),
+            "{d}/missing/metrics.jsonl, line 1: 'activation' is not a table of modules by concepts",
         ),
     ],
 )
