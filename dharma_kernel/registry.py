@@ -354,7 +354,11 @@ def _import(info: PluginInfo) -> type:
     from .protocol import DharmaModule, HeadModule  # imports torch: only once a plugin is really needed
 
     module_name, _, attr = info.value.partition(":")
-    if importlib.util.find_spec(module_name.partition(".")[0]) is None:
+    try:
+        nowhere = importlib.util.find_spec(module_name.partition(".")[0]) is None
+    except (ImportError, ValueError):
+        nowhere = False  # the import below says what is wrong
+    if nowhere:
         raise PluginBroken(
             info, f"its entry point names {info.value}, but no module {module_name} is installed"
         )
