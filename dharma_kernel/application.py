@@ -223,4 +223,8 @@ def _tokenizer(directory: Path, auto: Any) -> Any:
     try:
         return auto.from_pretrained(directory)
     except (OSError, ValueError):
-        raise DharmaError(f"{directory} holds no tokenizer; it cannot read text") from None
+        raise DharmaError(
+            f"{directory} was saved without a tokenizer",
+            hint="`dharma train` saves one with every checkpoint; "
+            "for `dharma assemble`, set backbone.tokenizer.",
+        ) from None

@@ -166,7 +166,7 @@ def eval_command(
 @app.command()
 def generate(
     model_dir: Annotated[
-        Path, typer.Argument(help="A saved model, or a run directory (its best checkpoint).")
+        Path, typer.Argument(help="A saved model, a run directory (its best checkpoint) or an application.")
     ],
     prompt: Annotated[str, typer.Argument(help="The text to continue.")],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
@@ -179,13 +179,11 @@ def generate(
     """Continue a prompt with a saved model (KV-cached, modules included)."""
     import torch
 
-    from .model import DharmaModel
-    from .train.rundir import model_directory
+    from .application import load_application
 
     _quiet_transformers()
-    directory = model_directory(model_dir)
-    model = DharmaModel.from_pretrained(directory).eval()
-    tokenizer = _tokenizer(directory)
+    model, tokenizer = load_application(model_dir)  # a fine-tuned application too
+    model.eval()
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         raise DharmaError("the prompt is empty", hint="Give some text to continue.")
