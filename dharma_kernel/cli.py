@@ -377,13 +377,25 @@ def _take_no_plugin(argv: list[str]) -> list[str]:
     return rest
 
 
+def _log_warning(message: Any, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """A Python warning (ours, a plugin's, a library's) as one ``warning:`` line, not file:line + source."""
+    kind = (
+        ""
+        if category is UserWarning or issubclass(category, registry.PluginWarning)
+        else f"{category.__name__}: "
+    )
+    logging.getLogger("dharma_kernel.warnings").warning(f"{kind}{message}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point of ``dharma`` and ``python -m dharma_kernel``."""
     try:
         setup_logging(err)
         argv = _take_no_plugin(sys.argv[1:] if argv is None else list(argv))
-        _add_hook_commands()
-        app(args=argv, prog_name="dharma")
+        with warnings.catch_warnings():  # restores Python's own display when the command ends
+            warnings.showwarning = _log_warning
+            _add_hook_commands()
+            app(args=argv, prog_name="dharma")
     except DharmaError as error:
         fail(error)
     except KeyboardInterrupt:

@@ -129,3 +129,21 @@ def test_no_color_means_no_escape_codes_even_on_a_terminal(tmp_path, argv):
     assert plain.returncode == coloured.returncode
     assert "\x1b" not in plain.stdout + plain.stderr
     assert (plain.stdout + plain.stderr).strip()
+
+
+def test_python_warnings_print_as_one_warning_line(capsys):
+    import warnings
+
+    @cli.app.command("zz-warns")
+    def warns() -> None:
+        warnings.warn("the old flag is going away", FutureWarning, stacklevel=1)
+        warnings.warn("a plugin said so", stacklevel=1)
+        cli.out.print("done")
+
+    try:
+        code, stdout, stderr = dharma(capsys, "zz-warns")
+    finally:
+        cli.app.registered_commands.pop()
+    assert code == 0 and stdout == "done\n"
+    assert stderr == "warning: FutureWarning: the old flag is going away\nwarning: a plugin said so\n"
+    assert warnings.showwarning.__module__ != "dharma_kernel.cli"  # Python's display is back
