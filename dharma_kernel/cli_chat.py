@@ -36,8 +36,7 @@ def chat(
 ) -> None:
     """Chat with a model: a line of input is your turn, until end of input or /exit.
 
-    The history is kept; when it and --max-new-tokens no longer fit the model's context,
-    the oldest exchanges are dropped (the system message stays). Works with piped input.
+    Keeps the history, dropping the oldest exchanges (never --system) when it would not fit.
     """
     import torch
 
@@ -86,7 +85,12 @@ def chat(
                 f"context {context}, --max-new-tokens {max_new_tokens}"
             )
             err.print(escape(tokenizer.decode(ids)), end="\n---\n")
-        reply = _generate(model, tokenizer, ids, max_new_tokens, stops, sampling)
+        reply, generated, ended = _generate(model, tokenizer, ids, max_new_tokens, stops, sampling)
+        if show_prompt:
+            err.print(
+                f"reply: {generated} tokens, "
+                + ("ended by the end marker" if ended else "cut at --max-new-tokens")
+            )
         history = [*kept, {"role": "assistant", "content": reply}]
 
 
@@ -128,8 +132,9 @@ def build_prompt(
 
 def _generate(
     model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int, stops: list[int], sampling: dict
-) -> str:
-    """The reply, streamed to stdout as it comes; ends at the assistant's end marker."""
+) -> tuple[str, int, bool]:
+    """``(reply, tokens generated, whether the end marker ended it)``; the reply is streamed to
+    stdout as it comes."""
     import torch
     from transformers import TextStreamer
 
@@ -151,5 +156,7 @@ def _generate(
             do_sample=bool(sampling),
             **sampling,
         )
-    new = [token for token in result[0, len(ids) :].tolist() if token not in stops]
-    return tokenizer.decode(new, skip_special_tokens=True).strip()
+    generated = result[0, len(ids) :].tolist()
+    words = [token for token in generated if token not in stops]
+    ended = bool(generated) and generated[-1] in stops
+    return tokenizer.decode(words, skip_special_tokens=True).strip(), len(generated), ended
