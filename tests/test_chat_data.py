@@ -287,3 +287,46 @@ def test_the_seed_conversations_load_as_chats():
     ]
     assert answers == [r.messages[1]["content"] + "<|endoftext|>" for r in records]
     assert torch.equal(packed.labels != -100, (packed.labels != -100) & packed.attention_mask.bool())
+
+
+def test_a_manifest_with_conversations_trains_on_assistant_turns_with_a_templated_tokenizer(tmp_path):
+    from dharma_kernel.data import prepare_data, read_data, resolve_tokenizer
+    from dharma_kernel.manifest import load_manifest
+
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {word}?"},
+                {"role": "assistant", "content": answer},
+            ]
+        }
+        for word, answer in [
+            ("dharma", "Duty and order."),
+            ("karma", "Action and its fruit."),
+            ("seva", "Service."),
+        ]
+    ]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "chats.jsonl").write_text("".join(json.dumps(chat) + "\n" for chat in chats))
+    (tmp_path / "data" / "notes.txt").write_text("Dharma holds the world together; karma is action.")
+    manifest = tmp_path / "m.toml"
+    manifest.write_text(
+        "[backbone]\n"
+        'config = { architecture = "gpt2", n_layer = 1, n_embd = 8, n_head = 1, vocab_size = 400 }\n'
+        'tokenizer = { train = true, min_frequency = 1 }\n[data]\ntrain = ["data"]\nmax_length = 48\n'
+        "eval_fraction = 0.0\nmin_chars = 5\n"
+    )
+    loaded = load_manifest(manifest)
+    data = read_data(loaded)
+
+    tokenizer = resolve_tokenizer(loaded, data.texts)
+    train, _, report = prepare_data(loaded, tokenizer, records=data)
+
+    assert tokenizer.chat_template == CHAT_TEMPLATE
+    assert "User:" not in "".join(data.texts)  # the tokenizer learns from what the template shows
+    assert report.conversations == 3 and len(train) == 2  # the text row, then the three chats in one row
+    chat_row = train.input_ids[1][train.labels[1] != -100].tolist()
+    assert (
+        tokenizer.decode(chat_row)
+        == "Duty and order.<|endoftext|>Action and its fruit.<|endoftext|>Service.<|endoftext|>"
+    )
