@@ -113,6 +113,58 @@ def export_model(model: nn.Module, output: str | Path, fmt: str) -> Path:
     return output
 
 
+def check_inputs(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Inputs unlike the traced example: one unpadded row, left padding, right padding, a longer batch."""
+    vocab, longest = model.config.text_config.vocab_size, max_length(model)
+    generator = torch.Generator().manual_seed(1)
+    cases = []
+    for batch, length, pad, side in [
+        (1, 5, 0, "left"),
+        (3, 13, 4, "left"),
+        (2, 21, 6, "right"),
+        (4, 40, 9, "left"),
+    ]:
+        length = min(length, longest)
+        pad = min(pad, length - 1)
+        ids = torch.randint(0, vocab, (batch, length), generator=generator)
+        mask = torch.ones(batch, length, dtype=torch.long)
+        if side == "left":
+            mask[-1, :pad] = 0
+        else:
+            mask[-1, length - pad :] = 0
+        cases.append((ids, mask))
+    return cases
+
+
+def max_difference(model: nn.Module, path: str | Path, fmt: str) -> float | None:
+    """Largest difference between the exported file's logits and the model's, at real tokens, over
+    :func:`check_inputs`. None when ONNX Runtime is not installed to run an ONNX file.
+
+    Padding positions are left out: their logits mean nothing, and runtimes disagree about
+    attention rows whose every key is masked (for the bare backbone too).
+    """
+    if fmt == "onnx":
+        try:
+            import onnxruntime
+        except ImportError:
+            return None
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        def run(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            feed = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+            return torch.from_numpy(session.run(None, feed)[0])
+    else:
+        run = torch.export.load(str(path)).module()
+    worst = 0.0
+    model = model.eval()
+    with torch.no_grad():
+        for ids, mask in check_inputs(model):
+            expected = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            real = mask.bool()
+            worst = max(worst, (run(ids, mask)[real] - expected[real]).abs().max().item())
+    return worst
+
+
 def _write_onnx(program: torch.export.ExportedProgram, output: Path, root: nn.Module) -> None:
     try:
         import onnxscript  # noqa: F401  (torch.onnx's exporter translates through it)
