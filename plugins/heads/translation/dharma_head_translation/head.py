@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -14,12 +15,16 @@ from dharma_kernel.protocol import HeadModule, HeadOutput, ModuleConfig, RecordE
 from .metrics import translation_scores
 from .prompt import Layout
 
+MAX_NEW_TOKENS = 256  # the default longest translation when nothing says otherwise
+
 
 class TranslationConfig(ModuleConfig):
     source_language: str = "Sanskrit"  # the names the prompt gives the two sides
     target_language: str = "English"
     num_beams: int = 1  # 1: greedy; a record's "beams" overrides it
-    max_new_tokens: int = 64  # a record's "max_new_tokens" overrides it
+    # Longest translation in tokens; a record's "max_new_tokens" overrides it. Left unset, fine-tuning
+    # sets it to the longest training target in UTF-8 bytes (a byte-level token holds at least one).
+    max_new_tokens: int | None = None
 
 
 class Translation(HeadModule):
@@ -44,9 +49,17 @@ class Translation(HeadModule):
 
     @classmethod
     def read(cls, path: Path) -> list[dict[str, Any]] | None:
-        if path.suffix.lower() == ".jsonl":
+        if path.suffix.lower() == ".jsonl" and _mentions_target(path):
             return None  # our own records, read and checked by the kernel
+        # anything else (the seed formats; a text corpus gives no pairs) through the data readers
         return [{"source": p.source, "target": p.target} for p in read_pairs([path])]
+
+    @classmethod
+    def fit_config(cls, config: ModuleConfig, records: list[dict[str, Any]]) -> ModuleConfig:
+        if config.max_new_tokens is not None:
+            return config
+        longest = max(len(str(record["target"]).encode()) for record in records)
+        return config.model_copy(update={"max_new_tokens": min(MAX_NEW_TOKENS, longest + 1)})
 
     def encode(self, record: dict[str, Any], tokenizer: Any, max_length: int) -> dict[str, Any]:
         source = _text(record, "source")
@@ -66,7 +79,7 @@ class Translation(HeadModule):
 
     def translate(self, model: Any, tokenizer: Any, record: dict[str, Any]) -> dict[str, Any]:
         beams = int(record.get("beams", self.config.num_beams))
-        wanted = int(record.get("max_new_tokens", self.config.max_new_tokens))
+        wanted = int(record.get("max_new_tokens", self.config.max_new_tokens or MAX_NEW_TOKENS))
         if beams < 1 or wanted < 1:
             raise RecordError(f"beams and max_new_tokens must be at least 1, not {beams} and {wanted}")
         prompt = self.layout.prompt_ids(_text(record, "source"), tokenizer, max_length_of(model))
@@ -106,6 +119,11 @@ def _text(record: dict[str, Any], key: str) -> str:
     if not value.strip():
         raise RecordError(f"empty {key!r}: a translation record needs a non-empty source and target")
     return value.strip()
+
+
+def _mentions_target(path: Path) -> bool:
+    with path.open("rb") as file:
+        return re.search(rb'"target"\s*:', file.read(65536)) is not None
 
 
 def _eos(tokenizer: Any, model: Any = None) -> int:
