@@ -53,6 +53,7 @@ def saved(tmp_path_factory):
     run = root / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in METRICS))
+    (run / "eval_results.json").write_text(json.dumps({"eval_loss": 5.5, "eval_samples": 12}))  # HF Trainer's
     directory = checkpoint.save(model, run / "checkpoints" / f"step-{STEP:08d}", tokenizer)
     return directory
 
@@ -215,6 +216,9 @@ def test_the_card_lists_manifest_plugins_data_metrics_and_how_to_reproduce(saved
     assert "| 0 | 6.0000 | 403.4300 |\n| 4 | 5.5000 | 244.6900 |\n\n" in card
     assert "| 6 |" not in card
     assert "Best eval perplexity 244.6900 at step 4." in card
+    assert (
+        "| eval_results.json | value |\n| --- | --- |\n| eval_loss | 5.5000 |\n| eval_samples | 12 |" in card
+    )
     pins = (
         f"dharma-kernel=={dharma_kernel.__version__} dharma-plugin-dharma==0.1.0 dharma-plugin-vedanta==0.1.0"
     )
