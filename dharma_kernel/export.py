@@ -59,6 +59,19 @@ def dense_routing(model: nn.Module) -> Iterator[None]:
             stack.dense_routing = value
 
 
+@contextlib.contextmanager
+def _without_heads(model: nn.Module) -> Iterator[None]:
+    """Task heads detached: they add nothing to the logits, and need not export."""
+    heads = getattr(model, "heads", None)
+    if heads is not None:
+        model.heads = nn.ModuleDict()
+    try:
+        yield
+    finally:
+        if heads is not None:
+            model.heads = heads
+
+
 def example_inputs(model: nn.Module, batch: int = 2, length: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids and a left-padded mask to trace with (sizes over 1, so no dimension is specialised)."""
     vocab = model.config.text_config.vocab_size
@@ -88,7 +101,7 @@ def export_program(model: nn.Module) -> torch.export.ExportedProgram:
     shapes = {"input_ids": {0: batch, 1: length}, "attention_mask": {0: batch, 1: length}}
     # torch.export prints the partial graph of a failed trace to stderr: thousands of lines
     chatter = io.StringIO()
-    with _innermost_module(model) as running, dense_routing(model), torch.no_grad():
+    with _innermost_module(model) as running, dense_routing(model), _without_heads(model), torch.no_grad():
         try:
             with contextlib.redirect_stderr(chatter):
                 return torch.export.export(LogitsOnly(model), example_inputs(model), dynamic_shapes=shapes)
@@ -101,15 +114,22 @@ def export_model(model: nn.Module, output: str | Path, fmt: str) -> Path:
     if fmt not in FORMATS:
         raise DharmaError(f"unknown export format {fmt!r}", hint=f"Use one of: {', '.join(FORMATS)}.")
     output = Path(output)
+    if output.is_dir():
+        raise DharmaError(
+            f"{output} is a directory", hint=f"Give a file name, such as {output / 'model'}{SUFFIXES[fmt]}."
+        )
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DharmaError(f"cannot write {output}: {first_line(err)}") from None
     program = export_program(model)
-    if fmt == "torch-export":
-        torch.export.save(program, str(output))
-        return output
-    _write_onnx(program, output, LogitsOnly(model))
+    try:
+        if fmt == "torch-export":
+            torch.export.save(program, str(output))
+        else:
+            _write_onnx(program, output, LogitsOnly(model))
+    except OSError as err:
+        raise DharmaError(f"cannot write {output}: {first_line(err)}") from None
     return output
 
 

@@ -62,10 +62,14 @@ def test_dense_routing_gives_what_routed_gives(top_k):
         torch.testing.assert_close(dense.module_scores[ref], score, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("composition,top_k", [("routed", 2), ("sequential", 1)])
-def test_torch_export_matches_pytorch(tmp_path, composition, top_k):
-    model = tiny_model(composition, top_k=top_k)
+CLASSIFIER = [{"plugin": "classification", "config": {"labels": ["a", "b"]}}]
+
+
+@pytest.mark.parametrize("composition,top_k,heads", [("routed", 2, []), ("sequential", 1, CLASSIFIER)])
+def test_torch_export_matches_pytorch(tmp_path, composition, top_k, heads):
+    model = tiny_model(composition, top_k=top_k, heads=heads)
     path = export_model(model, tmp_path / "model.pt2", "torch-export")
+    assert list(model.heads) == [h["plugin"] for h in heads]  # heads are left out of the graph, and kept
     loaded = torch.export.load(str(path)).module()
     worst = 0.0
     for batch, length, pad, side in CASES:
@@ -131,10 +135,13 @@ def test_an_operator_onnx_lacks_is_named_with_its_module(tmp_path):
         export_model(model, tmp_path / "model.onnx", "onnx")
 
 
-def test_unknown_format_is_refused(tmp_path):
+def test_unknown_format_and_a_directory_are_refused(tmp_path):
     with pytest.raises(DharmaError, match="unknown export format 'tflite'") as caught:
         export_model(tiny_model(), tmp_path / "m", "tflite")
     assert "Use one of: onnx, torch-export." in str(caught.value)
+    with pytest.raises(DharmaError, match=f"^{tmp_path} is a directory") as caught:
+        export_model(tiny_model(), tmp_path, "onnx")
+    assert f"Give a file name, such as {tmp_path / 'model.onnx'}." in str(caught.value)
 
 
 def dharma(capsys, *argv) -> tuple[int, str, str]:
