@@ -75,7 +75,9 @@ def _eval_results(*places: Path | None) -> dict[str, Any]:
 # -- the card ----------------------------------------------------------------------------------
 
 
-def model_card(config: Any, source: str | Path | None = None, repo_id: str | None = None) -> str:
+def model_card(
+    config: Any, source: str | Path | None = None, repo_id: str | None = None, tags: list[str] | None = None
+) -> str:
     """The card of a model with ``config`` (a DharmaConfig or its dict), saved at ``source``."""
     data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     manifest = data.get("manifest") or {}
@@ -86,7 +88,7 @@ def model_card(config: Any, source: str | Path | None = None, repo_id: str | Non
     run, step = run_of(source)
     families = sorted({entry["ref"].split(".")[0] for entry in lock if entry.get("kind") == "module"})
     parts = [
-        _front_matter(["dharma", *families]),
+        _front_matter(list(dict.fromkeys(["dharma", *families, *(tags or [])]))),
         f"# {name}\n",
         _summary(text, layout, data.get("dharma_version") or __version__),
         _loading(repo_id or name),
@@ -100,11 +102,15 @@ def model_card(config: Any, source: str | Path | None = None, repo_id: str | Non
 
 
 def write_card(
-    directory: str | Path, config: Any, source: str | Path | None = None, repo_id: str | None = None
+    directory: str | Path,
+    config: Any,
+    source: str | Path | None = None,
+    repo_id: str | None = None,
+    tags: list[str] | None = None,
 ) -> Path:
     """Write the card into ``directory``; ``source``: where the model is (or will be) saved."""
     path = Path(directory) / CARD
-    path.write_text(model_card(config, source if source is not None else directory, repo_id))
+    path.write_text(model_card(config, source if source is not None else directory, repo_id, tags))
     return path
 
 
@@ -330,8 +336,8 @@ def push_to_hub(model: Any, repo_id: str, *, tokenizer: Any = None, **options: A
             for name in TOKENIZER_FILES:
                 if (source / name).is_file():
                     shutil.copy2(source / name, Path(staging) / name)
-        write_card(staging, model.config, source if source is not None else staging, repo.repo_id)
-        options.pop("tags", None)
+        tags = options.pop("tags", None)
+        write_card(staging, model.config, source if source is not None else staging, repo.repo_id, tags)
         return model._upload_modified_files(staging, repo.repo_id, files_timestamps={}, **options)
 
 

@@ -173,6 +173,14 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
         _align_tensors(model)
         return model
 
+    def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
+        """``PreTrainedModel.save_pretrained``, plus the model card (README.md): every save has one."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            from .hub import write_card
+
+            write_card(save_directory, self.config)
+
     def push_to_hub(self, repo_id: str, *, tokenizer: Any = None, **options: Any) -> Any:
         """Upload weights, config, tokenizer and the model card (the one ``checkpoint.save`` writes).
 

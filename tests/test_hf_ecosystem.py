@@ -231,6 +231,9 @@ def test_a_model_not_from_a_run_says_it_has_no_metrics(tmp_path, loaded):
     card = (directory / "README.md").read_text()
     assert "None recorded with this model (it was not saved from a training run)." in card
     assert parse_manifest(card_toml(card)).to_dict() == model.config.manifest
+    # save_pretrained (transformers' Trainer saves through it) writes the same card
+    model.save_pretrained(tmp_path / "plain")
+    assert (tmp_path / "plain" / "README.md").read_text() == card
 
 
 def test_push_to_hub_uploads_the_files_and_the_same_card(saved, loaded, monkeypatch):
@@ -260,7 +263,7 @@ def test_push_to_hub_uploads_the_files_and_the_same_card(saved, loaded, monkeypa
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
 
-    assert model.push_to_hub("someone/tiny", private=True, commit_message="first") == "committed"
+    assert model.push_to_hub("someone/tiny", private=True, commit_message="first", tags=["x"]) == "committed"
     assert calls == {"repo": ("someone/tiny", True), "commit": ("someone/tiny", "first")}
     assert sorted(uploaded) == [
         "README.md",
@@ -274,5 +277,6 @@ def test_push_to_hub_uploads_the_files_and_the_same_card(saved, loaded, monkeypa
     saved_card = (saved / "README.md").read_text()
     pushed_card = uploaded["README.md"].decode()
     # the same card, metrics included; only the loading lines name the repository
-    assert pushed_card == saved_card.replace('from_pretrained("tiny")', 'from_pretrained("someone/tiny")')
+    expected = saved_card.replace('from_pretrained("tiny")', 'from_pretrained("someone/tiny")')
+    assert pushed_card == expected.replace("- paths\n---", "- paths\n- x\n---")  # and the tags given
     assert uploaded["tokenizer.json"] == (saved / "tokenizer.json").read_bytes()
