@@ -14,6 +14,7 @@ import math
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,12 @@ def write_card(
 ) -> Path:
     """Write the card into ``directory``; ``source``: where the model is (or will be) saved."""
     path = Path(directory) / CARD
-    path.write_text(model_card(config, source if source is not None else directory, repo_id, tags))
+    try:
+        text = model_card(config, source if source is not None else directory, repo_id, tags)
+    except Exception as err:  # a card must never cost a checkpoint
+        warnings.warn(f"model card incomplete: {type(err).__name__}: {err}", stacklevel=2)
+        text = _front_matter(["dharma"]) + "\nA Dharma model; see config.json for its manifest and plugins.\n"
+    path.write_text(text)
     return path
 
 

@@ -280,3 +280,18 @@ def test_push_to_hub_uploads_the_files_and_the_same_card(saved, loaded, monkeypa
     expected = saved_card.replace('from_pretrained("tiny")', 'from_pretrained("someone/tiny")')
     assert pushed_card == expected.replace("- paths\n---", "- paths\n- x\n---")  # and the tags given
     assert uploaded["tokenizer.json"] == (saved / "tokenizer.json").read_bytes()
+
+
+def test_a_card_that_cannot_be_made_never_costs_the_save(tmp_path, loaded, monkeypatch):
+    from dharma_kernel import hub
+
+    model, _ = loaded
+
+    def broken(*args, **kwargs):
+        raise ValueError("no card today")
+
+    monkeypatch.setattr(hub, "model_card", broken)
+    with pytest.warns(UserWarning, match="model card incomplete: ValueError: no card today"):
+        directory = checkpoint.save(model, tmp_path / "model")
+    assert (directory / "model.safetensors").exists()
+    assert "see config.json for its manifest and plugins" in (directory / "README.md").read_text()
