@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli import FreezeOption, _quiet_transformers, app, err, out
+from .cli import FreezeOption, JsonOption, QuietOption, _quiet_transformers, app, err, out
 from .errors import DharmaError
 
 
@@ -48,6 +48,8 @@ def finetune(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run beside the output.")] = False,
     device: Annotated[str | None, typer.Option("--device", help="cpu or cuda.")] = None,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Fine-tune a foundation model on task data; writes an application directory (or, --merge, a model)."""
     from .manifest import Manifest
@@ -74,7 +76,14 @@ def finetune(
     summary = run_training(manifest, TrainOptions(resume=resume, device=device), out)
     if int(os.environ.get("RANK", "0")) != 0:
         return
-    report_finetune(summary)
+    if not as_json:
+        return report_finetune(summary)
+    from .cli_train import print_summary_json
+
+    print_summary_json(summary)
+    if summary.interrupted:
+        err.print(f"interrupted: saved step {summary.steps}; continue with --resume")
+        raise SystemExit(130)
 
 
 def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
@@ -130,7 +139,8 @@ def predict(
     head: Annotated[
         str | None, typer.Option("--head", help="Which head, when the model has several.")
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the prediction as JSON.")] = False,
+    as_json: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Run the application's head on one record: a label and probabilities, an answer span, a translation."""
     import torch
@@ -159,7 +169,7 @@ def predict(
     if as_json:
         typer.echo(json.dumps(prediction, ensure_ascii=False, indent=2))
     else:
-        typer.echo(chosen.format_prediction(prediction))
+        out.print(chosen.format_prediction(prediction), markup=False, emoji=False)  # silent under --quiet
 
 
 def pick_head(model: Any, name: str | None) -> Any:
@@ -178,11 +188,11 @@ def pick_head(model: Any, name: str | None) -> Any:
 
 def has_head(path: Path) -> bool:
     """Whether ``path`` is an application or a model (or run) directory with a head; reads JSON only."""
-    from .application import is_application
+    from .application import is_application, read_application
     from .train.rundir import model_directory
 
     if is_application(path):
-        return True
+        return bool(read_application(path).get("heads"))
     try:
         config = json.loads((model_directory(path) / "config.json").read_text())
     except (DharmaError, OSError, json.JSONDecodeError):

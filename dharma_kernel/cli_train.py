@@ -69,7 +69,7 @@ def train(
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, the main process reports
     if as_json:
-        typer.echo(json.dumps(_jsonable(asdict(summary)), indent=2))
+        print_summary_json(summary)
     elif summary.application is not None or summary.best_eval:  # a [finetune] manifest
         from .cli_finetune import report_finetune
 
@@ -94,6 +94,11 @@ def _report_training(summary) -> None:
         start = f" (from {first:.2f} at the start)" if first is not None else ""
         out.print(f"best eval perplexity {best:.2f} at step {summary.best_step}{start}")
     out.print(f"run directory: {summary.output}; best model: {summary.best or summary.latest}")
+
+
+def print_summary_json(summary) -> None:
+    """``--json`` for train and finetune: the run's summary, paths as strings."""
+    typer.echo(json.dumps(_jsonable(asdict(summary)), indent=2))
 
 
 def _jsonable(value):

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import JsonOption, _quiet_transformers, app, out
+from .cli import JsonOption, QuietOption, _quiet_transformers, app, out
 from .errors import DharmaError
 
 HEAD = "translation"
@@ -32,6 +32,7 @@ def translate(
         int | None, typer.Option("--max-new-tokens", min=1, help="Longest translation in tokens.")
     ] = None,
     as_json: JsonOption = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Translate each TEXT (Sanskrit to English, or the pair the head was fine-tuned for)."""
     from .application import load_application
