@@ -9,6 +9,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -275,3 +276,14 @@ def test_page_renders_in_headless_chromium(run, tmp_path, capsys):
     assert result.returncode == 0, result.stderr[-2000:]
     assert png_size(shot) == (1000, 1600)
     assert_not_blank(shot)
+
+
+def test_without_matplotlib_the_error_says_what_to_install(tmp_path, capsys, monkeypatch):
+    write_metrics(tmp_path / "run", STEPS)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    code, stdout, stderr = dharma(capsys, "report", str(tmp_path / "run"))
+    assert code == 2 and stdout == ""
+    assert stderr == (
+        "error: dharma report draws with matplotlib, which is not installed\n"
+        "Run: pip install 'dharma-kernel[report]' (or pip install matplotlib).\n"
+    )
