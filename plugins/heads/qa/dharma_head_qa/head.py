@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dharma_kernel.errors import DharmaError
 from dharma_kernel.head_data import max_length_of, model_batch, pad_features, pad_id, to_device
-from dharma_kernel.protocol import HeadModule, HeadOutput, ModuleConfig
+from dharma_kernel.protocol import HeadModule, HeadOutput, ModuleConfig, RecordError
 
 from .features import Window, char_span, encode_record
 from .lookahead import Lookahead
@@ -48,7 +49,9 @@ class QAHead(HeadModule):
         # No biases before the scores: a shift shared by all positions never changes a softmax
         # over positions, so it would get no gradient and could never learn.
         self.norm = nn.LayerNorm(hidden_size, bias=False)
-        self.span = nn.Linear(hidden_size, 2, bias=False)
+        # Each token is scored from its own state and the next token's: in a causal model the
+        # next state is the first to see what follows, and where a word ends shows there.
+        self.span = nn.Linear(2 * hidden_size, 2, bias=False)
 
     def forward(
         self,
@@ -61,7 +64,11 @@ class QAHead(HeadModule):
     ) -> HeadOutput:
         if self.lookahead is not None:
             hidden = self.lookahead(hidden, attention_mask)
-        start, end = self.span(self.norm(hidden)).float().unbind(-1)
+        states = self.norm(hidden)
+        if attention_mask is not None:  # padding reads as "nothing follows", as the sequence end does
+            states = states * attention_mask[..., None].to(states.dtype)
+        following = F.pad(states[:, 1:], (0, 0, 0, 1))
+        start, end = self.span(torch.cat([states, following], dim=-1)).float().unbind(-1)
         if context_mask is None:  # without one, any real token may be chosen
             context_mask = attention_mask if attention_mask is not None else torch.ones_like(start)
         outside = ~context_mask.bool()
@@ -98,7 +105,10 @@ class QAHead(HeadModule):
         text = model.config.text_config
         positions = getattr(text, "n_positions", None) or getattr(text, "max_position_embeddings", None)
         max_length = min(max_length_of(model), positions or 10**9)
-        per_record = [self._windows(record, tokenizer, max_length, train=False) for record in records]
+        try:
+            per_record = [self._windows(record, tokenizer, max_length, train=False) for record in records]
+        except RecordError as err:  # records from `dharma predict`; files are checked by encode first
+            raise DharmaError(f"qa: {err}") from None
         windows = [w for ws in per_record for w in ws]
         features = [{"input_ids": w.input_ids, "context_mask": w.context_mask} for w in windows]
         batch = to_device(model_batch(self.name, pad_features(features, pad_id(tokenizer))), model.device)
