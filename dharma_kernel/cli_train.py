@@ -126,15 +126,18 @@ def eval_command(
 
     if has_head(model_dir):
         return eval_head(model_dir, data, batch_size, head, as_json)
+    from .application import is_application, load_application
     from .data import DataReport, clean_records, pack, read_records
     from .evaluate import activation_auc, lm_totals, perplexity
     from .model import DharmaModel
     from .train.rundir import model_directory
 
     _quiet_transformers()
-    directory = model_directory(model_dir)
-    model = DharmaModel.from_pretrained(directory)
-    tokenizer = _tokenizer(directory)
+    if is_application(model_dir):  # a fine-tuned language model: its foundation plus the adapter
+        directory, (model, tokenizer) = model_dir, load_application(model_dir)
+    else:
+        directory = model_directory(model_dir)
+        model, tokenizer = DharmaModel.from_pretrained(directory), _tokenizer(directory)
     report = DataReport()
     records = clean_records(read_records(data, strict=bool(strict), report=report), report=report)
     if not records:
