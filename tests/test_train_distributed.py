@@ -23,6 +23,11 @@ def losses(folder: Path) -> list[tuple[int, float]]:
     return [(r["step"], r.get("loss", r.get("eval_loss"))) for r in map(json.loads, lines)]
 
 
+def activation_tables(folder: Path) -> list[tuple[int, dict]]:
+    lines = (folder / "run" / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["activation"]) for r in map(json.loads, lines) if "activation" in r]
+
+
 def train(manifest: Path, *args: str, processes: int = 1) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}
     launcher = [str(TORCHRUN), "--standalone", "--nproc_per_node", str(processes)]
@@ -58,6 +63,13 @@ def test_two_processes_equal_one_with_doubled_accumulation(tmp_path, strategy):
     assert wa.keys() == wb.keys()  # a sharded run saves whole, ordinary model directories
     for name in wa:
         assert (wa[name] - wb[name]).abs().max() <= 1e-4, name
+    # Each process evaluates half the rows; the module-by-concept tables add up to one process's.
+    ta, tb = activation_tables(tmp_path / "one"), activation_tables(tmp_path / "two")
+    assert [step for step, _ in ta] == [step for step, _ in tb] == [0, 2, 4]
+    for (_, x), (_, y) in zip(ta, tb, strict=True):
+        assert x["tokens"] == y["tokens"] and sum(x["tokens"]) > 0
+        for u, v in zip(sum(x["mean"], []), sum(y["mean"], []), strict=True):
+            assert (u is None and v is None) or abs(u - v) <= 1e-4 * max(abs(u), 1e-3)
 
     # Resuming restores the (gathered, then re-sharded) optimizer state: both runs go on alike.
     train(one, "--resume", "--max-steps", "6")
