@@ -342,10 +342,11 @@ def plan_command(
         out.print(note)
 
 
-from . import cli_report  # noqa: E402, F401  (registers report)
-from . import cli_train  # noqa: E402, F401  (registers train, eval, generate on app)
-from . import cli_new_plugin  # noqa: E402, F401  (registers new-plugin)
-from . import cli_export  # noqa: E402, F401  (registers export on app)
+# One import line per command module (noqa I001: ruff would merge them into one statement).
+from . import cli_report  # noqa: E402, F401, I001  (registers report)
+from . import cli_train  # noqa: E402, F401, I001  (registers train, eval, generate on app)
+from . import cli_new_plugin  # noqa: E402, F401, I001  (registers new-plugin)
+from . import cli_export  # noqa: E402, F401, I001  (registers export on app)
 
 
 @functools.cache  # once per process, however often main() runs
@@ -402,6 +403,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(130) from None
 
 
-from . import cli_finetune  # noqa: E402, F401  (registers finetune, predict; extends eval)
-from . import cli_chat  # noqa: E402, F401  (registers chat)
-from . import cli_translate  # noqa: E402, F401  (registers translate)
+from . import cli_finetune  # noqa: E402, F401, I001  (registers finetune, predict; extends eval)
+from . import cli_chat  # noqa: E402, F401, I001  (registers chat)
+from . import cli_translate  # noqa: E402, F401, I001  (registers translate)
