@@ -121,6 +121,11 @@ def plan(manifest: Manifest) -> Plan:
 def plan_manifest(path: str | Path) -> tuple[Manifest, Plan]:
     """Load, check ``requires`` and plan: what ``dharma validate`` and ``assemble`` start with."""
     manifest = load_manifest(path)
+    if manifest.finetune is not None:  # its model is the foundation plus a head, not the [backbone]
+        raise DharmaError(
+            f"{path} fine-tunes {manifest.finetune.from_} ([finetune]): it describes no model to build",
+            hint=f"Run it with: dharma train {path}",
+        )
     check_requires(manifest)
     return manifest, plan(manifest)
 

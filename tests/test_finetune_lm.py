@@ -39,3 +39,16 @@ def test_lm_finetune_writes_an_application_that_evaluates_like_its_checkpoint(ca
         dharma(capsys, "eval", foundation, "--data", corpus, "--max-length", 32, "--json")
     )
     assert of_app["perplexity"] == of_run["perplexity"] < of_foundation["perplexity"]
+
+
+def test_validate_and_assemble_refuse_a_finetune_manifest(capsys, tmp_path):
+    manifest = tmp_path / "ft.toml"
+    manifest.write_text('[finetune]\nfrom = "runs/foundation"\n[[heads]]\nplugin = "classification"\n')
+    for command in (["validate"], ["assemble", "-o", str(tmp_path / "out")]):
+        try:
+            main([*command, str(manifest)])
+        except SystemExit as exit_:
+            assert exit_.code == 2
+        err = capsys.readouterr().err
+        assert "fine-tunes runs/foundation ([finetune]): it describes no model to build" in err
+        assert f"dharma train {manifest}" in err
