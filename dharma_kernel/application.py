@@ -112,6 +112,8 @@ def save_application(
         (staging / APPLICATION_FILE).write_text(json.dumps(info, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        for path in staging.iterdir():  # safetensors writes its file private; a model directory is not
+            path.chmod(0o644)
 
     _write_atomically(target, write)
     return target
