@@ -165,3 +165,20 @@ def test_bad_records_label_mismatch_and_missing_plugin_are_clear(capsys, foundat
     (app / "application.json").write_text(json.dumps(info))
     with pytest.raises(DharmaError, match="head plugin 'sentiment'.*\n.*pip install dharma-head-sentiment"):
         dharma(capsys, "predict", app, "some text")
+
+
+def test_a_finetune_resumes_and_refuses_to_start_over(capsys, foundation, tmp_path):
+    app = tmp_path / "app"
+    finetune(capsys, foundation, app, "--max-steps", 2)
+    first = load_file(str(app / "adapter.safetensors"))
+    with pytest.raises(DharmaError, match="already holds a training run"):
+        finetune(capsys, foundation, app, "--max-steps", 4)
+    finetune(capsys, foundation, app, "--max-steps", 4, "--resume")
+    steps = [
+        json.loads(line)["step"] for line in (tmp_path / "app-run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2, 3, 4]
+    resumed = load_file(str(app / "adapter.safetensors"))
+    assert not torch.equal(
+        first["heads.classification.out.weight"], resumed["heads.classification.out.weight"]
+    )
