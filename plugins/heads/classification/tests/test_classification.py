@@ -1,5 +1,7 @@
+import pytest
 from dharma_head_classification import Classification
 
+from dharma_kernel.protocol import RecordError
 from dharma_kernel.testing import HeadConformance
 
 RECORDS = [
@@ -20,3 +22,13 @@ class TestMeanPooling(HeadConformance):
     plugin = Classification
     config = {"labels": ["bhakti", "jnana", "karma"], "pooling": "mean", "weights": [1.0, 2.0, 0.5]}
     records = RECORDS
+
+
+def test_fit_config_learns_sorted_labels_and_balanced_weights():
+    records = [{"text": "t", "label": label} for label in ["seva", "karma", "karma", "karma", 7]]
+    fitted = Classification.fit_config(Classification.Config(class_weights="balanced"), records)
+    assert fitted.labels == ["7", "karma", "seva"]
+    assert fitted.weights == pytest.approx([5 / 3, 5 / 9, 5 / 3])  # n / (classes * count)
+    assert Classification.fit_config(Classification.Config(), records).weights == []
+    with pytest.raises(RecordError, match="only the label 'karma'"):
+        Classification.fit_config(Classification.Config(), records[1:4])
