@@ -118,7 +118,7 @@ def main() -> None:
     train_pool, test_pool = split_pools()
     rng = random.Random(20261126)
     seen: set[str] = set()
-    train = records(rng, train_pool, 110, seen, test=False)
+    train = records(rng, train_pool, 200, seen, test=False)
     test = records(rng, test_pool, 30, seen, test=True)
     for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
