@@ -15,11 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import load_saved_tokenizer, write_directory
 from .errors import DharmaError, first_line
 
 APPLICATION_FILE = "application.json"
@@ -115,39 +114,8 @@ def save_application(
         for path in staging.iterdir():  # safetensors writes its file private; a model directory is not
             path.chmod(0o644)
 
-    _write_atomically(target, write)
+    write_directory(target, write, lambda d: (d / APPLICATION_FILE).exists(), "an application directory")
     return target
-
-
-def _write_atomically(target: Path, write: Any) -> None:
-    if target.exists() and not (
-        target.is_dir() and (not any(target.iterdir()) or (target / APPLICATION_FILE).exists())
-    ):
-        raise DharmaError(
-            f"{target} exists and is not an application directory; refusing to replace it",
-            hint="Choose another output directory, or remove that one yourself.",
-        )
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    except OSError as err:
-        raise DharmaError(f"cannot write {target}: {first_line(err)}") from None
-    try:
-        staging.chmod(0o755)
-        write(staging)
-        if target.exists():
-            retired = target.with_name(f".{target.name}.old")
-            shutil.rmtree(retired, ignore_errors=True)
-            target.rename(retired)
-            staging.rename(target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            staging.rename(target)
-    except BaseException as err:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(err, OSError):
-            raise DharmaError(f"cannot write {target}: {first_line(err)}") from None
-        raise
 
 
 def read_application(directory: str | Path) -> dict[str, Any]:
@@ -175,15 +143,13 @@ def find_foundation(directory: Path, info: dict[str, Any]) -> Path:
 
 def load_application(path: str | Path) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from an application, a saved model or a run directory (its best)."""
-    from transformers import AutoTokenizer
-
     from .model import DharmaModel
     from .train.rundir import model_directory
 
     directory = Path(path)
     if not is_application(directory):
         directory = model_directory(directory)
-        return DharmaModel.from_pretrained(directory), _tokenizer(directory, AutoTokenizer)
+        return DharmaModel.from_pretrained(directory), load_saved_tokenizer(directory)
     info = read_application(directory)
     for spec in info["heads"]:
         require_head(spec["plugin"])
@@ -199,7 +165,7 @@ def load_application(path: str | Path) -> tuple[Any, Any]:
     add_heads(model, info["heads"])
     _load_adapter(model, directory / ADAPTER_FILE)
     model.config.manifest = info.get("manifest")
-    return model, _tokenizer(directory, AutoTokenizer)
+    return model, load_saved_tokenizer(directory)
 
 
 def _load_adapter(model: Any, path: Path) -> None:
@@ -219,14 +185,3 @@ def _load_adapter(model: Any, path: Path) -> None:
             + (f"unknown parameters {', '.join(unknown[:3])}" if unknown else f"shapes differ for {wrong[0]}")
         )
     model.load_state_dict(tensors, strict=False)
-
-
-def _tokenizer(directory: Path, auto: Any) -> Any:
-    try:
-        return auto.from_pretrained(directory)
-    except (OSError, ValueError):
-        raise DharmaError(
-            f"{directory} was saved without a tokenizer",
-            hint="`dharma train` saves one with every checkpoint; "
-            "for `dharma assemble`, set backbone.tokenizer.",
-        ) from None

@@ -140,10 +140,27 @@ def save(
     model's, gathered).
     """
     target = Path(directory).resolve()
-    replaceable = target.is_dir() and (not any(target.iterdir()) or is_model_directory(target))
-    if target.exists() and not replaceable:
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        write_card(staging, model.config, source=target)  # README.md: manifest, plugins, data, metrics
+        if extra is not None:
+            extra(staging)
+
+    write_directory(target, write, is_model_directory, "a saved Dharma model")
+    return target
+
+
+def write_directory(target: Path, write: Callable[[Path], None], replaceable: Callable[[Path], bool],
+                    what: str) -> None:  # fmt: skip
+    """``write(staging)`` fills a directory beside ``target`` that then replaces it by two renames,
+    so a failure at any point leaves what was there untouched. Only a missing path, an empty
+    directory or one that ``replaceable`` accepts (``what`` names it) is ever replaced."""
+    if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or replaceable(target))):
         raise DharmaError(
-            f"{target} exists and is not a saved Dharma model; refusing to replace it",
+            f"{target} exists and is not {what}; refusing to replace it",
             hint="Choose another output directory, or remove that one yourself.",
         )
     try:
@@ -153,19 +170,27 @@ def save(
         raise DharmaError(f"cannot write {target}: {first_line(err)}") from None
     try:
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a model directory is not
-        model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        write_card(staging, model.config, source=target)  # README.md: manifest, plugins, data, metrics
-        if extra is not None:
-            extra(staging)
+        write(staging)
         _replace(staging, target)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(err, OSError):
             raise DharmaError(f"cannot write {target}: {first_line(err)}") from None
         raise
-    return target
+
+
+def load_saved_tokenizer(directory: Path) -> Any:
+    """The tokenizer saved in a model or application directory, or a DharmaError saying there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError):
+        raise DharmaError(
+            f"{directory} was saved without a tokenizer",
+            hint="`dharma train` saves one with every checkpoint; "
+            "for `dharma assemble`, set backbone.tokenizer.",
+        ) from None
 
 
 def _umask() -> int:

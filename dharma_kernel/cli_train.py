@@ -127,6 +127,7 @@ def eval_command(
     if has_head(model_dir):
         return eval_head(model_dir, data, batch_size, head, as_json)
     from .application import is_application, load_application
+    from .checkpoint import load_saved_tokenizer
     from .data import DataReport, clean_records, pack, read_records
     from .evaluate import activation_auc, lm_totals, perplexity
     from .model import DharmaModel
@@ -137,7 +138,7 @@ def eval_command(
         directory, (model, tokenizer) = model_dir, load_application(model_dir)
     else:
         directory = model_directory(model_dir)
-        model, tokenizer = DharmaModel.from_pretrained(directory), _tokenizer(directory)
+        model, tokenizer = DharmaModel.from_pretrained(directory), load_saved_tokenizer(directory)
     report = DataReport()
     records = clean_records(read_records(data, strict=bool(strict), report=report), report=report)
     if not records:
@@ -211,16 +212,3 @@ def generate(
             **sampling,
         )
     typer.echo(prompt + tokenizer.decode(result[0, ids.shape[1] :], skip_special_tokens=True))
-
-
-def _tokenizer(directory: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(directory)
-    except (OSError, ValueError):
-        raise DharmaError(
-            f"{directory} was saved without a tokenizer",
-            hint="`dharma train` saves one with every checkpoint; "
-            "for `dharma assemble`, set backbone.tokenizer.",
-        ) from None
