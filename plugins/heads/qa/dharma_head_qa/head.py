@@ -18,6 +18,8 @@ from .metrics import qa_scores
 from .records import parse_record
 from .spans import best_span
 
+WINDOWS_PER_FORWARD = 32
+
 
 class QAConfig(ModuleConfig):
     max_answer_tokens: int = 30  # longest span a prediction may choose
@@ -110,14 +112,17 @@ class QAHead(HeadModule):
         except RecordError as err:  # records from `dharma predict`; files are checked by encode first
             raise DharmaError(f"qa: {err}") from None
         windows = [w for ws in per_record for w in ws]
-        features = [{"input_ids": w.input_ids, "context_mask": w.context_mask} for w in windows]
-        batch = to_device(model_batch(self.name, pad_features(features, pad_id(tokenizer))), model.device)
-        logits = model(**batch, use_cache=False).heads[self.name].logits
-        in_context = batch["head_labels"][self.name]["context_mask"]
-        spans = [
-            best_span(logits["start"][i], logits["end"][i], in_context[i], self.config.max_answer_tokens)
-            for i in range(len(windows))
-        ]
+        spans = []
+        for first in range(0, len(windows), WINDOWS_PER_FORWARD):  # a book-length context stays in memory
+            chunk = windows[first : first + WINDOWS_PER_FORWARD]
+            features = [{"input_ids": w.input_ids, "context_mask": w.context_mask} for w in chunk]
+            batch = to_device(model_batch(self.name, pad_features(features, pad_id(tokenizer))), model.device)
+            logits = model(**batch, use_cache=False).heads[self.name].logits
+            in_context = batch["head_labels"][self.name]["context_mask"]
+            spans += [
+                best_span(logits["start"][i], logits["end"][i], in_context[i], self.config.max_answer_tokens)
+                for i in range(len(chunk))
+            ]
         predictions, row = [], 0
         for record, ws in zip(records, per_record, strict=True):
             # every window holds at least one context token, so each has a span

@@ -55,7 +55,9 @@ def test_a_long_context_is_read_in_windows_and_answered_in_its_own_characters(mo
     assert prediction["score"] == pytest.approx(score, rel=1e-4) and (start, end) == (first, last)
 
 
-def test_batching_records_together_changes_no_prediction(model_and_tokenizer):
+@pytest.mark.parametrize("per_forward", [32, 2])
+def test_batching_records_together_changes_no_prediction(model_and_tokenizer, monkeypatch, per_forward):
+    monkeypatch.setattr("dharma_head_qa.head.WINDOWS_PER_FORWARD", per_forward)
     model, tokenizer = model_and_tokenizer
     records = [
         {"question": "Who taught Arjuna?", "context": LONG},
