@@ -14,10 +14,15 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
+@pytest.fixture(scope="module", params=[False, True], ids=["untrimmed", "trimmed"])
+def tokenizer(request):
+    """Ours (offsets include a token's leading space) and GPT-2's pretrained kind (trimmed)."""
+    from tokenizers import processors
+
     # small on purpose: few merges, so Devanagari letters are split over byte tokens
-    return train_tokenizer(TEXTS * 4, vocab_size=300)
+    tokenizer = train_tokenizer(TEXTS * 4, vocab_size=300)
+    tokenizer.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=request.param)
+    return tokenizer
 
 
 def _offsets(tokenizer, text):
