@@ -29,6 +29,7 @@ from dharma_kernel.backbone import backbone_config, fresh_backbone
 from dharma_kernel.catalogue import standard_refs
 from dharma_kernel.freeze import parameter_table
 from dharma_kernel.manifest import load_manifest
+from dharma_kernel.train.heap import keep_freed_memory
 
 LAYERS = {"tiny": [2, 4], "lite": [2, 4], "seed": [3]}
 LITE_SHARE_MAX = 0.05
@@ -181,6 +182,8 @@ def training_speed(folder: Path, refs: list[str], complete: bool, budget: Budget
     # Other processes may share the CPU: the fastest step is the one least disturbed (as timeit does).
     print("tokens/s: from the fastest step; ratio: fastest bare step / fastest assembled step, same rounds")
     print(f"{'config':<22} {'params':>9} {'tokens/s':>9} {'ratio':>6} {'target':>7} {'rounds':>6}  result")
+    if device.type == "cpu":
+        keep_freed_memory()  # as dharma train does on the CPU, for both sides
     torch.manual_seed(0)
     bare = Trainer(fresh_backbone(text), device)
     speed = ids.numel() / min([bare.step(ids) for _ in range(WARMUP + 3)][WARMUP:])

@@ -18,6 +18,7 @@ from rich.console import Console
 from ..errors import DharmaError
 from ..manifest import Manifest, load_manifest
 from .distributed import Dist, is_sharded, setup, teardown, wrap
+from .heap import keep_freed_memory
 from .loop import Loop, Progress, check_finite_weights
 from .precision import LossScale, resolve_precision
 from .progress import Reporter
@@ -130,6 +131,8 @@ class _Session:
         _use_special_tokens(model, self.tokenizer)
         freeze_groups(model, groups)
         model.to(self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         if self.cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.set_module_checkpointing(True)
