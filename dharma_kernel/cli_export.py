@@ -40,13 +40,17 @@ def export_command(
     """Export backbone + modules for inference: (input_ids, attention_mask) -> logits, no KV cache."""
     import warnings
 
+    from .application import is_application, load_application
     from .export import INPUTS, OUTPUTS, export_model, max_difference
     from .model import DharmaModel
     from .train.rundir import model_directory
 
     _quiet_transformers()
-    directory = model_directory(model_dir)
-    model = DharmaModel.from_pretrained(directory).eval()
+    if is_application(model_dir):  # its foundation with the fine-tuned weights applied
+        directory, model = Path(model_dir), load_application(model_dir)[0].eval()
+    else:
+        directory = model_directory(model_dir)
+        model = DharmaModel.from_pretrained(directory).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporters' deprecation notes are not the user's to act on
         written = export_model(model, output, fmt.value)

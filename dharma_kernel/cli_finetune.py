@@ -146,9 +146,10 @@ def predict(
     import torch
 
     from .application import load_application
+    from .head_data import predict_records
 
     _quiet_transformers()
-    record = {"text": text, "question": question, "context": context}
+    record = {"question": question, "context": context}
     for item in inputs or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
@@ -157,6 +158,8 @@ def predict(
     record = {k: v for k, v in record.items() if v is not None}
     model, tokenizer = load_application(application)
     chosen = pick_head(model, head)
+    if text is not None:  # the argument fills the head's first input: text, source, ...
+        record.setdefault(type(chosen).inputs[0], text)
     missing = [field for field in type(chosen).inputs if not record.get(field)]
     if missing:
         raise DharmaError(
@@ -165,7 +168,7 @@ def predict(
         )
     model.eval()
     with torch.no_grad():
-        prediction = chosen.predict(model, tokenizer, [record])[0]
+        prediction = predict_records(chosen, model, tokenizer, [record])[0]
     if as_json:
         typer.echo(json.dumps(prediction, ensure_ascii=False, indent=2))
     else:

@@ -36,7 +36,7 @@ def translate(
 ) -> None:
     """Translate each TEXT (Sanskrit to English, or the pair the head was fine-tuned for)."""
     from .application import load_application
-    from .protocol import RecordError
+    from .head_data import predict_records
 
     _quiet_transformers()
     model, tokenizer = load_application(app_dir)
@@ -55,10 +55,7 @@ def translate(
     for number, record in enumerate(records, 1):
         if not record["source"].strip():
             raise DharmaError(f"text {number} is empty; give the text to translate")
-    try:
-        predictions = head.predict(model, tokenizer, records)
-    except RecordError as error:
-        raise DharmaError(str(error)) from None
+    predictions = predict_records(head, model, tokenizer, records)
     if as_json:
         rows = [{"source": r["source"], **p} for r, p in zip(records, predictions, strict=True)]
         typer.echo(json.dumps(rows if len(rows) > 1 else rows[0], ensure_ascii=False))

@@ -101,6 +101,15 @@ def fit_head_config(head: type[HeadModule], config: Any, data: HeadRecords) -> A
         raise DharmaError(f"{head.name} training data: {err}") from None
 
 
+def predict_records(head: HeadModule, model: Any, tokenizer: Any, records: list[dict[str, Any]],
+                    where: str = "input") -> list[dict[str, Any]]:  # fmt: skip
+    """``head.predict`` on records given by the user; a RecordError becomes a DharmaError."""
+    try:
+        return head.predict(model, tokenizer, records)
+    except RecordError as err:
+        raise DharmaError(f"{where}: {err}") from None
+
+
 def encode_records(head: HeadModule, data: HeadRecords, tokenizer: Any, max_length: int) -> HeadData:
     """Every record through ``head.encode``; errors name the file and record."""
     features = []

@@ -187,7 +187,7 @@ def evaluate_head(
     import contextlib
 
     precision = precision or contextlib.nullcontext
-    from ..head_data import to_device
+    from ..head_data import predict_records, to_device
 
     head = model.heads[data.head]
     device = next(model.parameters()).device
@@ -199,7 +199,8 @@ def evaluate_head(
             rows = list(range(start, min(start + batch_size, len(data))))
             with precision():
                 out = model(**to_device(data.batch(rows), device), use_cache=False)
-                predictions += head.predict(model, tokenizer, [data.records[i] for i in rows])
+                predictions += predict_records(head, model, tokenizer, [data.records[i] for i in rows],
+                                               where=f"{head.name} eval data")  # fmt: skip
             loss_sum += float(out.loss) * len(rows)
     finally:
         model.train(was_training)

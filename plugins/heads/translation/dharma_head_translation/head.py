@@ -78,8 +78,11 @@ class Translation(HeadModule):
         return [self.translate(model, tokenizer, record) for record in records]
 
     def translate(self, model: Any, tokenizer: Any, record: dict[str, Any]) -> dict[str, Any]:
-        beams = int(record.get("beams", self.config.num_beams))
-        wanted = int(record.get("max_new_tokens", self.config.max_new_tokens or MAX_NEW_TOKENS))
+        try:
+            beams = int(record.get("beams", self.config.num_beams))
+            wanted = int(record.get("max_new_tokens", self.config.max_new_tokens or MAX_NEW_TOKENS))
+        except ValueError:
+            raise RecordError("beams and max_new_tokens must be whole numbers") from None
         if beams < 1 or wanted < 1:
             raise RecordError(f"beams and max_new_tokens must be at least 1, not {beams} and {wanted}")
         prompt = self.layout.prompt_ids(_text(record, "source"), tokenizer, max_length_of(model))

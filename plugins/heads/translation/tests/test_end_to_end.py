@@ -98,3 +98,10 @@ def test_finetuning_lifts_chrf_and_the_application_translates_as_trained(capsys,
     )
     with pytest.raises(DharmaError, match="text 2 is empty"):
         dharma(capsys, "translate", app, sources[0], " ")
+
+    # dharma predict: the argument is the head's first input (source); bad options are errors.
+    assert json.loads(dharma(capsys, "predict", app, sources[0], "--json"))["translation"] == greedy[0]
+    with pytest.raises(DharmaError, match="input: beams and max_new_tokens must be whole numbers"):
+        dharma(capsys, "predict", app, sources[0], "--input", "beams=abc")
+    with pytest.raises(DharmaError, match="must be at least 1"):
+        dharma(capsys, "predict", app, sources[0], "--input", "max_new_tokens=0")
