@@ -39,12 +39,16 @@ class Classification(HeadModule):
     @classmethod
     def fit_config(cls, config: Config, records: list[dict[str, Any]]) -> Config:
         counts = Counter(str(record["label"]) for record in records)  # encode checks each label's type
-        labels = sorted(counts)
+        labels = list(config.labels) or sorted(counts)  # labels set in the config keep their order
+        if unknown := sorted(set(counts) - set(labels)):
+            raise RecordError(
+                f"label {unknown[0]!r} is not one of the configured labels ({', '.join(labels)})"
+            )
         if len(labels) < 2:
             raise RecordError(f"found only the label {labels[0]!r}; classification needs at least two")
         weights = []
         if config.class_weights == "balanced":
-            weights = [len(records) / (len(labels) * counts[label]) for label in labels]
+            weights = [len(records) / (len(labels) * max(counts[label], 1)) for label in labels]
         return config.model_copy(update={"labels": labels, "weights": weights})
 
     def encode(self, record: dict[str, Any], tokenizer: Any, max_length: int) -> dict[str, Any]:

@@ -32,3 +32,11 @@ def test_fit_config_learns_sorted_labels_and_balanced_weights():
     assert Classification.fit_config(Classification.Config(), records).weights == []
     with pytest.raises(RecordError, match="only the label 'karma'"):
         Classification.fit_config(Classification.Config(), records[1:4])
+
+
+def test_labels_set_in_the_config_keep_their_order_and_refuse_others():
+    records = [{"text": "t", "label": label} for label in ["seva", "karma", "karma"]]
+    given = Classification.Config(labels=["seva", "karma", "bhakti"])
+    assert Classification.fit_config(given, records).labels == ["seva", "karma", "bhakti"]
+    with pytest.raises(RecordError, match="'seva' is not one of the configured labels"):
+        Classification.fit_config(Classification.Config(labels=["karma", "bhakti"]), records)
