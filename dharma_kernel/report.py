@@ -94,8 +94,15 @@ def write_report(metrics: RunMetrics, out_dir: str | Path) -> Report:
             "perplexity on the held-out set at each evaluation (step 0: before training)",
             lambda f: _lines(f, metrics, ["eval_ppl"], "perplexity", records="evals", marker="o"),
         )
-    else:
+    elif not metrics.evals:
         report.missing["eval_perplexity"] = "no evaluation was logged: the run had no eval data"
+    if head := metrics.head_metrics():
+        add(
+            "eval_metrics",
+            "Eval metrics of the head",
+            "the task head's metrics on the eval data at each evaluation (step 0: before fine-tuning)",
+            lambda f: _lines(f, metrics, head, "score", records="evals", marker="o"),
+        )
     if metrics.activations:
         table = metrics.activations[-1]
         add(
@@ -255,8 +262,13 @@ def _summary(metrics: RunMetrics) -> list[list[str]]:
             rows.append(["median tokens/s", f"{sorted(speeds)[len(speeds) // 2]:,.0f}"])
     best = metrics.best_eval()
     if best is not None:
-        rows.append(["best eval perplexity", f"{best['eval_ppl']:.2f} at step {best['step']}"])
-    if metrics.evals and metrics.evals[0]["step"] == 0:
+        shown = ", ".join(
+            f"{key.removeprefix('eval_')} {_number(best.get(key))}"
+            for key in ("eval_loss", "eval_ppl", *metrics.head_metrics())
+            if best.get(key) is not None
+        )
+        rows.append(["best evaluation (lowest eval loss)", f"step {best['step']}: {shown}"])
+    if metrics.evals and metrics.evals[0]["step"] == 0 and metrics.evals[0].get("eval_ppl") is not None:
         rows.append(["eval perplexity before training", _number(metrics.evals[0].get("eval_ppl"), 2)])
     if metrics.skipped_lines:
         rows.append(["unreadable last line (ignored)", ", ".join(map(str, metrics.skipped_lines))])

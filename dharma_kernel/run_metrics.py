@@ -50,8 +50,19 @@ class RunMetrics:
         return sorted(names, key=lambda name: name != "loss")
 
     def best_eval(self) -> dict[str, Any] | None:
-        scored = [r for r in self.evals if r["step"] > 0 and isinstance(r.get("eval_ppl"), int | float)]
-        return min(scored, key=lambda r: r["eval_ppl"]) if scored else None
+        """The evaluation after step 0 with the lowest eval loss (the one the trainer keeps as best)."""
+        scored = [r for r in self.evals if r["step"] > 0 and isinstance(r.get("eval_loss"), int | float)]
+        return min(scored, key=lambda r: r["eval_loss"]) if scored else None
+
+    def head_metrics(self) -> list[str]:
+        """The head metrics evaluations logged (``eval_accuracy``, ``eval_f1``, ...), in order first seen."""
+        plain = {"eval_loss", "eval_ppl", "eval_tokens", "eval_records"}
+        names: dict[str, None] = {}
+        for record in self.evals:
+            for key, value in record.items():
+                if key.startswith("eval_") and key not in plain and isinstance(value, int | float):
+                    names[key] = None
+        return list(names)
 
 
 def read_run(run_dir: str | Path) -> RunMetrics:

@@ -103,7 +103,7 @@ def test_page_is_self_contained_and_embeds_the_plots(run, tmp_path, capsys):
     assert len(sources) == len(PLOTS)
     embedded = [base64.b64decode(s.removeprefix("data:image/png;base64,")) for s in sources]
     assert embedded == [(tmp_path / f"{name}.png").read_bytes() for name in PLOTS]
-    assert "<td>best eval perplexity</td>" in page
+    assert "<td>best evaluation (lowest eval loss)</td>" in page
 
 
 def test_logged_activation_table_matches_the_checkpoint(run):
@@ -182,6 +182,21 @@ def test_run_without_eval_draws_what_it_has_and_says_what_not(tmp_path, capsys):
     assert not (tmp_path / "run" / "report" / "activation.png").exists()
     assert "loss, lm, qa/span at each optimizer step" in page  # a head's loss is a component too
     assert "<td>unreadable last line (ignored)</td><td>21</td>" in page
+
+
+def test_head_run_plots_the_heads_eval_metrics(tmp_path, capsys):
+    # A fine-tuning run logs eval_loss and the head's metrics, no perplexity.
+    evals = [{"step": s, "eval_loss": 1.5 - s / 20, "eval_accuracy": 0.25 + s / 40, "eval_macro_f1": s / 25}
+             for s in (0, 10, 20)]  # fmt: skip
+    write_metrics(tmp_path / "run", STEPS + evals)
+    code, stdout, _ = dharma(capsys, "report", str(tmp_path / "run"), "--json")
+    assert code == 0
+    result = json.loads(stdout)
+    assert sorted(result["plots"]) == ["eval_metrics", "loss", "lr", "throughput"]
+    assert "eval_perplexity" not in result["missing"]
+    assert png_size(tmp_path / "run" / "report" / "eval_metrics.png") == (800, 400)
+    page = Path(result["html"]).read_text()
+    assert "<td>step 20: loss 0.5000, accuracy 0.7500, macro_f1 0.8000</td>" in page
 
 
 def test_heatmap_grows_with_the_modules(tmp_path, capsys):
