@@ -123,3 +123,18 @@ def _get_path(module: nn.Module, path: str) -> Any:
         if module is None:
             return None
     return module
+
+
+_CONTEXT_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")
+
+
+def context_length(config: Any, default: int | None = None) -> int:
+    """The most tokens the backbone attends over, from its config (an object or config.json's dict);
+    ``default`` when the config does not say, or a DharmaError when there is no default."""
+    for key in _CONTEXT_KEYS:
+        value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    if default is None:
+        raise DharmaError("the model's config does not say its context length (n_positions)")
+    return default

@@ -41,13 +41,14 @@ def chat(
     import torch
 
     from .application import load_application
+    from .backbone import context_length
     from .data.chat import ensure_chat_template, stop_token_ids
 
     _quiet_transformers()
     model, tokenizer = load_application(model_dir)
     model.eval()
     ensure_chat_template(tokenizer)
-    context = context_length(model)
+    context = context_length(model.config.text_config)
     budget = context - max_new_tokens
     if budget < 8:
         raise DharmaError(
@@ -92,16 +93,6 @@ def chat(
                 + ("ended by the end marker" if ended else "cut at --max-new-tokens")
             )
         history = [*kept, {"role": "assistant", "content": reply}]
-
-
-def context_length(model: Any) -> int:
-    """The most tokens the model attends over (its backbone's position table)."""
-    config = model.config.text_config
-    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    raise DharmaError("the model's config does not say its context length (n_positions)")
 
 
 def clean_input(line: str, tokenizer: Any) -> str:

@@ -119,12 +119,12 @@ def report_finetune(summary: Any) -> None:
 
 
 def _default_length(foundation: str) -> int:
+    from .backbone import context_length
     from .train.rundir import model_directory
 
     config = json.loads((model_directory(foundation) / "config.json").read_text())
     text = config.get("text_config") or {}
-    positions = text.get("n_positions") or text.get("max_position_embeddings") or 256
-    return min(256, int(positions))
+    return min(256, context_length(text, default=256))
 
 
 @app.command()

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .backbone import context_length
 from .errors import DharmaError, first_line
 from .protocol import DharmaModule, ModuleContext
 
@@ -82,12 +83,7 @@ def example_inputs(model: nn.Module, batch: int = 2, length: int = 8) -> tuple[t
 
 
 def max_length(model: nn.Module) -> int:
-    text = model.config.text_config
-    for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(text, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 4096
+    return context_length(model.config.text_config, default=4096)
 
 
 def export_program(model: nn.Module) -> torch.export.ExportedProgram:

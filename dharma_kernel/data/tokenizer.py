@@ -81,6 +81,7 @@ def resolve_tokenizer(
     ``text_config`` is the backbone's config when the caller has it (``plan(manifest).config.text_config``).
     """
     from ..assemble import load_tokenizer
+    from ..backbone import context_length
     from .chat import ensure_chat_template
 
     config = text_config if text_config is not None else _backbone_config(manifest)
@@ -107,7 +108,7 @@ def resolve_tokenizer(
         texts = list(texts)
         if not any(texts):
             raise DharmaError("cannot train a tokenizer: there is no training text")
-        tokenizer = train_tokenizer(texts, size, min_frequency, _max_positions(config))
+        tokenizer = train_tokenizer(texts, size, min_frequency, context_length(config, default=1024))
     if len(tokenizer) > embeddings:
         raise DharmaError(
             f"the tokenizer has {len(tokenizer)} tokens, more than the backbone's {embeddings} embeddings",
@@ -131,11 +132,3 @@ def _backbone_config(manifest: Manifest) -> PretrainedConfig:
 
     pretrained = _local_or_hub(manifest, manifest.backbone.pretrained, "backbone.pretrained")
     return backbone_config(pretrained, manifest.backbone.config)
-
-
-def _max_positions(config: PretrainedConfig) -> int:
-    for key in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, key, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 1024

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dharma_kernel.backbone import context_length
 from dharma_kernel.errors import DharmaError
 from dharma_kernel.head_data import max_length_of, model_batch, pad_features, pad_id, to_device
 from dharma_kernel.protocol import HeadModule, HeadOutput, ModuleConfig, RecordError
@@ -104,9 +105,7 @@ class QAHead(HeadModule):
     ) -> list[dict[str, Any]]:
         """Per record: the answer text, its character ``start`` and ``end`` in the context, and
         its ``score`` (start probability times end probability), best over the context's windows."""
-        text = model.config.text_config
-        positions = getattr(text, "n_positions", None) or getattr(text, "max_position_embeddings", None)
-        max_length = min(max_length_of(model), positions or 10**9)
+        max_length = min(max_length_of(model), context_length(model.config.text_config, default=10**9))
         try:
             per_record = [self._windows(record, tokenizer, max_length, train=False) for record in records]
         except RecordError as err:  # records from `dharma predict`; files are checked by encode first

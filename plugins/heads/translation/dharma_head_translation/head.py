@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from dharma_kernel.backbone import context_length
 from dharma_kernel.data.pairs import read_pairs
 from dharma_kernel.head_data import max_length_of
 from dharma_kernel.protocol import HeadModule, HeadOutput, ModuleConfig, RecordError
@@ -86,9 +87,7 @@ class Translation(HeadModule):
         if beams < 1 or wanted < 1:
             raise RecordError(f"beams and max_new_tokens must be at least 1, not {beams} and {wanted}")
         prompt = self.layout.prompt_ids(_text(record, "source"), tokenizer, max_length_of(model))
-        positions = getattr(model.config.text_config, "n_positions", None) or getattr(
-            model.config.text_config, "max_position_embeddings", len(prompt) + wanted
-        )
+        positions = context_length(model.config.text_config, default=len(prompt) + wanted)
         new_tokens = max(1, min(wanted, positions - len(prompt)))
         device = next(model.parameters()).device
         ids = torch.tensor([prompt], device=device)
