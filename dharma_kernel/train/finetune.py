@@ -10,6 +10,8 @@ best checkpoint becomes an application directory (or, with ``merge``, a model di
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,8 @@ from ..errors import DharmaError
 from .loop import Loop
 from .precision import autocast
 from .session import Summary, _Session
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,9 +142,24 @@ class FinetuneSession(_Session):
 
     def _loop(self, loop: Loop, total: int) -> Summary:
         self.trainable = [name for name, p in loop.raw.named_parameters() if p.requires_grad]
-        self.first_eval: dict[str, float] = {}
-        self.best_eval: dict[str, float] = {}
+        self.first_eval, self.best_eval = self._logged_evals(loop.progress.step)
         return super()._loop(loop, total)
+
+    def _logged_evals(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A resumed run's first and best head evaluations, read back from its metrics.jsonl."""
+        if step == 0 or not self.run_dir.metrics.exists():
+            return {}, {}
+        evals = []
+        for line in self.run_dir.metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record.get("eval_loss"), int | float) and record.get("step", step + 1) <= step:
+                evals.append(record)
+        first = next(({k: v for k, v in r.items() if k != "step"} for r in evals if r["step"] == 0), {})
+        later = [r for r in evals if r["step"] > 0]
+        return first, (min(later, key=lambda r: r["eval_loss"]) if later else {})
 
     def _eval_metrics(self, loop: Loop) -> dict[str, Any]:
         if self.head_cls is None:
@@ -169,6 +188,13 @@ class FinetuneSession(_Session):
         from ..model import DharmaModel
 
         chosen = summary.best or summary.latest
+        start, best = self.first_eval.get("eval_loss"), self.best_eval.get("eval_loss")
+        if start is not None and best is not None and best > start:
+            log.warning(
+                f"the best checkpoint (step {self.best_eval['step']}, eval loss {best:.4f}) is worse "
+                f"than the model before fine-tuning (eval loss {start:.4f}); "
+                "a lower learning rate or more data may help"
+            )
         model = DharmaModel.from_pretrained(chosen)
         if self.manifest.finetune.merge:
             summary.application = save(model, self.application_dir, self.tokenizer)

@@ -182,3 +182,16 @@ def test_a_finetune_resumes_and_refuses_to_start_over(capsys, foundation, tmp_pa
     assert not torch.equal(
         first["heads.classification.out.weight"], resumed["heads.classification.out.weight"]
     )
+
+
+def test_a_resumed_finetune_reports_its_first_and_best_evaluations(capsys, foundation, tmp_path):
+    app = tmp_path / "app"
+    eval_options = ("--eval", DATA / "test.jsonl", "--eval-every", 1)
+    finetune(capsys, foundation, app, "--max-steps", 2, *eval_options)
+    logged = {r["step"]: r for r in evals(app)}
+    printed = finetune(capsys, foundation, app, "--max-steps", 3, "--resume", *eval_options)
+    logged.update({r["step"]: r for r in evals(app)})
+    best = min((r for step, r in logged.items() if step > 0), key=lambda r: r["eval_loss"])
+    # the summary still knows the evaluation before fine-tuning and the best one, from metrics.jsonl
+    expected = f"eval_accuracy {best['eval_accuracy']:.4f} at step {best['step']} "
+    assert expected + f"(at the start: {logged[0]['eval_accuracy']:.4f})" in printed
