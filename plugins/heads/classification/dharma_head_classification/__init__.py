@@ -55,7 +55,9 @@ class Classification(HeadModule):
         if not isinstance(record["text"], str):
             raise RecordError(f"'text' must be a string, not {type(record['text']).__name__}")
         ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"][: max_length - 1]
-        features: dict[str, Any] = {"input_ids": [*ids, pad_id(tokenizer)]}  # EOS: a summary position
+        # End-of-text closes every record: one position that has read all of it, the same in each.
+        end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else pad_id(tokenizer)
+        features: dict[str, Any] = {"input_ids": [*ids, end]}
         if record.get("label") is not None:
             label = _label(record)
             if label not in self.config.labels:
