@@ -129,13 +129,15 @@ def _generate(
     import torch
     from transformers import TextStreamer
 
+    from .data.tokenizer import pad_id
+
     class Echo(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             sys.stdout.write(text + ("\n" if stream_end else ""))
             sys.stdout.flush()
 
     prompt = torch.tensor([ids])
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     with torch.no_grad():
         result = model.generate(
             prompt,

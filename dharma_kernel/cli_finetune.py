@@ -86,15 +86,16 @@ def finetune(
         raise SystemExit(130)
 
 
-def _key_values(items: list[str] | None, flag: str) -> dict[str, Any]:
-    """``KEY=VALUE`` items as a dict; a value that parses as JSON (numbers, true, lists) is that."""
+def _key_values(items: list[str] | None, flag: str, parse: bool = True) -> dict[str, Any]:
+    """``KEY=VALUE`` items as a dict; with ``parse``, a value that parses as JSON (numbers, true,
+    lists) is that, else every value is the text as given."""
     values: dict[str, Any] = {}
     for item in items or []:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise DharmaError(f"{flag} {item!r}: expected KEY=VALUE")
         try:
-            values[key] = json.loads(text)
+            values[key] = json.loads(text) if parse else text
         except json.JSONDecodeError:
             values[key] = text
     return values
@@ -149,12 +150,8 @@ def predict(
     from .head_data import predict_records
 
     _quiet_transformers()
-    record = {"question": question, "context": context}
-    for item in inputs or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise DharmaError(f"--input {item!r}: expected KEY=VALUE")
-        record[key] = value  # text as given: a field is never parsed as JSON
+    # a field is the text as given, never parsed as JSON
+    record = {"question": question, "context": context, **_key_values(inputs, "--input", parse=False)}
     record = {k: v for k, v in record.items() if v is not None}
     model, tokenizer = load_application(application)
     chosen = pick_head(model, head)

@@ -202,7 +202,9 @@ def generate(
         if temperature > 0
         else {"do_sample": False}
     )
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    from .data.tokenizer import pad_id
+
+    pad = pad_id(tokenizer)
     with torch.no_grad():
         result = model.generate(
             ids,

@@ -222,9 +222,11 @@ def encode(texts: Sequence[str], tokenizer: Any, max_length: int = 256) -> dict[
         list(texts), return_offsets_mapping=True, truncation=True, max_length=max_length, padding=False
     )
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    from .data.tokenizer import pad_id
+
+    pad = pad_id(tokenizer)
     width = max((len(row) for row in ids), default=0)
-    input_ids = torch.full((len(ids), width), pad if pad is not None else 0, dtype=torch.long)
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
     attention_mask = torch.zeros(len(ids), width, dtype=torch.long)
     for row, tokens in enumerate(ids):
         input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)

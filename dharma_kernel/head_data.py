@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .data.paths import expand_paths
+from .data.tokenizer import pad_id
 from .errors import DharmaError
 from .protocol import HeadModule, RecordError
 
@@ -125,13 +126,6 @@ def encode_records(head: HeadModule, data: HeadRecords, tokenizer: Any, max_leng
                               f"more than max_length {max_length}")  # fmt: skip
         features.append(encoded)
     return HeadData(head.name, features, pad_id(tokenizer), dict(type(head).pad_values), data)
-
-
-def pad_id(tokenizer: Any) -> int:
-    for value in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if value is not None:
-            return int(value)
-    return 0
 
 
 def pad_features(

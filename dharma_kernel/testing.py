@@ -17,6 +17,7 @@ import functools
 import re
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -37,6 +38,29 @@ def perturb(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.n
         for param in module.parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * std)
     return module
+
+
+def run_cli(capsys: Any, *argv: Any) -> tuple[int, str, str]:
+    """``dharma ARGV`` in this process: its exit code, stdout and stderr (``capsys`` captures them)."""
+    from .cli import main
+
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def cli_output(capsys: Any, *argv: Any) -> str:
+    """``dharma ARGV``'s stdout; a failed command raises DharmaError with what it printed on stderr."""
+    from .errors import DharmaError
+
+    code, out, err = run_cli(capsys, *argv)
+    if code != 0:
+        raise DharmaError(err)
+    return out
 
 
 def tiny_backbone_config(**overrides: int) -> dict:

@@ -18,6 +18,7 @@ from trainkit import write_manifest
 
 from dharma_kernel import cli
 from dharma_kernel.logs import set_level, setup_logging
+from dharma_kernel.testing import run_cli as dharma
 
 # Commands whose normal output is a table (or a block of facts a script would want as data).
 TABLE_COMMANDS = {"plugins", "validate", "assemble", "plan", "train", "eval", "report"}
@@ -54,16 +55,6 @@ def run(tmp_path_factory) -> Path:
     manifest = write_manifest(folder, train={"max_steps": 4, "eval_every": 4})
     train(manifest, TrainOptions(), Console(file=io.StringIO()))
     return folder
-
-
-def dharma(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        cli.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def commands(folder: Path, tmp_path: Path) -> dict[str, list[object]]:

@@ -10,10 +10,11 @@ import torch
 from fakedists import install, run_dharma
 from tiny import tiny_model
 
-from dharma_kernel import checkpoint, cli
+from dharma_kernel import checkpoint
 from dharma_kernel.errors import DharmaError
 from dharma_kernel.export import dense_routing, export_model
 from dharma_kernel.protocol import ModuleOutput
+from dharma_kernel.testing import run_cli as dharma
 
 # Logits at real tokens, exported vs PyTorch, both float32 on CPU. Measured here: at most
 # 6e-8 for the .pt2 and 1.2e-7 for ONNX under onnxruntime; the bound leaves room for other CPUs.
@@ -141,16 +142,6 @@ def test_unknown_format_and_a_directory_are_refused(tmp_path):
     with pytest.raises(DharmaError, match=f"^{tmp_path} is a directory") as caught:
         export_model(tiny_model(), tmp_path, "onnx")
     assert f"Give a file name, such as {tmp_path / 'model.onnx'}." in str(caught.value)
-
-
-def dharma(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        cli.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_exports_and_checks_a_saved_model(tmp_path, capsys):

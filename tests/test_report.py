@@ -17,8 +17,8 @@ import torch
 from rich.console import Console
 from trainkit import write_manifest
 
-from dharma_kernel.cli import main
 from dharma_kernel.concept_activation import ConceptActivation
+from dharma_kernel.testing import run_cli as dharma
 
 PLOTS = ["loss", "lr", "throughput", "eval_perplexity", "activation"]
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
@@ -34,16 +34,6 @@ def run(tmp_path_factory) -> Path:
     summary = train(manifest, TrainOptions(), Console(file=io.StringIO()))
     assert summary.steps == 12
     return folder / "run"
-
-
-def dharma(capsys, *argv: str) -> tuple[int, str, str]:
-    try:
-        main([*argv])
-        code = 0
-    except SystemExit as exit:
-        code = exit.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def png_size(path: Path) -> tuple[int, int]:

@@ -227,10 +227,11 @@ def pack_conversations(
     import torch
 
     from .packing import PackedData
+    from .tokenizer import pad_id
 
     report = DataReport() if report is None else report
     ensure_chat_template(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     kept: list[tuple[Record, ChatTokens]] = []
     for record in records:
         report.conversations += 1

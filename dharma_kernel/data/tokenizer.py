@@ -25,6 +25,14 @@ __all__ = ["END_OF_TEXT", "resolve_tokenizer", "train_tokenizer"]
 END_OF_TEXT = "<|endoftext|>"  # GPT-2's: ends every document; also the bos and pad token
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its end-of-text token, else 0."""
+    for value in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if value is not None:
+            return int(value)
+    return 0
+
+
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int, min_frequency: int = 2, model_max_length: int = 1024
 ) -> PreTrainedTokenizerFast:

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dharma_kernel.application import load_application
-from dharma_kernel.cli import main
 from dharma_kernel.errors import DharmaError
 from dharma_kernel.model import DharmaModel
+from dharma_kernel.testing import cli_output as dharma
 from dharma_kernel.testing import tiny_foundation
 
 DATA = Path(__file__).resolve().parents[4] / "examples" / "data" / "classification"
@@ -28,16 +28,6 @@ def read(path: Path) -> list[dict]:
 def foundation(tmp_path_factory) -> Path:
     texts = [r["text"] for r in read(DATA / "train.jsonl")]
     return tiny_foundation(tmp_path_factory.mktemp("foundation") / "model", texts, modules=("paths.dharma",))
-
-
-def dharma(capsys, *argv: str) -> str:
-    """Run the CLI in this process; its stdout, or the DharmaError message on stderr."""
-    try:
-        main([*map(str, argv)])
-    except SystemExit as exit_:
-        if exit_.code not in (0, None):
-            raise DharmaError(capsys.readouterr().err) from None
-    return capsys.readouterr().out
 
 
 def finetune(capsys, foundation: Path, output: Path, *extra: str, data: Path = DATA / "train.jsonl") -> str:

@@ -10,9 +10,9 @@ import torch
 from trainkit import SENTENCES
 
 from dharma_kernel.application import load_application
-from dharma_kernel.cli import main
 from dharma_kernel.errors import DharmaError
 from dharma_kernel.model import DharmaModel
+from dharma_kernel.testing import cli_output as dharma
 from dharma_kernel.testing import tiny_foundation
 
 DATA = Path(__file__).resolve().parents[4] / "examples" / "data" / "translation"
@@ -31,16 +31,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def dharma(capsys, *argv: str) -> str:
-    """Run the CLI in this process; its stdout, or the DharmaError message on stderr."""
-    try:
-        main([*map(str, argv)])
-    except SystemExit as exit_:
-        if exit_.code not in (0, None):
-            raise DharmaError(capsys.readouterr().err) from None
-    return capsys.readouterr().out
 
 
 def evals(app: Path) -> list[dict]:
