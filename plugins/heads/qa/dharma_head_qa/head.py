@@ -9,9 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dharma_kernel.backbone import context_length
-from dharma_kernel.errors import DharmaError
 from dharma_kernel.head_data import max_length_of, model_batch, pad_features, pad_id, to_device
-from dharma_kernel.protocol import HeadModule, HeadOutput, ModuleConfig, RecordError
+from dharma_kernel.protocol import HeadModule, HeadOutput, ModuleConfig
 
 from .features import Window, char_span, encode_record
 from .lookahead import Lookahead
@@ -106,10 +105,8 @@ class QAHead(HeadModule):
         """Per record: the answer text, its character ``start`` and ``end`` in the context, and
         its ``score`` (start probability times end probability), best over the context's windows."""
         max_length = min(max_length_of(model), context_length(model.config.text_config, default=10**9))
-        try:
-            per_record = [self._windows(record, tokenizer, max_length, train=False) for record in records]
-        except RecordError as err:  # records from `dharma predict`; files are checked by encode first
-            raise DharmaError(f"qa: {err}") from None
+        # a RecordError here (a record from `dharma predict`) becomes a message in predict_records
+        per_record = [self._windows(record, tokenizer, max_length, train=False) for record in records]
         windows = [w for ws in per_record for w in ws]
         spans = []
         for first in range(0, len(windows), WINDOWS_PER_FORWARD):  # a book-length context stays in memory
