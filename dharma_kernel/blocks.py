@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .cpu_linear import Linear
 from .protocol import ModuleContext
 
 
@@ -53,8 +54,8 @@ class BottleneckAdapter(nn.Module):
     def __init__(self, hidden_size: int, bottleneck: int, extra_inputs: int = 0) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(hidden_size)
-        self.down = nn.Linear(hidden_size + extra_inputs, bottleneck)
-        self.up = zero_init(nn.Linear(bottleneck, hidden_size))
+        self.down = Linear(hidden_size + extra_inputs, bottleneck)
+        self.up = zero_init(Linear(bottleneck, hidden_size))
 
     def forward(
         self, hidden: torch.Tensor, ctx: ModuleContext | None = None, extra: torch.Tensor | None = None
@@ -75,9 +76,9 @@ class GatedResidual(nn.Module):
     def __init__(self, hidden_size: int, inner: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(hidden_size)
-        self.value = nn.Linear(hidden_size, inner)
-        self.gate = nn.Linear(hidden_size, inner)
-        self.out = zero_init(nn.Linear(inner, hidden_size))
+        self.value = Linear(hidden_size, inner)
+        self.gate = Linear(hidden_size, inner)
+        self.out = zero_init(Linear(inner, hidden_size))
 
     def forward(self, hidden: torch.Tensor, ctx: ModuleContext | None = None) -> torch.Tensor:
         def glu(x: torch.Tensor) -> torch.Tensor:
@@ -103,9 +104,9 @@ class CausalAttention(nn.Module):
             raise ValueError(f"heads ({heads}) must be a multiple of kv_heads ({kv_heads})")
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.norm = nn.LayerNorm(hidden_size)
-        self.query = nn.Linear(hidden_size, heads * head_dim)
-        self.key_value = nn.Linear(hidden_size, 2 * kv_heads * head_dim)
-        self.out = zero_init(nn.Linear(heads * head_dim, hidden_size))
+        self.query = Linear(hidden_size, heads * head_dim)
+        self.key_value = Linear(hidden_size, 2 * kv_heads * head_dim)
+        self.out = zero_init(Linear(heads * head_dim, hidden_size))
 
     def forward(self, hidden: torch.Tensor, ctx: ModuleContext | None = None) -> torch.Tensor:
         ctx = ctx or ModuleContext()
@@ -205,7 +206,7 @@ class MultiViewAttention(nn.Module):
             CausalAttention(hidden_size, heads, head_dim, kv_heads) for _ in range(views)
         )
         self.norm = nn.LayerNorm(hidden_size)
-        self.mix = nn.Linear(hidden_size, views)
+        self.mix = Linear(hidden_size, views)
 
     def forward(self, hidden: torch.Tensor, ctx: ModuleContext | None = None) -> torch.Tensor:
         ctx = ctx or ModuleContext()
@@ -227,7 +228,7 @@ class MemoryAttention(nn.Module):
     def __init__(self, hidden_size: int, slots: int, key_dim: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(hidden_size)
-        self.query = nn.Linear(hidden_size, key_dim)
+        self.query = Linear(hidden_size, key_dim)
         self.keys = nn.Parameter(torch.randn(slots, key_dim) / math.sqrt(key_dim))
         self.values = nn.Parameter(torch.zeros(slots, hidden_size))
 
@@ -249,7 +250,7 @@ class ConceptDetector(nn.Module):
     def __init__(self, hidden_size: int, detectors: int = 1) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(hidden_size)
-        self.proj = nn.Linear(hidden_size, detectors)
+        self.proj = Linear(hidden_size, detectors)
         # With one detector a softmax mix is constant and would never get a gradient.
         self.mix = nn.Parameter(torch.zeros(detectors)) if detectors > 1 else None
 

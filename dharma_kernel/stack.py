@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
+from .cpu_linear import Linear
 from .module_cache import extend_stream
 from .protocol import DharmaModule, ModuleContext, ModuleOutput, TokenOutput, computes_tokens
 
@@ -47,7 +48,7 @@ class ModuleStack(nn.Module):
         self.composition = composition
         self.top_k = top_k
         self.members = nn.ModuleDict({module_key(m.ref()): m for m in modules})
-        self.router = nn.Linear(hidden_size, len(modules), bias=False) if composition == "routed" else None
+        self.router = Linear(hidden_size, len(modules), bias=False) if composition == "routed" else None
         self.stream_base = 0  # first cache stream index; set by the model
         self.gradient_checkpointing = False
         # Every module at every token, unchosen ones weighted zero: the same result without the

@@ -15,8 +15,8 @@ import functools
 import sys
 
 # mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_MMAP_MAX = 32 * 2**20  # glibc's ceiling for the mmap threshold on 64-bit
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
+_MMAP_THRESHOLD = 32 * 2**20  # glibc's ceiling for the mmap threshold on 64-bit
 _TRIM = 2**31 - 1  # an int: never trim the heap's top during training
 _TOP_PAD = 256 * 2**20
 
@@ -31,5 +31,12 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # another C library (musl has no mallopt)
         return False
-    settings = ((_M_MMAP_THRESHOLD, _MMAP_MAX), (_M_TRIM_THRESHOLD, _TRIM), (_M_TOP_PAD, _TOP_PAD))
+    settings = (
+        (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD),
+        # Blocks over the threshold (a GPT-2 embedding gradient is 154 MB) would still be mmap'd
+        # and faulted in afresh each step: no mmap at all, they come from the kept heap too.
+        (_M_MMAP_MAX, 0),
+        (_M_TRIM_THRESHOLD, _TRIM),
+        (_M_TOP_PAD, _TOP_PAD),
+    )
     return all(mallopt(option, value) == 1 for option, value in settings)
