@@ -46,6 +46,7 @@ def child(config: str) -> None:
 
     from dharma_kernel.assemble import build, build_on_meta, plan_manifest
     from dharma_kernel.freeze import freeze_groups
+    from dharma_kernel.train.heap import keep_freed_memory
     from dharma_kernel.train.memory import estimate
     from dharma_kernel.train.optim import build_optimizer
 
@@ -63,6 +64,8 @@ def child(config: str) -> None:
     estimated = estimate(meta, BATCH, LENGTH, train)
     del meta
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        keep_freed_memory()  # as dharma train does on the CPU: the peak counts memory kept for reuse
     model = build(plan, seed=0)
     freeze_groups(model, manifest.freeze.groups)
     model.to(device).train()

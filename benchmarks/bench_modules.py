@@ -6,12 +6,14 @@ backbone and on each assembled model in this one process, same batch, so the rat
 compare like with like.
 ``--quick`` (or DHARMA_BENCH_QUICK=1) times fewer rounds. On a CUDA machine the speeds are
 measured there, under bf16 autocast where the card supports it (what ``precision = "auto"`` picks);
-DHARMA_BENCH_DEVICE=cpu measures on the CPU anyway.
+DHARMA_BENCH_DEVICE=cpu measures on the CPU anyway. The last row is seed routed again with
+the module linears on sgemm instead of oneDNN (``dharma_kernel.cpu_linear``), shown, not judged.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -27,6 +29,7 @@ from dharma_kernel import registry
 from dharma_kernel.assemble import build, build_on_meta, plan
 from dharma_kernel.backbone import backbone_config, fresh_backbone
 from dharma_kernel.catalogue import standard_refs
+from dharma_kernel.cpu_linear import sgemm_only
 from dharma_kernel.freeze import parameter_table
 from dharma_kernel.manifest import load_manifest
 from dharma_kernel.train.heap import keep_freed_memory
@@ -34,7 +37,13 @@ from dharma_kernel.train.heap import keep_freed_memory
 LAYERS = {"tiny": [2, 4], "lite": [2, 4], "seed": [3]}
 LITE_SHARE_MAX = 0.05
 SEED_MODULES, SEED_TOTAL, TOLERANCE = 174e6, 262e6, 0.03
-SPEED = (("lite", "routed", 0.9), ("seed", "routed", 0.8), ("seed", "sequential", None))
+# (preset, composition, target, module linears by sgemm): the last row shows what oneDNN gives
+SPEED = (
+    ("lite", "routed", 0.9, False),
+    ("seed", "routed", 0.8, False),
+    ("seed", "sequential", None, False),
+    ("seed", "routed", None, True),
+)
 BATCH, LENGTH, WARMUP = 4, 128, 2
 
 
@@ -181,28 +190,30 @@ def training_speed(folder: Path, refs: list[str], complete: bool, budget: Budget
     )
     # Other processes may share the CPU: the fastest step is the one least disturbed (as timeit does).
     print("tokens/s: from the fastest step; ratio: fastest bare step / fastest assembled step, same rounds")
-    print(f"{'config':<22} {'params':>9} {'tokens/s':>9} {'ratio':>6} {'target':>7} {'rounds':>6}  result")
+    print(f"{'config':<28} {'params':>9} {'tokens/s':>9} {'ratio':>6} {'target':>7} {'rounds':>6}  result")
     if device.type == "cpu":
         keep_freed_memory()  # as dharma train does on the CPU, for both sides
     torch.manual_seed(0)
     bare = Trainer(fresh_backbone(text), device)
     speed = ids.numel() / min([bare.step(ids) for _ in range(WARMUP + 3)][WARMUP:])
-    print(f"{'bare backbone':<22} {bare.params / 1e6:>8.1f}M {speed:>9.1f} {1:>6.2f} {'-':>7} {'-':>6}  -")
+    print(f"{'bare backbone':<28} {bare.params / 1e6:>8.1f}M {speed:>9.1f} {1:>6.2f} {'-':>7} {'-':>6}  -")
     ok = True
-    for preset, composition, target in SPEED:
+    for preset, composition, target, sgemm in SPEED:
         model = build(plan(load_manifest(manifest_path(folder, refs, preset, composition))))
         trainer = Trainer(model, device)
-        for _ in range(WARMUP):
-            trainer.step(ids)
-        pairs = paired_rounds(bare, trainer, ids, budget)
+        with sgemm_only() if sgemm else contextlib.nullcontext():
+            for _ in range(WARMUP):
+                trainer.step(ids)
+            pairs = paired_rounds(bare, trainer, ids, budget)
         ratio = min(b for b, _ in pairs) / min(m for _, m in pairs)
         speed = ids.numel() / min(m for _, m in pairs)
         passed = target is None or ratio >= target
         ok &= passed
         name = f"{preset} {composition}" + (" top_k 2" if composition == "routed" else "")
+        name += ", sgemm" if sgemm else ""
         shown, result = ("-", "report") if target is None else (f">={target}", judge(passed, complete))
         print(
-            f"{name:<22} {trainer.params / 1e6:>8.1f}M {speed:>9.1f} {ratio:>6.2f} {shown:>7} "
+            f"{name:<28} {trainer.params / 1e6:>8.1f}M {speed:>9.1f} {ratio:>6.2f} {shown:>7} "
             f"{len(pairs):>6}  {result}",
             flush=True,
         )
