@@ -104,3 +104,39 @@ def test_onednn_can_be_switched_off_from_the_environment(monkeypatch):
     finally:
         monkeypatch.delenv("DHARMA_ONEDNN")
         onednn_linear_available.cache_clear()
+
+
+def test_a_routed_model_with_large_modules_trains_as_with_sgemm(monkeypatch):
+    """Modules large enough for oneDNN: the loss and every gradient as with nn.Linear's sgemm."""
+    from tiny import tiny_layout
+
+    from dharma_kernel.assemble import build_model
+    from dharma_kernel.testing import perturb, tiny_backbone_config
+
+    layout = tiny_layout("routed", top_k=1)
+    layout["modules"][0]["config"]["bottleneck"] = 4200  # 32 x 4200 weights: over SMALLEST_WEIGHT
+    layout["modules"][1]["config"]["feed_forward"] = 4200
+    model = build_model(tiny_backbone_config(), layout, seed=0)
+    perturb(model.stacks, seed=1, std=0.05)
+    model.train()
+    ids = torch.randint(0, 97, (3, 20), generator=torch.Generator().manual_seed(0))
+
+    def run() -> tuple[float, dict[str, torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(0)  # the same dropout both times
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    calls = []
+    original = cpu_linear._matmul
+    monkeypatch.setattr(cpu_linear, "_matmul", lambda *a: calls.append(1) or original(*a))
+    loss, grads = run()
+    assert len(calls) > 0 or not onednn_linear_available()
+    with sgemm_only():
+        expected_loss, expected = run()
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    assert grads.keys() == expected.keys()
+    for name, grad in grads.items():
+        scale = expected[name].abs().max().item()
+        torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
