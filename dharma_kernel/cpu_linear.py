@@ -30,15 +30,21 @@ from torch.autograd.function import once_differentiable
 
 @functools.cache
 def onednn_linear_available() -> bool:
-    """Whether this PyTorch multiplies with oneDNN here and gets ``F.linear``'s answer (checked once)."""
+    """Whether this PyTorch multiplies with oneDNN here and gets ``F.linear``'s answers, forward and
+    both gradients (checked once)."""
     if os.environ.get("DHARMA_ONEDNN", "1") == "0":
         return False
+    rng = torch.Generator().manual_seed(0)  # not the global one: training stays reproducible
+    x, weight, bias, grad = (torch.randn(*shape, generator=rng) for shape in ((3, 8), (5, 8), (5,), (3, 5)))
     try:
-        rng = torch.Generator().manual_seed(0)  # not the global one: training stays reproducible
-        x, weight, bias = (torch.randn(*shape, generator=rng) for shape in ((3, 8), (5, 8), (5,)))
-        return torch.allclose(_matmul(x, weight, bias), F.linear(x, weight, bias), atol=1e-5)
-    except (AttributeError, RuntimeError, NotImplementedError):  # no mkldnn build, or this CPU
+        pairs = (
+            (_matmul(x, weight, bias), F.linear(x, weight, bias)),
+            (_matmul(grad, weight.t(), None), grad @ weight),  # a transposed weight: the input gradient
+            (_matmul(grad.t().contiguous(), x.t().contiguous(), None), grad.t() @ x),
+        )
+    except (AttributeError, RuntimeError, NotImplementedError, TypeError):  # no oneDNN, another signature
         return False
+    return all(torch.allclose(got, expected, atol=1e-5) for got, expected in pairs)
 
 
 # Below this many weight elements sgemm is as fast: oneDNN's ~25 us more per call outweighs it

@@ -140,3 +140,19 @@ def test_a_routed_model_with_large_modules_trains_as_with_sgemm(monkeypatch):
     for name, grad in grads.items():
         scale = expected[name].abs().max().item()
         torch.testing.assert_close(grad, expected[name], rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def test_a_pytorch_without_the_onednn_op_uses_sgemm(monkeypatch):
+    def missing(*args):
+        raise AttributeError("'_OpNamespace' 'mkldnn' object has no attribute '_linear_pointwise'")
+
+    monkeypatch.setattr(cpu_linear, "_matmul", missing)
+    onednn_linear_available.cache_clear()
+    try:
+        assert not onednn_linear_available()
+        layer = Linear(512, 256)
+        x = torch.randn(4, 512, requires_grad=True)
+        layer(x).sum().backward()  # F.linear: no error
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    finally:
+        onednn_linear_available.cache_clear()
