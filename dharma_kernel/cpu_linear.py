@@ -1,18 +1,21 @@
 """``Linear``: the kernel blocks' linear layer. On the CPU in float32 it multiplies with oneDNN.
 
 PyTorch's CPU float32 ``nn.Linear`` calls MKL's sgemm. Routed modules multiply few tokens by
-large weights (a module sees ~30 of a batch's 512 tokens), where sgemm is slow; on AMD CPUs
-MKL also leaves half of AVX-512 unused. oneDNN, which PyTorch ships for its own compiled CPU
-kernels (``torch.ops.mkldnn._linear_pointwise``), measured on a 2-core AMD EPYC (cold weights,
-[N, 768] x [768, 3100]): forward 2.2x sgemm at N = 35 (266 vs 120 GFLOP/s), input gradient
-3.2x, weight gradient 1.7x. Results equal ``F.linear`` to float32 rounding. Token counts are
-padded to a few sizes (:func:`bucket`) so that oneDNN's compiled kernels are reused.
+large weights (a module sees ~30 of a batch's 512 tokens), where sgemm is slow. oneDNN, which
+PyTorch ships for its own compiled CPU kernels (``torch.ops.mkldnn._linear_pointwise``),
+measured on a 2-core AMD EPYC (cold weights, [N, 768] x [768, 3100]): forward 2.2x sgemm at
+N = 35 (266 vs 120 GFLOP/s), input gradient 3.2x, weight gradient 1.7x; on large products
+sgemm peaks near 215 GFLOP/s there, oneDNN near 450. Results equal ``F.linear`` to float32
+rounding. Token counts are padded to a few sizes (:func:`bucket`) so that oneDNN's compiled
+kernels are reused.
 
 It is the same module as ``nn.Linear`` (a subclass: same parameters and state-dict names,
 found by tools that look for ``nn.Linear``). It falls back to ``F.linear`` for every other
 device and dtype, for small weights (where sgemm is as fast), under CPU autocast, while a
-graph is traced or compiled (export), when this PyTorch has no oneDNN, and when
-``DHARMA_ONEDNN=0``.
+graph is traced or compiled (export), for ``torch.func`` transforms, forward-mode AD and
+tensor subclasses, when this PyTorch has no oneDNN, and when ``DHARMA_ONEDNN=0``. Unlike
+``nn.Linear`` its gradient is not differentiable again (no double backward) and it cannot be
+scripted with ``torch.jit.script``. Measured on one AMD CPU only; Intel CPUs were not.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd import forward_ad
 from torch.autograd.function import once_differentiable
 
 
@@ -35,7 +39,10 @@ def onednn_linear_available() -> bool:
     if os.environ.get("DHARMA_ONEDNN", "1") == "0":
         return False
     rng = torch.Generator().manual_seed(0)  # not the global one: training stays reproducible
-    x, weight, bias, grad = (torch.randn(*shape, generator=rng) for shape in ((3, 8), (5, 8), (5,), (3, 5)))
+    x, weight, bias, grad = (
+        torch.randn(*shape, generator=rng, device="cpu", dtype=torch.float32)  # whatever the defaults
+        for shape in ((3, 8), (5, 8), (5,), (3, 5))
+    )
     try:
         pairs = (
             (_matmul(x, weight, bias), F.linear(x, weight, bias)),
@@ -55,7 +62,8 @@ _sgemm_only = False
 
 @contextlib.contextmanager
 def sgemm_only() -> Iterator[None]:
-    """Within it, every ``Linear`` multiplies with ``F.linear`` (to compare the two)."""
+    """Within it, every ``Linear`` multiplies with ``F.linear`` (to compare the two). Process-wide;
+    let it cover the backward pass too (checkpointing recomputes forwards there)."""
     global _sgemm_only
     before, _sgemm_only = _sgemm_only, True
     try:
@@ -70,11 +78,14 @@ def _matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 def bucket(rows: int) -> int:
-    """``rows`` rounded up to one of four sizes per doubling (9 -> 10, 33 -> 40, 300 -> 320).
+    """``rows`` rounded up to a few sizes: powers of two to 8, then two sizes per doubling to 64
+    and four above (9 -> 12, 33 -> 48, 65 -> 80, 300 -> 320).
 
     oneDNN compiles a kernel per shape and keeps the last 1024; routed modules see a new
-    token count almost every call. Padding with zero rows to a few sizes lets the compiled
-    kernels be reused, for at most a quarter more rows.
+    token count almost every call, and there are some 25 weight shapes and 3 products each.
+    Padding with zero rows lets the compiled kernels be reused: at most half more rows up to
+    64, where a product costs about its weight's reading anyway; at most a quarter above.
+    (Four sizes per doubling below 64 too: 1.7 times the kernels, and slower steps, measured.)
     """
     if rows <= 8:
         return 1 << max(rows - 1, 0).bit_length()
@@ -94,7 +105,10 @@ class _OneDNNLinear(torch.autograd.Function):
         rows, x = len(x), _padded(x)
         ctx.save_for_backward(x, weight)
         ctx.has_bias, ctx.rows = bias is not None, rows
-        return _matmul(x, weight, bias)[:rows]
+        out = _matmul(x, weight, bias)
+        # Drop the padding rows in place: a slice would be a view made in a custom Function,
+        # which autograd forbids callers to modify in place (as nn.ReLU(inplace=True) does).
+        return out if len(out) == rows else out.resize_(rows, out.shape[1])
 
     @staticmethod
     @once_differentiable
@@ -109,6 +123,17 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
+def _plain(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Plain CPU tensors outside functorch transforms and forward-mode AD (fake, meta and
+    distributed tensors, ``torch.func`` and dual numbers take ``F.linear``)."""
+    return (
+        type(x) is torch.Tensor
+        and type(weight) in (torch.Tensor, nn.Parameter)
+        and not torch._C._are_functorch_transforms_active()
+        and forward_ad._current_level < 0
+    )
+
+
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         not _sgemm_only
@@ -120,6 +145,7 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and not torch.is_autocast_enabled("cpu")
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
+        and _plain(x, weight)
         and onednn_linear_available()
     )
 

@@ -25,7 +25,11 @@ def reference(layer: Linear, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch
 
 @pytest.mark.parametrize("shape", [(1, 24), (9, 24), (33, 24), (300, 24), (2, 7, 24)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_equals_f_linear_with_gradients(shape, bias):
+def test_equals_f_linear_with_gradients(shape, bias, monkeypatch):
+    onednn_linear_available()  # probe before counting
+    calls = []
+    original = cpu_linear._matmul
+    monkeypatch.setattr(cpu_linear, "_matmul", lambda *a: calls.append(1) or original(*a))
     torch.manual_seed(0)
     layer = Linear(24, cpu_linear.SMALLEST_WEIGHT // 24 + 1, bias=bias)  # large enough for oneDNN
     x = torch.randn(*shape, requires_grad=True)
@@ -34,6 +38,7 @@ def test_equals_f_linear_with_gradients(shape, bias):
     out.backward(grad)
     expected = reference(layer, x, grad)
     assert out.shape == (*shape[:-1], layer.out_features)
+    assert len(calls) == (3 if onednn_linear_available() else 0)
     got = (out, x.grad, layer.weight.grad, layer.bias.grad if bias else None)
     for name, a, b in zip(("output", "input grad", "weight grad", "bias grad"), got, expected, strict=True):
         if b is not None:
@@ -44,6 +49,7 @@ def test_equals_f_linear_with_gradients(shape, bias):
 
 @needs_onednn
 def test_runs_onednn_on_the_cpu_and_sgemm_when_asked(monkeypatch):
+    onednn_linear_available()  # probe before counting
     calls = []
     original = cpu_linear._matmul
     monkeypatch.setattr(cpu_linear, "_matmul", lambda *a: calls.append(a[0].shape) or original(*a))
@@ -59,13 +65,33 @@ def test_runs_onednn_on_the_cpu_and_sgemm_when_asked(monkeypatch):
     assert calls == []
 
 
-def test_falls_back_for_other_dtypes_and_autocast():
-    layer = Linear(8, 4).double()
-    x = torch.randn(3, 8, dtype=torch.float64)
+def test_falls_back_for_other_dtypes_autocast_and_torch_func(monkeypatch):
+    onednn_linear_available()
+    monkeypatch.setattr(cpu_linear, "_matmul", lambda *a: pytest.fail("oneDNN ran"))
+    layer = Linear(512, 256).double()  # large enough for oneDNN in float32
+    x = torch.randn(3, 512, dtype=torch.float64)
     assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-    layer = Linear(8, 4)
+    layer = Linear(512, 256)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert layer(torch.randn(3, 8)).dtype == torch.bfloat16
+        assert layer(torch.randn(3, 512)).dtype == torch.bfloat16
+    x = torch.randn(3, 512)
+    grad = torch.func.grad(lambda x: layer(x).sum())(x)
+    torch.testing.assert_close(grad, layer.weight.sum(0).expand(3, -1))
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [5, 8])  # padded, and not
+def test_outputs_can_be_changed_in_place(rows):
+    layer = Linear(512, 256)
+    x = torch.randn(rows, 512, requires_grad=True)
+    out = layer(x)
+    out.add_(1.0)
+    torch.relu_(out)
+    out.sum().backward()
+    expected = F.linear(x, layer.weight, layer.bias) + 1.0
+    torch.testing.assert_close(out, torch.relu(expected))
+    mask = (expected > 0).float()
+    torch.testing.assert_close(x.grad, mask @ layer.weight, rtol=1e-5, atol=1e-4)
 
 
 def test_is_an_nn_linear_with_its_state_dict():
