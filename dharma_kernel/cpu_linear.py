@@ -123,14 +123,18 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
+# private too: a torch without it has no transforms we know of
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
 def _plain(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Plain CPU tensors outside functorch transforms and forward-mode AD (fake, meta and
     distributed tensors, ``torch.func`` and dual numbers take ``F.linear``)."""
     return (
         type(x) is torch.Tensor
         and type(weight) in (torch.Tensor, nn.Parameter)
-        and not torch._C._are_functorch_transforms_active()
-        and forward_ad._current_level < 0
+        and not _functorch_active()
+        and getattr(forward_ad, "_current_level", -1) < 0  # private: absent in a later torch = no dual level
     )
 
 
