@@ -111,8 +111,6 @@ def save_application(
         (staging / APPLICATION_FILE).write_text(json.dumps(info, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        for path in staging.iterdir():  # safetensors writes its file private; a model directory is not
-            path.chmod(0o644)
 
     write_directory(target, write, lambda d: (d / APPLICATION_FILE).exists(), "an application directory")
     return target

@@ -169,8 +169,12 @@ def write_directory(target: Path, write: Callable[[Path], None], replaceable: Ca
     except OSError as err:
         raise DharmaError(f"cannot write {target}: {first_line(err)}") from None
     try:
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a model directory is not
+        mask = _umask()
+        staging.chmod(0o777 & ~mask)  # mkdtemp makes it private; a model directory is not
         write(staging)
+        for path in staging.iterdir():  # nor its files (safetensors writes its weights private)
+            if path.is_file():
+                path.chmod(0o666 & ~mask)
         _replace(staging, target)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)

@@ -343,7 +343,7 @@ def push_to_hub(model: Any, repo_id: str, *, tokenizer: Any = None, **options: A
                 if (source / name).is_file():
                     shutil.copy2(source / name, Path(staging) / name)
         tags = options.pop("tags", None)
-        write_card(staging, model.config, source if source is not None else staging, repo.repo_id, tags)
+        write_card(staging, model.config, source, repo.repo_id, tags)  # no source: the staging one
         return model._upload_modified_files(staging, repo.repo_id, files_timestamps={}, **options)
 
 

@@ -1,10 +1,11 @@
-"""Saved directories: HF layout, safetensors only, plugin lock, exact round trip."""
+"""Saved directories: HF layout, safetensors only, plugin lock, exact round trip.
+
+Loading one with transformers' Auto classes in a fresh process: test_hf_ecosystem.py.
+"""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -48,23 +49,6 @@ def test_directory_layout(saved):
         keys = set(f.keys())
     assert "stacks.0.members.darshanas__vedanta.attention.query.weight" in keys
     assert "stacks.1.router.weight" in keys
-
-
-def test_auto_classes_load_after_importing_dharma_kernel(saved):
-    model, directory = saved
-    ids = torch.tensor([[3, 4, 5, 6]])
-    with torch.no_grad():
-        expected = model(ids).logits[0, -1, :4].tolist()
-    code = (
-        "import dharma_kernel, transformers, torch, sys\n"
-        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(directory)!r}).eval()\n"
-        "print(type(m).__name__)\n"
-        "print(m(torch.tensor([[3, 4, 5, 6]])).logits[0, -1, :4].tolist())\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    name, logits = out.stdout.strip().splitlines()[-2:]
-    assert name == "DharmaModel"
-    assert json.loads(logits) == pytest.approx(expected, abs=1e-6)
 
 
 def test_pickled_weights_are_refused(saved, tmp_path):
@@ -134,6 +118,12 @@ def test_save_refuses_to_replace_what_is_not_a_model(tmp_path):
 def test_saved_directory_is_readable_by_others(saved):
     _, directory = saved
     assert directory.stat().st_mode & 0o055 == 0o055  # not the 0700 of a temporary directory
+
+
+def test_saved_files_are_readable_by_others(saved):
+    _, directory = saved
+    private = [p.name for p in directory.iterdir() if p.stat().st_mode & 0o044 != 0o044]
+    assert private == []  # safetensors writes its weights 0600
 
 
 def test_sharded_weights_load(tmp_path):

@@ -40,8 +40,8 @@ METRICS = [
 
 
 @pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    """A routed model (2 modules at layers 0 and 1) with a trained tokenizer, saved as step 4 of a run."""
+def built(tmp_path_factory):
+    """A routed model (2 modules at layers 0 and 1), a trained tokenizer, and their manifest's directory."""
     root = tmp_path_factory.mktemp("hf")
     _, plan = plan_manifest(write_manifest(root, dropout=0.0))
     model = build(plan, seed=0)
@@ -50,6 +50,13 @@ def saved(tmp_path_factory):
     for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
         setattr(model.config.text_config, name, 0)
         setattr(model.generation_config, name, 0)
+    return root, model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def saved(built):
+    """The built model and its tokenizer, saved as step 4 of a run."""
+    root, model, tokenizer = built
     run = root / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in METRICS))
@@ -75,11 +82,12 @@ def generate(model, batch, **kwargs):
         return model.generate(**batch, pad_token_id=0, **kwargs)
 
 
-def test_auto_classes_load_a_saved_directory(saved, loaded):
+def test_auto_classes_load_a_saved_directory(built, saved, loaded):
     model, _ = loaded
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         expected = model(ids).logits[0, -1, :4].tolist()
+        as_saved = built[1](ids).logits[0, -1, :4].tolist()
     code = (
         "import sys, json\n"
         "import dharma_kernel\n"
@@ -100,6 +108,7 @@ def test_auto_classes_load_a_saved_directory(saved, loaded):
     assert (config, name, refs) == ("DharmaConfig", "DharmaModel", ["paths.dharma", "darshanas.vedanta"])
     assert text == "Dharma is duty"
     assert logits == pytest.approx(expected, abs=1e-6)
+    assert logits == pytest.approx(as_saved, abs=1e-6)  # the model that was saved gives them too
 
 
 def test_sampling_honours_seed_temperature_top_k_and_top_p(loaded):
