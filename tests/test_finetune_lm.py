@@ -7,16 +7,8 @@ import json
 from safetensors.torch import load_file
 from trainkit import SENTENCES, write_corpus
 
-from dharma_kernel.cli import main
-from dharma_kernel.testing import tiny_foundation
-
-
-def dharma(capsys, *argv) -> str:
-    try:
-        main([*map(str, argv)])
-    except SystemExit as exit_:
-        assert exit_.code in (0, None), capsys.readouterr().err
-    return capsys.readouterr().out
+from dharma_kernel.testing import cli_output as dharma
+from dharma_kernel.testing import run_cli, tiny_foundation
 
 
 def test_lm_finetune_writes_an_application_that_evaluates_like_its_checkpoint(capsys, tmp_path):
@@ -44,11 +36,8 @@ def test_lm_finetune_writes_an_application_that_evaluates_like_its_checkpoint(ca
 def test_validate_and_assemble_refuse_a_finetune_manifest(capsys, tmp_path):
     manifest = tmp_path / "ft.toml"
     manifest.write_text('[finetune]\nfrom = "runs/foundation"\n[[heads]]\nplugin = "classification"\n')
-    for command in (["validate"], ["assemble", "-o", str(tmp_path / "out")]):
-        try:
-            main([*command, str(manifest)])
-        except SystemExit as exit_:
-            assert exit_.code == 2
-        err = capsys.readouterr().err
+    for command in (["validate"], ["assemble", "-o", tmp_path / "out"]):
+        code, _, err = run_cli(capsys, *command, manifest)
+        assert code == 2
         assert "fine-tunes runs/foundation ([finetune]): it describes no model to build" in err
         assert f"dharma train {manifest}" in err

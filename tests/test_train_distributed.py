@@ -63,7 +63,8 @@ def test_two_processes_equal_one_with_doubled_accumulation(tmp_path, strategy):
     assert wa.keys() == wb.keys()  # a sharded run saves whole, ordinary model directories
     for name in wa:
         assert (wa[name] - wb[name]).abs().max() <= 1e-4, name
-    # Each process evaluates half the rows; the module-by-concept tables add up to one process's.
+    # Under DDP each process evaluates half the rows, under FSDP all of them counted once: the
+    # module-by-concept tables add up to one process's.
     ta, tb = activation_tables(tmp_path / "one"), activation_tables(tmp_path / "two")
     assert [step for step, _ in ta] == [step for step, _ in tb] == [0, 2, 4]
     for (_, x), (_, y) in zip(ta, tb, strict=True):

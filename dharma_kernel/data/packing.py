@@ -28,6 +28,7 @@ from ..concepts import IGNORE, Lexicon, concept_hits, lexicons_for
 from ..errors import DharmaError
 from .records import Record
 from .report import DataReport
+from .tokenizer import pad_id
 
 __all__ = ["PackedData", "pack"]
 
@@ -119,7 +120,7 @@ def pack(
         )
     bos = tokenizer.bos_token_id
     prefix = [bos] if bos is not None and bos != eos else []
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    pad = pad_id(tokenizer)
     refs = tuple(refs)
     texts = [record.text for record in records]
     ids, offsets = _tokenize(tokenizer, texts, with_offsets=bool(refs))

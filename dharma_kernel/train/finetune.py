@@ -10,7 +10,6 @@ best checkpoint becomes an application directory (or, with ``merge``, a model di
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,14 +68,9 @@ class FinetuneSession(_Session):
     # -- data and model ----------------------------------------------------------------
 
     def _data(self, latest: Path | None) -> tuple:
-        from transformers import AutoTokenizer
+        from ..checkpoint import load_saved_tokenizer
 
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(latest or self.foundation)
-        except (OSError, ValueError):
-            raise DharmaError(
-                f"{self.foundation} was saved without a tokenizer; it cannot read text"
-            ) from None
+        tokenizer = load_saved_tokenizer(latest or self.foundation)
         limit = getattr(tokenizer, "model_max_length", None)
         length = self.manifest.data.max_length
         if isinstance(limit, int) and 0 < limit < length:
@@ -147,16 +141,12 @@ class FinetuneSession(_Session):
 
     def _logged_evals(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """A resumed run's first and best head evaluations, read back from its metrics.jsonl."""
-        if step == 0 or not self.run_dir.metrics.exists():
+        from ..hub import read_metrics
+
+        if step == 0:
             return {}, {}
-        evals = []
-        for line in self.run_dir.metrics.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record.get("eval_loss"), int | float) and record.get("step", step + 1) <= step:
-                evals.append(record)
+        records = read_metrics(self.run_dir.root, step)
+        evals = [r for r in records if isinstance(r.get("eval_loss"), int | float) and "step" in r]
         first = next(({k: v for k, v in r.items() if k != "step"} for r in evals if r["step"] == 0), {})
         later = [r for r in evals if r["step"] > 0]
         return first, (min(later, key=lambda r: r["eval_loss"]) if later else {})

@@ -165,13 +165,12 @@ class _Session:
         return self._loop(loop, total)
 
     def _data(self, latest: Path | None) -> tuple:
-        from transformers import AutoTokenizer
-
+        from ..checkpoint import load_saved_tokenizer
         from ..data import prepare_data, read_data, resolve_tokenizer
 
         records = read_data(self.manifest, self.options.data, self.options.strict)
         if latest is not None:
-            tokenizer = AutoTokenizer.from_pretrained(latest)  # a resumed run keeps its vocabulary
+            tokenizer = load_saved_tokenizer(latest)  # a resumed run keeps its vocabulary
         else:
             tokenizer = resolve_tokenizer(self.manifest, records.texts, self.plan.config.text_config)
         refs = [spec["ref"] for spec in self.plan.config.layout["modules"]]
