@@ -185,3 +185,13 @@ def test_a_resumed_finetune_reports_its_first_and_best_evaluations(capsys, found
     # the summary still knows the evaluation before fine-tuning and the best one, from metrics.jsonl
     expected = f"eval_accuracy {best['eval_accuracy']:.4f} at step {best['step']} "
     assert expected + f"(at the start: {logged[0]['eval_accuracy']:.4f})" in printed
+
+
+def test_head_options_are_json_or_text_and_reach_the_saved_head(capsys, foundation, tmp_path):
+    app = tmp_path / "app"
+    finetune(capsys, foundation, app, "--head-option", "pooling=mean", "--head-option", "dropout=0.25",
+             "--freeze", "backbone", "--max-steps", 1)  # fmt: skip
+    config = json.loads((app / "application.json").read_text())["heads"][0]["config"]
+    assert config["pooling"] == "mean" and config["dropout"] == 0.25
+    model, _ = load_application(app)
+    assert model.heads["classification"].config.dropout == 0.25

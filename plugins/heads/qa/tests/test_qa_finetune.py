@@ -13,6 +13,7 @@ from trainkit import write_manifest
 from typer.testing import CliRunner
 
 from dharma_kernel.cli import app
+from dharma_kernel.testing import run_cli
 
 # Names are made of random syllables, new in every record, so no name is an answer twice and
 # the held-out names are unseen: the head must learn where an answer sits relative to the cue
@@ -134,12 +135,9 @@ def test_the_saved_application_evaluates_and_predicts_as_the_trained_model_did(q
 
 def dharma_error(capsys, *argv: str) -> str:
     """The one-line error ``dharma`` prints for argv (it must exit with code 2)."""
-    from dharma_kernel import cli
-
-    with pytest.raises(SystemExit) as exit:
-        cli.main([str(a) for a in argv])
-    assert exit.value.code == 2
-    return " ".join(capsys.readouterr().err.split())
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    return " ".join(err.split())
 
 
 def test_bad_qa_data_names_the_file_and_record(qa_app, capsys):
@@ -161,3 +159,8 @@ def test_bad_qa_data_names_the_file_and_record(qa_app, capsys):
         capsys, "predict", qa_app / "app", "--question", "Who taught Rama?", "--context", " "
     )
     assert "'context' is empty" in error
+
+
+def test_predict_names_the_inputs_a_record_lacks(qa_app, capsys):
+    error = dharma_error(capsys, "predict", qa_app / "app", "--question", "Who taught Rama?")
+    assert "the qa head needs context" in error

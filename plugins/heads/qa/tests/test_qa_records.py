@@ -1,8 +1,13 @@
 """QA records: answers located in their contexts, every mistake a clear message."""
 
+import json
+
 import pytest
+from dharma_head_qa import QAHead
 from dharma_head_qa.records import Answer, parse_record
 
+from dharma_kernel.errors import DharmaError
+from dharma_kernel.head_data import read_head_records
 from dharma_kernel.protocol import RecordError
 
 CONTEXT = "Vyasa composed the Mahabharata. Ganesha wrote it down."
@@ -51,3 +56,17 @@ def test_bad_records_say_what_is_wrong(record, message):
 
 def test_prediction_records_need_no_answer():
     assert parse_record({"question": "Who?", "context": CONTEXT}, need_answer=False).answers == ()
+
+
+def test_a_file_may_give_answers_for_answer_but_not_neither(tmp_path):
+    path = tmp_path / "train.jsonl"
+    records = [
+        {"question": "Who?", "context": CONTEXT, "answers": ["Vyasa"]},
+        {"question": "Who wrote?", "context": CONTEXT, "answer": "Ganesha"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert read_head_records(QAHead, [path]).records == records  # field_aliases: "answers" for "answer"
+
+    path.write_text(json.dumps({"question": "Who?", "context": CONTEXT}) + "\n")
+    with pytest.raises(DharmaError, match=r"train\.jsonl: record 1: no 'answer' field"):
+        read_head_records(QAHead, [path])

@@ -10,6 +10,7 @@ import torch
 
 from dharma_kernel.backbone import context_length
 from dharma_kernel.data.pairs import read_pairs
+from dharma_kernel.data.readers import HEAD_BYTES
 from dharma_kernel.head_data import max_length_of
 from dharma_kernel.protocol import HeadModule, HeadOutput, ModuleConfig, RecordError
 
@@ -125,7 +126,7 @@ def _text(record: dict[str, Any], key: str) -> str:
 
 def _mentions_target(path: Path) -> bool:
     with path.open("rb") as file:
-        return re.search(rb'"target"\s*:', file.read(65536)) is not None
+        return re.search(rb'"target"\s*:', file.read(HEAD_BYTES)) is not None
 
 
 def _eos(tokenizer: Any, model: Any = None) -> int:

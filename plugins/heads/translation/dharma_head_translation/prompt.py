@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-IGNORE = -100
+from dharma_kernel.head_data import IGNORE
 
 
 @dataclass(frozen=True)
