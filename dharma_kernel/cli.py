@@ -185,6 +185,12 @@ FreezeOption = Annotated[
     list[str] | None,
     typer.Option("--freeze", help="Freeze a group as well: backbone, spiritual, heads, a family or a ref."),
 ]
+# Sampling options of the commands that generate text (generate, chat); each sets its own default.
+MaxNewTokensOption = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Most tokens to generate.")]
+TemperatureOption = Annotated[
+    float, typer.Option("--temperature", min=0.0, help="0 picks the likeliest token.")
+]
+TopPOption = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
 
 
 @app.command()

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from .cli import _quiet_transformers, app, err
+from .cli import MaxNewTokensOption, TemperatureOption, TopPOption, _quiet_transformers, app, err
 from .errors import DharmaError
 
 EXIT_COMMANDS = ("/exit", "/quit")
@@ -24,11 +24,9 @@ def chat(
         Path, typer.Argument(help="A run directory (its best checkpoint), a saved model or an application.")
     ],
     system: Annotated[str | None, typer.Option("--system", help="A system message to start with.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 128,
-    temperature: Annotated[
-        float, typer.Option("--temperature", min=0.0, help="0 picks the likeliest token.")
-    ] = 0.7,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
+    max_new_tokens: MaxNewTokensOption = 128,
+    temperature: TemperatureOption = 0.7,
+    top_p: TopPOption = 0.95,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     show_prompt: Annotated[
         bool, typer.Option("--show-prompt", help="Print each prompt and its token count to stderr.")

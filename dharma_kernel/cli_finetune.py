@@ -81,9 +81,7 @@ def finetune(
     from .cli_train import print_summary_json
 
     print_summary_json(summary)
-    if summary.interrupted:
-        err.print(f"interrupted: saved step {summary.steps}; continue with --resume")
-        raise SystemExit(130)
+    _exit_if_interrupted(summary)
 
 
 def _key_values(items: list[str] | None, flag: str, parse: bool = True) -> dict[str, Any]:
@@ -113,10 +111,14 @@ def report_finetune(summary: Any) -> None:
     elif summary.best_eval_ppl is not None:
         out.print(f"best eval perplexity {summary.best_eval_ppl:.2f} at step {summary.best_step}")
     out.print(f"run directory: {summary.output}")
+    _exit_if_interrupted(summary)
+    out.print(f"application: {summary.application}")
+
+
+def _exit_if_interrupted(summary: Any) -> None:
     if summary.interrupted:
         err.print(f"interrupted: saved step {summary.steps}; continue with --resume")
         raise SystemExit(130)
-    out.print(f"application: {summary.application}")
 
 
 def _default_length(foundation: str) -> int:

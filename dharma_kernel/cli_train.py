@@ -14,7 +14,18 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from .cli import FreezeOption, JsonOption, QuietOption, _quiet_transformers, app, err, out
+from .cli import (
+    FreezeOption,
+    JsonOption,
+    MaxNewTokensOption,
+    QuietOption,
+    TemperatureOption,
+    TopPOption,
+    _quiet_transformers,
+    app,
+    err,
+    out,
+)
 from .errors import DharmaError
 
 DataOption = Annotated[
@@ -127,18 +138,13 @@ def eval_command(
     if has_head(model_dir):
         return eval_head(model_dir, data, batch_size, head, as_json)
     from .application import is_application, load_application
-    from .checkpoint import load_saved_tokenizer
     from .data import DataReport, clean_records, pack, read_records
     from .evaluate import activation_auc, lm_totals, perplexity
-    from .model import DharmaModel
     from .train.rundir import model_directory
 
     _quiet_transformers()
-    if is_application(model_dir):  # a fine-tuned language model: its foundation plus the adapter
-        directory, (model, tokenizer) = model_dir, load_application(model_dir)
-    else:
-        directory = model_directory(model_dir)
-        model, tokenizer = DharmaModel.from_pretrained(directory), load_saved_tokenizer(directory)
+    model, tokenizer = load_application(model_dir)  # a fine-tuned language model too: foundation + adapter
+    directory = model_dir if is_application(model_dir) else model_directory(model_dir)
     report = DataReport()
     records = clean_records(read_records(data, strict=bool(strict), report=report), report=report)
     if not records:
@@ -178,17 +184,16 @@ def generate(
         Path, typer.Argument(help="A saved model, a run directory (its best checkpoint) or an application.")
     ],
     prompt: Annotated[str, typer.Argument(help="The text to continue.")],
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
-    temperature: Annotated[
-        float, typer.Option("--temperature", min=0.0, help="0 picks the likeliest token.")
-    ] = 0.8,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)] = 0.95,
+    max_new_tokens: MaxNewTokensOption = 64,
+    temperature: TemperatureOption = 0.8,
+    top_p: TopPOption = 0.95,
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Continue a prompt with a saved model (KV-cached, modules included)."""
     import torch
 
     from .application import load_application
+    from .data.tokenizer import pad_id
 
     _quiet_transformers()
     model, tokenizer = load_application(model_dir)  # a fine-tuned application too
@@ -202,15 +207,12 @@ def generate(
         if temperature > 0
         else {"do_sample": False}
     )
-    from .data.tokenizer import pad_id
-
-    pad = pad_id(tokenizer)
     with torch.no_grad():
         result = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=max_new_tokens,
-            pad_token_id=pad,
+            pad_token_id=pad_id(tokenizer),
             **sampling,
         )
     typer.echo(prompt + tokenizer.decode(result[0, ids.shape[1] :], skip_special_tokens=True))

@@ -38,6 +38,9 @@ def translate(
     from .application import load_application
     from .head_data import predict_records
 
+    for number, text in enumerate(texts, 1):  # before the model loads
+        if not text.strip():
+            raise DharmaError(f"text {number} is empty; give the text to translate")
     _quiet_transformers()
     model, tokenizer = load_application(app_dir)
     if HEAD not in model.heads:
@@ -46,15 +49,10 @@ def translate(
             f"{app_dir} has no translation head ({has})",
             hint="Fine-tune one: dharma finetune FOUNDATION --head translation --data PAIRS.jsonl -o APP",
         )
-    if tokenizer is None:
-        raise DharmaError(f"{app_dir} was saved without a tokenizer; it cannot read text")
     head = model.heads[HEAD]
     model.eval()
     options = {k: v for k, v in (("beams", beams), ("max_new_tokens", max_new_tokens)) if v is not None}
     records = [{"source": text, **options} for text in texts]
-    for number, record in enumerate(records, 1):
-        if not record["source"].strip():
-            raise DharmaError(f"text {number} is empty; give the text to translate")
     predictions = predict_records(head, model, tokenizer, records)
     if as_json:
         rows = [{"source": r["source"], **p} for r, p in zip(records, predictions, strict=True)]
