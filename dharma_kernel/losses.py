@@ -48,11 +48,30 @@ def concept_loss(score: torch.Tensor, labels: torch.Tensor, counted: torch.Tenso
         return F.binary_cross_entropy(prob, labels[keep].float())
 
 
+def routing_loss(logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor) -> torch.Tensor | None:
+    """Binary cross-entropy of a router's logits ``[B, T, M]`` against concept labels, at every real token.
+
+    Each module's logit is trained to say whether its concept is present, so tokens labelled
+    with concept m are routed to module m (routing takes the top logits); tokens labelled with
+    no concept push every logit down and leave their relative order, which routing uses, to the
+    LM and balance losses. ``labels``: ``[B, T, M]`` or per sequence ``[B, M]``, -100 unknown.
+    None when no token is labelled.
+    """
+    if labels.dim() == 2:
+        labels = labels[:, None, :].expand_as(logits)
+    keep = real[..., None] & (labels != IGNORE)
+    if not bool(keep.any()):
+        return None
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.binary_cross_entropy_with_logits(logits.float()[keep], labels[keep].float())
+
+
 def total_loss(components: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
     """Weighted sum of the components.
 
     ``lm`` and ``concept`` take ``weights["lm"]`` and ``weights["concept"]``, every
-    ``router_balance@<layer>`` takes ``weights["router"]``, anything else weight 1.
+    ``router_balance@<layer>`` takes ``weights["router"]``, every ``routing@<layer>``
+    ``weights["routing"]``, anything else weight 1.
     """
     terms = [weight_of(name, weights) * value for name, value in components.items()]
     return torch.stack(terms).sum()
@@ -63,4 +82,6 @@ def weight_of(name: str, weights: dict[str, float]) -> float:
         return weights.get(name, 1.0)
     if name.startswith("router_balance@"):
         return weights.get("router", 0.01)
+    if name.startswith("routing@"):
+        return weights.get("routing", 1.0)
     return 1.0

@@ -152,6 +152,7 @@ class LossSection(_Section):
     lm: float = Field(1.0, ge=0)
     concept: float = Field(0.1, ge=0)
     router: float = Field(0.01, ge=0)  # load balance of routed stacks; the Switch Transformer's weight
+    routing: float = Field(1.0, ge=0)  # routers learn the concept labels: a concept's tokens go to its module
 
 
 class DataSection(_Section):

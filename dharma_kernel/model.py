@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +20,7 @@ from transformers.utils import ModelOutput
 from . import registry
 from .backbone import find_blocks, fresh_backbone, hidden_size, num_layers
 from .errors import DharmaError, error_line
-from .losses import concept_loss, lm_loss, total_loss
+from .losses import concept_loss, lm_loss, routing_loss, total_loss
 from .protocol import DharmaModule, HeadModule, ModuleConfig
 from .stack import ModuleStack, StackResult, module_key
 from .validation import format_validation_error
@@ -45,8 +47,11 @@ class DharmaConfig(PreTrainedConfig):
 @dataclass
 class DharmaOutput(ModelOutput):
     """loss: the weighted total. losses: every component (``lm``, ``concept``, ``router_balance``,
-    ``<ref>/<name>`` from modules, ``<head>/<name>`` from heads). module_scores: per module ref,
-    its activation ``[B, T]`` averaged over the layers where it sits.
+    ``<ref>/<name>`` from modules, ``<head>/<name>`` from heads, ``routing@<layer>``).
+    module_scores: per module ref, its activation ``[B, T]`` at every token, averaged over the
+    layers where it sits: under routed composition the router's probability that the module's
+    concept is present (sigmoid of its logit), else the module's own score.
+    module_active: per module ref, ``[B, T]`` bool, where it ran at any layer (the router chose it).
     """
 
     loss: torch.Tensor | None = None
@@ -56,6 +61,7 @@ class DharmaOutput(ModelOutput):
     losses: dict[str, torch.Tensor] | None = None
     lm_tokens: torch.Tensor | None = None
     module_scores: dict[str, torch.Tensor] | None = None
+    module_active: dict[str, torch.Tensor] | None = None
     heads: dict[str, Any] | None = None
 
 
@@ -274,6 +280,9 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
         for layer, result in state.results.items():
             for name, value in result.losses.items():
                 losses[f"{name}@{layer}"] = value
+            routing = self._routing_loss(state, result, concept_labels)
+            if routing is not None:
+                losses[f"routing@{layer}"] = routing
         head_outputs = self._run_heads(
             out.hidden_states[-1] if want_hidden else None, attention_mask, head_labels or {}, losses
         )
@@ -291,6 +300,7 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
             losses=losses,
             lm_tokens=lm_tokens,
             module_scores=scores,
+            module_active=_where_active(self.module_refs, state) if state.results else None,
             heads=head_outputs or None,
         )
 
@@ -314,7 +324,11 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
         scores: dict[str, torch.Tensor] = {}
         terms: list[torch.Tensor] = []
         for ref_index, ref in enumerate(refs):
-            per_layer = [r.scores[ref] for r in state.results.values() if ref in r.scores]
+            per_layer = [
+                r.scores[ref] if r.router_logits is None else torch.sigmoid(r.router_logits[..., ref_index])
+                for r in state.results.values()
+                if ref in r.scores
+            ]
             if not per_layer:
                 continue
             scores[ref] = torch.stack(per_layer).mean(0)
@@ -330,6 +344,39 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
                     terms.append(term)
         concept = torch.stack(terms).mean() if terms else None
         return scores, concept
+
+    @staticmethod
+    def _routing_loss(
+        state: _ForwardState, result: StackResult, concept_labels: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        if result.router_logits is None or concept_labels is None:
+            return None
+        logits = result.router_logits
+        real = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
+        if state.attention_mask is not None:
+            real = state.attention_mask[:, -logits.shape[1] :].bool()
+        return routing_loss(logits, concept_labels.to(logits.device), real)
+
+    @contextmanager
+    def switched_off(self, refs: Iterable[str]) -> Iterator[None]:
+        """Within the block, the modules ``refs`` add nothing to the hidden states (ablation).
+
+        Routing and scores are unchanged; the other modules keep their router weights.
+        """
+        refs = frozenset(refs)
+        unknown = sorted(refs - set(self.module_refs))
+        if unknown:
+            raise DharmaError(
+                f"not in this model: {', '.join(unknown)}", hint=f"It has: {', '.join(self.module_refs)}"
+            )
+        before = {name: stack.disabled for name, stack in self.stacks.items()}
+        for stack in self.stacks.values():
+            stack.disabled = refs
+        try:
+            yield
+        finally:
+            for name, stack in self.stacks.items():
+                stack.disabled = before[name]
 
     def _run_heads(
         self,
@@ -349,6 +396,17 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
     def module_at(self, ref: str, layer: int) -> DharmaModule:
         """The instance of module ``ref`` at ``layer``."""
         return self.stacks[str(layer)].members[module_key(ref)]
+
+
+def _where_active(refs: list[str], state: _ForwardState) -> dict[str, torch.Tensor]:
+    """Per ref, ``[B, T]`` bool: the tokens where the module ran at any of its layers."""
+    active: dict[str, torch.Tensor] = {}
+    for result in state.results.values():
+        for ref in refs:
+            if ref in result.active:
+                here = result.active[ref]
+                active[ref] = here if ref not in active else active[ref] | here
+    return active
 
 
 def _align_tensors(model: nn.Module, alignment: int = 64) -> None:

@@ -22,13 +22,18 @@ def module_key(ref: str) -> str:
 
 @dataclass
 class StackResult:
-    """New hidden states, and per module its score ``[B, T]`` and where it ran ``[B, T]``."""
+    """New hidden states, and per module its own score ``[B, T]`` and where it ran ``[B, T]``.
+
+    router_logits: ``[B, T, M]`` (fp32), the router's logit of each module at every token, under
+    routed composition; its sigmoid is the module's concept probability (see DharmaModel).
+    """
 
     hidden: torch.Tensor
     scores: dict[str, torch.Tensor]
     active: dict[str, torch.Tensor]
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    router_logits: torch.Tensor | None = None
 
 
 class ModuleStack(nn.Module):
@@ -56,6 +61,9 @@ class ModuleStack(nn.Module):
         self.dense_routing = False
         # Give modules no token chose a zero gradient (FSDP needs one on every process).
         self.touch_unused = False
+        # Refs switched off (ablation): they add nothing to the hidden states, and routed ones
+        # compute nothing; scores and routing are unchanged. See DharmaModel.switched_off.
+        self.disabled: frozenset[str] = frozenset()
 
     @property
     def streams(self) -> int:
@@ -80,7 +88,8 @@ class ModuleStack(nn.Module):
         for offset, (ref, module) in enumerate(zip(self.refs, self.members.values(), strict=True)):
             ctx = ModuleContext(attention_mask, self._past(cache, offset, result.hidden))
             out = module(result.hidden, ctx)
-            result.hidden = out.hidden
+            if ref not in self.disabled:
+                result.hidden = out.hidden
             _record(result, ref, out, out.score, torch.ones_like(out.score, dtype=torch.bool))
         return result
 
@@ -89,14 +98,16 @@ class ModuleStack(nn.Module):
         delta = torch.zeros_like(hidden)
         for ref, module in zip(self.refs, self.members.values(), strict=True):
             out = module(hidden, ctx)
-            delta = delta + (out.hidden - hidden)
+            if ref not in self.disabled:  # still averaged over all: the others stay as they were
+                delta = delta + (out.hidden - hidden)
             _record(result, ref, out, out.score, torch.ones_like(out.score, dtype=torch.bool))
         result.hidden = hidden + delta / len(self.refs)
         return result
 
     def _routed(self, hidden, attention_mask, past) -> StackResult:
-        result = StackResult(hidden, {}, {})
-        probs = torch.softmax(self.router(hidden).float(), dim=-1)  # [B, T, M]
+        logits = self.router(hidden).float()  # [B, T, M]
+        result = StackResult(hidden, {}, {}, router_logits=logits)
+        probs = torch.softmax(logits, dim=-1)
         top_weight, top_index = probs.topk(self.top_k, dim=-1)
         top_weight = top_weight / top_weight.sum(-1, keepdim=True)
         chosen = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_index, True)
@@ -110,12 +121,16 @@ class ModuleStack(nn.Module):
             for m in range(len(self.refs))
         ]
         # Every module's tokens, module after module: one gather of them all and one scatter of
-        # all the deltas, so backward has one of each too.
-        rows = torch.cat([ctx.rows for ctx in contexts])
-        tokens = hidden.flatten(0, 1).index_select(0, rows).split([len(ctx.rows) for ctx in contexts])
+        # all the deltas, so backward has one of each too. A switched-off module gets none.
+        running = [
+            ctx.rows[:0] if ref in self.disabled else ctx.rows
+            for ref, ctx in zip(self.refs, contexts, strict=True)
+        ]
+        rows = torch.cat(running)
+        tokens = hidden.flatten(0, 1).index_select(0, rows).split([len(r) for r in running])
         deltas, unused = [], []
         for ref, module, ctx, x in zip(self.refs, self.members.values(), contexts, tokens, strict=True):
-            if not len(x):  # no token chose it: skipped, score zero
+            if not len(x):  # no token chose it (or switched off): skipped, score zero
                 result.scores[ref], result.active[ref] = hidden.new_zeros(hidden.shape[:2]), ctx.active
                 unused.append(module)
                 continue
@@ -124,7 +139,7 @@ class ModuleStack(nn.Module):
             # a score only where the module ran: per token, whatever else is in the batch
             _record(result, ref, out, ctx.place(out.score, *hidden.shape[:2]), ctx.active)
         if deltas:
-            weight = _pair_weights(probs.shape[-1], top_index, top_weight, contexts).to(hidden.dtype)
+            weight = _pair_weights(probs.shape[-1], top_index, top_weight, running).to(hidden.dtype)
             delta = torch.cat(deltas) * weight[:, None]
             result.hidden = hidden.flatten(0, 1).index_add(0, rows, delta).view_as(hidden)
         result.losses["router_balance"] = _balance_loss(probs, chosen, real, self.top_k)
@@ -137,7 +152,8 @@ class ModuleStack(nn.Module):
         """``_routed``'s hidden states and scores (no balance loss), from full forwards of every module."""
         hidden = result.hidden
         weight = top_weight.new_zeros(active.shape).scatter(-1, top_index, top_weight) * active
-        weight = weight.to(hidden.dtype)
+        on = torch.tensor([ref not in self.disabled for ref in self.refs], device=weight.device)
+        weight = (weight * on).to(hidden.dtype)
         shared: dict = {}
         delta = torch.zeros_like(hidden)
         for m, (ref, module) in enumerate(zip(self.refs, self.members.values(), strict=True)):
@@ -149,14 +165,14 @@ class ModuleStack(nn.Module):
 
 
 def _pair_weights(
-    modules: int, top_index: torch.Tensor, top_weight: torch.Tensor, contexts: list[ModuleContext]
+    modules: int, top_index: torch.Tensor, top_weight: torch.Tensor, running: list[torch.Tensor]
 ) -> torch.Tensor:
-    """The router's weight of each (token, module) pair that runs, in the order of the contexts' rows."""
+    """The router's weight of each (token, module) pair that runs, in the order of the modules' rows."""
     weights = top_weight.new_zeros(*top_weight.shape[:-1], modules).scatter(-1, top_index, top_weight)
     weights = weights.flatten()  # [B * T * M]
-    counts = torch.tensor([len(ctx.rows) for ctx in contexts], device=top_index.device)
+    counts = torch.tensor([len(rows) for rows in running], device=top_index.device)
     module = torch.arange(modules, device=top_index.device).repeat_interleave(counts)
-    return weights.index_select(0, torch.cat([ctx.rows for ctx in contexts]) * modules + module)
+    return weights.index_select(0, torch.cat(running) * modules + module)
 
 
 def _at_tokens(

@@ -7,6 +7,7 @@ import torch
 from tiny import tiny_model
 
 from dharma_kernel.assemble import build_model
+from dharma_kernel.errors import DharmaError
 from dharma_kernel.losses import lm_loss
 from dharma_kernel.testing import tiny_backbone_config
 
@@ -91,9 +92,7 @@ def test_routed_module_changes_only_the_tokens_routed_to_it():
     ids = torch.randint(1, 97, (2, 12))
     with torch.no_grad():
         before = model(ids, output_hidden_states=True)
-    vedanta = (
-        before.module_scores["darshanas.vedanta"] > 0
-    )  # routed scores are zero where a module did not run
+    vedanta = before.module_active["darshanas.vedanta"]  # where the router sent tokens to it
     assert vedanta.any() and not vedanta.all()
     from dharma_kernel.testing import perturb
 
@@ -102,6 +101,57 @@ def test_routed_module_changes_only_the_tokens_routed_to_it():
         after = model(ids)
     changed = (after.logits - before.logits).abs().amax(-1) > 1e-6
     assert torch.equal(changed, vedanta)
+
+
+def test_routed_scores_are_defined_at_every_token_and_are_the_router_probability():
+    model = tiny_model("routed", top_k=1, at_layers=(0, 1))
+    ids = torch.randint(1, 97, (2, 12))
+    with torch.no_grad():
+        out = model(ids)
+    refs = model.module_refs
+    for ref in refs:
+        score = out.module_scores[ref]
+        assert bool((score > 0).all()) and bool((score < 1).all())  # also where the module did not run
+    # the mean over the module's layers of sigmoid(router logit)
+    logits = []
+    hooks = [
+        stack.router.register_forward_hook(lambda _m, _i, out: logits.append(out.float()))
+        for stack in model.stacks.values()
+    ]
+    with torch.no_grad():
+        model(ids)
+    for hook in hooks:
+        hook.remove()
+    expected = torch.sigmoid(torch.stack(logits)).mean(0)
+    for index, ref in enumerate(refs):
+        torch.testing.assert_close(out.module_scores[ref], expected[..., index], rtol=1e-5, atol=1e-6)
+
+
+def test_switched_off_modules_add_nothing():
+    model = tiny_model("routed", top_k=2, at_layers=(1,))
+    model.eval()
+    ids = torch.randint(1, 97, (2, 10))
+    with torch.no_grad():
+        full = model(ids).logits
+        with model.switched_off(model.module_refs):
+            bare = model(ids).logits
+        with model.switched_off(["darshanas.vedanta"]):
+            one_off = model(ids).logits
+        again = model(ids).logits
+    from dharma_kernel.testing import perturb
+
+    for ref in model.module_refs:
+        perturb(model.module_at(ref, 1), seed=3)
+    with torch.no_grad(), model.switched_off(model.module_refs):
+        torch.testing.assert_close(model(ids).logits, bare, rtol=0, atol=0)  # all off: no module counts
+    assert not torch.allclose(full, bare)
+    torch.testing.assert_close(again, full)  # switched back on when the block ends
+    vedanta = model(ids).module_active["darshanas.vedanta"]
+    changed = (one_off - full).abs().amax(-1) > 1e-6
+    assert torch.equal(changed, vedanta)
+    with pytest.raises(DharmaError, match="not in this model: paths.nothing"):
+        with model.switched_off(["paths.nothing"]):
+            pass
 
 
 def test_hidden_states_include_the_modules():
