@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
+from .ablation import Ablation
 from .cli import (
     FreezeOption,
     JsonOption,
@@ -130,6 +131,10 @@ def eval_command(
     as_json: JsonOption = False,
     quiet: QuietOption = False,
     head: Annotated[str | None, typer.Option("--head", help="With several task heads: which one.")] = None,
+    ablate: Annotated[
+        Ablation | None,
+        typer.Option("--ablate", help="Also perplexity with each family (module, all) switched off."),
+    ] = None,
 ) -> None:
     """Perplexity on held-out text, and each module's activation ROC-AUC against its concept labels;
     for an application or a model with a task head, the head's loss and metrics on its records."""
@@ -164,10 +169,16 @@ def eval_command(
         "perplexity": perplexity(loss),
         "auc": auc,
     }
+    if ablate is not None:
+        from .ablation import ablate as ablation_rows
+
+        result["ablation"] = [asdict(row) for row in ablation_rows(model, packed, batch_size, ablate)]
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
     out.print(f"{directory}: {int(count):,} tokens, loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
+    if "ablation" in result:
+        _print_ablation(result["ablation"])
     if auc:
         from rich.table import Table
 
@@ -176,6 +187,17 @@ def eval_command(
             table.add_row(ref, "-" if value is None else f"{value:.3f}")
         out.print(table)
         out.print("AUC '-': the data has no text both with and without that concept.")
+
+
+def _print_ablation(rows: list[dict]) -> None:
+    from rich.table import Table
+
+    table = Table("switched off", "modules", "loss", "perplexity", "change", box=None)
+    for row in rows:
+        full = row["off"] is None
+        name, change = ("none (full model)", "") if full else (row["off"], f"{row['change']:+.2%}")
+        table.add_row(name, str(row["modules_off"]), f"{row['loss']:.4f}", f"{row['perplexity']:.2f}", change)
+    out.print(table)
 
 
 @app.command()
