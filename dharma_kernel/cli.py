@@ -412,3 +412,4 @@ def main(argv: list[str] | None = None) -> None:
 from . import cli_finetune  # noqa: E402, F401, I001  (registers finetune, predict; extends eval)
 from . import cli_chat  # noqa: E402, F401, I001  (registers chat)
 from . import cli_translate  # noqa: E402, F401, I001  (registers translate)
+from . import cli_explain  # noqa: E402, F401, I001  (registers explain)

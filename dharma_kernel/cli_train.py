@@ -210,15 +210,21 @@ def generate(
     temperature: TemperatureOption = 0.8,
     top_p: TopPOption = 0.95,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    explain: Annotated[
+        bool, typer.Option("--explain", help="Then list each generated token's top and routed modules.")
+    ] = False,
 ) -> None:
     """Continue a prompt with a saved model (KV-cached, modules included)."""
     import torch
 
     from .application import load_application
     from .data.tokenizer import pad_id
+    from .explain import require_modules
 
     _quiet_transformers()
     model, tokenizer = load_application(model_dir)  # a fine-tuned application too
+    if explain:
+        require_modules(model)
     model.eval()
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
@@ -238,3 +244,13 @@ def generate(
             **sampling,
         )
     typer.echo(prompt + tokenizer.decode(result[0, ids.shape[1] :], skip_special_tokens=True))
+    if explain:
+        from .backbone import context_length
+        from .cli_explain import print_table
+        from .explain import explain_generated
+
+        # One forward over prompt + generation without the cache: each generated token's scores
+        # with everything before it as context, as the table of `dharma explain` would give.
+        context = context_length(model.config.text_config, default=0) or None
+        explanation = explain_generated(model, tokenizer, result[0].tolist(), ids.shape[1], context=context)
+        print_table(explanation, model)
