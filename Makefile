@@ -27,7 +27,7 @@ demo: install
 	else \
 		$(DHARMA) train examples/foundation.toml; \
 	fi
-	$(DHARMA) eval $(DEMO_RUN) --data examples/heldout --max-length 128
+	$(DHARMA) eval $(DEMO_RUN) --data examples/heldout --max-length 128 --ablate families
 	$(DHARMA) report $(DEMO_RUN)
 	$(DHARMA) generate $(DEMO_RUN) "Q: What is dharma? A:" --max-new-tokens 60 --seed 0
 

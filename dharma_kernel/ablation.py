@@ -44,16 +44,20 @@ def family(ref: str) -> str:
 
 
 def groups(refs: Sequence[str], mode: Ablation | str) -> list[tuple[str, tuple[str, ...]]]:
-    """``(name, refs switched off)`` per row after the full model's, in the model's module order."""
+    """``(name, refs switched off)`` per row after the full model's, in the model's module order;
+    families and modules end with "all" too, when there is more than one group."""
     mode = Ablation(mode)
+    every = [("all", tuple(refs))]
     if mode is Ablation.all:
-        return [("all", tuple(refs))]
+        return every
     if mode is Ablation.modules:
-        return [(ref, (ref,)) for ref in refs]
-    by_family: dict[str, list[str]] = {}
-    for ref in refs:
-        by_family.setdefault(family(ref), []).append(ref)
-    return [(name, tuple(members)) for name, members in by_family.items()]
+        rows = [(ref, (ref,)) for ref in refs]
+    else:
+        by_family: dict[str, list[str]] = {}
+        for ref in refs:
+            by_family.setdefault(family(ref), []).append(ref)
+        rows = [(name, tuple(members)) for name, members in by_family.items()]
+    return rows + every if len(rows) > 1 else rows
 
 
 def ablate(model: Any, packed: Any, batch_size: int, mode: Ablation | str) -> list[AblationRow]:

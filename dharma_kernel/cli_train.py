@@ -143,8 +143,9 @@ def eval_command(
     if has_head(model_dir):
         return eval_head(model_dir, data, batch_size, head, as_json)
     from .application import is_application, load_application
+    from .concept_activation import ConceptActivation
     from .data import DataReport, clean_records, pack, read_records
-    from .evaluate import activation_auc, lm_totals, perplexity
+    from .evaluate import lm_totals, perplexity
     from .train.rundir import model_directory
 
     _quiet_transformers()
@@ -155,19 +156,17 @@ def eval_command(
     if not records:
         raise DharmaError(f"--data {' '.join(data)}: no text to evaluate on", hint=report.summary())
     packed = pack(records, tokenizer, max_length, refs=model.module_refs)
-    loss_sum, count = lm_totals(model, packed, batch_size)
+    table = ConceptActivation(model.module_refs) if model.module_refs else None
+    loss_sum, count = lm_totals(model, packed, batch_size, activation=table)
     loss = loss_sum / max(count, 1.0)
-    batches = (
-        packed.batch(list(range(i, min(i + batch_size, len(packed)))))
-        for i in range(0, len(packed), batch_size)
-    )
-    auc = activation_auc(model, batches) if model.module_refs else {}
+    detection = table.record() if table is not None else None
     result = {
         "model": str(directory),
         "tokens": int(count),
         "loss": loss,
         "perplexity": perplexity(loss),
-        "auc": auc,
+        "auc": detection["auc"] if detection else {},
+        "auc_median": detection["auc_median"] if detection else None,
     }
     if ablate is not None:
         from .ablation import ablate as ablation_rows
@@ -179,14 +178,26 @@ def eval_command(
     out.print(f"{directory}: {int(count):,} tokens, loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
     if "ablation" in result:
         _print_ablation(result["ablation"])
-    if auc:
-        from rich.table import Table
+    if detection:
+        print_detection(detection)
 
-        table = Table("module", "activation AUC", box=None)
-        for ref, value in auc.items():
-            table.add_row(ref, "-" if value is None else f"{value:.3f}")
-        out.print(table)
-        out.print("AUC '-': the data has no text both with and without that concept.")
+
+def print_detection(detection: dict) -> None:
+    """Each module's concept-detection AUC over the eval tokens, with the tokens it rests on."""
+    from rich.table import Table
+
+    table = Table("module", "AUC", "positive", "negative", "", box=None)
+    for ref, value in detection["auc"].items():
+        auc = "-" if value["auc"] is None else f"{value['auc']:.3f}"
+        table.add_row(ref, auc, f"{value['positives']:,}", f"{value['negatives']:,}", value["reason"] or "")
+    out.print(table)
+    median = detection["auc_median"]
+    measured = sum(value["auc"] is not None for value in detection["auc"].values())
+    out.print(
+        f"median module AUC {'-' if median is None else f'{median:.3f}'} over {measured} of "
+        f"{len(detection['auc'])} modules. A module's score at a token is its concept probability "
+        "(routed: the router's); positive tokens are those labelled with its concept so far."
+    )
 
 
 def _print_ablation(rows: list[dict]) -> None:

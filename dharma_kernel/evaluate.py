@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from .concepts import IGNORE, encode
+from .concept_activation import ConceptActivation, ModuleAuc
+from .concepts import encode
 from .errors import DharmaError
 
 
@@ -51,41 +52,23 @@ def _scores(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return {ref: score.float().cpu() for ref, score in (output.module_scores or {}).items()}
 
 
-def activation_auc(model: Any, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float | None]:
-    """Per module ref, the ROC-AUC of its mean activation per sequence against the sequence's label.
+def activation_auc(model: Any, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, ModuleAuc]:
+    """Per module ref, the ROC-AUC of its activation score at every labelled real token against the
+    token's label for its concept (see :class:`~dharma_kernel.concept_activation.ConceptActivation`).
 
     ``batches`` come from :func:`~dharma_kernel.concepts.label_batch` with columns in
-    ``model.module_refs`` order. A sequence's score is the module's mean activation over
-    its labelled tokens (padding and special tokens, labelled -100, have no say); it is
-    positive when any of them is labelled 1, negative when all are 0, and left out when
-    it has none. None for a module whose sequences are all of one class.
+    ``model.module_refs`` order; padding and tokens labelled -100 have no say.
     """
-    refs = model.module_refs
-    collected: dict[str, tuple[list[float], list[int]]] = {ref: ([], []) for ref in refs}
+    table = ConceptActivation(model.module_refs)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for batch in batches:
-                scores = _scores(model, batch)
-                real = batch["attention_mask"].bool()
-                labels = batch["concept_labels"]
-                if labels.dim() == 2:  # per-sequence labels [B, M]
-                    labels = labels[:, None, :].expand(*real.shape, len(refs))
-                known = real[..., None] & (labels != IGNORE)  # [B, T, M]
-                counts = known.sum(1)
-                positive = ((labels == 1) & known).any(1)
-                for column, ref in enumerate(refs):
-                    if ref not in scores:
-                        continue
-                    mask = known[..., column].float()
-                    means = (scores[ref] * mask).sum(1) / counts[:, column].clamp_min(1)
-                    keep = counts[:, column] > 0
-                    collected[ref][0].extend(means[keep].tolist())
-                    collected[ref][1].extend(positive[keep, column].int().tolist())
+                table.add(_scores(model, batch), batch["concept_labels"], batch["attention_mask"])
     finally:
         model.train(was_training)
-    return {ref: roc_auc(*collected[ref]) for ref in refs}
+    return table.auc()
 
 
 def mean_activation(

@@ -96,6 +96,16 @@ def write_report(metrics: RunMetrics, out_dir: str | Path) -> Report:
         )
     elif not metrics.evals:
         report.missing["eval_perplexity"] = "no evaluation was logged: the run had no eval data"
+    if metrics.series("eval_auc_median", "evals")[0]:
+        add(
+            "eval_auc",
+            "Module concept detection (median AUC)",
+            "median over the modules of each one's ROC-AUC at the eval tokens: how well its score tells "
+            "tokens labelled with its concept from the others (0.5: chance, 1: perfect)",
+            lambda f: _lines(f, metrics, ["eval_auc_median"], "median AUC", records="evals", marker="o"),
+        )
+    elif metrics.activations:
+        report.missing["eval_auc"] = "no evaluation had enough labelled tokens for an AUC"
     if head := metrics.head_metrics():
         add(
             "eval_metrics",
@@ -109,7 +119,8 @@ def write_report(metrics: RunMetrics, out_dir: str | Path) -> Report:
             "activation",
             f"Module activation by concept (eval, step {table['step']})",
             "mean activation score of each module (row) on the eval tokens labelled with each concept "
-            "(column; in brackets, how many tokens); 'none': tokens with no concept",
+            "(column; in brackets, how many tokens); 'none': tokens with no concept"
+            + _diagonal_caption(table),
             lambda f: _heatmap(f, table),
             heatmap_size(len(table["modules"])),
         )
@@ -169,6 +180,13 @@ def _lines(
     if len(keys) > 1:
         axes.legend(loc="best", fontsize="small")
     figure.tight_layout(rect=(0, 0, 1, 0.93))
+
+
+def _diagonal_caption(table: dict[str, Any]) -> str:
+    share = table.get("diagonal")
+    if share is None:
+        return ""
+    return f". {share:.0%} of the modules are highest on their own concept (the diagonal)"
 
 
 def _heatmap(figure: Any, table: dict[str, Any]) -> None:

@@ -56,7 +56,7 @@ class RunMetrics:
 
     def head_metrics(self) -> list[str]:
         """The head metrics evaluations logged (``eval_accuracy``, ``eval_f1``, ...), in order first seen."""
-        plain = {"eval_loss", "eval_ppl", "eval_tokens", "eval_records"}
+        plain = {"eval_loss", "eval_ppl", "eval_tokens", "eval_records", "eval_auc_median"}
         names: dict[str, None] = {}
         for record in self.evals:
             for key, value in record.items():

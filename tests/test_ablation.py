@@ -50,7 +50,12 @@ def saved(tmp_path_factory, model, tokenizer):
 
 def test_families_mode_gives_the_full_model_then_one_row_per_family(model, packed):
     rows = ablate(model, packed, batch_size=4, mode="families")
-    assert [(row.off, row.modules_off) for row in rows] == [(None, 0), ("paths", 2), ("darshanas", 1)]
+    assert [(row.off, row.modules_off) for row in rows] == [
+        (None, 0),
+        ("paths", 2),
+        ("darshanas", 1),
+        ("all", 3),
+    ]
     assert rows[0].change == 0.0
     for row in rows:
         assert row.perplexity == pytest.approx(perplexity(row.loss))
@@ -59,8 +64,8 @@ def test_families_mode_gives_the_full_model_then_one_row_per_family(model, packe
 
 def test_modules_mode_gives_one_row_per_module(model, packed):
     rows = ablate(model, packed, batch_size=4, mode="modules")
-    assert [row.off for row in rows] == [None, *model.module_refs]
-    assert [row.modules_off for row in rows] == [0, 1, 1, 1]
+    assert [row.off for row in rows] == [None, *model.module_refs, "all"]
+    assert [row.modules_off for row in rows] == [0, 1, 1, 1, 3]
 
 
 def test_all_is_the_model_with_every_module_switched_off_and_differs_from_full(model, packed):
@@ -91,7 +96,7 @@ def test_eval_ablate_prints_the_same_numbers_as_its_json(capsys, saved):
     args += ["--ablate", "families"]
     report = json.loads(cli_output(capsys, *args, "--json"))
     rows = report["ablation"]
-    assert [row["off"] for row in rows] == [None, "paths", "darshanas"]
+    assert [row["off"] for row in rows] == [None, "paths", "darshanas", "all"]
     assert rows[0]["perplexity"] == pytest.approx(report["perplexity"], rel=1e-6)
     # Table rows: name, modules off, loss, perplexity, change (none for the full model).
     printed = {}
@@ -99,7 +104,7 @@ def test_eval_ablate_prints_the_same_numbers_as_its_json(capsys, saved):
         words = line.split()
         if words[:1] == ["none"]:
             printed[None] = words[3:]  # "none (full model)"
-        elif words[:1] in (["paths"], ["darshanas"]):
+        elif words[:1] in (["paths"], ["darshanas"], ["all"]):
             printed[words[0]] = words[1:]
     expected = {
         row["off"]: [str(row["modules_off"]), f"{row['loss']:.4f}", f"{row['perplexity']:.2f}"]

@@ -164,8 +164,9 @@ class Trained:
     held_out: dict[str, list[str]]  # ref or "everyday" -> sentences
 
 
-def train(refs: list[str], steps: int = 300, seed: int = 0) -> Trained:
-    """A tiny model with ``refs`` at both layers, trained on the LM and concept losses."""
+def train(refs: list[str], composition: str, steps: int = 300, seed: int = 0) -> Trained:
+    """A tiny model with ``refs`` at both layers, trained on the LM and concept losses (and routed,
+    the routers on the concept labels too)."""
     classes = {ref: registry.load(registry.resolve(ref, "module")) for ref in refs}
     corpus = {split: {} for split in ("train", "held_out")}
     for split, data in corpus.items():
@@ -183,7 +184,8 @@ def train(refs: list[str], steps: int = 300, seed: int = 0) -> Trained:
     protected = torch.tensor(sorted(protected))
     layout = {
         "at_layers": [0, 1],
-        "composition": "sequential",
+        "composition": composition,
+        "top_k": 1,
         "modules": [{"ref": ref, "config": classes[ref].make_config("tiny").model_dump()} for ref in refs],
         "loss": {"lm": 1.0, "concept": 1.0, "router": 0.01},
     }
@@ -208,17 +210,18 @@ def train(refs: list[str], steps: int = 300, seed: int = 0) -> Trained:
     return Trained(model.eval(), tokenizer, corpus["held_out"])
 
 
-@pytest.fixture(scope="module")
-def trained() -> Trained:
+@pytest.fixture(scope="module", params=["sequential", "routed"])
+def trained(request) -> Trained:
     refs = [ref for ref in REFS if installed(ref)]
     if not refs:
         pytest.skip(f"none of {REFS} is installed")
-    return train(refs)
+    return train(refs, request.param)
 
 
 @pytest.fixture(scope="module")
 def held_out_auc(trained: Trained) -> dict[str, float | None]:
-    """Per module, AUC on all held-out text: its concept's against everyday and other concepts' text."""
+    """Per module, token AUC on all held-out text: its concept's tokens (from the first term on)
+    against everyday text, other concepts' text and its own text before the term."""
     texts = [s for group in trained.held_out.values() for s in group]
     batch = label_batch(texts, trained.tokenizer, trained.model.module_refs, max_length=64)
     with one_thread():
@@ -245,10 +248,26 @@ def test_module_scores_higher_on_its_concept_than_on_other_text(trained, held_ou
     lexicon = lexicons_for([ref])[ref]
     stray = [s for s in trained.held_out["everyday"] if lexicon.find(s)]
     assert not stray, f"everyday text holds {ref} terms; reword EVERYDAY or FILLERS: {stray[:3]}"
-    auc = held_out_auc[ref]
+    auc = held_out_auc[ref].auc
     with one_thread():
         on_concept = mean_activation(trained.model, trained.held_out[ref], trained.tokenizer, ref)
         on_everyday = mean_activation(trained.model, trained.held_out["everyday"], trained.tokenizer, ref)
     numbers = f"AUC {auc}, mean activation {on_concept:.3f} on {ref} text, {on_everyday:.3f} on everyday"
     assert auc is not None and auc >= 0.9, numbers
     assert on_concept - on_everyday >= 0.2, numbers
+
+
+def test_routed_model_sends_labelled_tokens_to_their_module(trained):
+    """Routed: a token labelled with concept m goes to module m (top_k 1), on held-out text."""
+    model = trained.model
+    if model.config.layout["composition"] != "routed":
+        pytest.skip("routing applies to the routed composition")
+    texts = [s for ref in model.module_refs for s in trained.held_out[ref]]
+    batch = label_batch(texts, trained.tokenizer, model.module_refs, max_length=64)
+    with torch.no_grad(), one_thread():
+        active = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).module_active
+    labels = batch["concept_labels"]
+    for column, ref in enumerate(model.module_refs):
+        positive = labels[..., column] == 1
+        share = float(active[ref][positive].float().mean())
+        assert share >= 0.9, f"{ref}: {share:.2f} of its {int(positive.sum())} labelled tokens routed to it"

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from dharma_kernel.concept_activation import MIN_TOKENS, ConceptActivation, ModuleAuc
 from dharma_kernel.concepts import IGNORE, Lexicon, label_batch, lexicons_for, token_labels
 from dharma_kernel.evaluate import activation_auc, roc_auc
 
@@ -188,13 +189,52 @@ class FixedScores(nn.Module):
         return SimpleNamespace(module_scores={"paths.karma": self.scores})
 
 
-def test_activation_auc_averages_real_tokens_and_skips_unknown_sequences():
+def test_activation_auc_counts_every_real_labelled_token():
     # Padding scores (last two columns of rows 1 and 2) would reverse the ranking if counted.
-    scores = torch.tensor([[0.9, 0.9, 0.9, 0.9], [0.2, 0.2, 1.0, 1.0], [0.6, 0.6, 0.0, 0.0], [0.0] * 4])
+    pos, neg = 0.9, 0.1
+    scores = torch.tensor([[neg, neg, pos, pos], [neg, neg, 0.0, 0.0], [pos, pos, 0.0, 0.0], [0.5] * 4])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
-    labels = torch.tensor([[0, 0, 1, 1], [0, 0, IGNORE, IGNORE], [1, 1, IGNORE, IGNORE], [IGNORE] * 4])
+    labels = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1], [1, 1, 0, 0], [IGNORE] * 4])
     batch = {"input_ids": torch.zeros(4, 4, dtype=torch.long), "attention_mask": mask}
-    model = FixedScores(scores).train()
-    auc = activation_auc(model, [batch | {"concept_labels": labels[..., None].float()}])
-    assert auc == {"paths.karma": 1.0}  # positives 0.9 and 0.6 above negative 0.2; row 3 left out
+    model = FixedScores(scores.repeat(6, 1)).train()  # 6 copies: 24 positive, 24 negative tokens
+    batch = {k: v.repeat(6, 1) for k, v in batch.items()}
+    auc = activation_auc(model, [batch | {"concept_labels": labels.repeat(6, 1)[..., None].float()}])
+    assert auc["paths.karma"] == ModuleAuc(1.0, 24, 24)  # row 3 (-100) left out
     assert model.training
+
+
+def test_activation_auc_says_why_it_has_none():
+    scores = torch.rand(2, 30)
+    labels = torch.zeros(2, 30)
+    labels[0, :5] = 1
+    batch = {"input_ids": torch.zeros(2, 30, dtype=torch.long), "attention_mask": torch.ones(2, 30)}
+    auc = activation_auc(FixedScores(scores), [batch | {"concept_labels": labels[..., None]}])
+    assert auc["paths.karma"] == ModuleAuc(
+        None, 5, 55, f"5 positive tokens (an AUC needs {MIN_TOKENS} of each)"
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_histogram_auc_equals_the_exact_rank_statistic(seed):
+    generator = torch.Generator().manual_seed(seed)
+    labels = (torch.rand(3, 200, generator=generator) < 0.3).float()
+    # overlapping classes, some scores tied, some very close to 0 or 1
+    scores = torch.sigmoid(torch.randn(3, 200, generator=generator) * 4 + labels * 1.5)
+    scores[0, :40] = 0.25
+    table = ConceptActivation(["paths.karma"])
+    table.add({"paths.karma": scores}, labels[..., None], torch.ones(3, 200))
+    exact = roc_auc(scores.flatten().tolist(), labels.flatten().int().tolist())
+    assert table.auc()["paths.karma"].auc == pytest.approx(exact, abs=2e-3)
+    record = table.record()
+    assert record["auc_median"] == pytest.approx(exact, abs=2e-3)
+
+
+def test_summed_tables_give_the_auc_of_all_their_tokens():
+    """Processes add their histograms (Distributed.sum): the AUC of the sum is that of all tokens."""
+    scores, labels = torch.rand(4, 50), (torch.rand(4, 50) < 0.5).float()
+    whole, first, second = (ConceptActivation(["paths.karma"]) for _ in range(3))
+    whole.add({"paths.karma": scores}, labels[..., None], torch.ones(4, 50))
+    first.add({"paths.karma": scores[:2]}, labels[:2, :, None], torch.ones(2, 50))
+    second.add({"paths.karma": scores[2:]}, labels[2:, :, None], torch.ones(2, 50))
+    first.merge(*(a + b for a, b in zip(first.state(), second.state(), strict=True)))
+    assert first.auc() == whole.auc()

@@ -159,7 +159,8 @@ class Loop:
 
     def evaluate(self, batch_size: int) -> dict[str, float]:
         """Token-weighted LM loss over the eval rows (split across processes), and perplexity;
-        with concept labels, also ``activation``: module activation by concept (see concept_activation)."""
+        with concept labels, also ``activation``: module activation by concept and each module's
+        detection AUC (see concept_activation), and ``eval_auc_median``, their median."""
         from ..concept_activation import ConceptActivation
         from ..evaluate import lm_totals, perplexity
 
@@ -178,8 +179,10 @@ class Loop:
         loss = loss_sum / max(count, 1.0)
         metrics: dict[str, Any] = {"eval_loss": loss, "eval_ppl": perplexity(loss), "eval_tokens": count}
         if table is not None:
-            table.merge(reduce(table.sums.to(self.device)), reduce(table.tokens.to(self.device)))
+            table.merge(*(reduce(total.to(self.device)) for total in table.state()))
             metrics["activation"] = table.record()
+            if metrics["activation"]["auc_median"] is not None:
+                metrics["eval_auc_median"] = metrics["activation"]["auc_median"]
         return metrics
 
     # -- stopping on request -----------------------------------------------------------

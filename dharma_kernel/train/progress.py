@@ -134,7 +134,8 @@ def _tensorboard(root: Path) -> Any:
 def _eval_extras(metrics: dict[str, Any]) -> str:
     """Perplexity for LM evaluation; a head's metrics (``eval_accuracy`` ...) for fine-tuning."""
     if "eval_ppl" in metrics:
-        return f", perplexity {metrics['eval_ppl']:.2f}"
+        auc = f", median module AUC {metrics['eval_auc_median']:.3f}" if "eval_auc_median" in metrics else ""
+        return f", perplexity {metrics['eval_ppl']:.2f}{auc}"
     skip = ("eval_loss", "eval_records", "eval_tokens")
     return "".join(f", {k.removeprefix('eval_')} {v:.4f}" for k, v in metrics.items()
                    if k.startswith("eval_") and k not in skip and isinstance(v, float))  # fmt: skip
