@@ -22,6 +22,7 @@ from .backbone import find_blocks, fresh_backbone, hidden_size, num_layers
 from .errors import DharmaError, error_line
 from .losses import concept_loss, lm_loss, routing_loss, total_loss
 from .protocol import DharmaModule, HeadModule, ModuleConfig
+from .routing import document_starts
 from .stack import ModuleStack, StackResult, module_key
 from .validation import format_validation_error
 from .version import __version__
@@ -70,6 +71,7 @@ class _ForwardState:
     attention_mask: torch.Tensor | None
     cache: Cache | None
     results: dict[int, StackResult]
+    starts: torch.Tensor | None = None  # [B, T] bool: where a document begins (routing.document_starts)
 
 
 # The forward in progress; lets each slot reach the mask and cache whatever the
@@ -96,10 +98,11 @@ class DharmaSlot(nn.Module):
         mask = state.attention_mask if state is not None else None
         cache = state.cache if state is not None else None
         stack = self.stack
+        starts = state.starts if state is not None else None
         if stack.gradient_checkpointing and stack.training and cache is None and torch.is_grad_enabled():
-            result = checkpoint(stack, hidden, mask, None, use_reentrant=False)
+            result = checkpoint(stack, hidden, mask, None, starts, use_reentrant=False)
         else:
-            result = stack(hidden, mask, cache)
+            result = stack(hidden, mask, cache, starts)
         if state is not None:
             state.results[self.layer] = result
         return (result.hidden, *out[1:]) if isinstance(out, tuple) else result.hidden
@@ -253,7 +256,8 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
                 f"Dharma models generate with the dynamic KV cache only, not {type(cache).__name__}",
                 hint="Leave cache_implementation unset (or 'dynamic').",
             )
-        state = _ForwardState(attention_mask, cache if use_cache else None, {})
+        starts = document_starts(input_ids, getattr(self.config.text_config, "eos_token_id", None))
+        state = _ForwardState(attention_mask, cache if use_cache else None, {}, starts)
         want_hidden = bool(output_hidden_states) or len(self.heads) > 0
         token = _CURRENT.set(state)
         try:

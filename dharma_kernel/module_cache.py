@@ -22,3 +22,11 @@ def extend_stream(cache: Cache, index: int, hidden: torch.Tensor) -> torch.Tenso
     batch, length, _ = hidden.shape
     layer.update(hidden.detach().unsqueeze(1), hidden.new_empty(batch, 1, length, 0))
     return past
+
+
+def peek_stream(cache: Cache, index: int) -> torch.Tensor | None:
+    """What stream ``index`` holds (``[B, P, H]``), or None; nothing is appended."""
+    layers = cache.layers
+    if len(layers) <= index or not layers[index].is_initialized or not layers[index].keys.numel():
+        return None
+    return layers[index].keys[:, 0]

@@ -9,8 +9,9 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from .cpu_linear import Linear
-from .module_cache import extend_stream
+from .module_cache import extend_stream, peek_stream
 from .protocol import DharmaModule, ModuleContext, ModuleOutput, TokenOutput, computes_tokens
+from .routing import concept_evidence
 
 COMPOSITIONS = ("sequential", "parallel", "routed")
 
@@ -25,7 +26,8 @@ class StackResult:
     """New hidden states, and per module its own score ``[B, T]`` and where it ran ``[B, T]``.
 
     router_logits: ``[B, T, M]`` (fp32), the router's logit of each module at every token, under
-    routed composition; its sigmoid is the module's concept probability (see DharmaModel).
+    routed composition: its concept evidence so far in the document (see :mod:`.routing`); its
+    sigmoid is the module's concept probability (see DharmaModel).
     """
 
     hidden: torch.Tensor
@@ -42,7 +44,10 @@ class ModuleStack(nn.Module):
     sequential: each module rewrites the output of the previous one.
     parallel: every module reads the same input; their deltas are averaged.
     routed: a per-token router picks ``top_k`` modules, only those run, and their
-    deltas are mixed by the renormalised router weights.
+    deltas are mixed by the renormalised router weights. The router's logits are concept
+    evidence (:func:`~dharma_kernel.routing.concept_evidence`): its per-token scores held
+    for the rest of the document, so a document's tokens go to the modules of the
+    concepts it has raised.
     """
 
     def __init__(self, modules: list[DharmaModule], composition: str, top_k: int, hidden_size: int) -> None:
@@ -67,18 +72,38 @@ class ModuleStack(nn.Module):
 
     @property
     def streams(self) -> int:
-        """Cache streams needed: one per module input when sequential, else one shared input."""
-        return len(self.refs) if self.composition == "sequential" else 1
+        """Cache streams needed: one per module input when sequential, else one shared input;
+        routed, one more for the router's concept evidence."""
+        return {"sequential": len(self.refs), "parallel": 1, "routed": 2}[self.composition]
 
     def forward(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, cache: Cache | None = None
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        starts: torch.Tensor | None = None,
     ) -> StackResult:
+        """``starts``: ``[B, T]`` bool, the tokens where a new document begins (end-of-text)."""
         if self.composition == "sequential":
             return self._sequential(hidden, attention_mask, cache)
         past = self._past(cache, 0, hidden)
         if self.composition == "parallel":
             return self._parallel(hidden, ModuleContext(attention_mask, past))
-        return self._routed(hidden, attention_mask, past)
+        evidence = self._evidence(hidden, attention_mask, cache, starts)
+        return self._routed(hidden, attention_mask, past, evidence)
+
+    def _evidence(self, hidden, attention_mask, cache, starts) -> torch.Tensor:
+        """The router's concept evidence ``[B, T, M]`` (fp32), continued from the cache's last position."""
+        real = _real_tokens(attention_mask, hidden)
+        previous = None
+        if cache is not None:
+            kept = peek_stream(cache, self.stream_base + 1)
+            previous = None if kept is None else kept[:, -1]
+        hit = self.router(hidden).float()
+        evidence = concept_evidence(hit, starts, real, previous, pairwise=self.dense_routing)
+        if cache is not None:
+            extend_stream(cache, self.stream_base + 1, evidence)
+        return evidence
 
     def _past(self, cache: Cache | None, offset: int, hidden: torch.Tensor) -> torch.Tensor | None:
         return None if cache is None else extend_stream(cache, self.stream_base + offset, hidden)
@@ -104,8 +129,7 @@ class ModuleStack(nn.Module):
         result.hidden = hidden + delta / len(self.refs)
         return result
 
-    def _routed(self, hidden, attention_mask, past) -> StackResult:
-        logits = self.router(hidden).float()  # [B, T, M]
+    def _routed(self, hidden, attention_mask, past, logits) -> StackResult:
         result = StackResult(hidden, {}, {}, router_logits=logits)
         probs = torch.softmax(logits, dim=-1)
         top_weight, top_index = probs.topk(self.top_k, dim=-1)

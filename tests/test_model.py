@@ -103,7 +103,7 @@ def test_routed_module_changes_only_the_tokens_routed_to_it():
     assert torch.equal(changed, vedanta)
 
 
-def test_routed_scores_are_defined_at_every_token_and_are_the_router_probability():
+def test_routed_scores_are_defined_at_every_token_and_are_the_router_evidence():
     model = tiny_model("routed", top_k=1, at_layers=(0, 1))
     ids = torch.randint(1, 97, (2, 12))
     with torch.no_grad():
@@ -122,7 +122,9 @@ def test_routed_scores_are_defined_at_every_token_and_are_the_router_probability
         model(ids)
     for hook in hooks:
         hook.remove()
-    expected = torch.sigmoid(torch.stack(logits)).mean(0)
+    # no end-of-text among the ids: one document, so the evidence is the running maximum
+    assert not torch.isin(ids, torch.tensor(model.config.text_config.eos_token_id)).any()
+    expected = torch.sigmoid(torch.stack([torch.cummax(x, 1).values for x in logits])).mean(0)
     for index, ref in enumerate(refs):
         torch.testing.assert_close(out.module_scores[ref], expected[..., index], rtol=1e-5, atol=1e-6)
 

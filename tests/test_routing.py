@@ -1,0 +1,89 @@
+"""Concept evidence: the running maximum of a router's per-token logits within each document."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from dharma_kernel.routing import PAD_LOGIT, concept_evidence, document_starts
+
+
+def reference(hit: torch.Tensor, starts: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """A plain loop: the maximum over real tokens since the last document start."""
+    out = torch.empty_like(hit)
+    for b in range(hit.shape[0]):
+        best = torch.full(hit.shape[2:], PAD_LOGIT)
+        for t in range(hit.shape[1]):
+            if starts[b, t]:
+                best = torch.full(hit.shape[2:], PAD_LOGIT)
+            if real[b, t]:
+                best = torch.maximum(best, hit[b, t])
+            out[b, t] = best
+    return out
+
+
+@pytest.mark.parametrize("pairwise", [False, True])
+def test_evidence_is_the_running_maximum_within_each_document(pairwise):
+    generator = torch.Generator().manual_seed(0)
+    hit = torch.randn(3, 17, 5, generator=generator) * 3
+    hit[0, 4, 2] = -0.0  # signed zeros and ties order as numbers do
+    hit[0, 5, 2] = 0.0
+    starts = torch.rand(3, 17, generator=generator) < 0.2
+    real = torch.rand(3, 17, generator=generator) < 0.85
+    evidence = concept_evidence(hit, starts, real, pairwise=pairwise)
+    torch.testing.assert_close(evidence, reference(hit, starts, real), rtol=0, atol=0)
+
+
+def test_evidence_continues_from_the_previous_position():
+    """Cached generation: the evidence of a chunk, given the last evidence before it, is the whole's."""
+    hit = torch.randn(2, 12, 4)
+    starts = torch.zeros(2, 12, dtype=torch.bool)
+    starts[0, 7] = True  # a document ends inside the second chunk
+    starts[1, 3] = True
+    real = torch.ones(2, 12, dtype=torch.bool)
+    whole = concept_evidence(hit, starts, real)
+    first = concept_evidence(hit[:, :6], starts[:, :6], real[:, :6])
+    second = concept_evidence(hit[:, 6:], starts[:, 6:], real[:, 6:], previous=first[:, -1])
+    torch.testing.assert_close(torch.cat([first, second], 1), whole, rtol=0, atol=0)
+
+
+def test_gradient_reaches_the_token_where_the_maximum_was_taken():
+    hit = torch.tensor([[[0.0], [2.0], [1.0], [5.0], [-1.0]]], requires_grad=True)
+    starts = torch.tensor([[False, False, False, True, False]])
+    evidence = concept_evidence(hit, starts, torch.ones(1, 5, dtype=torch.bool))
+    assert evidence[0, :, 0].tolist() == [0.0, 2.0, 2.0, 5.0, 5.0]
+    evidence.sum().backward()
+    assert hit.grad[0, :, 0].tolist() == [1.0, 2.0, 0.0, 2.0, 0.0]
+
+
+def test_documents_start_at_end_of_text_tokens():
+    ids = torch.tensor([[5, 0, 7, 9, 0]])
+    assert document_starts(ids, 0).tolist() == [[False, True, False, False, True]]
+    assert document_starts(ids, [0, 9]).tolist() == [[False, True, False, True, True]]
+    assert document_starts(ids, None) is None and document_starts(None, 0) is None
+
+
+def test_a_routed_model_forgets_a_concept_at_the_end_of_the_document():
+    """In a packed row, the tokens after end-of-text take the evidence of their own document only."""
+    model = tiny_model("routed", top_k=1, at_layers=(0, 1)).eval()
+    eos = model.config.text_config.eos_token_id
+    row = torch.cat([torch.randint(1, 97, (1, 9)), torch.tensor([[eos]]), torch.randint(1, 97, (1, 7))], 1)
+    logits = []
+    hooks = [
+        stack.router.register_forward_hook(lambda _m, _i, out: logits.append(out.float()))
+        for stack in model.stacks.values()
+    ]
+    with torch.no_grad():
+        scores = model(row).module_scores
+    for hook in hooks:
+        hook.remove()
+    scores = torch.stack([scores[ref] for ref in model.module_refs], -1)
+
+    def running(x: torch.Tensor) -> torch.Tensor:
+        return torch.cummax(x, 1).values
+
+    reset = torch.stack([torch.cat([running(x[:, :9]), running(x[:, 9:])], 1) for x in logits])
+    torch.testing.assert_close(scores, torch.sigmoid(reset).mean(0))
+    carried = torch.stack([running(x) for x in logits])
+    assert not torch.allclose(scores, torch.sigmoid(carried).mean(0))
