@@ -8,6 +8,8 @@ every ``eval_every`` steps, checkpoint every ``save_every``, and on a stop reque
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,6 +261,16 @@ class _Session:
         from ..checkpoint import save
 
         step = loop.progress.step
+        if not _sound(loop.progress):
+            # The weights gave a non-finite evaluation: such a checkpoint would become `latest`
+            # and be named "the last good checkpoint". Every process returns, so none waits in a barrier.
+            if self.dist.main:
+                warnings.warn(
+                    f"not saving step {step}: its evaluation loss is not finite; "
+                    f"latest stays {self.run_dir.link('latest') or 'unset'}",
+                    stacklevel=2,
+                )
+            return
         sharded = is_sharded(loop.raw)
         # Sharded, every process takes part in gathering the weights and optimizer state.
         weights = _full_state_dict(loop.raw) if sharded else None
@@ -284,7 +296,7 @@ class _Session:
 
     def _too_many_skips(self, loop: Loop) -> None:
         latest = self.run_dir.link("latest")
-        where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved yet"
+        where = f"the last good checkpoint is {latest}" if latest else "no good checkpoint was saved"
         raise DharmaError(
             f"the loss or gradients were not finite for {loop.progress.consecutive_skips} steps in a row "
             f"(up to step {loop.progress.step}); stopped. {where}",
@@ -310,6 +322,11 @@ class _Session:
             latest=self.run_dir.link("latest"),
             best=self.run_dir.link("best"),
         )
+
+
+def _sound(progress: Progress) -> bool:
+    """Whether the last evaluation (if any) of the current weights was finite."""
+    return progress.last_eval is None or math.isfinite(progress.last_eval)
 
 
 def _use_special_tokens(model: Any, tokenizer: Any) -> None:
