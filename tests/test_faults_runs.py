@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from trainkit import weights, write_manifest
 
 from dharma_kernel.errors import DharmaError
 from dharma_kernel.losses import concept_loss
+from dharma_kernel.testing import one_thread
 from dharma_kernel.train.session import TrainOptions, train
 
 QUIET = Console(quiet=True)
@@ -73,3 +76,137 @@ def test_a_checkpoint_whose_evaluation_is_not_finite_is_never_latest_or_best(tmp
     assert summary.latest.name == "step-00000006" and summary.best.name in ("step-00000002", "step-00000006")
     for tensor in weights(summary.latest).values():
         assert torch.isfinite(tensor).all()
+
+
+class Killed(BaseException):
+    """A kill, as far as the code it stops can tell: no ``except Exception`` catches it."""
+
+
+# -- run directories ---------------------------------------------------------------------
+
+SHORT = {"max_steps": 4, "eval_every": 2, "save_every": 2}
+
+
+@pytest.fixture
+def single_thread():
+    with one_thread():
+        yield
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_run(tmp_path, capsys):
+    from dharma_kernel.testing import run_cli
+
+    path = write_manifest(tmp_path, modules=False, train=SHORT)
+    root = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(root)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        code, out, err = run_cli(capsys, "train", path, "-o", root)
+        assert code == 2 and "Traceback" not in err
+        assert f"error: {root} is in use by another `dharma train` (pid {holder.pid} " in err
+        assert sorted(p.name for p in root.iterdir()) == [".lock"]  # the refused run wrote nothing
+    finally:
+        holder.communicate("")
+    code, out, err = run_cli(capsys, "train", path, "-o", root)
+    assert code == 0, err
+    assert (root / "latest").resolve().name == "step-00000004" and not (root / ".lock").exists()
+
+
+HOLD_LOCK = """
+import sys
+from pathlib import Path
+from dharma_kernel.train.runlock import run_lock
+
+with run_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_warning(tmp_path):
+    path = write_manifest(tmp_path, modules=False, train=SHORT)
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / ".lock").write_text("pid 999999999 on elsewhere\n")  # no process holds it
+    with pytest.warns(
+        UserWarning, match=r"taking over the lock of a run that is no longer running \(pid 999999999"
+    ):
+        summary = run(path)
+    assert summary.steps == 4 and not (root / ".lock").exists()
+
+
+@pytest.mark.parametrize("left", ["dangling latest", "metrics", "checkpoints"])
+def test_starting_over_any_trace_of_a_run_is_refused(tmp_path, left):
+    path = write_manifest(tmp_path, modules=False, train=SHORT)
+    root = tmp_path / "run"
+    (root / "checkpoints").mkdir(parents=True)
+    if left == "dangling latest":
+        (root / "latest").symlink_to("checkpoints/step-00000002")
+        (root / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    elif left == "metrics":
+        (root / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0}\n')
+    else:
+        (root / "checkpoints" / "step-00000002").mkdir()
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    with pytest.raises(DharmaError, match="already holds a training run"):
+        run(path)
+    assert {p: p.read_bytes() for p in root.rglob("*") if p.is_file()} == before
+    assert not (root / "best").exists()
+
+
+def test_resume_drops_a_torn_last_metrics_line_and_cleans_what_a_kill_left(
+    tmp_path, monkeypatch, single_thread
+):
+    from dharma_kernel.train.rundir import RunDir
+
+    path = write_manifest(tmp_path, modules=False, train=SHORT)
+    whole = run(write_manifest(tmp_path / "whole", modules=False, train=SHORT))
+    log = RunDir.log
+
+    def torn_at_step_3(self, record):
+        if record["step"] != 3:
+            return log(self, record)
+        with self.metrics.open("a") as f:
+            f.write(json.dumps(record)[:20])
+        raise Killed("while writing metrics")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RunDir, "log", torn_at_step_3)
+        with pytest.raises(Killed):
+            run(path)
+    root = tmp_path / "run"
+    staging = root / "checkpoints" / ".step-00000004.k2j4"
+    staging.mkdir()
+    (staging / "model.safetensors").write_bytes(b"half")
+    (root / ".best.tmp").symlink_to(staging)
+    with pytest.warns(UserWarning, match=r"metrics.jsonl, line \d+: dropped a torn last record"):
+        summary = run(path, resume=True)
+    assert summary.steps == 4
+    assert not staging.exists() and not (root / ".best.tmp").is_symlink()
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    assert [r["step"] for r in records(root) if "loss" in r] == [1, 2, 3, 4]
+    a, b = weights(whole.latest), weights(summary.latest)
+    assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("not json at all", "line 1: not JSON"),
+        ('["a list"]', "line 1: a record needs an integer 'step'"),
+        ('{"step": "two"}', "line 1: a record needs an integer 'step'"),
+        ('{"loss": 1.0}', "needs an integer"),
+    ],
+)
+def test_resume_over_damaged_metrics_names_the_line(tmp_path, capsys, line, message):
+    from dharma_kernel.testing import run_cli
+
+    path = write_manifest(tmp_path, modules=False, train={**SHORT, "max_steps": 2})
+    run(path)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_text(line + "\n" + metrics.read_text())
+    code, out, err = run_cli(capsys, "train", path, "--resume", "--max-steps", "3")
+    assert code == 2 and "Traceback" not in err
+    assert message in err and str(metrics) in err

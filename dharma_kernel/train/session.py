@@ -25,6 +25,7 @@ from .loop import Loop, Progress, check_finite_weights
 from .precision import LossScale, resolve_precision
 from .progress import Reporter
 from .rundir import RunDir
+from .runlock import run_lock
 from .state import capture_rng, load_state, restore_rng, save_state
 from .windows import Windows
 
@@ -69,7 +70,10 @@ def train(manifest: str | Path | Manifest, options: TrainOptions, console: Conso
         from .finetune import FinetuneSession as session
     dist, device = setup(options.device)
     try:
-        return session(manifest, options, dist, device, console or Console()).run()
+        runner = session(manifest, options, dist, device, console or Console())
+        with run_lock(runner.run_dir.root, enabled=dist.main):
+            runner.open_run_dir()
+            return runner.run()
     finally:
         teardown(dist)
 
@@ -87,7 +91,6 @@ class _Session:
         self.manifest, self.cfg = manifest, manifest.train
         self.plan = self._plan()
         self.run_dir = RunDir(self._run_root())
-        self._check_run_dir()
         self.precision = resolve_precision(self.cfg.precision, device)
 
     def _plan(self) -> Any:
@@ -101,18 +104,24 @@ class _Session:
         output = self.options.output or self.manifest.resolve_path(self.cfg.output)
         return Path(output).resolve()
 
-    def _check_run_dir(self) -> None:
+    def open_run_dir(self) -> None:
+        """Refuse a resume without a checkpoint and a new run over an old one; on the main process
+        (holding the run's lock), remove what a kill while saving left."""
         latest = self.run_dir.link("latest")
         if self.options.resume and latest is None:
             raise DharmaError(
                 f"--resume: {self.run_dir.root} holds no checkpoint to resume from",
                 hint="Run without --resume to start training, or give the run's --output.",
             )
-        if not self.options.resume and latest is not None:
+        found = self.run_dir.holds()
+        if not self.options.resume and found is not None:
             raise DharmaError(
-                f"{self.run_dir.root} already holds a training run (latest: {latest.name})",
-                hint="Pass --resume to continue it, or --output DIR to start a new run elsewhere.",
+                f"{self.run_dir.root} already holds a training run ({found})",
+                hint="Pass --resume to continue it, or --output DIR to start a new run elsewhere "
+                "(or remove that directory to start over).",
             )
+        if self.dist.main:
+            self.run_dir.clean_staging()
 
     # -- setup -------------------------------------------------------------------------
 
