@@ -4,6 +4,7 @@ recovery), and what was saved before survives."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import subprocess
@@ -210,3 +211,174 @@ def test_resume_over_damaged_metrics_names_the_line(tmp_path, capsys, line, mess
     code, out, err = run_cli(capsys, "train", path, "--resume", "--max-steps", "3")
     assert code == 2 and "Traceback" not in err
     assert message in err and str(metrics) in err
+
+
+# -- kills and a full disk while a checkpoint is written ---------------------------------------
+
+STEP_4 = "step-00000004"
+
+
+def fail_at(monkeypatch, owner, name: str, error: BaseException, only: str | None = None) -> None:
+    """``owner.name`` raises ``error`` when called for the step-4 checkpoint (a path argument names
+    it), and, with ``only``, when its first argument is ``only`` (which link ``point`` swaps)."""
+    original = getattr(owner, name)
+
+    def failing(*args, **kwargs):
+        texts = [str(a) for a in args]
+        if any(STEP_4 in t for t in texts) and (only is None or only in texts):
+            raise error
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, failing)
+
+
+def _model_class():
+    from dharma_kernel.model import DharmaModel
+
+    return DharmaModel
+
+
+def _tokenizer_class():
+    from transformers import PreTrainedTokenizerBase
+
+    return PreTrainedTokenizerBase
+
+
+def _module(name: str):
+    import importlib
+
+    return importlib.import_module(name)
+
+
+# Each write of a checkpoint, in order: weights, tokenizer, card, training state, the rename
+# into place, then the latest and best links.
+WRITE_STEPS = {
+    "weights": (lambda: _module("transformers.modeling_utils"), "safe_save_file", None),
+    "tokenizer": (_tokenizer_class, "save_pretrained", None),
+    "card": (lambda: _module("dharma_kernel.checkpoint"), "write_card", None),
+    "training state": (lambda: _module("dharma_kernel.train.session"), "save_state", None),
+    "rename": (lambda: _module("dharma_kernel.checkpoint"), "_replace", None),
+    "latest link": (lambda: _module("dharma_kernel.train.rundir").RunDir, "point", "latest"),
+    "best link": (lambda: _module("dharma_kernel.train.rundir").RunDir, "point", "best"),
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The weights of a whole 4-step run, to compare every recovered run with."""
+    with one_thread():
+        summary = run(write_manifest(tmp_path_factory.mktemp("whole"), modules=False, train=SHORT))
+    return weights(summary.latest)
+
+
+def assert_complete(root: Path) -> None:
+    """Every link names a checkpoint whose weights load and are finite."""
+    for name in ("latest", "best"):
+        if (root / name).is_symlink():
+            for tensor in weights(root / name).values():
+                assert torch.isfinite(tensor).all()
+
+
+@pytest.mark.parametrize("where", list(WRITE_STEPS))
+def test_a_kill_at_each_write_of_a_checkpoint_keeps_the_last_one_and_resumes_equal(
+    tmp_path, monkeypatch, single_thread, uninterrupted, where
+):
+    owner, name, only = WRITE_STEPS[where]
+    path = write_manifest(tmp_path, modules=False, train=SHORT)
+    root = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        fail_at(patch, owner(), name, Killed(where), only)
+        with pytest.raises(Killed):
+            run(path)
+    latest = (root / "latest").resolve().name
+    # Until the latest link is swapped, the run's checkpoint is step 2's, untouched.
+    assert latest == ("step-00000004" if where == "best link" else "step-00000002")
+    assert (root / "best").resolve().name == "step-00000002"
+    assert_complete(root)
+    summary = run(path, resume=True)
+    assert summary.steps == 4 and summary.latest.name == STEP_4
+    assert not list((root / "checkpoints").glob(".*")) and not list(root.glob(".*.tmp"))
+    resumed = weights(summary.latest)
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def _safetensors_error():
+    from safetensors import SafetensorError
+
+    return SafetensorError(
+        "Error while serializing: "
+        'IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+    )
+
+
+@pytest.mark.parametrize(
+    ("where", "error"),
+    [
+        ("weights", lambda: OSError(errno.ENOSPC, "No space left on device")),
+        ("weights", _safetensors_error),
+        ("training state", lambda: OSError(errno.ENOSPC, "No space left on device")),
+    ],
+    ids=["weights-ENOSPC", "weights-SafetensorError", "training-state-ENOSPC"],
+)
+def test_a_full_disk_while_saving_is_one_error_and_the_earlier_checkpoint_survives(
+    tmp_path, monkeypatch, capsys, single_thread, uninterrupted, where, error
+):
+    from dharma_kernel.testing import run_cli
+
+    owner, name, only = WRITE_STEPS[where]
+    path = write_manifest(tmp_path, modules=False, train=SHORT)
+    root = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        fail_at(patch, owner(), name, error(), only)
+        code, out, err = run_cli(capsys, "train", path)
+    assert code == 2 and "Traceback" not in err
+    assert f"error: no space left on device writing {root / 'checkpoints' / STEP_4}: it needs at least" in err
+    assert "MiB for the weights" in err
+    assert (root / "latest").resolve().name == "step-00000002"
+    assert sorted(p.name for p in (root / "checkpoints").iterdir()) == ["step-00000002"]
+    assert_complete(root)
+    code, out, err = run_cli(capsys, "train", path, "--resume")  # space freed
+    assert code == 0, err
+    resumed = weights(root / "latest")
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+def test_torch_save_losing_its_cause_on_a_full_disk_is_still_named(tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+
+    from dharma_kernel.testing import run_cli
+
+    owner, name, only = WRITE_STEPS["training state"]
+    path = write_manifest(tmp_path, modules=False, train=SHORT)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda where: usage(10**9, 10**9 - 4096, 4096))
+    fail_at(
+        monkeypatch,
+        owner(),
+        name,
+        RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0"),
+    )
+    code, out, err = run_cli(capsys, "train", path)
+    assert code == 2 and "error: no space left on device writing" in err and "0.0 MiB free there" in err
+
+
+def test_a_full_disk_while_logging_metrics_is_one_error(tmp_path, monkeypatch, capsys):
+    from dharma_kernel.testing import run_cli
+
+    path = write_manifest(tmp_path, modules=False, train=SHORT)
+    open_ = Path.open
+
+    def full_once_saved(self, mode="r", *args, **kwargs):
+        # The disk fills up after the first checkpoint (step 2): the next record is step 3's.
+        if self.name == "metrics.jsonl" and mode == "a" and (self.parent / "latest").is_symlink():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return open_(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", full_once_saved)
+    code, out, err = run_cli(capsys, "train", path)
+    assert code == 2 and "Traceback" not in err
+    assert (
+        f"error: cannot write {tmp_path / 'run' / 'metrics.jsonl'}: [Errno 28] No space left on device" in err
+    )
+    assert (tmp_path / "run" / "latest").resolve().name == "step-00000002"

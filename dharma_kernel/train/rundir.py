@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..errors import DharmaError
+from ..errors import DharmaError, first_line
 
 STATE_FILE = "trainer_state.pt"
 _STEP = re.compile(r"step-(\d+)$")
@@ -88,8 +88,14 @@ class RunDir:
                 shutil.rmtree(old, ignore_errors=True)
 
     def log(self, record: dict[str, Any]) -> None:
-        with self.metrics.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.metrics.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # a full disk, most likely
+            raise DharmaError(
+                f"cannot write {self.metrics}: {first_line(err)}",
+                hint="The checkpoints saved so far are untouched: free some space, then resume.",
+            ) from None
 
     def truncate_metrics(self, step: int) -> None:
         """Forget metrics logged after ``step``: a resumed run logs those steps again.
