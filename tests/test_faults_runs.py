@@ -382,3 +382,25 @@ def test_a_full_disk_while_logging_metrics_is_one_error(tmp_path, monkeypatch, c
         f"error: cannot write {tmp_path / 'run' / 'metrics.jsonl'}: [Errno 28] No space left on device" in err
     )
     assert (tmp_path / "run" / "latest").resolve().name == "step-00000002"
+
+
+# -- the vocabulary ----------------------------------------------------------------------------
+
+
+def test_a_trained_tokenizer_sets_a_fresh_backbones_vocabulary(tmp_path):
+    from dharma_kernel.assemble import plan
+    from dharma_kernel.manifest import load_manifest
+
+    path = write_manifest(tmp_path, modules=False, train={**SHORT, "max_steps": 1})
+    text = path.read_text().replace("vocab_size = 400, ", "")
+    path.write_text(text.replace("[data]", "tokenizer = { train = true, vocab_size = 600 }\n[data]"))
+    assert plan(load_manifest(path)).config.text_config.vocab_size == 600
+    summary = run(path)
+    assert weights(summary.latest)["backbone.transformer.wte.weight"].shape[0] == 600
+    # backbone.config's own vocab_size still wins
+    path.write_text(
+        text.replace("n_positions = 64,", "n_positions = 64, vocab_size = 700,").replace(
+            "[data]", "tokenizer = { train = true, vocab_size = 600 }\n[data]"
+        )
+    )
+    assert plan(load_manifest(path)).config.text_config.vocab_size == 700
