@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -13,9 +13,12 @@ from .backbone import backbone_config, load_backbone, num_layers
 from .catalogue import FAMILIES, distribution_for, standard_refs
 from .checkpoint import make_lock
 from .errors import DharmaError, first_line
-from .manifest import Manifest, check_requires, load_manifest
+from .manifest import Manifest, TrainedTokenizer, check_requires, load_manifest
 from .model import DharmaConfig, DharmaModel, plugin_config
 from .suggest import pick_ref
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 
 @dataclass
@@ -110,12 +113,28 @@ def _resolve_overrides(overrides: dict[str, dict[str, Any]], refs: list[str]) ->
 def plan(manifest: Manifest) -> Plan:
     """Resolve the manifest into a model config; loads plugin classes, allocates no weights."""
     pretrained = _local_or_hub(manifest, manifest.backbone.pretrained, "backbone.pretrained")
-    text = backbone_config(pretrained, manifest.backbone.config)
+    text = manifest_backbone_config(manifest)
     layout = resolve_layout(manifest, num_layers(text))
     config = DharmaConfig(
         text_config=text.to_dict(), layout=layout, manifest=manifest.to_dict(), lock=make_lock(layout)
     )
     return Plan(config=config, pretrained=pretrained)
+
+
+def manifest_backbone_config(manifest: Manifest) -> PretrainedConfig:
+    """The ``[backbone]``'s config: the pretrained one, or a fresh one from ``backbone.config``.
+
+    A fresh backbone whose tokenizer is trained with a ``vocab_size`` gets that many embeddings
+    when ``backbone.config`` sets none: else it keeps the architecture's default (GPT-2's 50,257
+    rows), nearly all of them never used.
+    """
+    pretrained = _local_or_hub(manifest, manifest.backbone.pretrained, "backbone.pretrained")
+    values = manifest.backbone.config
+    spec = manifest.backbone.tokenizer
+    trained = isinstance(spec, TrainedTokenizer) and spec.vocab_size is not None
+    if pretrained is None and trained and "vocab_size" not in (values or {}):
+        values = {**(values or {}), "vocab_size": spec.vocab_size}
+    return backbone_config(pretrained, values)
 
 
 def plan_manifest(path: str | Path) -> tuple[Manifest, Plan]:

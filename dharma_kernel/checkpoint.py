@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -149,15 +150,27 @@ def save(
         if extra is not None:
             extra(staging)
 
-    write_directory(target, write, is_model_directory, "a saved Dharma model")
+    weights = state_dict if state_dict is not None else model.state_dict()
+    write_directory(target, write, is_model_directory, "a saved Dharma model", needs=tensor_bytes(weights))
     return target
 
 
+def tensor_bytes(tensors: dict[str, Any]) -> int:
+    """Bytes the tensors take, a storage shared by several names (a tied embedding) counted once."""
+    storages = {}
+    for tensor in tensors.values():
+        if hasattr(tensor, "untyped_storage"):
+            storage = tensor.untyped_storage()
+            storages[(storage.data_ptr(), tensor.device)] = storage.nbytes()
+    return sum(storages.values())
+
+
 def write_directory(target: Path, write: Callable[[Path], None], replaceable: Callable[[Path], bool],
-                    what: str) -> None:  # fmt: skip
+                    what: str, needs: int | None = None) -> None:  # fmt: skip
     """``write(staging)`` fills a directory beside ``target`` that then replaces it by two renames,
     so a failure at any point leaves what was there untouched. Only a missing path, an empty
-    directory or one that ``replaceable`` accepts (``what`` names it) is ever replaced."""
+    directory or one that ``replaceable`` accepts (``what`` names it) is ever replaced.
+    ``needs``: bytes the write needs at least (the weights), for the message of a full disk."""
     if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or replaceable(target))):
         raise DharmaError(
             f"{target} exists and is not {what}; refusing to replace it",
@@ -178,9 +191,31 @@ def write_directory(target: Path, write: Callable[[Path], None], replaceable: Ca
         _replace(staging, target)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(err, Exception) and _disk_full(err, target.parent, needs):
+            free = shutil.disk_usage(target.parent).free / 2**20
+            need = f"at least {needs / 2**20:,.1f} MiB for the weights" if needs else "more than was free"
+            raise DharmaError(
+                f"no space left on device writing {target}: it needs {need}, {free:,.1f} MiB free there",
+                hint="Free some space (a lower train.keep_last keeps fewer checkpoints), then try again; "
+                "what was saved before is untouched.",
+            ) from None
         if isinstance(err, OSError):
             raise DharmaError(f"cannot write {target}: {first_line(err)}") from None
         raise
+
+
+def _disk_full(err: Exception, where: Path, needs: int | None) -> bool:
+    """Whether a failed write ran out of space. safetensors reports it as a SafetensorError
+    ("os error 28"), torch.save as a RuntimeError without the cause ("unexpected pos", "file
+    write failed"): those count when the filesystem now has less free than the write needs."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    if "os error 28" in text or "No space left on device" in text:
+        return True
+    if needs and ("unexpected pos" in text or "file write failed" in text):
+        return shutil.disk_usage(where).free < needs
+    return False
 
 
 def load_saved_tokenizer(directory: Path) -> Any:

@@ -42,10 +42,12 @@ def concept_loss(score: torch.Tensor, labels: torch.Tensor, counted: torch.Tenso
     if not bool(keep.any()):
         return None
     prob = score.float()[keep].clamp(1e-6, 1 - 1e-6)
-    # Autocast refuses binary_cross_entropy (fp16 overflow); the scores are already probabilities
-    # in fp32 here, so the loss is computed outside it.
+    target = labels[keep].float()
+    # Written out rather than F.binary_cross_entropy, which raises on a NaN score: a diverged
+    # step must reach the trainer as a non-finite loss, which it skips. In fp32 outside autocast,
+    # as the scores are already probabilities.
     with torch.autocast(score.device.type, enabled=False):
-        return F.binary_cross_entropy(prob, labels[keep].float())
+        return -(target * prob.log() + (1 - target) * (1 - prob).log()).mean()
 
 
 def routing_loss(logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor) -> torch.Tensor | None:

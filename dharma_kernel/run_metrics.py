@@ -9,14 +9,13 @@ a training step (``loss``, its components such as ``lm``, ``concept`` and
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import DharmaError
-from .train.rundir import RunDir
+from .train.rundir import RunDir, read_metric_lines
 
 # Step records' numbers that are not losses.
 NOT_LOSSES = {"step", "grad_norm", "lr", "tokens", "tok_per_s", "seconds", "skipped"}
@@ -85,27 +84,10 @@ def read_run(run_dir: str | Path) -> RunMetrics:
             f"{run.metrics} is missing: this run logged no metrics",
             hint="Metrics are written from the first step; train for at least one step.",
         )
-    metrics = RunMetrics(root)
-    lines = run.metrics.read_text(encoding="utf-8", errors="replace").splitlines()
+    records, torn = read_metric_lines(run.metrics)
+    metrics = RunMetrics(root, skipped_lines=[] if torn is None else [torn])
     by_kind: dict[str, dict[int, dict[str, Any]]] = {"steps": {}, "evals": {}, "activations": {}}
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            if number == len(lines):  # a run killed mid-write leaves half a last line
-                metrics.skipped_lines.append(number)
-                continue
-            raise DharmaError(
-                f"{run.metrics}, line {number}: not JSON ({err.msg})",
-                hint="The trainer writes one JSON object per line; remove or repair that line.",
-            ) from None
-        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-            raise DharmaError(
-                f"{run.metrics}, line {number}: a record needs an integer 'step'",
-                hint="Was this file written by `dharma train`?",
-            )
+    for number, _, record in records:
         if "activation" in record:
             if not _is_table(record["activation"]):
                 raise DharmaError(

@@ -13,9 +13,11 @@ every installed plugin.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,18 @@ def perturb(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.n
         for param in module.parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * std)
     return module
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one CPU thread for the block: runs compared bit for bit need the same kernels
+    every time, and tiny models on a busy machine run faster without contended threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_cli(capsys: Any, *argv: Any) -> tuple[int, str, str]:

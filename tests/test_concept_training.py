@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -25,7 +23,7 @@ from dharma_kernel.catalogue import distribution_for
 from dharma_kernel.concepts import label_batch, lexicons_for
 from dharma_kernel.errors import DharmaError
 from dharma_kernel.evaluate import activation_auc, mean_activation
-from dharma_kernel.testing import tiny_backbone_config
+from dharma_kernel.testing import one_thread, tiny_backbone_config
 
 REFS = ["paths.dharma", "darshanas.vedanta", "paths.karma", "consciousness.dhyana", "crisis.career"]
 
@@ -143,18 +141,6 @@ def installed(ref: str) -> bool:
 
 def sentences(templates: list[str], fillers: list[str], terms: tuple[str, ...] = ("",)) -> list[str]:
     return [t.format(term=term, filler=f) for t, f, term in itertools.product(templates, fillers, terms)]
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    # Matrices this small gain nothing from threads, and on a busy machine
-    # contended intra-op threads make each step ~100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @dataclass

@@ -135,8 +135,6 @@ def _too_large_hint(manifest: Manifest, tokens: int, embeddings: int) -> str:
 
 
 def _backbone_config(manifest: Manifest) -> PretrainedConfig:
-    from ..assemble import _local_or_hub
-    from ..backbone import backbone_config
+    from ..assemble import manifest_backbone_config
 
-    pretrained = _local_or_hub(manifest, manifest.backbone.pretrained, "backbone.pretrained")
-    return backbone_config(pretrained, manifest.backbone.config)
+    return manifest_backbone_config(manifest)

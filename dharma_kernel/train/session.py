@@ -8,6 +8,8 @@ every ``eval_every`` steps, checkpoint every ``save_every``, and on a stop reque
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from .loop import Loop, Progress, check_finite_weights
 from .precision import LossScale, resolve_precision
 from .progress import Reporter
 from .rundir import RunDir
+from .runlock import run_lock
 from .state import capture_rng, load_state, restore_rng, save_state
 from .windows import Windows
 
@@ -67,7 +70,10 @@ def train(manifest: str | Path | Manifest, options: TrainOptions, console: Conso
         from .finetune import FinetuneSession as session
     dist, device = setup(options.device)
     try:
-        return session(manifest, options, dist, device, console or Console()).run()
+        runner = session(manifest, options, dist, device, console or Console())
+        with run_lock(runner.run_dir.root, enabled=dist.main):
+            runner.open_run_dir()
+            return runner.run()
     finally:
         teardown(dist)
 
@@ -85,7 +91,6 @@ class _Session:
         self.manifest, self.cfg = manifest, manifest.train
         self.plan = self._plan()
         self.run_dir = RunDir(self._run_root())
-        self._check_run_dir()
         self.precision = resolve_precision(self.cfg.precision, device)
 
     def _plan(self) -> Any:
@@ -99,18 +104,24 @@ class _Session:
         output = self.options.output or self.manifest.resolve_path(self.cfg.output)
         return Path(output).resolve()
 
-    def _check_run_dir(self) -> None:
+    def open_run_dir(self) -> None:
+        """Refuse a resume without a checkpoint and a new run over an old one; on the main process
+        (holding the run's lock), remove what a kill while saving left."""
         latest = self.run_dir.link("latest")
         if self.options.resume and latest is None:
             raise DharmaError(
                 f"--resume: {self.run_dir.root} holds no checkpoint to resume from",
                 hint="Run without --resume to start training, or give the run's --output.",
             )
-        if not self.options.resume and latest is not None:
+        found = self.run_dir.holds()
+        if not self.options.resume and found is not None:
             raise DharmaError(
-                f"{self.run_dir.root} already holds a training run (latest: {latest.name})",
-                hint="Pass --resume to continue it, or --output DIR to start a new run elsewhere.",
+                f"{self.run_dir.root} already holds a training run ({found})",
+                hint="Pass --resume to continue it, or --output DIR to start a new run elsewhere "
+                "(or remove that directory to start over).",
             )
+        if self.dist.main:
+            self.run_dir.clean_staging()
 
     # -- setup -------------------------------------------------------------------------
 
@@ -259,6 +270,16 @@ class _Session:
         from ..checkpoint import save
 
         step = loop.progress.step
+        if not _sound(loop.progress):
+            # The weights gave a non-finite evaluation: such a checkpoint would become `latest`
+            # and be named "the last good checkpoint". Every process returns, so none waits in a barrier.
+            if self.dist.main:
+                warnings.warn(
+                    f"not saving step {step}: its evaluation loss is not finite; "
+                    f"latest stays {self.run_dir.link('latest') or 'unset'}",
+                    stacklevel=2,
+                )
+            return
         sharded = is_sharded(loop.raw)
         # Sharded, every process takes part in gathering the weights and optimizer state.
         weights = _full_state_dict(loop.raw) if sharded else None
@@ -284,7 +305,7 @@ class _Session:
 
     def _too_many_skips(self, loop: Loop) -> None:
         latest = self.run_dir.link("latest")
-        where = f"the last good checkpoint is {latest}" if latest else "no checkpoint was saved yet"
+        where = f"the last good checkpoint is {latest}" if latest else "no good checkpoint was saved"
         raise DharmaError(
             f"the loss or gradients were not finite for {loop.progress.consecutive_skips} steps in a row "
             f"(up to step {loop.progress.step}); stopped. {where}",
@@ -310,6 +331,11 @@ class _Session:
             latest=self.run_dir.link("latest"),
             best=self.run_dir.link("best"),
         )
+
+
+def _sound(progress: Progress) -> bool:
+    """Whether the last evaluation (if any) of the current weights was finite."""
+    return progress.last_eval is None or math.isfinite(progress.last_eval)
 
 
 def _use_special_tokens(model: Any, tokenizer: Any) -> None:
