@@ -1,0 +1,239 @@
+"""Damaged inputs, as a hostile or unlucky user makes them: every command that reads a model,
+application or run directory ends with one ``error:`` line naming the file and what is wrong,
+exit 2, no traceback; and no pickle is ever unpickled."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from trainkit import SENTENCES, write_corpus, write_manifest
+
+from dharma_kernel.testing import run_cli, tiny_foundation
+
+
+def refused(result: tuple[int, str, str], *fragments: str) -> str:
+    """Assert a clean refusal: exit 2, an ``error:`` line holding every fragment, no traceback."""
+    code, _, err = result
+    assert code == 2, err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    first = err.splitlines()[0]
+    for fragment in fragments:
+        assert fragment in first, first
+    return first
+
+
+@pytest.fixture(scope="module")
+def foundation(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("faults")
+    return tiny_foundation(folder / "model", SENTENCES * 4, modules=("paths.dharma",))
+
+
+@pytest.fixture
+def model(foundation, tmp_path) -> Path:
+    """A copy of the foundation to damage."""
+    return Path(shutil.copytree(foundation, tmp_path / "model"))
+
+
+@pytest.fixture
+def text(tmp_path) -> Path:
+    return write_corpus(tmp_path / "data", copies=1)
+
+
+def rewrite_weights(directory: Path, change) -> None:
+    path = directory / "model.safetensors"
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def read_with_every_command(capsys, directory: Path, text: Path):
+    """What eval and generate say about ``directory``: both read its weights."""
+    yield run_cli(capsys, "eval", directory, "--data", text, "--max-length", 32)
+    yield run_cli(capsys, "generate", directory, "Dharma is", "--max-new-tokens", 4)
+
+
+def test_missing_tensors_are_named_not_filled_with_noise(capsys, model, text):
+    doomed = []
+
+    def drop(tensors):
+        doomed.extend(sorted(name for name in tensors if name.startswith("backbone."))[:5])
+        for name in doomed:
+            del tensors[name]
+
+    rewrite_weights(model, drop)
+    for result in read_with_every_command(capsys, model, text):
+        line = refused(result, f"{model / 'model.safetensors'}", "5 missing", doomed[0], "and 2 more")
+        assert doomed[3] not in line  # the first few, not a wall of names
+
+
+def test_unexpected_tensors_are_named(capsys, model, text):
+    rewrite_weights(model, lambda tensors: tensors.update({"stacks.7.stray.weight": torch.zeros(2)}))
+    for result in read_with_every_command(capsys, model, text):
+        refused(result, "model.safetensors", "1 unexpected (stacks.7.stray.weight)")
+
+
+@pytest.mark.parametrize("prefix", ["stacks.", "backbone."])
+def test_a_tensor_of_the_wrong_shape_is_named(capsys, model, text, prefix):
+    chosen = []
+
+    def reshape(tensors):
+        chosen.append(next(name for name in sorted(tensors) if name.startswith(prefix)))
+        tensors[chosen[0]] = torch.zeros(3, 5)
+
+    rewrite_weights(model, reshape)
+    for result in read_with_every_command(capsys, model, text):
+        refused(result, "model.safetensors", "wrong shape", f"{chosen[0]} is [3, 5], the model needs")
+
+
+def test_truncated_weights_are_named(capsys, model, text):
+    path = model / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    for result in read_with_every_command(capsys, model, text):
+        refused(result, f"{path}: damaged weights file", "truncated")
+
+
+def test_weights_cut_inside_their_header_are_named(capsys, model, text):
+    path = model / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    refused(run_cli(capsys, "eval", model, "--data", text), f"{path}: damaged weights file", "header claims")
+
+
+def test_a_header_length_of_two_to_the_forty_is_refused_by_size(capsys, model, text):
+    path = model / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(struct.pack("<Q", 2**40) + data[8:])
+    for result in read_with_every_command(capsys, model, text):
+        refused(result, f"{path}: damaged weights file", "1,099,511,627,776 bytes", f"{len(data):,} bytes")
+
+
+@pytest.mark.parametrize(
+    "config",
+    ["{", '["a list"]', ""],
+    ids=["truncated", "wrong-type", "empty"],
+)
+def test_an_unreadable_config_is_one_error_line(capsys, model, text, config):
+    (model / "config.json").write_text(config)
+    for result in read_with_every_command(capsys, model, text):
+        refused(result, "config.json")
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda config: config.update(text_config=5), "text_config: expected a table, got 5"),
+        (lambda config: config["text_config"].pop("model_type"), "text_config.model_type: required key"),
+        (lambda config: config.update(layout=[]), "layout: expected a table"),
+        (lambda config: config.update(lock="paths.dharma"), "lock: expected"),
+        (lambda config: config["lock"][0].pop("ref"), "lock[0].ref: required key is missing"),
+    ],
+    ids=["text-config-number", "no-backbone-type", "layout-list", "lock-string", "lock-no-ref"],
+)
+def test_a_damaged_config_names_the_key(capsys, model, text, change, named):
+    path = model / "config.json"
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+    for result in read_with_every_command(capsys, model, text):
+        refused(result, str(path), named)
+
+
+def test_pickled_weights_are_never_unpickled(capsys, model, text, monkeypatch):
+    """A directory holding only a pickle is refused before anything opens it."""
+    tensors = load_file(str(model / "model.safetensors"))
+    (model / "model.safetensors").unlink()
+    torch.save(tensors, model / "pytorch_model.bin")
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("a pickle was loaded")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    monkeypatch.setattr("pickle.load", no_unpickling)
+    for result in read_with_every_command(capsys, model, text):
+        refused(result, "pytorch_model.bin", "safetensors only")
+
+
+# -- application directories ---------------------------------------------------------------
+
+
+@pytest.fixture
+def application(foundation, tmp_path) -> Path:
+    """An application of the foundation whose adapter holds one backbone tensor."""
+    from dharma_kernel.application import save_application
+    from dharma_kernel.checkpoint import load_saved_tokenizer
+    from dharma_kernel.model import DharmaModel
+
+    base = DharmaModel.from_pretrained(foundation)
+    trainable = ["backbone.transformer.ln_f.weight"]
+    return save_application(base, tmp_path / "app", foundation, trainable, load_saved_tokenizer(foundation))
+
+
+def edit_application(application: Path, change) -> None:
+    path = application / "application.json"
+    info = json.loads(path.read_text())
+    change(info)
+    path.write_text(json.dumps(info))
+
+
+def test_an_intact_application_loads(capsys, application, text):
+    code, out, err = run_cli(capsys, "eval", application, "--data", text, "--max-length", 32, "--json")
+    assert code == 0, err
+    assert json.loads(out)["tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda info: info.pop("foundation_sha256"), "foundation_sha256: required key is missing"),
+        (lambda info: info.update(foundation=None), "foundation: expected a string, got None"),
+        (lambda info: info.update(foundation_sha256=7), "foundation_sha256: expected a string"),
+        (lambda info: info.update(heads="classification"), "heads: expected"),
+        (lambda info: info.update(heads=[{"config": {}}]), "heads[0].plugin: required key is missing"),
+        (lambda info: info.update(trainable=None), "trainable: expected a list"),
+        (lambda info: info.update(format="dharma-application/9"), "not a dharma-application/1 file"),
+    ],
+    ids=["no-checksum", "null-foundation", "number-checksum", "heads-string", "head-no-plugin",
+         "null-trainable", "future-format"],
+)  # fmt: skip
+def test_a_damaged_application_json_names_the_field(capsys, application, text, change, named):
+    edit_application(application, change)
+    for result in read_with_every_command(capsys, application, text):
+        refused(result, str(application / "application.json"), named)
+
+
+@pytest.mark.parametrize("content", ["{", "[1, 2]", "\xff\xfe"], ids=["truncated", "a-list", "not-utf8"])
+def test_an_unreadable_application_json_is_named(capsys, application, text, content):
+    (application / "application.json").write_bytes(content.encode("latin-1"))
+    refused(run_cli(capsys, "eval", application, "--data", text), "application.json")
+
+
+def test_a_truncated_adapter_is_named(capsys, application, text):
+    path = application / "adapter.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+    for result in read_with_every_command(capsys, application, text):
+        refused(result, f"{path}: damaged weights file")
+
+
+def test_an_adapter_missing_a_listed_tensor_is_named(capsys, application, text):
+    path = application / "adapter.safetensors"
+    save_file({"backbone.transformer.ln_f.bias": torch.zeros(64)}, str(path))
+    for result in read_with_every_command(capsys, application, text):
+        refused(result, str(path), "1 missing (backbone.transformer.ln_f.weight)")
+
+
+# -- run directories -------------------------------------------------------------------------
+
+
+def test_resume_from_a_truncated_latest_is_named(capsys, tmp_path):
+    manifest = write_manifest(tmp_path, modules=False, train={"max_steps": 2, "eval_every": 2})
+    code, _, err = run_cli(capsys, "train", manifest, "--device", "cpu")
+    assert code == 0, err
+    weights = (tmp_path / "run" / "latest" / "model.safetensors").resolve()
+    weights.write_bytes(weights.read_bytes()[:-100])
+    result = run_cli(capsys, "train", manifest, "--resume", "--max-steps", 4, "--device", "cpu")
+    refused(result, f"{weights}: damaged weights file")
