@@ -25,6 +25,7 @@ from .cli import (
     app,
     err,
     out,
+    warn,
 )
 from .errors import DharmaError
 
@@ -124,7 +125,10 @@ def eval_command(
         Path, typer.Argument(help="A saved model, or a run directory (its best checkpoint).")
     ],
     data: Annotated[list[str], typer.Option("--data", help="Held-out data files, directories or globs.")],
-    max_length: Annotated[int, typer.Option("--max-length", min=8, help="Tokens per packed sequence.")] = 256,
+    max_length: Annotated[
+        int | None,
+        typer.Option("--max-length", min=8, help="Tokens per packed sequence (default: as trained)."),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
     strict: StrictOption = None,
     as_json: JsonOption = False,
@@ -139,7 +143,7 @@ def eval_command(
         return eval_head(model_dir, data, batch_size, head, as_json)
     from .application import is_application, load_application
     from .data import DataReport, clean_records, pack, read_records
-    from .evaluate import activation_auc, lm_totals, perplexity
+    from .evaluate import activation_auc, eval_length, lm_totals, perplexity
     from .train.rundir import model_directory
 
     _quiet_transformers()
@@ -149,7 +153,7 @@ def eval_command(
     records = clean_records(read_records(data, strict=bool(strict), report=report), report=report)
     if not records:
         raise DharmaError(f"--data {' '.join(data)}: no text to evaluate on", hint=report.summary())
-    packed = pack(records, tokenizer, max_length, refs=model.module_refs)
+    packed = pack(records, tokenizer, eval_length(model, max_length), refs=model.module_refs)
     loss_sum, count = lm_totals(model, packed, batch_size)
     loss = loss_sum / max(count, 1.0)
     batches = (
@@ -193,6 +197,7 @@ def generate(
     import torch
 
     from .application import load_application
+    from .backbone import context_length
     from .data.tokenizer import pad_id
 
     _quiet_transformers()
@@ -201,6 +206,7 @@ def generate(
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         raise DharmaError("the prompt is empty", hint="Give some text to continue.")
+    ids = _fit_prompt(ids, max_new_tokens, context_length(model.config.text_config))
     torch.manual_seed(seed)
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p}
@@ -216,3 +222,22 @@ def generate(
             **sampling,
         )
     typer.echo(prompt + tokenizer.decode(result[0, ids.shape[1] :], skip_special_tokens=True))
+
+
+def _fit_prompt(ids, max_new_tokens: int, context: int):
+    """The latest prompt tokens that leave room for ``max_new_tokens`` in the model's ``context``
+    positions (said on stderr when some are left out); a DharmaError when none would."""
+    room = context - max_new_tokens
+    if room < 1:
+        raise DharmaError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for the prompt: "
+            f"the model has {context} positions",
+            hint=f"Use --max-new-tokens {context - 1} or less.",
+        )
+    if ids.shape[1] > room:
+        warn(
+            f"the prompt is {ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} the model's "
+            f"{context} positions hold only its last {room}: the model continues from those"
+        )
+        ids = ids[:, -room:]
+    return ids

@@ -229,11 +229,65 @@ def test_an_adapter_missing_a_listed_tensor_is_named(capsys, application, text):
 # -- run directories -------------------------------------------------------------------------
 
 
-def test_resume_from_a_truncated_latest_is_named(capsys, tmp_path):
-    manifest = write_manifest(tmp_path, modules=False, train={"max_steps": 2, "eval_every": 2})
-    code, _, err = run_cli(capsys, "train", manifest, "--device", "cpu")
-    assert code == 0, err
-    weights = (tmp_path / "run" / "latest" / "model.safetensors").resolve()
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    """A finished 2-step run of a 64-position model trained at data.max_length 32."""
+    from dharma_kernel.cli import main
+
+    folder = tmp_path_factory.mktemp("run")
+    manifest = write_manifest(folder, modules=False, train={"max_steps": 2, "eval_every": 2})
+    with pytest.raises(SystemExit) as finished:
+        main(["train", str(manifest), "--device", "cpu", "--quiet"])
+    assert finished.value.code in (0, None)
+    return folder
+
+
+def test_resume_from_a_truncated_latest_is_named(capsys, trained_run, tmp_path):
+    folder = Path(shutil.copytree(trained_run, tmp_path / "copy", symlinks=True))
+    weights = (folder / "run" / "latest" / "model.safetensors").resolve()
     weights.write_bytes(weights.read_bytes()[:-100])
-    result = run_cli(capsys, "train", manifest, "--resume", "--max-steps", 4, "--device", "cpu")
+    result = run_cli(capsys, "train", folder / "m.toml", "--resume", "--max-steps", 4, "--device", "cpu")
     refused(result, f"{weights}: damaged weights file")
+
+
+# -- past the model's positions --------------------------------------------------------------
+
+
+def test_eval_defaults_to_the_trained_length(capsys, trained_run):
+    """The run trained at 32 tokens; the old default of 256 ran past its 64 positions."""
+    command = ["eval", trained_run / "run", "--data", trained_run / "data", "--json"]
+    code, default, err = run_cli(capsys, *command)
+    assert code == 0, err
+    _, explicit, _ = run_cli(capsys, *command, "--max-length", 32)
+    assert json.loads(default) == json.loads(explicit)
+
+
+def test_eval_caps_a_model_without_a_manifest_at_its_positions(capsys, foundation, text):
+    code, out, err = run_cli(capsys, "eval", foundation, "--data", text, "--json")
+    assert code == 0, err
+    assert json.loads(out)["tokens"] > 0
+
+
+def test_eval_refuses_a_length_beyond_the_positions(capsys, foundation, text):
+    result = run_cli(capsys, "eval", foundation, "--data", text, "--max-length", 300)
+    refused(result, "--max-length 300 is more than the model's 128 positions")
+
+
+def test_generate_keeps_the_latest_prompt_tokens_that_fit(capsys, foundation):
+    """A 300-character prompt on a 128-position model: the start is left out, and said so."""
+    prompt = "Karma yoga is work offered without grasping at the fruit. " * 6
+    assert len(prompt) > 300
+    code, out, err = run_cli(capsys, "generate", foundation, prompt, "--max-new-tokens", 16)
+    assert code == 0, err
+    assert out.startswith(prompt)
+    assert "warning: the prompt is" in err and "hold only its last 112" in err and "Traceback" not in err
+
+
+def test_generate_with_room_for_the_prompt_says_nothing(capsys, foundation):
+    code, out, err = run_cli(capsys, "generate", foundation, "Dharma is", "--max-new-tokens", 100)
+    assert code == 0 and out.startswith("Dharma is") and "warning" not in err, err
+
+
+def test_generate_refuses_more_new_tokens_than_positions(capsys, foundation):
+    result = run_cli(capsys, "generate", foundation, "Dharma is", "--max-new-tokens", 128)
+    refused(result, "--max-new-tokens 128 leaves no room for the prompt: the model has 128 positions")
