@@ -151,6 +151,8 @@ def eval_command(
     directory = model_dir if is_application(model_dir) else model_directory(model_dir)
     report = DataReport()
     records = clean_records(read_records(data, strict=bool(strict), report=report), report=report)
+    if report.problems:
+        warn(report.problems_summary())
     if not records:
         raise DharmaError(f"--data {' '.join(data)}: no text to evaluate on", hint=report.summary())
     packed = pack(records, tokenizer, eval_length(model, max_length), refs=model.module_refs)

@@ -291,3 +291,98 @@ def test_generate_with_room_for_the_prompt_says_nothing(capsys, foundation):
 def test_generate_refuses_more_new_tokens_than_positions(capsys, foundation):
     result = run_cli(capsys, "generate", foundation, "Dharma is", "--max-new-tokens", 128)
     refused(result, "--max-new-tokens 128 leaves no room for the prompt: the model has 128 positions")
+
+
+# -- data files ------------------------------------------------------------------------------
+
+
+def malformed_corpus(folder: Path, bad: int) -> Path:
+    """write_corpus() with ``bad`` malformed records after its good ones."""
+    path = write_corpus(folder, copies=1)
+    good = path.read_text()
+    path.write_text(good + "".join(f'{{"text": {n}}}\n' for n in range(bad)))
+    return path
+
+
+def test_lenient_eval_lists_the_first_malformed_records_and_the_total(capsys, foundation, tmp_path):
+    path = malformed_corpus(tmp_path / "data", bad=8)
+    code, out, err = run_cli(capsys, "eval", foundation, "--data", path, "--json")
+    assert code == 0, err
+    assert json.loads(out)["tokens"] > 0
+    good = len(SENTENCES)
+    assert "skipped 8 (file:record: reason" in err
+    assert f"  {path}:{good + 1}: field 'text' should be a string, not int" in err
+    assert f"  {path}:{good + 5}: " in err and f"{path}:{good + 6}:" not in err
+    assert "and 3 more" in err
+
+
+def test_lenient_train_lists_the_malformed_records(capsys, tmp_path):
+    manifest = write_manifest(tmp_path, modules=False, train={"max_steps": 1, "eval_every": 1})
+    path = malformed_corpus(tmp_path / "data", bad=2)
+    code, _, err = run_cli(capsys, "train", manifest, "--device", "cpu", "--quiet")
+    assert code == 0, err
+    assert f"{path}:{len(SENTENCES) + 2}: field 'text' should be a string, not int" in err
+
+
+def test_strict_eval_stops_at_the_first_malformed_record(capsys, foundation, tmp_path):
+    path = malformed_corpus(tmp_path / "data", bad=2)
+    result = run_cli(capsys, "eval", foundation, "--data", path, "--strict")
+    refused(result, f"{path}:{len(SENTENCES) + 1}: field 'text' should be a string")
+
+
+DEPTH = 200_000
+
+
+def test_a_record_nested_200000_deep_is_malformed_not_a_crash(capsys, foundation, tmp_path):
+    path = write_corpus(tmp_path / "data", copies=1)
+    with path.open("a") as file:
+        file.write('{"text": ' + "[" * DEPTH + "]" * DEPTH + "}\n")
+    code, out, err = run_cli(capsys, "eval", foundation, "--data", path, "--json")
+    assert code == 0 and "Traceback" not in err, err
+    assert f"{path}:{len(SENTENCES) + 1}: JSON nested too deeply" in err
+    refused(run_cli(capsys, "eval", foundation, "--data", path, "--strict"), "JSON nested too deeply")
+
+
+def test_a_json_file_nested_200000_deep_is_a_bad_file(tmp_path):
+    from dharma_kernel.data import DataReport, read_records
+    from dharma_kernel.data.fields import TOO_DEEP
+
+    path = tmp_path / "deep.json"
+    path.write_text('[{"text": ' + "[" * DEPTH + "]" * DEPTH + "}]")
+    report = DataReport()
+    assert read_records([path], report=report) == []
+    assert report.problems == [(str(path), 0, TOO_DEEP)]
+
+
+def test_a_multi_megabyte_single_line_becomes_bounded_records(tmp_path):
+    """Memory follows the data: a 4 MB line with no break is read as records of at most a few
+    tens of KB, and no word is lost or cut."""
+    from dharma_kernel.data import read_records
+    from dharma_kernel.data.fields import LINE_BYTES
+
+    words = [f"w{n}" for n in range(600_000)]
+    path = tmp_path / "one-line.txt"
+    path.write_text(" ".join(words) + "\n")
+    assert path.stat().st_size > 4_000_000
+    records = read_records([path])
+    assert len(records) >= path.stat().st_size // (2 * LINE_BYTES)
+    assert max(len(record.text) for record in records) <= 2 * LINE_BYTES  # a piece and a carried word
+    assert [w for record in records for w in record.text.split()] == words
+    assert [record.index for record in records] == list(range(1, len(records) + 1))
+
+
+def test_streamed_text_keeps_utf8_across_pieces_and_names_a_bad_byte_far_in(tmp_path):
+    from dharma_kernel.data import DataReport, read_records
+    from dharma_kernel.data.fields import LINE_BYTES
+
+    verse = "धर्मक्षेत्रे कुरुक्षेत्रे समवेता युयुत्सवः "  # 3-byte characters: pieces end inside them
+    path = tmp_path / "gita.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + (verse * 2000).encode())
+    text = " ".join(record.text for record in read_records([path]))
+    assert text.split() == (verse * 2000).split()
+
+    good = ("a" * 100 + "\n") * (3 * LINE_BYTES // 101)
+    path.write_bytes(good.encode() + b"caf\xe9\n")
+    report = DataReport()
+    assert read_records([path], report=report) == []
+    assert report.problems == [(str(path), 0, f"not UTF-8 text (byte {len(good) + 3} is 0xe9)")]
