@@ -72,6 +72,8 @@ def require_head(name: str) -> None:
     try:
         registry.resolve(name, "head")
     except DharmaError:
+        if off := registry.why_disabled(name, "head"):
+            raise DharmaError(f"this needs the head plugin '{name}', which {off}") from None
         raise DharmaError(
             f"this needs the head plugin '{name}', which is not installed",
             hint=f"pip install {distribution_for(name, 'head')}",

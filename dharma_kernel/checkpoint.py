@@ -56,7 +56,8 @@ def check_lock(lock: list[dict[str, Any]]) -> None:
         try:
             info = registry.resolve(entry["ref"], entry["kind"])
         except DharmaError:
-            problems.append(f"{entry['ref']} is not installed; run: pip install '{want}'")
+            off = registry.why_disabled(entry["ref"], entry["kind"])
+            problems.append(f"{entry['ref']} {off or f'is not installed; run: pip install {want!r}'}")
             continue
         saved_api, installed_api = entry.get("module_api"), info.module_api
         if saved_api and installed_api and saved_api.split(".")[0] != installed_api.split(".")[0]:

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli import FreezeOption, JsonOption, QuietOption, _quiet_transformers, app, err, out
+from .cli import FreezeOption, JsonOption, QuietOption, _quiet_transformers, app, echo_json, err, out
 from .errors import DharmaError
 
 
@@ -218,7 +218,7 @@ def eval_head(path: Path, data: list[str], batch_size: int, head: str | None, as
     metrics = {k.removeprefix("eval_"): v for k, v in result.items()}
     metrics["records"] = int(metrics["records"])
     if as_json:
-        typer.echo(json.dumps({"model": str(path), "head": chosen.name, **metrics}, indent=2))
+        echo_json({"model": str(path), "head": chosen.name, **metrics})
         return
     out.print(f"{path}: {chosen.name} head, {metrics.pop('records')} records")
     for name, value in metrics.items():

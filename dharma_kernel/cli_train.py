@@ -5,7 +5,6 @@ Registered on :data:`dharma_kernel.cli.app` when that module imports this one.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +22,7 @@ from .cli import (
     TopPOption,
     _quiet_transformers,
     app,
+    echo_json,
     err,
     out,
     warn,
@@ -110,7 +110,7 @@ def _report_training(summary) -> None:
 
 def print_summary_json(summary) -> None:
     """``--json`` for train and finetune: the run's summary, paths as strings."""
-    typer.echo(json.dumps(_jsonable(asdict(summary)), indent=2))
+    echo_json(_jsonable(asdict(summary)))
 
 
 def _jsonable(value):
@@ -171,7 +171,7 @@ def eval_command(
         "auc": auc,
     }
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        echo_json(result)
         return
     out.print(f"{directory}: {int(count):,} tokens, loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
     if auc:

@@ -386,3 +386,50 @@ def test_streamed_text_keeps_utf8_across_pieces_and_names_a_bad_byte_far_in(tmp_
     report = DataReport()
     assert read_records([path], report=report) == []
     assert report.problems == [(str(path), 0, f"not UTF-8 text (byte {len(good) + 3} is 0xe9)")]
+
+
+# -- flags and output ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["train", "finetune"])
+def test_an_unknown_device_is_one_error_line(capsys, foundation, tmp_path, command):
+    if command == "train":
+        args = [write_manifest(tmp_path, modules=False)]
+    else:
+        args = [foundation, "--data", write_corpus(tmp_path / "data"), "-o", tmp_path / "app"]
+    refused(run_cli(capsys, command, *args, "--device", "banana"), "--device banana: not a device")
+
+
+def test_eval_json_writes_null_for_a_nan_loss(capsys, model, text):
+    rewrite_weights(model, lambda tensors: tensors["backbone.transformer.ln_f.weight"].fill_(float("nan")))
+    code, out, err = run_cli(capsys, "eval", model, "--data", text, "--json")
+    assert code == 0, err
+
+    def no_bare_constants(name):
+        raise AssertionError(f"invalid JSON: bare {name}")
+
+    result = json.loads(out, parse_constant=no_bare_constants)
+    assert result["loss"] is None and result["perplexity"] is None and result["tokens"] > 0
+
+
+@pytest.mark.parametrize(
+    ("env", "flag", "how"),
+    [
+        ("darshanas.vedanta", [], "not in DHARMA_PLUGINS=darshanas.vedanta; to enable it, add paths.dharma"),
+        (None, ["--no-plugin", "dharma-plugin-dharma"], "enable it, drop --no-plugin dharma-plugin-dharma"),
+    ],
+    ids=["allowlist", "no-plugin"],
+)
+def test_a_disabled_plugin_is_called_disabled_not_missing(capsys, foundation, monkeypatch, env, flag, how):
+    from dharma_kernel import registry
+
+    if env is not None:
+        monkeypatch.setenv("DHARMA_PLUGINS", env)
+    registry.clear_cache()
+    try:
+        result = run_cli(capsys, *flag, "generate", foundation, "Dharma is")
+    finally:
+        registry.clear_cache()
+    refused(result, "cannot load this model")
+    err = result[2]
+    assert "not installed" not in err and "paths.dharma is installed but" in err and how in err, err
