@@ -16,9 +16,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from .checkpoint import load_saved_tokenizer, write_directory
+from pydantic import Field, ValidationError
+
+from .checkpoint import LockEntry, SavedJson, load_saved_tokenizer, write_directory
 from .errors import DharmaError, first_line
 
 APPLICATION_FILE = "application.json"
@@ -70,6 +72,8 @@ def require_head(name: str) -> None:
     try:
         registry.resolve(name, "head")
     except DharmaError:
+        if off := registry.why_disabled(name, "head"):
+            raise DharmaError(f"this needs the head plugin '{name}', which {off}") from None
         raise DharmaError(
             f"this needs the head plugin '{name}', which is not installed",
             hint=f"pip install {distribution_for(name, 'head')}",
@@ -116,20 +120,49 @@ def save_application(
     return target
 
 
+class HeadEntry(SavedJson):
+    plugin: str = Field(min_length=1)
+    config: dict[str, Any] = {}
+
+
+class ApplicationInfo(SavedJson):
+    """``application.json``, as :func:`save_application` writes it."""
+
+    format: Literal[FORMAT]
+    foundation: str = Field(min_length=1)
+    foundation_absolute: str | None = None
+    foundation_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    heads: list[HeadEntry] = []
+    lock: list[LockEntry] = []
+    trainable: list[str] = []
+    manifest: dict[str, Any] | None = None
+
+
 def read_application(directory: str | Path) -> dict[str, Any]:
+    """``application.json`` checked against :class:`ApplicationInfo`; a damaged one names its field."""
+    from .validation import format_validation_error
+
     path = Path(directory) / APPLICATION_FILE
     try:
         info = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: not UTF-8, or not JSON
         raise DharmaError(f"{path}: unreadable ({first_line(err)})") from None
-    if info.get("format") != FORMAT:
-        raise DharmaError(f"{path}: not a {FORMAT} file (format {info.get('format')!r})")
-    return info
+    if not isinstance(info, dict) or info.get("format") != FORMAT:
+        found = info.get("format") if isinstance(info, dict) else type(info).__name__
+        raise DharmaError(f"{path}: not a {FORMAT} file (format {found!r})")
+    try:
+        return ApplicationInfo.model_validate(info).model_dump()
+    except ValidationError as err:
+        raise DharmaError(
+            format_validation_error(err, model=ApplicationInfo, source=str(path)),
+            hint="The file is damaged; fine-tune again, or restore it from a copy.",
+        ) from None
 
 
 def find_foundation(directory: Path, info: dict[str, Any]) -> Path:
     """The foundation the application names: relative to it, else the absolute path recorded."""
-    for candidate in (directory / info["foundation"], Path(info.get("foundation_absolute", ""))):
+    recorded = [Path(info["foundation_absolute"])] if info["foundation_absolute"] else []
+    for candidate in (directory / info["foundation"], *recorded):
         if (candidate / "config.json").exists():
             return candidate.resolve()
     raise DharmaError(
@@ -161,25 +194,22 @@ def load_application(path: str | Path) -> tuple[Any, Any]:
         )
     model = DharmaModel.from_pretrained(foundation)
     add_heads(model, info["heads"])
-    _load_adapter(model, directory / ADAPTER_FILE)
-    model.config.manifest = info.get("manifest")
+    _load_adapter(model, directory / ADAPTER_FILE, info["trainable"])
+    model.config.manifest = info["manifest"]
     return model, load_saved_tokenizer(directory)
 
 
-def _load_adapter(model: Any, path: Path) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _load_adapter(model: Any, path: Path, trainable: list[str]) -> None:
+    """The adapter's tensors into ``model``: exactly the ``trainable`` ones its application lists."""
+    from .weights import check_fit, read_tensors
 
-    try:
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError) as err:
-        raise DharmaError(f"{path}: cannot read ({first_line(err)})") from None
+    tensors = read_tensors(path)
     params = dict(model.named_parameters())
-    unknown = sorted(set(tensors) - set(params))
-    wrong = [n for n, t in tensors.items() if n in params and t.shape != params[n].shape]
-    if unknown or wrong:
-        raise DharmaError(
-            f"{path} does not fit its foundation: "
-            + (f"unknown parameters {', '.join(unknown[:3])}" if unknown else f"shapes differ for {wrong[0]}")
-        )
+    shapes = [(n, t.shape, params[n].shape) for n, t in tensors.items() if n in params]
+    check_fit(
+        path,
+        missing=sorted(set(trainable) - set(tensors)),
+        unexpected=sorted(set(tensors) - set(params)),
+        mismatched=[(name, found, want) for name, found, want in shapes if found != want],
+    )
     model.load_state_dict(tensors, strict=False)

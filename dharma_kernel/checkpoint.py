@@ -10,14 +10,16 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from packaging.version import InvalidVersion, Version
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import registry
 from .catalogue import distribution_for
 from .errors import DharmaError, first_line
 from .hub import write_card
+from .weights import check_safetensors
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")  # one file, or shards
@@ -55,7 +57,8 @@ def check_lock(lock: list[dict[str, Any]]) -> None:
         try:
             info = registry.resolve(entry["ref"], entry["kind"])
         except DharmaError:
-            problems.append(f"{entry['ref']} is not installed; run: pip install '{want}'")
+            off = registry.why_disabled(entry["ref"], entry["kind"])
+            problems.append(f"{entry['ref']} {off or f'is not installed; run: pip install {want!r}'}")
             continue
         saved_api, installed_api = entry.get("module_api"), info.module_api
         if saved_api and installed_api and saved_api.split(".")[0] != installed_api.split(".")[0]:
@@ -104,18 +107,76 @@ def check_directory(path: str | Path) -> None:
                 hint="Convert them where you trust the file: load with torch and save_pretrained(...) again.",
             )
         raise DharmaError(f"{directory}: no model.safetensors; is this a saved Dharma model directory?")
-    check_lock(read_config(directory).get("lock") or [])
+    config = read_config(directory)
+    check_saved_config(directory / "config.json", config)
+    check_lock(config.get("lock") or [])
+    for weights in sorted(directory.glob("*.safetensors")):
+        check_safetensors(weights)
+
+
+def weights_path(path: str | Path) -> str:
+    """What a load error should name: the one weights file of a directory, else the path given."""
+    single = Path(path) / WEIGHTS[0]
+    return str(single) if single.is_file() else str(path)
 
 
 def read_config(directory: Path) -> dict[str, Any]:
     """``config.json`` of a model directory, or a DharmaError saying what is wrong with it."""
     path = directory / "config.json"
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except FileNotFoundError:
         raise DharmaError(f"{directory}: no config.json; is this a saved Dharma model directory?") from None
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: not UTF-8, or not JSON
         raise DharmaError(f"{path}: unreadable ({first_line(err)})") from None
+    if not isinstance(config, dict):
+        raise DharmaError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+class SavedJson(BaseModel):
+    """A record of a JSON file Dharma wrote. Strict: JSON values are already typed, so a string
+    where a list belongs is damage, not something to convert."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class LockEntry(SavedJson):
+    kind: Literal["module", "head"]
+    ref: str = Field(min_length=1)
+    distribution: str | None = None
+    version: str | None = None
+    module_api: str | None = None
+
+
+class _TextConfig(BaseModel):
+    # The backbone's own keys are transformers' to check.
+    model_config = ConfigDict(extra="allow", strict=True)
+    model_type: str = Field(min_length=1)
+
+
+class SavedConfig(BaseModel):
+    """The keys of a saved model's ``config.json`` that Dharma writes and reads itself."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    model_type: Literal["dharma"]
+    text_config: _TextConfig
+    layout: dict[str, Any] | None = None
+    manifest: dict[str, Any] | None = None
+    lock: list[LockEntry] | None = None
+
+
+def check_saved_config(path: Path, config: dict[str, Any]) -> None:
+    """A damaged ``config.json`` is a DharmaError naming the key, before transformers reads it."""
+    from .validation import format_validation_error
+
+    try:
+        SavedConfig.model_validate(config)
+    except ValidationError as err:
+        raise DharmaError(
+            format_validation_error(err, model=SavedConfig, source=str(path)).splitlines()[0],
+            hint="The file is damaged; restore it from a copy, or load an earlier checkpoint.",
+        ) from None
 
 
 def is_model_directory(path: Path) -> bool:

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -60,6 +61,22 @@ def fail(error: DharmaError) -> NoReturn:
     """Print ``error: <message>`` to stderr and exit with the error's code."""
     err.print(f"[bold red]error:[/] {escape(str(error))}")
     raise SystemExit(error.exit_code)
+
+
+def echo_json(value: Any, **options: Any) -> None:
+    """``value`` as JSON on stdout; a NaN or infinity (a diverged loss) is null, since
+    JSON has no such numbers and a bare ``NaN`` breaks every strict parser."""
+    typer.echo(json.dumps(_finite(value), allow_nan=False, indent=2, **options))
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _print_version(value: bool) -> None:

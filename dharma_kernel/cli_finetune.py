@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli import FreezeOption, JsonOption, QuietOption, _quiet_transformers, app, err, out
+from .cli import FreezeOption, JsonOption, QuietOption, _quiet_transformers, app, echo_json, err, out
 from .errors import DharmaError
 
 
@@ -191,15 +191,16 @@ def pick_head(model: Any, name: str | None) -> Any:
 def has_head(path: Path) -> bool:
     """Whether ``path`` is an application or a model (or run) directory with a head; reads JSON only."""
     from .application import is_application, read_application
+    from .checkpoint import read_config
     from .train.rundir import model_directory
 
     if is_application(path):
         return bool(read_application(path).get("heads"))
     try:
-        config = json.loads((model_directory(path) / "config.json").read_text())
-    except (DharmaError, OSError, json.JSONDecodeError):
-        return False
-    return bool((config.get("layout") or {}).get("heads"))
+        layout = read_config(model_directory(path)).get("layout")
+    except DharmaError:
+        return False  # loading the model says what is wrong
+    return isinstance(layout, dict) and bool(layout.get("heads"))
 
 
 def eval_head(path: Path, data: list[str], batch_size: int, head: str | None, as_json: bool) -> None:
@@ -217,7 +218,7 @@ def eval_head(path: Path, data: list[str], batch_size: int, head: str | None, as
     metrics = {k.removeprefix("eval_"): v for k, v in result.items()}
     metrics["records"] = int(metrics["records"])
     if as_json:
-        typer.echo(json.dumps({"model": str(path), "head": chosen.name, **metrics}, indent=2))
+        echo_json({"model": str(path), "head": chosen.name, **metrics})
         return
     out.print(f"{path}: {chosen.name} head, {metrics.pop('records')} records")
     for name, value in metrics.items():

@@ -5,7 +5,6 @@ Registered on :data:`dharma_kernel.cli.app` when that module imports this one.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -24,8 +23,10 @@ from .cli import (
     TopPOption,
     _quiet_transformers,
     app,
+    echo_json,
     err,
     out,
+    warn,
 )
 from .errors import DharmaError
 
@@ -110,7 +111,7 @@ def _report_training(summary) -> None:
 
 def print_summary_json(summary) -> None:
     """``--json`` for train and finetune: the run's summary, paths as strings."""
-    typer.echo(json.dumps(_jsonable(asdict(summary)), indent=2))
+    echo_json(_jsonable(asdict(summary)))
 
 
 def _jsonable(value):
@@ -125,7 +126,10 @@ def eval_command(
         Path, typer.Argument(help="A saved model, or a run directory (its best checkpoint).")
     ],
     data: Annotated[list[str], typer.Option("--data", help="Held-out data files, directories or globs.")],
-    max_length: Annotated[int, typer.Option("--max-length", min=8, help="Tokens per packed sequence.")] = 256,
+    max_length: Annotated[
+        int | None,
+        typer.Option("--max-length", min=8, help="Tokens per packed sequence (default: as trained)."),
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
     strict: StrictOption = None,
     as_json: JsonOption = False,
@@ -145,7 +149,7 @@ def eval_command(
     from .application import is_application, load_application
     from .concept_activation import ConceptActivation
     from .data import DataReport, clean_records, pack, read_records
-    from .evaluate import lm_totals, perplexity
+    from .evaluate import eval_length, lm_totals, perplexity
     from .train.rundir import model_directory
 
     _quiet_transformers()
@@ -153,9 +157,11 @@ def eval_command(
     directory = model_dir if is_application(model_dir) else model_directory(model_dir)
     report = DataReport()
     records = clean_records(read_records(data, strict=bool(strict), report=report), report=report)
+    if report.problems:
+        warn(report.problems_summary())
     if not records:
         raise DharmaError(f"--data {' '.join(data)}: no text to evaluate on", hint=report.summary())
-    packed = pack(records, tokenizer, max_length, refs=model.module_refs)
+    packed = pack(records, tokenizer, eval_length(model, max_length), refs=model.module_refs)
     table = ConceptActivation(model.module_refs) if model.module_refs else None
     loss_sum, count = lm_totals(model, packed, batch_size, activation=table)
     loss = loss_sum / max(count, 1.0)
@@ -173,7 +179,7 @@ def eval_command(
 
         result["ablation"] = [asdict(row) for row in ablation_rows(model, packed, batch_size, ablate)]
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        echo_json(result)
         return
     out.print(f"{directory}: {int(count):,} tokens, loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
     if "ablation" in result:
@@ -229,6 +235,7 @@ def generate(
     import torch
 
     from .application import load_application
+    from .backbone import context_length
     from .data.tokenizer import pad_id
     from .explain import require_modules
 
@@ -240,6 +247,7 @@ def generate(
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         raise DharmaError("the prompt is empty", hint="Give some text to continue.")
+    ids = _fit_prompt(ids, max_new_tokens, context_length(model.config.text_config))
     torch.manual_seed(seed)
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p}
@@ -256,7 +264,6 @@ def generate(
         )
     typer.echo(prompt + tokenizer.decode(result[0, ids.shape[1] :], skip_special_tokens=True))
     if explain:
-        from .backbone import context_length
         from .cli_explain import print_table
         from .explain import explain_generated
 
@@ -265,3 +272,22 @@ def generate(
         context = context_length(model.config.text_config, default=0) or None
         explanation = explain_generated(model, tokenizer, result[0].tolist(), ids.shape[1], context=context)
         print_table(explanation, model)
+
+
+def _fit_prompt(ids, max_new_tokens: int, context: int):
+    """The latest prompt tokens that leave room for ``max_new_tokens`` in the model's ``context``
+    positions (said on stderr when some are left out); a DharmaError when none would."""
+    room = context - max_new_tokens
+    if room < 1:
+        raise DharmaError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for the prompt: "
+            f"the model has {context} positions",
+            hint=f"Use --max-new-tokens {context - 1} or less.",
+        )
+    if ids.shape[1] > room:
+        warn(
+            f"the prompt is {ids.shape[1]} tokens; with --max-new-tokens {max_new_tokens} the model's "
+            f"{context} positions hold only its last {room}: the model continues from those"
+        )
+        ids = ids[:, -room:]
+    return ids

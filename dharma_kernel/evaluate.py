@@ -127,6 +127,23 @@ def lm_totals(
     return loss_sum, count
 
 
+def eval_length(model: Any, asked: int | None = None) -> int:
+    """Tokens per packed sequence for evaluating ``model``: ``asked``, else the length it was
+    trained at (its manifest's ``data.max_length``), never beyond the positions it has."""
+    from .backbone import context_length
+    from .head_data import max_length_of
+
+    positions = context_length(model.config.text_config, default=2**31)
+    if asked is None:
+        return min(max_length_of(model), positions)
+    if asked > positions:
+        raise DharmaError(
+            f"--max-length {asked} is more than the model's {positions} positions",
+            hint=f"Use --max-length {positions} or less (or leave it out: the model's trained length).",
+        )
+    return asked
+
+
 def perplexity(loss: float) -> float:
     """``exp(loss)``, capped where it would overflow."""
     return math.exp(min(loss, 50.0))

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .data.fields import TOO_DEEP
 from .data.paths import expand_paths
 from .data.tokenizer import pad_id
 from .errors import DharmaError
@@ -91,6 +92,8 @@ def _jsonl(path: Path) -> list[tuple[int, Any]]:
             out.append((number, json.loads(line)))
         except json.JSONDecodeError as err:
             raise DharmaError(f"{path}: record {number}: not JSON ({err.msg})") from None
+        except RecursionError:
+            raise DharmaError(f"{path}: record {number}: {TOO_DEEP}") from None
     return out
 
 

@@ -174,13 +174,27 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> DharmaModel:
         """Load a saved directory: safetensors only, every locked plugin installed."""
-        from .checkpoint import check_directory
+        from .checkpoint import check_directory, weights_path
+        from .weights import check_fit
 
         check_directory(pretrained_model_name_or_path)
         kwargs["use_safetensors"] = True
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        # transformers would fill missing tensors with fresh values and only log it, and raise a
+        # bare RuntimeError on a wrong shape: collect both, and refuse them by name.
+        wants_info = kwargs.pop("output_loading_info", False)
+        resizing = kwargs.get("ignore_mismatched_sizes", False)
+        kwargs["ignore_mismatched_sizes"] = True
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+        )
+        check_fit(
+            weights_path(pretrained_model_name_or_path),
+            info["missing_keys"],
+            info["unexpected_keys"],
+            [] if resizing else info["mismatched_keys"],
+        )
         _align_tensors(model)
-        return model
+        return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
         """``PreTrainedModel.save_pretrained``, plus the model card (README.md): every save has one."""

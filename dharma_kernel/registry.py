@@ -287,13 +287,23 @@ def resolve(ref: str, kind: str = "module") -> PluginInfo:
     raise _not_installed(ref, kind, infos)
 
 
+def why_disabled(ref: str, kind: str = "module") -> str | None:
+    """For an installed plugin that DHARMA_PLUGINS or ``--no-plugin`` keeps from loading:
+    ``"is installed but <why>; to enable it, <how>"``. None for any other plugin."""
+    off = [info for info in disabled_plugins(kind) if ref in (info.ref, info.name)]
+    if not off:
+        return None
+    info = off[0]
+    flagged = sorted({info.ref, info.name, info.distribution} & _disabled_by_flag)
+    how = f"drop --no-plugin {flagged[0]}" if flagged else f"add {info.ref} to {ALLOW_ENV}"
+    return f"is installed but {info.disabled}; to enable it, {how}"
+
+
 def _not_installed(ref: str, kind: str, infos: list[PluginInfo]) -> DharmaError:
     off = [info for info in disabled_plugins(kind) if ref in (info.ref, info.name)]
     if off:
-        return DharmaError(
-            f"{kind} plugin '{off[0].ref}' from {off[0].distribution} is installed but {off[0].disabled}",
-            hint=f"allow it: drop --no-plugin {ref}, or add {off[0].ref} to {ALLOW_ENV}",
-        )
+        why = why_disabled(ref, kind)
+        return DharmaError(f"{kind} plugin '{off[0].ref}' from {off[0].distribution} {why}")
     message = f"no {kind} plugin '{ref}' is installed"
     full = {info.name: info.ref for info in infos}  # short name -> ref, to suggest the full ref
     close = closest(ref, [info.ref for info in infos] + list(full))

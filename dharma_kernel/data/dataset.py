@@ -21,7 +21,7 @@ from .clean import clean_records
 from .packing import PackedData, pack
 from .readers import read_records
 from .records import Record
-from .report import DROP_REASONS, DataReport, problem_line
+from .report import DROP_REASONS, DataReport
 from .split import split_records
 
 __all__ = ["DataRecords", "prepare_data", "read_data"]
@@ -157,9 +157,7 @@ def _why_empty(report: DataReport) -> str:
         parts.append(f"{report.records_read} record(s) read, all dropped ({dropped})")
     else:
         parts.append("no records")
-    problems = [problem_line(*problem) for problem in report.problems[:3]]
-    if len(report.problems) > 3:
-        problems.append(f"and {len(report.problems) - 3} more")
+    problems = report.first_problems(3)
     return "; ".join(parts) + (f"; problems: {'; '.join(problems)}" if problems else "")
 
 

@@ -8,6 +8,7 @@ evaluates literals only, never code.
 from __future__ import annotations
 
 import ast
+import codecs
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
@@ -21,6 +22,7 @@ __all__ = [
     "BadFile",
     "BadRecord",
     "ROLES",
+    "TOO_DEEP",
     "build_each",
     "load_json",
     "messages_field",
@@ -32,7 +34,13 @@ __all__ = [
     "require_object",
     "tags_field",
     "text_field",
+    "text_lines",
 ]
+
+
+LINE_BYTES = 1 << 16  # a longer line is read, and becomes records, in pieces of this size
+# Python's JSON parser recurses per level: thousands of nested brackets are damage, not data.
+TOO_DEEP = "JSON nested too deeply to parse (thousands of levels of [ or {)"
 
 
 class BadFile(ValueError):
@@ -53,11 +61,49 @@ def read_text(path: Path) -> str:
         raise BadFile(f"cannot be read: {err.strerror}") from None
 
 
+def text_lines(path: Path, limit: int = LINE_BYTES) -> Iterator[str]:
+    """The file's lines as UTF-8 text (a leading byte-order mark dropped), read as a stream.
+
+    A line longer than ``limit`` bytes comes in pieces, cut at its last space or tab
+    where it has one, so memory follows the data, not its longest line.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    consumed, carried = 0, ""
+    try:
+        with path.open("rb") as file:
+            while piece := file.readline(limit):
+                cut_short = len(piece) == limit and not piece.endswith(b"\n")  # the line goes on
+                if consumed == 0 and piece.startswith(codecs.BOM_UTF8):
+                    piece, consumed = piece[len(codecs.BOM_UTF8) :], len(codecs.BOM_UTF8)
+                pending = len(decoder.getstate()[0])  # bytes of a character cut at the last piece's end
+                try:
+                    text = carried + decoder.decode(piece)
+                except UnicodeDecodeError as err:
+                    at = consumed - pending + err.start
+                    raise BadFile(f"not UTF-8 text (byte {at} is {err.object[err.start]:#04x})") from None
+                consumed += len(piece)
+                carried = ""
+                if cut_short:
+                    cut = max(text.rfind(" "), text.rfind("\t"))
+                    if cut > 0:
+                        text, carried = text[:cut], text[cut + 1 :]
+                yield from text.splitlines()
+            tail = carried + decoder.decode(b"", final=True)
+    except UnicodeDecodeError:  # the file ends inside a character
+        raise BadFile(f"not UTF-8 text (it ends inside a character, at byte {consumed})") from None
+    except OSError as err:
+        raise BadFile(f"cannot be read: {err.strerror}") from None
+    if tail:
+        yield from tail.splitlines()
+
+
 def load_json(path: Path) -> Any:
     try:
         return json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise BadFile(f"invalid JSON at line {err.lineno} column {err.colno}: {err.msg}") from None
+    except RecursionError:
+        raise BadFile(TOO_DEEP) from None
 
 
 def _literal(value: Any) -> Any:

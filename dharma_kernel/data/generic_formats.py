@@ -4,15 +4,30 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from itertools import chain, pairwise
 from pathlib import Path
 from typing import Any
 
-from .fields import BadRecord, build_each, load_json, object_record, read_text, require_list
+from .fields import (
+    LINE_BYTES,
+    TOO_DEEP,
+    BadRecord,
+    build_each,
+    load_json,
+    object_record,
+    read_text,
+    require_list,
+    text_lines,
+)
 from .records import Record
 from .report import DataReport
 
-__all__ = ["JsonRecordsReader", "JsonlReader", "TextReader", "paragraphs"]
+__all__ = ["JsonRecordsReader", "JsonlReader", "TextReader", "iter_paragraphs", "paragraphs"]
+
+# A paragraph longer than this becomes several records: tokenizing one huge string at once
+# needs memory far beyond its size (a 50 MB line took 10 GB).
+PARAGRAPH_CHARS = LINE_BYTES
 
 # A line of one repeated mark (----, ====, ****): decoration between or under headings.
 _RULE = re.compile(r"^\s*([=\-_*~#])\1{2,}\s*$")
@@ -23,29 +38,41 @@ def _is_rule(line: str) -> bool:
 
 
 def paragraphs(text: str) -> list[str]:
-    """Blocks of lines separated by blank lines.
+    """Blocks of lines separated by blank lines (see :func:`iter_paragraphs`)."""
+    return list(iter_paragraphs(text.splitlines()))
+
+
+def iter_paragraphs(lines: Iterable[str], limit: int = PARAGRAPH_CHARS) -> Iterator[str]:
+    """Blocks of lines separated by blank lines, as the lines stream in.
 
     Rule lines are dropped. A line with a rule under it is a heading and starts a new
     block (its rule does not end it), so text written without blank lines still splits
-    at its headings.
+    at its headings. A block that grows past ``limit`` characters ends there: one record
+    must stay small enough to tokenize, however long the text runs without a blank line.
     """
-    lines = text.splitlines()
-    blocks: list[list[str]] = [[]]
-    for number, line in enumerate(lines):
-        after_heading = number > 0 and bool(lines[number - 1].strip()) and not _is_rule(lines[number - 1])
-        if not line.strip() or (_is_rule(line) and not after_heading):
-            blocks.append([])
-        elif _is_rule(line):
+    block: list[str] = []
+    size = 0
+    previous: str | None = None
+    for line, following in pairwise(chain(lines, [None])):
+        after_heading = previous is not None and bool(previous.strip()) and not _is_rule(previous)
+        previous = line
+        starts_block = not line.strip() or (_is_rule(line) and not after_heading)
+        if not starts_block and _is_rule(line):
             continue
-        else:
-            if number + 1 < len(lines) and _is_rule(lines[number + 1]):
-                blocks.append([])
-            blocks[-1].append(line)
-    return ["\n".join(block) for block in blocks if any(line.strip() for line in block)]
+        full = bool(block) and size + len(line) > limit
+        if starts_block or (following is not None and _is_rule(following)) or full:
+            if any(part.strip() for part in block):
+                yield "\n".join(block)
+            block, size = [], 0
+        if not starts_block:
+            block.append(line)
+            size += len(line) + 1
+    if any(part.strip() for part in block):
+        yield "\n".join(block)
 
 
 class TextReader:
-    """``.txt``: one record per paragraph (see :func:`paragraphs`); no tags, no pair."""
+    """``.txt``: one record per paragraph (see :func:`iter_paragraphs`), streamed; no tags, no pair."""
 
     name = "text"
     suffixes = (".txt",)
@@ -54,7 +81,7 @@ class TextReader:
         return True
 
     def read(self, path: Path, report: DataReport) -> Iterator[Record]:
-        blocks = paragraphs(read_text(path))
+        blocks = iter_paragraphs(text_lines(path))
         yield from build_each(path, enumerate(blocks, 1), Record, report)
 
 
@@ -83,6 +110,8 @@ def _parse_line(line: str) -> Any:
         return json.loads(line)
     except json.JSONDecodeError as err:
         raise BadRecord(f"invalid JSON at column {err.colno}: {err.msg}") from None
+    except RecursionError:
+        raise BadRecord(TOO_DEEP) from None
 
 
 class JsonRecordsReader:

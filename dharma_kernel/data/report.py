@@ -10,6 +10,7 @@ __all__ = ["CHAT_DROP_REASONS", "DROP_REASONS", "DataReport", "problem_line"]
 
 DROP_REASONS = ("empty", "too_short", "duplicate", "malformed")
 CHAT_DROP_REASONS = ("too_long", "control_token")  # conversations dropped when packed
+SHOWN = 5  # problems listed by name; the count says how many there are
 
 
 def problem_line(source: str, index: int, reason: str) -> str:
@@ -65,6 +66,21 @@ class DataReport:
                 problem_line(source, index, reason), hint="fix it, or leave out --strict to skip it"
             )
         self.problems.append((source, index, reason))
+
+    def first_problems(self, shown: int = SHOWN) -> list[str]:
+        """The first ``shown`` problems as ``file:record: reason``, then how many more there are."""
+        lines = [problem_line(*problem) for problem in self.problems[:shown]]
+        if len(self.problems) > shown:
+            lines.append(f"and {len(self.problems) - shown} more")
+        return lines
+
+    def problems_summary(self) -> str:
+        """How many files and records were skipped, and the first few with file, record and reason;
+        empty when there were none."""
+        if not self.problems:
+            return ""
+        listed = "\n".join(f"  {line}" for line in self.first_problems())
+        return f"skipped {len(self.problems)} (file:record: reason; --strict stops at the first):\n{listed}"
 
     def summary(self) -> str:
         """A few lines of numbers."""

@@ -50,6 +50,12 @@ def setup(device: str | None) -> tuple[Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     want = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(want)
+    except (RuntimeError, ValueError):
+        raise DharmaError(
+            f"--device {want}: not a device", hint="Use cpu, cuda or cuda:N (or leave it out)."
+        ) from None
     if want.startswith("cuda") and not torch.cuda.is_available():
         raise DharmaError("--device cuda: no CUDA device is available here", hint="Use --device cpu.")
     # set_device needs an index: plain "cuda" is this process's local card (0 without torchrun).

@@ -8,6 +8,7 @@ every ``eval_every`` steps, checkpoint every ``save_every``, and on a stop reque
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -28,6 +29,8 @@ from .rundir import RunDir
 from .runlock import run_lock
 from .state import capture_rng, load_state, restore_rng, save_state
 from .windows import Windows
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -135,6 +138,8 @@ class _Session:
         self.tokenizer, train_data, eval_data, report = self._data(latest)
         if self.dist.main:
             self.console.print(report.summary())
+            if report.problems:
+                log.warning(report.problems_summary())
 
         groups = list(dict.fromkeys([*self.manifest.freeze.groups, *self.options.freeze]))
         self.plan.config.manifest["freeze"] = {"groups": groups}
