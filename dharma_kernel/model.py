@@ -359,7 +359,7 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
         real = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
         if state.attention_mask is not None:
             real = state.attention_mask[:, -logits.shape[1] :].bool()
-        return routing_loss(logits, concept_labels.to(logits.device), real)
+        return routing_loss(logits, result.router_hits, concept_labels.to(logits.device), real)
 
     @contextmanager
     def switched_off(self, refs: Iterable[str]) -> Iterator[None]:
