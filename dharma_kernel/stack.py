@@ -91,7 +91,9 @@ class ModuleStack(nn.Module):
         past = self._past(cache, 0, hidden)
         if self.composition == "parallel":
             return self._parallel(hidden, ModuleContext(attention_mask, past))
-        hits = self.router(hidden).float()
+        # The router reads the hidden states but does not train them: concept supervision shapes
+        # routing, never what the backbone computes for the language model.
+        hits = self.router(hidden.detach()).float()
         evidence = self._evidence(hits, attention_mask, cache, starts)
         result = self._routed(hidden, attention_mask, past, evidence)
         result.router_hits = hits
