@@ -1,7 +1,7 @@
 """Which modules fire at each token: the records ``dharma explain`` and ``generate --explain`` show.
 
 A module's score at a token is ``DharmaOutput.module_scores``: under routed composition the
-router's probability that the module's concept is present there, else the module's own
+router's probability that the module's concept has come up by that token, else the module's own
 activation score. ``routed`` lists the modules that actually ran at the token (the router
 chose them at some layer; every module under sequential or parallel composition).
 """

@@ -97,7 +97,7 @@ def render_page(explanation: Explanation, model: str, composition: str) -> str:
     """The page for ``explanation`` of ``model`` (its path), whose modules are composed ``composition``."""
     e = html.escape
     meaning = (
-        "the router's probability that the module's concept is present at the token"
+        "the router's probability that the module's concept has come up in the text by this token"
         if composition == "routed"
         else "the module's own activation score at the token"
     )

@@ -50,22 +50,46 @@ def concept_loss(score: torch.Tensor, labels: torch.Tensor, counted: torch.Tenso
         return -(target * prob.log() + (1 - target) * (1 - prob).log()).mean()
 
 
-def routing_loss(logits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor) -> torch.Tensor | None:
-    """Binary cross-entropy of a router's logits ``[B, T, M]`` against concept labels, at every real token.
+def routing_loss(
+    evidence: torch.Tensor, hits: torch.Tensor, labels: torch.Tensor, real: torch.Tensor
+) -> torch.Tensor | None:
+    """How well a router's logits ``[B, T, M]`` match the concept labels, at every real token.
 
-    Each module's logit is trained to say whether its concept is present, so tokens labelled
-    with concept m are routed to module m (routing takes the top logits); tokens labelled with
-    no concept push every logit down and leave their relative order, which routing uses, to the
-    LM and balance losses. ``labels``: ``[B, T, M]`` or per sequence ``[B, M]``, -100 unknown.
-    None when no token is labelled.
+    Two binary cross-entropies, averaged. ``evidence`` (the running maximum of ``hits`` over
+    the document, see :mod:`~dharma_kernel.routing`) against the labels ("the concept so
+    far"): routing takes the top evidence, so a token labelled with concept m goes to module
+    m. And ``hits`` at the tokens where a label turns on (the concept's first term) against
+    1, and where it is 0 against 0: the maximum alone would credit whichever token held it,
+    not the term. Each is class-balanced per module (positives and negatives weigh half
+    each): a concept is present at a few percent of the tokens, and an unweighted mean
+    would teach the router that no concept is ever present. ``labels``: ``[B, T, M]``, or
+    per sequence ``[B, M]`` (the evidence term only); -100 unknown. None when no token is
+    labelled.
     """
-    if labels.dim() == 2:
-        labels = labels[:, None, :].expand_as(logits)
+    per_sequence = labels.dim() == 2
+    if per_sequence:
+        labels = labels[:, None, :].expand_as(evidence)
     keep = real[..., None] & (labels != IGNORE)
     if not bool(keep.any()):
         return None
-    with torch.autocast(logits.device.type, enabled=False):
-        return F.binary_cross_entropy_with_logits(logits.float()[keep], labels[keep].float())
+    with torch.autocast(evidence.device.type, enabled=False):
+        terms = [_balanced_bce(evidence.float(), labels == 1, keep)]
+        if not per_sequence:
+            before = F.pad(labels[:, :-1], (0, 0, 1, 0), value=IGNORE)
+            onset = (labels == 1) & (before != 1)
+            terms.append(_balanced_bce(hits.float(), onset, keep & ((labels == 0) | onset)))
+    return torch.stack(terms).mean()
+
+
+def _balanced_bce(logits: torch.Tensor, positive: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy ``[B, T, M]`` -> scalar: per module the mean over its positive tokens and the
+    mean over its negative ones, then the mean of all those means that have tokens."""
+    loss = F.binary_cross_entropy_with_logits(logits, positive.float(), reduction="none")
+    means = []
+    for mask in (keep & positive, keep & ~positive):
+        count = mask.sum((0, 1))
+        means.append(((loss * mask).sum((0, 1)) / count.clamp_min(1))[count > 0])
+    return torch.cat(means).mean()
 
 
 def total_loss(components: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:

@@ -51,7 +51,7 @@ class DharmaOutput(ModelOutput):
     ``<ref>/<name>`` from modules, ``<head>/<name>`` from heads, ``routing@<layer>``).
     module_scores: per module ref, its activation ``[B, T]`` at every token, averaged over the
     layers where it sits: under routed composition the router's probability that the module's
-    concept is present (sigmoid of its logit), else the module's own score.
+    concept has come up in the document (sigmoid of its evidence), else the module's own score.
     module_active: per module ref, ``[B, T]`` bool, where it ran at any layer (the router chose it).
     """
 
@@ -373,7 +373,7 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
         real = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
         if state.attention_mask is not None:
             real = state.attention_mask[:, -logits.shape[1] :].bool()
-        return routing_loss(logits, concept_labels.to(logits.device), real)
+        return routing_loss(logits, result.router_hits, concept_labels.to(logits.device), real)
 
     @contextmanager
     def switched_off(self, refs: Iterable[str]) -> Iterator[None]:

@@ -27,7 +27,8 @@ class StackResult:
 
     router_logits: ``[B, T, M]`` (fp32), the router's logit of each module at every token, under
     routed composition: its concept evidence so far in the document (see :mod:`.routing`); its
-    sigmoid is the module's concept probability (see DharmaModel).
+    sigmoid is the module's concept probability (see DharmaModel). router_hits: the router's
+    own per-token logits the evidence is the running maximum of.
     """
 
     hidden: torch.Tensor
@@ -36,6 +37,7 @@ class StackResult:
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     router_logits: torch.Tensor | None = None
+    router_hits: torch.Tensor | None = None
 
 
 class ModuleStack(nn.Module):
@@ -89,18 +91,22 @@ class ModuleStack(nn.Module):
         past = self._past(cache, 0, hidden)
         if self.composition == "parallel":
             return self._parallel(hidden, ModuleContext(attention_mask, past))
-        evidence = self._evidence(hidden, attention_mask, cache, starts)
-        return self._routed(hidden, attention_mask, past, evidence)
+        # The router reads the hidden states but does not train them: concept supervision shapes
+        # routing, never what the backbone computes for the language model.
+        hits = self.router(hidden.detach()).float()
+        evidence = self._evidence(hits, attention_mask, cache, starts)
+        result = self._routed(hidden, attention_mask, past, evidence)
+        result.router_hits = hits
+        return result
 
-    def _evidence(self, hidden, attention_mask, cache, starts) -> torch.Tensor:
+    def _evidence(self, hits, attention_mask, cache, starts) -> torch.Tensor:
         """The router's concept evidence ``[B, T, M]`` (fp32), continued from the cache's last position."""
-        real = _real_tokens(attention_mask, hidden)
+        real = _real_tokens(attention_mask, hits)
         previous = None
         if cache is not None:
             kept = peek_stream(cache, self.stream_base + 1)
             previous = None if kept is None else kept[:, -1]
-        hit = self.router(hidden).float()
-        evidence = concept_evidence(hit, starts, real, previous, pairwise=self.dense_routing)
+        evidence = concept_evidence(hits, starts, real, previous, pairwise=self.dense_routing)
         if cache is not None:
             extend_stream(cache, self.stream_base + 1, evidence)
         return evidence

@@ -185,11 +185,13 @@ def test_loss_components_add_up():
     mask[0, 6:] = 0
     concept = torch.tensor([[1.0, 0.0], [-100.0, 1.0]])  # [B, M] per sequence; -100 = unknown
     out = model(ids, attention_mask=mask, labels=ids, concept_labels=concept)
-    assert {"lm", "concept", "router_balance@0", "router_balance@1"} <= set(out.losses)
+    routers = {"router_balance@0", "router_balance@1", "routing@0", "routing@1"}
+    assert {"lm", "concept", *routers} == set(out.losses)
     expected = (
         out.losses["lm"]
         + 0.1 * out.losses["concept"]
         + 0.01 * (out.losses["router_balance@0"] + out.losses["router_balance@1"])
+        + 1.0 * (out.losses["routing@0"] + out.losses["routing@1"])
     )
     torch.testing.assert_close(out.loss, expected)
     assert int(out.lm_tokens) == 5 + 7  # padding and the first token of each row never count
@@ -204,6 +206,7 @@ def test_routed_stack_mixes_what_each_chosen_module_gives_a_full_forward():
     """Modules compute only at their routed tokens, yet each token gets the router-weighted deltas a
     full (unrouted) forward of its chosen modules gives it; padding keeps the block's output."""
     from dharma_kernel.protocol import ModuleContext
+    from dharma_kernel.routing import concept_evidence
 
     stack = tiny_model("routed", top_k=1).stacks["0"]
     hidden = torch.randn(3, 11, 32, generator=torch.Generator().manual_seed(4))
@@ -211,7 +214,8 @@ def test_routed_stack_mixes_what_each_chosen_module_gives_a_full_forward():
     mask[1, :4] = 0
     with torch.no_grad():
         routed = stack(hidden, mask).hidden
-        probs = torch.softmax(stack.router(hidden), dim=-1)
+        evidence = concept_evidence(stack.router(hidden), None, mask.bool())  # one document per row
+        probs = torch.softmax(evidence, dim=-1)
         top_weight, top_index = probs.topk(1, dim=-1)
         weight = torch.zeros_like(probs).scatter(-1, top_index, top_weight / top_weight.sum(-1, keepdim=True))
         weight = weight * mask[..., None]

@@ -87,3 +87,19 @@ def test_a_routed_model_forgets_a_concept_at_the_end_of_the_document():
     torch.testing.assert_close(scores, torch.sigmoid(reset).mean(0))
     carried = torch.stack([running(x) for x in logits])
     assert not torch.allclose(scores, torch.sigmoid(carried).mean(0))
+
+
+def test_routing_loss_trains_the_hits_where_a_concept_begins():
+    """The hit term: 1 at the token where a label turns on, 0 where the label is 0, and no say at the
+    later tokens of the concept (the evidence term covers those)."""
+    from dharma_kernel.losses import routing_loss
+
+    labels = torch.tensor([[[0.0], [0.0], [1.0], [1.0], [-100.0], [1.0]]])  # EOS at 4, a tagged doc after
+    real = torch.ones(1, 6, dtype=torch.bool)
+    hits = torch.zeros(1, 6, 1, requires_grad=True)
+    evidence = torch.zeros(1, 6, 1)
+    routing_loss(evidence, hits, labels, real).backward()
+    grad = hits.grad[0, :, 0]
+    assert grad[0] > 0 and grad[1] > 0  # pushed down: no concept yet
+    assert grad[2] < 0 and grad[5] < 0  # pushed up: the concept begins (after EOS, at once)
+    assert grad[3] == 0 and grad[4] == 0  # later tokens of the concept, and unknown ones
