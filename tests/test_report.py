@@ -20,7 +20,7 @@ from trainkit import write_manifest
 from dharma_kernel.concept_activation import ConceptActivation
 from dharma_kernel.testing import run_cli as dharma
 
-PLOTS = ["loss", "lr", "throughput", "eval_perplexity", "activation"]
+PLOTS = ["loss", "lr", "throughput", "eval_perplexity", "eval_auc", "activation"]
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
 
@@ -79,7 +79,15 @@ def test_every_logged_loss_component_is_plotted(run):
 
     metrics = read_run(run)
     components = metrics.loss_components()
-    assert components == ["loss", "lm", "concept", "router_balance@0", "router_balance@1"]
+    assert components == [
+        "loss",
+        "lm",
+        "concept",
+        "router_balance@0",
+        "router_balance@1",
+        "routing@0",
+        "routing@1",
+    ]
     assert [r["step"] for r in metrics.evals] == [0, 4, 8, 12]
     assert [r["step"] for r in metrics.activations] == [0, 4, 8, 12]
 
@@ -263,7 +271,7 @@ def test_page_renders_in_headless_chromium(run, tmp_path, capsys):
     probe.write_text((tmp_path / "out" / "report.html").read_text() + PROBE)
     dom = chromium("--dump-dom", probe.as_uri(), profile=tmp_path / "profile1")
     assert dom.returncode == 0, dom.stderr[-2000:]
-    assert "<title>decoded 5/5: 800x400 800x400 800x400 800x400 800x400</title>" in dom.stdout
+    assert "<title>decoded 6/6: 800x400 800x400 800x400 800x400 800x400 800x400</title>" in dom.stdout
     headings = re.findall(r"<h2[^>]*>([^<]+)</h2>", dom.stdout)
     assert headings == [
         "Summary",
@@ -271,6 +279,7 @@ def test_page_renders_in_headless_chromium(run, tmp_path, capsys):
         "Learning rate",
         "Throughput",
         "Eval perplexity",
+        "Module concept detection (median AUC)",
         "Module activation by concept (eval, step 12)",
         "Evaluations",
     ]
