@@ -56,6 +56,7 @@ def one_thread() -> Iterator[None]:
 
 def run_cli(capsys: Any, *argv: Any) -> tuple[int, str, str]:
     """``dharma ARGV`` in this process: its exit code, stdout and stderr (``capsys`` captures them)."""
+    from . import registry
     from .cli import main
 
     try:
@@ -63,6 +64,8 @@ def run_cli(capsys: Any, *argv: Any) -> tuple[int, str, str]:
         code = 0
     except SystemExit as exit_:
         code = exit_.code or 0
+    finally:
+        registry.disable((), reset=True)  # --no-plugin lasts one command line, as in its own process
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
