@@ -63,6 +63,15 @@ def fail(error: DharmaError) -> NoReturn:
     raise SystemExit(error.exit_code)
 
 
+def interrupted_line(steps: int, latest: Path | None, resume: str) -> str:
+    """What a stopped run says: the step it saved, or that it saved none and which checkpoint is latest
+    (a step whose evaluation was not finite is not saved)."""
+    if latest is not None and latest.name == f"step-{steps:08d}":
+        return f"interrupted: saved step {steps} to {latest}; continue with: {resume}"
+    kept = f"the latest checkpoint is {latest}" if latest is not None else "no checkpoint was saved"
+    return f"interrupted at step {steps}, which was not saved; {kept}; continue with: {resume}"
+
+
 def echo_json(value: Any, **options: Any) -> None:
     """``value`` as JSON on stdout; a NaN or infinity (a diverged loss) is null, since
     JSON has no such numbers and a bare ``NaN`` breaks every strict parser."""

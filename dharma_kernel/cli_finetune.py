@@ -12,7 +12,17 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli import FreezeOption, JsonOption, QuietOption, _quiet_transformers, app, echo_json, err, out
+from .cli import (
+    FreezeOption,
+    JsonOption,
+    QuietOption,
+    _quiet_transformers,
+    app,
+    echo_json,
+    err,
+    interrupted_line,
+    out,
+)
 from .errors import DharmaError
 
 
@@ -117,7 +127,7 @@ def report_finetune(summary: Any) -> None:
 
 def _exit_if_interrupted(summary: Any) -> None:
     if summary.interrupted:
-        err.print(f"interrupted: saved step {summary.steps}; continue with --resume")
+        err.print(interrupted_line(summary.steps, summary.latest, "the same command with --resume"))
         raise SystemExit(130)
 
 

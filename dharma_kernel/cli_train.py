@@ -25,6 +25,7 @@ from .cli import (
     app,
     echo_json,
     err,
+    interrupted_line,
     out,
     warn,
 )
@@ -90,10 +91,8 @@ def train(
     else:
         _report_training(summary)
     if summary.interrupted:
-        err.print(
-            f"interrupted: saved step {summary.steps} to {summary.latest}; "
-            f"continue with: dharma train {escape(str(manifest))} --resume"
-        )
+        resume = f"dharma train {escape(str(manifest))} --resume"
+        err.print(interrupted_line(summary.steps, summary.latest, resume))
         raise SystemExit(130)
 
 
