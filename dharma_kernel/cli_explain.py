@@ -105,6 +105,6 @@ def print_table(explanation: Explanation, model: Any) -> None:
         table.add_row(str(index), escape(token), *cells, routed)
     out.print(table)
     if composition_of(model) == "routed":
-        out.print("score: the router's probability that the module's concept has come up in the text by this token")
+        out.print("score: the router's probability that the module's concept has come up in the text so far")
     else:
         out.print("score: the module's own activation score at the token; every module runs at every token")

@@ -153,6 +153,9 @@ class LossSection(_Section):
     concept: float = Field(0.1, ge=0)
     router: float = Field(0.01, ge=0)  # load balance of routed stacks; the Switch Transformer's weight
     routing: float = Field(1.0, ge=0)  # routers learn the concept labels: a concept's tokens go to its module
+    # share of the routing loss's gradient that reaches the backbone: more detects concepts sooner,
+    # at some cost in perplexity (see README, "What a module's score means")
+    routing_backbone: float = Field(0.25, ge=0, le=1)
 
 
 class DataSection(_Section):

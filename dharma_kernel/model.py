@@ -72,6 +72,7 @@ class _ForwardState:
     cache: Cache | None
     results: dict[int, StackResult]
     starts: torch.Tensor | None = None  # [B, T] bool: where a document begins (routing.document_starts)
+    input_ids: torch.Tensor | None = None
 
 
 # The forward in progress; lets each slot reach the mask and cache whatever the
@@ -99,10 +100,11 @@ class DharmaSlot(nn.Module):
         cache = state.cache if state is not None else None
         stack = self.stack
         starts = state.starts if state is not None else None
+        ids = state.input_ids if state is not None else None
         if stack.gradient_checkpointing and stack.training and cache is None and torch.is_grad_enabled():
-            result = checkpoint(stack, hidden, mask, None, starts, use_reentrant=False)
+            result = checkpoint(stack, hidden, mask, None, starts, ids, use_reentrant=False)
         else:
-            result = stack(hidden, mask, cache, starts)
+            result = stack(hidden, mask, cache, starts, ids)
         if state is not None:
             state.results[self.layer] = result
         return (result.hidden, *out[1:]) if isinstance(out, tuple) else result.hidden
@@ -159,7 +161,9 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
         stream = depth  # module cache streams follow the backbone's own cache layers
         for layer in layout.get("at_layers", []):
             modules = [build_module(spec, width) for spec in layout.get("modules", [])]
-            stack = ModuleStack(modules, layout["composition"], layout.get("top_k", 2), width)
+            vocab = getattr(text, "vocab_size", 0) or 0
+            share = (layout.get("loss") or {}).get("routing_backbone", 0.25)
+            stack = ModuleStack(modules, layout["composition"], layout.get("top_k", 2), width, vocab, share)
             stack.stream_base, stream = stream, stream + stack.streams
             self.stacks[str(layer)] = stack
             blocks[layer] = DharmaSlot(blocks[layer], stack, layer)
@@ -271,7 +275,7 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
                 hint="Leave cache_implementation unset (or 'dynamic').",
             )
         starts = document_starts(input_ids, getattr(self.config.text_config, "eos_token_id", None))
-        state = _ForwardState(attention_mask, cache if use_cache else None, {}, starts)
+        state = _ForwardState(attention_mask, cache if use_cache else None, {}, starts, input_ids)
         want_hidden = bool(output_hidden_states) or len(self.heads) > 0
         token = _CURRENT.set(state)
         try:

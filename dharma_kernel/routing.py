@@ -25,7 +25,7 @@ def document_starts(input_ids: torch.Tensor | None, eos_ids: int | list[int] | N
     if input_ids is None or eos_ids is None:
         return None
     eos = torch.as_tensor(eos_ids, device=input_ids.device).reshape(-1)
-    return torch.isin(input_ids, eos)
+    return (input_ids[..., None] == eos).any(-1)  # not isin: ONNX has no searchsorted
 
 
 def concept_evidence(

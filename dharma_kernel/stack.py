@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
@@ -14,6 +15,8 @@ from .protocol import DharmaModule, ModuleContext, ModuleOutput, TokenOutput, co
 from .routing import concept_evidence
 
 COMPOSITIONS = ("sequential", "parallel", "routed")
+# The router's per-token table (see ModuleStack): each vocabulary id's rank-16 code, read out per module.
+TOKEN_PRIOR_RANK = 16
 
 
 def module_key(ref: str) -> str:
@@ -52,7 +55,15 @@ class ModuleStack(nn.Module):
     concepts it has raised.
     """
 
-    def __init__(self, modules: list[DharmaModule], composition: str, top_k: int, hidden_size: int) -> None:
+    def __init__(
+        self,
+        modules: list[DharmaModule],
+        composition: str,
+        top_k: int,
+        hidden_size: int,
+        vocab_size: int = 0,
+        backbone_gradient: float = 0.25,
+    ) -> None:
         super().__init__()
         if composition not in COMPOSITIONS:
             raise ValueError(f"composition must be one of {COMPOSITIONS}, got {composition!r}")
@@ -61,6 +72,19 @@ class ModuleStack(nn.Module):
         self.top_k = top_k
         self.members = nn.ModuleDict({module_key(m.ref()): m for m in modules})
         self.router = Linear(hidden_size, len(modules), bias=False) if composition == "routed" else None
+        # Routed, with input ids: a per-token table the router adds to its scores. A concept's terms
+        # are a few vocabulary ids; a linear map of shared hidden features learns them slowly unless
+        # the backbone bends its own features to it (which costs perplexity). The output starts at
+        # zero, so a new table changes nothing until trained.
+        # Its own generator: adding the table leaves every other weight's initialisation as it was.
+        self.token_prior = self.prior_out = None
+        if composition == "routed" and vocab_size:
+            codes = torch.empty(vocab_size, TOKEN_PRIOR_RANK)
+            nn.init.normal_(codes, generator=torch.Generator().manual_seed(len(modules)))
+            self.token_prior = nn.Embedding(vocab_size, TOKEN_PRIOR_RANK, _weight=codes)
+            self.prior_out = nn.Parameter(torch.zeros(len(modules), TOKEN_PRIOR_RANK))
+        # How much of the routing loss's gradient reaches the backbone through the router's input.
+        self.backbone_gradient = backbone_gradient
         self.stream_base = 0  # first cache stream index; set by the model
         self.gradient_checkpointing = False
         # Every module at every token, unchosen ones weighted zero: the same result without the
@@ -84,20 +108,29 @@ class ModuleStack(nn.Module):
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
         starts: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
     ) -> StackResult:
-        """``starts``: ``[B, T]`` bool, the tokens where a new document begins (end-of-text)."""
+        """``starts``: ``[B, T]`` bool, the tokens where a new document begins (end-of-text);
+        ``input_ids``: ``[B, T]``, for the router's token table."""
         if self.composition == "sequential":
             return self._sequential(hidden, attention_mask, cache)
         past = self._past(cache, 0, hidden)
         if self.composition == "parallel":
             return self._parallel(hidden, ModuleContext(attention_mask, past))
-        # The router reads the hidden states but does not train them: concept supervision shapes
-        # routing, never what the backbone computes for the language model.
-        hits = self.router(hidden.detach()).float()
+        hits = self._hits(hidden, input_ids)
         evidence = self._evidence(hits, attention_mask, cache, starts)
         result = self._routed(hidden, attention_mask, past, evidence)
         result.router_hits = hits
         return result
+
+    def _hits(self, hidden: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
+        """The router's per-token scores ``[B, T, M]`` (fp32): a linear map of the normalised hidden
+        states (the backbone's scale drifts as it trains), plus the token table's row."""
+        read = _scale_gradient(hidden, self.backbone_gradient)
+        hits = self.router(F.layer_norm(read, read.shape[-1:])).float()
+        if self.token_prior is not None and input_ids is not None:
+            hits = hits + F.linear(self.token_prior(input_ids[:, -hits.shape[1] :]), self.prior_out).float()
+        return hits
 
     def _evidence(self, hits, attention_mask, cache, starts) -> torch.Tensor:
         """The router's concept evidence ``[B, T, M]`` (fp32), continued from the cache's last position."""
@@ -214,6 +247,15 @@ def _at_tokens(
         return module.forward_tokens(x, hidden, ctx)
     out = module(hidden, ctx)
     return TokenOutput(ctx.pick(out.hidden) - x, ctx.pick(out.score), out.losses, out.metrics)
+
+
+def _scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
+    """``x`` unchanged forward; its gradient times ``factor`` backward."""
+    if factor == 1.0:
+        return x
+    if factor == 0.0:
+        return x.detach()
+    return x.detach() + factor * (x - x.detach())
 
 
 def _real_tokens(attention_mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import recorded_hits, tiny_model
 
 from dharma_kernel.assemble import build_model
 from dharma_kernel.errors import DharmaError
@@ -112,16 +112,9 @@ def test_routed_scores_are_defined_at_every_token_and_are_the_router_evidence():
     for ref in refs:
         score = out.module_scores[ref]
         assert bool((score > 0).all()) and bool((score < 1).all())  # also where the module did not run
-    # the mean over the module's layers of sigmoid(router logit)
-    logits = []
-    hooks = [
-        stack.router.register_forward_hook(lambda _m, _i, out: logits.append(out.float()))
-        for stack in model.stacks.values()
-    ]
-    with torch.no_grad():
+    # the mean over the module's layers of sigmoid(router evidence)
+    with torch.no_grad(), recorded_hits(model) as logits:
         model(ids)
-    for hook in hooks:
-        hook.remove()
     # no end-of-text among the ids: one document, so the evidence is the running maximum
     assert not torch.isin(ids, torch.tensor(model.config.text_config.eos_token_id)).any()
     expected = torch.sigmoid(torch.stack([torch.cummax(x, 1).values for x in logits])).mean(0)
@@ -214,7 +207,7 @@ def test_routed_stack_mixes_what_each_chosen_module_gives_a_full_forward():
     mask[1, :4] = 0
     with torch.no_grad():
         routed = stack(hidden, mask).hidden
-        evidence = concept_evidence(stack.router(hidden), None, mask.bool())  # one document per row
+        evidence = concept_evidence(stack._hits(hidden, None), None, mask.bool())  # one document per row
         probs = torch.softmax(evidence, dim=-1)
         top_weight, top_index = probs.topk(1, dim=-1)
         weight = torch.zeros_like(probs).scatter(-1, top_index, top_weight / top_weight.sum(-1, keepdim=True))

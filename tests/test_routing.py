@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import recorded_hits, tiny_model
 
 from dharma_kernel.routing import PAD_LOGIT, concept_evidence, document_starts
 
@@ -69,15 +69,8 @@ def test_a_routed_model_forgets_a_concept_at_the_end_of_the_document():
     model = tiny_model("routed", top_k=1, at_layers=(0, 1)).eval()
     eos = model.config.text_config.eos_token_id
     row = torch.cat([torch.randint(1, 97, (1, 9)), torch.tensor([[eos]]), torch.randint(1, 97, (1, 7))], 1)
-    logits = []
-    hooks = [
-        stack.router.register_forward_hook(lambda _m, _i, out: logits.append(out.float()))
-        for stack in model.stacks.values()
-    ]
-    with torch.no_grad():
+    with torch.no_grad(), recorded_hits(model) as logits:
         scores = model(row).module_scores
-    for hook in hooks:
-        hook.remove()
     scores = torch.stack([scores[ref] for ref in model.module_refs], -1)
 
     def running(x: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
 from dharma_kernel.testing import perturb, tiny_backbone_config
 
 
@@ -30,3 +35,24 @@ def tiny_model(composition: str = "sequential", top_k: int = 1, trained: bool = 
     if trained:
         perturb(model.stacks, seed=1, std=0.1)
     return model.eval()
+
+
+@contextmanager
+def recorded_hits(model) -> Iterator[list[torch.Tensor]]:
+    """Within the block, every routed stack's per-token router scores (``ModuleStack._hits``), in order."""
+    hits: list[torch.Tensor] = []
+    originals = {}
+    for stack in model.stacks.values():
+        originals[stack] = stack._hits
+
+        def record(hidden, input_ids, _original=stack._hits):
+            out = _original(hidden, input_ids)
+            hits.append(out.detach())
+            return out
+
+        stack._hits = record
+    try:
+        yield hits
+    finally:
+        for stack in originals:
+            del stack._hits  # the instance attribute; the class's method shows again
