@@ -120,8 +120,15 @@ class FinetuneSession(_Session):
         return train_data, eval_data, report
 
     def _model(self, latest: Path | None, build: Any) -> Any:
-        if latest is not None:
-            return super()._model(latest, build)
+        model = super()._model(latest, build) if latest is not None else self._foundation_model()
+        # The foundation's routers already know the concepts: fine-tuning keeps their routing loss
+        # from pulling on the backbone and adapters, which are there to learn the task (on a tiny
+        # chat model that pull doubled the loss left on the assistant's answers).
+        for stack in model.stacks.values():
+            stack.backbone_gradient = 0.0
+        return model
+
+    def _foundation_model(self) -> Any:
         from ..application import add_heads
         from ..model import DharmaModel
 
