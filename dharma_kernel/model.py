@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -193,7 +194,7 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
         )
         check_fit(
             weights_path(pretrained_model_name_or_path),
-            info["missing_keys"],
+            _missing_after_token_tables(model, info["missing_keys"]),
             info["unexpected_keys"],
             [] if resizing else info["mismatched_keys"],
         )
@@ -418,6 +419,18 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
     def module_at(self, ref: str, layer: int) -> DharmaModule:
         """The instance of module ``ref`` at ``layer``."""
         return self.stacks[str(layer)].members[module_key(ref)]
+
+
+_TOKEN_TABLE = re.compile(r"stacks\.(\d+)\.(token_prior\.weight|prior_out)")
+
+
+def _missing_after_token_tables(model: DharmaModel, missing: list[str]) -> list[str]:
+    """``missing`` less the routers' token tables, which models saved before them lack: those
+    stacks get a fresh table (its zero read-out changes nothing)."""
+    tables = [key for key in missing if _TOKEN_TABLE.fullmatch(key)]
+    for layer in {_TOKEN_TABLE.fullmatch(key).group(1) for key in tables}:
+        model.stacks[layer].reset_token_table()
+    return [key for key in missing if key not in tables]
 
 
 def _where_active(refs: list[str], state: _ForwardState) -> dict[str, torch.Tensor]:

@@ -76,13 +76,11 @@ class ModuleStack(nn.Module):
         # are a few vocabulary ids; a linear map of shared hidden features learns them slowly unless
         # the backbone bends its own features to it (which costs perplexity). The output starts at
         # zero, so a new table changes nothing until trained.
-        # Its own generator: adding the table leaves every other weight's initialisation as it was.
         self.token_prior = self.prior_out = None
         if composition == "routed" and vocab_size:
-            codes = torch.empty(vocab_size, TOKEN_PRIOR_RANK)
-            nn.init.normal_(codes, generator=torch.Generator().manual_seed(len(modules)))
-            self.token_prior = nn.Embedding(vocab_size, TOKEN_PRIOR_RANK, _weight=codes)
-            self.prior_out = nn.Parameter(torch.zeros(len(modules), TOKEN_PRIOR_RANK))
+            placeholder = torch.empty(vocab_size, TOKEN_PRIOR_RANK)  # filled below, no global RNG drawn
+            self.token_prior = nn.Embedding(vocab_size, TOKEN_PRIOR_RANK, _weight=placeholder)
+            self.reset_token_table(vocab_size)
         # How much of the routing loss's gradient reaches the backbone through the router's input.
         self.backbone_gradient = backbone_gradient
         self.stream_base = 0  # first cache stream index; set by the model
@@ -95,6 +93,19 @@ class ModuleStack(nn.Module):
         # Refs switched off (ablation): they add nothing to the hidden states, and routed ones
         # compute nothing; scores and routing are unchanged. See DharmaModel.switched_off.
         self.disabled: frozenset[str] = frozenset()
+
+    def reset_token_table(self, vocab_size: int | None = None) -> None:
+        """A fresh token table: random codes, a zero read-out (no effect until trained). Also for
+        models saved before the table existed. Its own generator: adding the table leaves every
+        other weight's initialisation as it was."""
+        vocab_size = vocab_size or self.token_prior.num_embeddings
+        device, dtype = self.router.weight.device, self.router.weight.dtype
+        codes = torch.empty(vocab_size, TOKEN_PRIOR_RANK, device="cpu")
+        nn.init.normal_(codes, generator=torch.Generator().manual_seed(len(self.refs)))
+        self.token_prior.weight = nn.Parameter(codes.to(device, dtype))
+        self.token_prior.num_embeddings = vocab_size
+        read_out = torch.zeros(len(self.refs), TOKEN_PRIOR_RANK, device=device, dtype=dtype)
+        self.prior_out = nn.Parameter(read_out)
 
     @property
     def streams(self) -> int:
