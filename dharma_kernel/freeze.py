@@ -69,7 +69,7 @@ def parameter_table(model: DharmaModel) -> list[GroupCount]:
     rows: list[tuple[str, list[nn.Parameter]]] = [("backbone", list(model.backbone.parameters()))]
     for family in sorted({ref.split(".")[0] for ref in model.module_refs}):
         rows.append((family, group_parameters(model, family)))
-    routers = [p for s in model.stacks.values() if s.router is not None for p in s.router.parameters()]
+    routers = [p for s in model.stacks.values() for p in s.router_parameters()]
     if routers:
         rows.append(("routers", routers))
     if len(model.heads):

@@ -16,7 +16,9 @@ from .routing import concept_evidence
 
 COMPOSITIONS = ("sequential", "parallel", "routed")
 # The router's per-token table (see ModuleStack): each vocabulary id's rank-16 code, read out per module.
-TOKEN_PRIOR_RANK = 16
+# Larger vocabularies share rows (id modulo the rows), so the table stays small beside GPT-2's 50,257
+# ids: the `lite` preset's 5% budget holds, and the router's linear part tells sharing ids apart.
+TOKEN_PRIOR_RANK, TOKEN_TABLE_ROWS = 16, 4096
 
 
 def module_key(ref: str) -> str:
@@ -78,9 +80,10 @@ class ModuleStack(nn.Module):
         # zero, so a new table changes nothing until trained.
         self.token_prior = self.prior_out = None
         if composition == "routed" and vocab_size:
-            placeholder = torch.empty(vocab_size, TOKEN_PRIOR_RANK)  # filled below, no global RNG drawn
-            self.token_prior = nn.Embedding(vocab_size, TOKEN_PRIOR_RANK, _weight=placeholder)
-            self.reset_token_table(vocab_size)
+            rows = min(vocab_size, TOKEN_TABLE_ROWS)
+            placeholder = torch.empty(rows, TOKEN_PRIOR_RANK)  # filled below, no global RNG drawn
+            self.token_prior = nn.Embedding(rows, TOKEN_PRIOR_RANK, _weight=placeholder)
+            self.reset_token_table(rows)
         # How much of the routing loss's gradient reaches the backbone through the router's input.
         self.backbone_gradient = backbone_gradient
         self.stream_base = 0  # first cache stream index; set by the model
@@ -94,16 +97,20 @@ class ModuleStack(nn.Module):
         # compute nothing; scores and routing are unchanged. See DharmaModel.switched_off.
         self.disabled: frozenset[str] = frozenset()
 
-    def reset_token_table(self, vocab_size: int | None = None) -> None:
+    def router_parameters(self) -> list[nn.Parameter]:
+        """The stack's own parameters, not its modules': the router and its token table."""
+        return [p for name, p in self.named_parameters() if not name.startswith("members.")]
+
+    def reset_token_table(self, rows: int | None = None) -> None:
         """A fresh token table: random codes, a zero read-out (no effect until trained). Also for
         models saved before the table existed. Its own generator: adding the table leaves every
         other weight's initialisation as it was."""
-        vocab_size = vocab_size or self.token_prior.num_embeddings
+        rows = rows or self.token_prior.num_embeddings
         device, dtype = self.router.weight.device, self.router.weight.dtype
-        codes = torch.empty(vocab_size, TOKEN_PRIOR_RANK, device="cpu")
+        codes = torch.empty(rows, TOKEN_PRIOR_RANK, device="cpu")
         nn.init.normal_(codes, generator=torch.Generator().manual_seed(len(self.refs)))
         self.token_prior.weight = nn.Parameter(codes.to(device, dtype))
-        self.token_prior.num_embeddings = vocab_size
+        self.token_prior.num_embeddings = rows
         read_out = torch.zeros(len(self.refs), TOKEN_PRIOR_RANK, device=device, dtype=dtype)
         self.prior_out = nn.Parameter(read_out)
 
@@ -140,7 +147,8 @@ class ModuleStack(nn.Module):
         read = _scale_gradient(hidden, self.backbone_gradient)
         hits = self.router(F.layer_norm(read, read.shape[-1:])).float()
         if self.token_prior is not None and input_ids is not None:
-            hits = hits + F.linear(self.token_prior(input_ids[:, -hits.shape[1] :]), self.prior_out).float()
+            rows = input_ids[:, -hits.shape[1] :] % self.token_prior.num_embeddings
+            hits = hits + F.linear(self.token_prior(rows), self.prior_out).float()
         return hits
 
     def _evidence(self, hits, attention_mask, cache, starts) -> torch.Tensor:

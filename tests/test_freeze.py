@@ -22,7 +22,8 @@ def test_table_counts_each_group_once():
     # tied input/output embeddings count once
     unique = {id(p): p.numel() for p in model.parameters()}
     assert table["total"][0] == sum(unique.values())
-    assert table["routers"][0] == 2 * 32 * 2  # two layers, hidden 32, two modules
+    # two layers: a router (hidden 32, two modules) and a token table (97 ids x 16, read out to 2)
+    assert table["routers"][0] == 2 * (32 * 2 + 97 * 16 + 16 * 2)
 
 
 @pytest.mark.parametrize(

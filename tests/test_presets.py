@@ -29,15 +29,15 @@ def test_lite_adds_at_most_five_percent_to_distilgpt2():
     table = all_37("lite", "[2, 4]")
     assert table["backbone"] == DISTILGPT2
     added = table["total"] - table["backbone"]
-    assert added / DISTILGPT2 <= 0.05  # measured: 3,895,216 = 4.76%
+    assert added / DISTILGPT2 <= 0.05  # measured: 4,027,472 = 4.92% (routers' token tables included)
     assert set(FAMILIES) <= set(table)
 
 
 def test_seed_example_has_the_original_scale():
     table = counts(load_manifest(EXAMPLES / "seed-262m.toml"))
     modules = table["total"] - table["backbone"]
-    assert modules == pytest.approx(174e6, rel=0.03)  # measured: 176,221,586
-    assert table["total"] == pytest.approx(262e6, rel=0.03)  # measured: 258,134,162
+    assert modules == pytest.approx(174e6, rel=0.03)  # measured: 176,287,714
+    assert table["total"] == pytest.approx(262e6, rel=0.03)  # measured: 258,200,290
 
 
 def test_presets_grow():

@@ -171,6 +171,9 @@ def _stack(stack: nn.Module, length: int) -> float:
     routed = stack.composition == "routed" and members
     share = min(1.0, stack.top_k / len(members)) if routed else 1.0  # routed: each module's tokens
     total = MODULE * _io(stack.router) if stack.router is not None else 0.0
+    if stack.router is not None:
+        # its normalised input, the token table's codes, and the scores, evidence and probabilities
+        total += MODULE * (stack.router.weight.shape[1] + 16 + 4 * len(members))
     for module in members:
         attention = [m for m in module.modules() if isinstance(m, CausalAttention)]
         # keys and values are computed at every position, queries only at the module's tokens
