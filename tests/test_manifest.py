@@ -126,7 +126,7 @@ def test_defaults():
         },
         "heads": [],
         "freeze": {"groups": []},
-        "loss": {"lm": 1.0, "concept": 0.1, "router": 0.01},
+        "loss": {"lm": 1.0, "concept": 0.1, "router": 0.01, "routing": 1.0, "routing_backbone": 0.25},
         "data": {
             "train": [],
             "eval": [],
@@ -221,7 +221,10 @@ def test_malformed_toml_gives_file_line_and_column(tmp_path):
         ),
         ("[train]\nbatchsize = 4\n", "train.batchsize: unknown key; did you mean 'batch_size'?"),
         ('[[heads]]\nplugin = "qa"\nconfg = {}\n', "heads[0].confg: unknown key; did you mean 'config'?"),
-        ("[loss]\nlm_weight = 1.0\n", "loss.lm_weight: unknown key; valid keys: lm, concept, router"),
+        (
+            "[loss]\nlm_weight = 1.0\n",
+            "loss.lm_weight: unknown key; valid keys: lm, concept, router, routing, routing_backbone",
+        ),
     ],
 )
 def test_unknown_key_suggests_closest(text, message):
