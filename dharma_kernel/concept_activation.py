@@ -124,12 +124,12 @@ def diagonal_share(mean: list[list[float | None]]) -> float | None:
     """The heatmap's diagonal: the share of modules whose mean activation is highest on their own
     concept (among the concepts the eval tokens have; ``none`` left out). None when no module's
     own concept occurs."""
-    rows = [row for i, row in enumerate(mean) if row[i] is not None]
-    if not rows:
-        return None
-    own = [i for i, row in enumerate(mean) if row[i] is not None]
-    wins = sum(row[i] >= max(v for v in row[:-1] if v is not None) for i, row in zip(own, rows, strict=True))
-    return wins / len(rows)
+    wins = [
+        row[i] >= max(v for v in row[:-1] if v is not None)
+        for i, row in enumerate(mean)
+        if row[i] is not None
+    ]
+    return sum(wins) / len(wins) if wins else None
 
 
 def median_auc(values: Any) -> float | None:

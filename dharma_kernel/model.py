@@ -24,7 +24,7 @@ from .errors import DharmaError, error_line
 from .losses import concept_loss, lm_loss, routing_loss, total_loss
 from .protocol import DharmaModule, HeadModule, ModuleConfig
 from .routing import document_starts
-from .stack import ModuleStack, StackResult, module_key
+from .stack import ModuleStack, StackResult, module_key, real_tokens
 from .validation import format_validation_error
 from .version import __version__
 
@@ -375,9 +375,7 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
         if result.router_logits is None or concept_labels is None:
             return None
         logits = result.router_logits
-        real = torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
-        if state.attention_mask is not None:
-            real = state.attention_mask[:, -logits.shape[1] :].bool()
+        real = real_tokens(state.attention_mask, logits)
         return routing_loss(logits, result.router_hits, concept_labels.to(logits.device), real)
 
     @contextmanager

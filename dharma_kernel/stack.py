@@ -153,7 +153,7 @@ class ModuleStack(nn.Module):
 
     def _evidence(self, hits, attention_mask, cache, starts) -> torch.Tensor:
         """The router's concept evidence ``[B, T, M]`` (fp32), continued from the cache's last position."""
-        real = _real_tokens(attention_mask, hits)
+        real = real_tokens(attention_mask, hits)
         previous = None
         if cache is not None:
             kept = peek_stream(cache, self.stream_base + 1)
@@ -193,7 +193,7 @@ class ModuleStack(nn.Module):
         top_weight, top_index = probs.topk(self.top_k, dim=-1)
         top_weight = top_weight / top_weight.sum(-1, keepdim=True)
         chosen = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_index, True)
-        real = _real_tokens(attention_mask, hidden)
+        real = real_tokens(attention_mask, hidden)
         if self.dense_routing:
             active = chosen & real[..., None]
             return self._routed_dense(result, attention_mask, past, top_index, top_weight, active)
@@ -277,7 +277,8 @@ def _scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
     return x.detach() + factor * (x - x.detach())
 
 
-def _real_tokens(attention_mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
+def real_tokens(attention_mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool: the real (not padding) tokens among ``hidden``'s ``T`` positions."""
     length = hidden.shape[1]
     if attention_mask is None:
         return torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
