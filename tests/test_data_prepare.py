@@ -52,11 +52,11 @@ def test_the_foundation_manifest_gives_train_and_a_held_out_eval_set():
     tokenizer = train_tokenizer(data.texts, vocab_size=1000)
     train, evaluation, report = prepare_data(manifest, tokenizer, records=data)
 
-    assert (len(data.train), len(data.eval)) == (386, 108)  # the corpus; examples/heldout's paragraphs
+    assert (len(data.train), len(data.eval)) == (390, 108)  # the corpus; examples/heldout's paragraphs
     assert not {r.text for r in data.train} & {r.text for r in data.eval}
     assert {Path(r.source).parent.name for r in data.eval} == {"heldout"}
     # 6 corpus files, conversations.jsonl, heldout.txt; the task sets beside them are not read
-    assert (report.files_read, report.files_skipped, report.records_kept) == (8, 0, 494)
+    assert (report.files_read, report.files_skipped, report.records_kept) == (8, 0, 498)
     assert train.input_ids.shape[1] == evaluation.input_ids.shape[1] == 128
     assert len(evaluation) > 0 and evaluation.tokens > 0
     assert train.concept_labels is None
