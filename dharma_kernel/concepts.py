@@ -149,8 +149,8 @@ def concept_hits(
     """What :func:`token_labels` is made of, before it is made causal.
 
     ``tagged`` ``[M]`` (bool): the columns a record tag names. ``hits`` ``[T, M]`` (bool):
-    the tokens (non-empty spans only) that overlap a lexicon hit in ``text``, in the
-    other columns; None when there is none. Packing makes hits causal per row.
+    for each lexicon hit in ``text``, the token that completes it (see :func:`_completing`),
+    in the other columns; None when there is none. Packing makes hits causal per row.
 
     NumPy, not torch: this runs once per document, and torch's intra-op threads make
     such small operations slow while the tokenizer's own threads are about.
@@ -167,18 +167,27 @@ def concept_hits(
         if hits is None:
             bounds = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
             hits = np.zeros((len(offsets), len(refs)), dtype=bool)
-        hits[:, column] = _overlapping(bounds[:, 0], bounds[:, 1], spans)
+        hits[:, column] = _completing(bounds[:, 0], bounds[:, 1], spans)
     return tagged, hits
 
 
-def _overlapping(starts: np.ndarray, ends: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
-    """Tokens whose non-empty span overlaps one of ``spans`` (sorted and disjoint, as
-    :meth:`Lexicon.find` gives them): the first span ending after a token starts is the
-    only one that can overlap it."""
+def _completing(starts: np.ndarray, ends: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """For each of ``spans`` (sorted, as :meth:`Lexicon.find` gives them), the last token
+    with a non-empty span that overlaps it: the first token at which a causal model has
+    seen the whole term. A term split into pieces ("S" "eva" for "Seva") is known at
+    its last piece; its first piece ("S") begins a thousand other words. A hit whose
+    end lies past the last token (the text was truncated inside it) marks no token."""
+    hit = np.zeros(len(starts), dtype=bool)
+    real = np.flatnonzero(ends > starts)
+    if not len(real):
+        return hit
     bounds = np.asarray(spans, dtype=np.int64)
-    after = np.searchsorted(bounds[:, 1], starts, side="right")
-    first_start = bounds[np.minimum(after, len(spans) - 1), 0]
-    return (after < len(spans)) & (first_start < ends) & (ends > starts)
+    last = np.searchsorted(starts[real], bounds[:, 1], side="left") - 1
+    found = last >= 0
+    last = np.maximum(last, 0)
+    found &= (ends[real][last] > bounds[:, 0]) & (ends[real][last] >= bounds[:, 1])
+    hit[real[last[found]]] = True
+    return hit
 
 
 def token_labels(
@@ -194,11 +203,11 @@ def token_labels(
 
     - a record tag naming it (its name, its full ref, or one of its terms, any case)
       labels every token 1: the record is about the concept as a whole;
-    - otherwise labels are causal, "the concept so far": 0 before the first token that
-      overlaps a lexicon hit, 1 from that token on. The modules are causal, so at token
-      t a module sees only tokens <= t; asking it to fire before the concept has
-      appeared would train it to guess the future, and labelling the whole text from a
-      late hit would punish a correct detector on every earlier token.
+    - otherwise labels are causal, "the concept so far": 0 before the token that
+      completes the first lexicon hit, 1 from that token on. The modules are causal, so
+      at token t a module sees only tokens <= t; asking it to fire before the whole
+      term has appeared would train it to guess the future, and labelling the whole
+      text from a late hit would punish a correct detector on every earlier token.
 
     Tokens with an empty span (special tokens report ``(0, 0)``) are -100, ignored.
     """

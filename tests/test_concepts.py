@@ -90,6 +90,22 @@ def test_labels_are_causal_from_the_first_hit():
     assert labels[:, 0].tolist() == [0, 0, 0, 1, 1, 1]
 
 
+def test_a_term_split_into_pieces_is_labelled_from_its_last_piece():
+    text = "Seva and service"
+    pieces = [(0, 1), (1, 4), (4, 8), (8, 16)]  # "S" "eva" " and" " service", as a byte-level BPE cuts it
+    lexicons = {"s": Lexicon(["seva"]), "t": Lexicon(["service"])}
+    labels = token_labels(text, pieces, lexicons, ["s", "t"])
+    assert labels[:, 0].tolist() == [0, 1, 1, 1]
+    assert labels[:, 1].tolist() == [0, 0, 0, 1]
+
+
+def test_a_term_cut_off_by_truncation_labels_nothing():
+    text = "we spoke of seva"
+    kept = [(0, 2), (2, 8), (8, 11), (11, 14)]  # truncated inside "seva"
+    labels = token_labels(text, kept, {"s": Lexicon(["seva"])}, ["s"])
+    assert labels[:, 0].tolist() == [0, 0, 0, 0]
+
+
 def test_a_token_partly_overlapping_a_hit_starts_the_label():
     text = "निष्कामकर्म योग"
     labels = token_labels(text, words(text), {"k": KARMA}, ["k"])
