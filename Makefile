@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt $(addsuffix /pyproject.toml,$(PLUGIN_DIRS))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -c constraints.txt hatchling editables pip
-	$(PIP) install -c constraints.txt --no-build-isolation -e '.[dev]' $(addprefix -e ,$(PLUGIN_DIRS))
+	$(PIP) install -c constraints.txt --no-build-isolation -e '.[dev,serve]' $(addprefix -e ,$(PLUGIN_DIRS))
 	touch $@
 
 DEMO_RUN := runs/dharma-foundation

@@ -439,3 +439,4 @@ from . import cli_finetune  # noqa: E402, F401, I001  (registers finetune, predi
 from . import cli_chat  # noqa: E402, F401, I001  (registers chat)
 from . import cli_translate  # noqa: E402, F401, I001  (registers translate)
 from . import cli_explain  # noqa: E402, F401, I001  (registers explain)
+from . import cli_serve  # noqa: E402, F401, I001  (registers serve)

@@ -159,7 +159,7 @@ def predict(
     import torch
 
     from .application import load_application
-    from .head_data import predict_records
+    from .head_data import pick_head, predict_records
 
     _quiet_transformers()
     # a field is the text as given, never parsed as JSON
@@ -184,20 +184,6 @@ def predict(
         out.print(chosen.format_prediction(prediction), markup=False, emoji=False)  # silent under --quiet
 
 
-def pick_head(model: Any, name: str | None) -> Any:
-    """The model's head ``name``, or its only head."""
-    heads = list(model.heads)
-    if not heads:
-        raise DharmaError("this model has no task head", hint="Fine-tune one: dharma finetune --head NAME.")
-    if name is None:
-        if len(heads) > 1:
-            raise DharmaError(f"this model has several heads ({', '.join(heads)}); choose one with --head")
-        name = heads[0]
-    if name not in heads:
-        raise DharmaError(f"this model has no head '{name}'; it has {', '.join(heads)}")
-    return model.heads[name]
-
-
 def has_head(path: Path) -> bool:
     """Whether ``path`` is an application or a model (or run) directory with a head; reads JSON only."""
     from .application import is_application, read_application
@@ -216,7 +202,7 @@ def has_head(path: Path) -> bool:
 def eval_head(path: Path, data: list[str], batch_size: int, head: str | None, as_json: bool) -> None:
     """``dharma eval`` on a model with a head: its mean loss and metrics on ``data``."""
     from .application import load_application
-    from .head_data import encode_records, max_length_of, read_head_records
+    from .head_data import encode_records, max_length_of, pick_head, read_head_records
     from .train.finetune import evaluate_head
 
     _quiet_transformers()

@@ -205,3 +205,17 @@ def forward_inputs(model: Any, tensors: dict[str, torch.Tensor]) -> Any:
         attention_mask=tensors["attention_mask"].to(device),
         use_cache=False,
     )
+
+
+def pick_head(model: Any, name: str | None) -> Any:
+    """The model's head ``name``, or its only head."""
+    heads = list(model.heads)
+    if not heads:
+        raise DharmaError("this model has no task head", hint="Fine-tune one: dharma finetune --head NAME.")
+    if name is None:
+        if len(heads) > 1:
+            raise DharmaError(f"this model has several heads ({', '.join(heads)}); choose one with --head")
+        name = heads[0]
+    if name not in heads:
+        raise DharmaError(f"this model has no head '{name}'; it has {', '.join(heads)}")
+    return model.heads[name]

@@ -1,0 +1,78 @@
+"""``dharma serve``: models behind an OpenAI-compatible HTTP API, with a chat page at ``/``.
+
+Registered on :data:`dharma_kernel.cli.app` when that module imports this one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from .cli import _quiet_transformers, app, out
+from .errors import DharmaError
+
+
+@app.command()
+def serve(
+    models: Annotated[
+        list[str],
+        typer.Argument(
+            help="Model, run (its best) or application directories, as PATH or NAME=PATH.", show_default=False
+        ),
+    ],
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind; other machines need 0.0.0.0.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535)] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key", envvar="DHARMA_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/."
+        ),
+    ] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Sequences decoded together.")] = 16,
+    max_queue: Annotated[
+        int, typer.Option("--max-queue", min=0, help="Requests waiting for a batch slot before 429.")
+    ] = 64,
+    grace: Annotated[
+        float, typer.Option("--grace", min=0.0, help="Seconds in-flight requests get after SIGTERM.")
+    ] = 10.0,
+) -> None:
+    """Serve models over the OpenAI API (/v1/models, /v1/chat/completions, /v1/completions, /v1/predict)
+    with continuous batching, and a chat page at /. Stops on SIGTERM or Ctrl-C."""
+    try:
+        import uvicorn
+
+        from .serve.app import create_app
+    except ImportError as error:
+        raise DharmaError(
+            f"dharma serve needs FastAPI and uvicorn ({error.name} is missing)",
+            hint="pip install 'dharma-kernel[serve]'",
+        ) from None
+    from .serve.models import load_served
+
+    _quiet_transformers()
+    served = load_served(models, max_batch, max_queue)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(served, api_key),
+            host=host,
+            port=port,
+            log_level="warning",
+            timeout_graceful_shutdown=grace,
+            access_log=False,
+        )
+    )
+    names = ", ".join(f"{name} ({m.path})" for name, m in served.items())
+    out.print(
+        f"serving {names} on http://{host}:{port} (chat page at /, API at /v1)"
+        + ("; API key required" if api_key else "")
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    server.run()
+    if getattr(server, "started", False) is False:
+        raise DharmaError(
+            f"could not listen on {host}:{port}", hint="Pick another --port, or stop what uses it."
+        )
