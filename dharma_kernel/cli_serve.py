@@ -6,6 +6,7 @@ Registered on :data:`dharma_kernel.cli.app` when that module imports this one.
 from __future__ import annotations
 
 import os
+import signal
 from typing import Annotated
 
 import typer
@@ -36,6 +37,15 @@ def serve(
     max_queue: Annotated[
         int, typer.Option("--max-queue", min=0, help="Requests waiting for a batch slot before 429.")
     ] = 64,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="Torch CPU threads (default: torch's). 1 suits tiny models "
+            "and busy machines, where threads wait on each other.",
+        ),
+    ] = None,
     grace: Annotated[
         float, typer.Option("--grace", min=0.0, help="Seconds in-flight requests get after SIGTERM.")
     ] = 10.0,
@@ -54,6 +64,10 @@ def serve(
     from .serve.models import load_served
 
     _quiet_transformers()
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     served = load_served(models, max_batch, max_queue)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -71,6 +85,9 @@ def serve(
         + ("; API key required" if api_key else "")
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # uvicorn re-raises SIGTERM to the handler it found once it has shut down; with Python's default
+    # there, a clean shutdown would still end the process as killed. A stop asked for is a success.
+    signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
     if getattr(server, "started", False) is False:
         raise DharmaError(

@@ -490,3 +490,34 @@ def tiny_foundation(
     )
     model = build_model(backbone=backbone, layout=layout, seed=seed)
     return save(model, directory, tokenizer)
+
+
+SERVING_MODULES = ("darshanas.vedanta", "darshanas.yoga", "darshanas.nyaya")
+
+
+def tiny_serving_model(directory: str | Path, positions: int = 512) -> Path:
+    """A saved 2-layer, 64-wide GPT-2 with the :data:`SERVING_MODULES` routed (top 1) after both layers,
+    for `dharma serve` tests and benchmarks. Random weights large enough that greedy decoding varies
+    from token to token; tokens that decode to no whole character (and end-of-text) get a zero output
+    row, so replies are readable text that runs to max_tokens. No download."""
+    from . import registry
+    from .assemble import build_model
+    from .checkpoint import save
+    from .data.tokenizer import train_tokenizer
+
+    texts = ["dharma is duty and karma is action", "moksha is freedom and seva is service"] * 10
+    tokenizer = train_tokenizer(texts, vocab_size=400, min_frequency=1, model_max_length=positions)
+    specs = [
+        {"ref": ref, "config": registry.load(registry.resolve(ref)).make_config("tiny").model_dump()}
+        for ref in SERVING_MODULES
+    ]
+    layout = {"at_layers": [0, 1], "preset": "tiny", "composition": "routed", "top_k": 1, "modules": specs}
+    backbone = tiny_backbone_config(
+        vocab_size=len(tokenizer), n_embd=64, n_positions=positions, pad_token_id=0
+    )
+    model = build_model(backbone=backbone, layout=layout, seed=0)
+    perturb(model, seed=1, std=1.0)
+    unreadable = [i for i in range(len(tokenizer)) if i == 0 or "\ufffd" in tokenizer.decode([i])]
+    with torch.no_grad():
+        model.get_output_embeddings().weight[unreadable] = 0.0
+    return save(model, directory, tokenizer)

@@ -63,13 +63,9 @@ def create_app(served: dict[str, ServedModel], api_key: str | None = None) -> Fa
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "models": {
-                name: {"running": len(m.scheduler.running), "waiting": len(m.scheduler.waiting)}
-                for name, m in served.items()
-            },
-        }
+        """Per model: sequences decoding and waiting; decode steps run and tokens generated so far
+        (more tokens than steps: sequences shared forward passes)."""
+        return {"status": "ok", "models": {name: stats(m.scheduler) for name, m in served.items()}}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -104,6 +100,15 @@ def create_app(served: dict[str, ServedModel], api_key: str | None = None) -> Fa
     return app
 
 
+def stats(scheduler: Any) -> dict[str, int]:
+    return {
+        "running": len(scheduler.running),
+        "waiting": len(scheduler.waiting),
+        "decode_steps": scheduler.steps,
+        "generated_tokens": scheduler.generated,
+    }
+
+
 async def parse(request: Request, schema: type[BaseModel]) -> Any:
     raw = await request.body()
     try:
@@ -126,9 +131,10 @@ def pick(served: dict[str, ServedModel], name: str) -> ServedModel:
     return served[name]
 
 
-def budget(model: ServedModel, body: Generation, prompt_tokens: int, param: str) -> int:
-    """The request's max_tokens, checked against the model's positions (default: all that are left)."""
-    limit = body.limit
+def budget(model: ServedModel, body: Generation, prompt_tokens: int, param: str, default: int | None) -> int:
+    """The request's max_tokens, checked against the model's positions; when not given, ``default``
+    (None: all that are left) or what is left, whichever is less."""
+    limit, room = body.limit, model.context - prompt_tokens
     if limit is not None and limit >= model.context:
         raise APIError(
             400,
@@ -137,7 +143,6 @@ def budget(model: ServedModel, body: Generation, prompt_tokens: int, param: str)
             param="max_tokens",
             code="invalid_value",
         )
-    room = model.context - prompt_tokens
     if room < (limit or 1):
         raise APIError(
             400,
@@ -146,7 +151,7 @@ def budget(model: ServedModel, body: Generation, prompt_tokens: int, param: str)
             param=param,
             code="context_length_exceeded",
         )
-    return limit or room
+    return limit or min(room, default or room)
 
 
 async def respond(
@@ -158,7 +163,8 @@ async def respond(
     chat: bool,
     echo: str = "",
 ) -> Response:
-    max_tokens = budget(model, body, len(ids), "messages" if chat else "prompt")
+    # OpenAI's defaults: a chat reply may fill the context, a plain completion is 16 tokens
+    max_tokens = budget(model, body, len(ids), "messages" if chat else "prompt", None if chat else 16)
     options = body.dharma
     explain = bool(options and options.explain)
     if explain and not model.model.module_refs:

@@ -77,6 +77,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.cache: DynamicCache | None = None
         self.steps = 0  # decode forwards run (each with the whole batch)
+        self.generated = 0  # tokens chosen, over all sequences
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="dharma-serve-scheduler", daemon=True)
@@ -84,8 +85,9 @@ class Scheduler:
 
     def submit(self, sequence: Sequence) -> None:
         with self._wake:
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            free = max(0, self.max_batch - len(self.running))  # admitted at the next step
+            if len(self.waiting) >= self.max_queue + free:
+                raise QueueFull(f"{len(self.running)} requests are running and {len(self.waiting)} waiting")
             if sequence.generator is None and sequence.sampling.temperature > 0:
                 sequence.generator = torch.Generator()
                 if sequence.sampling.seed is None:
@@ -122,7 +124,7 @@ class Scheduler:
                         self._drop_finished()
             except Exception as error:  # a failed forward ends every sequence in it, not the server
                 log.exception("decode step failed")
-                for sequence in self.running:
+                for sequence in {id(s): s for s in [*self.running, *admitted]}.values():
                     sequence.deliver(("error", f"generation failed: {error}"))
                 self.running, self.cache = [], None
         for sequence in [*self.running, *self.waiting]:
@@ -169,6 +171,7 @@ class Scheduler:
             return
         token = _next_token(logits, sequence.sampling, sequence.generator)
         sequence.tokens.append(token)
+        self.generated += 1
         reason = None
         if token in sequence.stop_ids:
             reason = "stop"
