@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from dharma_kernel.testing import tiny_serving_model
+from dharma_kernel.testing import one_thread, tiny_serving_model
 
 KEY = "test-key"
 PROMPTS = ["dharma is", "karma is action and", "seva", "moksha is freedom, and dharma"]
@@ -105,7 +105,8 @@ def generated(model_dir) -> dict[str, str]:
     answers = {}
     for prompt in PROMPTS:
         argv = ["generate", str(model_dir), prompt, "--max-new-tokens", str(MAX_NEW), "--temperature", "0"]
-        result = CliRunner().invoke(app, argv)
+        with one_thread():  # as the server runs (--threads 1); greedy tokens do not depend on it
+            result = CliRunner().invoke(app, argv)
         assert result.exit_code == 0, result.output
         assert result.stdout.startswith(prompt)
         answers[prompt] = result.stdout[len(prompt) :].removesuffix("\n")
@@ -321,7 +322,7 @@ def test_full_queue_disconnect_and_sigterm(model_dir):
                 server.process.send_signal(signal.SIGTERM)
                 rest = [line for line in lines if line.startswith("data: ")]
         assert rest[-1] == "data: [DONE]"
-        assert json.loads(rest[-2])["choices"][0]["finish_reason"] == "length"
+        assert json.loads(rest[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
         assert server.process.wait(30) == 0
     finally:
         server.stop()
@@ -338,6 +339,7 @@ def test_chat_page_in_headless_chromium(server):
         try:
             page = browser.new_page()
             page.goto(server.url)
+            page.wait_for_selector("#status:has-text('API key')")  # the server wants its key
             page.fill("#key", KEY)
             page.dispatch_event("#key", "change")
             page.wait_for_selector("#model option[value=sage]", state="attached")
@@ -353,6 +355,6 @@ def test_chat_page_in_headless_chromium(server):
             title = tinted[0].get_attribute("title")
             assert title.split()[0] in {"darshanas.vedanta", "darshanas.yoga", "darshanas.nyaya"}
             assert tinted[0].evaluate("span => getComputedStyle(span).backgroundColor") != "rgba(0, 0, 0, 0)"
-            assert not page.query_selector(".error")
+            assert page.inner_text("#status") == "" and not page.query_selector(".turn.error")
         finally:
             browser.close()
