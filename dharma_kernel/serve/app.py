@@ -43,19 +43,16 @@ def create_app(served: dict[str, ServedModel], api_key: str | None = None) -> Fa
         code = "not_found" if error.status_code == 404 else None
         return await _api_error(request, APIError(error.status_code, str(error.detail), code=code))
 
-    @app.middleware("http")
-    async def _check_key(request: Request, call_next: Any) -> Response:
-        if api_key and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                what = "no API key was given" if not given else "the API key is wrong"
-                error = APIError(
-                    401,
-                    f"{what}: send the server's key as 'Authorization: Bearer KEY'",
-                    code="invalid_api_key",
-                )
-                return JSONResponse(error.body(), status_code=401)
-        return await call_next(request)
+    def authorize(request: Request) -> None:
+        """A plain check in each /v1 route, not HTTP middleware: that would wrap every streamed chunk."""
+        if not api_key:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            what = "no API key was given" if not given else "the API key is wrong"
+            raise APIError(
+                401, f"{what}: send the server's key as 'Authorization: Bearer KEY'", code="invalid_api_key"
+            )
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
@@ -68,11 +65,13 @@ def create_app(served: dict[str, ServedModel], api_key: str | None = None) -> Fa
         return {"status": "ok", "models": {name: stats(m.scheduler) for name, m in served.items()}}
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models(request: Request) -> dict[str, Any]:
+        authorize(request)
         return {"object": "list", "data": [m.card() for m in served.values()]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
+        authorize(request)
         body = await parse(request, ChatRequest)
         model = pick(served, body.model)
         turns = body.turns()
@@ -81,6 +80,7 @@ def create_app(served: dict[str, ServedModel], api_key: str | None = None) -> Fa
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        authorize(request)
         body = await parse(request, CompletionRequest)
         model = pick(served, body.model)
         text = body.text()
@@ -93,6 +93,7 @@ def create_app(served: dict[str, ServedModel], api_key: str | None = None) -> Fa
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> dict[str, Any]:
+        authorize(request)
         body = await parse(request, PredictRequest)
         model = pick(served, body.model)
         return await asyncio.to_thread(run_head, model, body)
@@ -231,12 +232,15 @@ class Reply:
         goes away ends the sequence at the scheduler's next step."""
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(self.events.get(), timeout=0.5)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return
-                    continue
+                if not self.events.empty():  # no timer for what is already here
+                    event = self.events.get_nowait()
+                else:
+                    try:
+                        event = await asyncio.wait_for(self.events.get(), timeout=0.5)
+                    except TimeoutError:
+                        if await request.is_disconnected():
+                            return
+                        continue
                 if event[0] == "error":
                     raise APIError(500, event[1], code="generation_failed")
                 if event[0] == "done":
@@ -318,14 +322,21 @@ class Reply:
             yield event(first)
         elif echo:
             yield event(self.chunk(echo, None))
+        # Chunks already waiting go out in one write: fewer sends when the loop is busy with many streams.
+        ready: list[str] = []
         try:
             async for text, record, finish in self.pieces(request):
                 if text or record is not None:
-                    yield event(self.chunk(text, None, [record] if record else None))
+                    ready.append(event(self.chunk(text, None, [record] if record else None)))
                 if finish is not None:
-                    yield event(self.chunk(None, finish))
+                    ready.append(event(self.chunk(None, finish)))
+                if ready and self.events.empty():
+                    yield "".join(ready)
+                    ready = []
         except APIError as error:
-            yield event(error.body())
+            ready.append(event(error.body()))
+        if ready:
+            yield "".join(ready)
         options = self.body.stream_options
         if options is not None and options.include_usage:
             usage = {**self.chunk(None, None), "choices": [], "usage": self.usage()}

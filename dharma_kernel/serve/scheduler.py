@@ -143,17 +143,16 @@ class Scheduler:
 
     def _step(self) -> None:
         length = batch_cache.cache_length(self.cache)
-        batch = len(self.running)
         ids = torch.tensor([[s.tokens[-1]] for s in self.running], dtype=torch.long)
         positions = torch.tensor([[s.fed] for s in self.running], dtype=torch.long)
-        mask = torch.zeros(batch, length + 1, dtype=torch.long)
-        for row, sequence in enumerate(self.running):
-            mask[row, length - sequence.fed :] = 1
+        mask = (torch.arange(length + 1) >= length - positions).long()  # each row's real positions
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=positions, cache=self.cache, use_cache=True
         )
         self.steps += 1
         scores = self._scores(out) if any(s.explain for s in self.running) else None
+        logits = out.logits[:, -1]
+        greedy = logits.argmax(-1).tolist()  # one call for every greedy row
         for row, sequence in enumerate(self.running):
             if sequence.cancelled:
                 continue
@@ -163,13 +162,17 @@ class Scheduler:
                     sequence.deliver(("done", sequence.final))
                     sequence.cancelled = True
                     continue
-            self._choose(sequence, out.logits[row, -1])
+            self._choose(sequence, logits[row], greedy[row])
 
-    def _choose(self, sequence: Sequence, logits: torch.Tensor) -> None:
-        """Pick the next token; emit it (unless explaining: then once it is fed) and see if it ends."""
+    def _choose(self, sequence: Sequence, logits: torch.Tensor, greedy: int | None = None) -> None:
+        """Pick the next token (``greedy``: the argmax, when already known); emit it (unless explaining:
+        then once it is fed) and see if it ends."""
         if sequence.cancelled:
             return
-        token = _next_token(logits, sequence.sampling, sequence.generator)
+        if greedy is not None and sequence.sampling.temperature <= 0:
+            token = greedy
+        else:
+            token = _next_token(logits, sequence.sampling, sequence.generator)
         sequence.tokens.append(token)
         self.generated += 1
         reason = None

@@ -1,0 +1,171 @@
+"""``dharma serve`` under concurrent clients: continuous batching's aggregate tokens/s, time to first
+token (TTFT) p50/p99 and tokens/s per client at 1, 4, 8 and 16 clients; and one client against what
+``dharma generate`` runs (``model.generate``, greedy) on the same model and prompt.
+
+Targets: aggregate tokens/s with 8 clients >= 3x one client's; one client >= 0.9x ``dharma generate``.
+Server and ``generate`` both run torch on one thread (``--threads 1``). Ratios come from one run;
+``uptime``'s load is printed with them (at load > 1 they are not trusted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+CLIENTS = (1, 4, 8, 16)
+REQUESTS = 3  # per client, one after another
+MAX_TOKENS = 64
+PROMPTS = ["dharma is", "karma is action and", "seva", "moksha is freedom, and dharma"]
+ROUNDS = 5  # one client against model.generate, interleaved
+ROUNDS_CLIENTS = 3  # every client count once a round; the table gives medians over rounds
+
+
+def load() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def start_server(model: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "dharma_kernel", "serve", f"bench={model}", "--port", str(port)]
+    process = subprocess.Popen(
+        [*command, "--threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            httpx.get(f"{url}/health", timeout=1)
+            return process, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise SystemExit("the server did not start")
+
+
+def stream(url: str, prompt: str) -> tuple[float, int, float]:
+    """(seconds to the first token, tokens, seconds in all) for one streamed greedy completion."""
+    body = {
+        "model": "bench",
+        "prompt": prompt,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    first, tokens = None, 0
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as response:
+        for line in response.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0]["text"] and first is None:
+                first = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return first or 0.0, tokens, time.perf_counter() - start
+
+
+def clients(url: str, count: int) -> dict[str, float]:
+    results: list[tuple[float, int, float]] = []
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        for request in range(REQUESTS):
+            result = stream(url, PROMPTS[(index + request) % len(PROMPTS)])
+            with lock:
+                results.append(result)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - start
+    ttft = sorted(r[0] for r in results)
+    return {
+        "ttft_p50": statistics.median(ttft),
+        "ttft_p99": ttft[min(len(ttft) - 1, round(0.99 * (len(ttft) - 1)))],
+        "per_client": statistics.mean(r[1] / r[2] for r in results),
+        "aggregate": sum(r[1] for r in results) / wall,
+    }
+
+
+def main() -> bool:
+    import torch
+
+    from dharma_kernel.application import load_application
+    from dharma_kernel.data.tokenizer import pad_id
+    from dharma_kernel.testing import tiny_serving_model
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as root:
+        model_dir = tiny_serving_model(Path(root) / "bench", width=256, layers=4)
+        process, url = start_server(model_dir)
+        try:
+            stream(url, PROMPTS[0])  # warm up
+            print(
+                f"model: GPT-2 4 layers, 256 wide, 3 routed modules at every layer; {MAX_TOKENS} greedy "
+                f"tokens a request, {REQUESTS} requests a client, medians of {ROUNDS_CLIENTS} interleaved "
+                f"rounds; torch on 1 thread; load {load()}"
+            )
+            header = ("clients", "TTFT p50 s", "TTFT p99 s", "tok/s/client", "aggregate tok/s")
+            print(f"{header[0]:>7} {header[1]:>11} {header[2]:>11} {header[3]:>13} {header[4]:>16}")
+            runs: dict[int, list[dict[str, float]]] = {count: [] for count in CLIENTS}
+            for _ in range(ROUNDS_CLIENTS):  # interleaved: every client count once a round
+                for count in CLIENTS:
+                    runs[count].append(clients(url, count))
+            rows = {
+                count: {key: statistics.median(r[key] for r in got) for key in got[0]}
+                for count, got in runs.items()
+            }
+            for count, row in rows.items():
+                p50, p99, per_client, aggregate = (
+                    row[k] for k in ("ttft_p50", "ttft_p99", "per_client", "aggregate")
+                )
+                print(f"{count:>7} {p50:>11.3f} {p99:>11.3f} {per_client:>13.1f} {aggregate:>16.1f}")
+            batching = rows[8]["aggregate"] / rows[1]["aggregate"]
+
+            model, tokenizer = load_application(model_dir)
+            model.eval()
+            served, alone = [], []
+            for _ in range(ROUNDS):  # interleaved, round by round
+                _, tokens, seconds = stream(url, PROMPTS[1])
+                served.append(tokens / seconds)
+                ids = tokenizer(PROMPTS[1], return_tensors="pt")["input_ids"]
+                start = time.perf_counter()
+                with torch.no_grad():
+                    out = model.generate(
+                        ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=MAX_TOKENS,
+                        do_sample=False,
+                        pad_token_id=pad_id(tokenizer),
+                    )
+                alone.append((out.shape[1] - ids.shape[1]) / (time.perf_counter() - start))
+            overhead = statistics.median(served) / statistics.median(alone)
+        finally:
+            process.terminate()
+            process.wait(30)
+    print(f"aggregate tok/s, 8 clients / 1 client: {batching:.2f}x (target >= 3x)")
+    one, generate = statistics.median(served), statistics.median(alone)
+    print(
+        f"one client {one:.1f} tok/s / dharma generate {generate:.1f} tok/s: {overhead:.2f}x (target >= 0.9x)"
+    )
+    print(f"load {load()}" + (": figures under load, ratios not trusted" if os.getloadavg()[0] > 1 else ""))
+    return batching >= 3 and overhead >= 0.9
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
