@@ -37,6 +37,21 @@ def model_dir(tmp_path_factory) -> Path:
     return tiny_serving_model(tmp_path_factory.mktemp("serve") / "sage")
 
 
+@pytest.fixture(scope="module")
+def classifier_dir(model_dir) -> Path:
+    """A model with a classification head (fresh weights) on the same tokenizer."""
+    from dharma_kernel.assemble import build_model
+    from dharma_kernel.checkpoint import load_saved_tokenizer, save
+    from dharma_kernel.testing import tiny_backbone_config
+
+    tokenizer = load_saved_tokenizer(model_dir)
+    head = {"plugin": "classification", "config": {"labels": ["bhakti", "jnana", "karma"]}}
+    model = build_model(
+        backbone=tiny_backbone_config(vocab_size=len(tokenizer)), layout={"heads": [head]}, seed=3
+    )
+    return save(model, model_dir.parent / "clf", tokenizer)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -44,12 +59,12 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, model_dir: Path, *options: str) -> None:
+    def __init__(self, model_dir: Path, *options: str, also: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "NO_COLOR": "1", "DHARMA_API_KEY": KEY}
         # one torch thread: a tiny model gains nothing from two, and on a busy machine they wait on each other
-        serve = ["serve", f"sage={model_dir}", "--port", str(self.port), "--threads", "1"]
+        serve = ["serve", f"sage={model_dir}", *also, "--port", str(self.port), "--threads", "1"]
         command = [sys.executable, "-m", "dharma_kernel", *serve]
         # a file, not a pipe nobody reads: a full pipe would stop the server mid-write
         self.log = tempfile.TemporaryFile("w+")
@@ -89,8 +104,8 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
-    server = Server(model_dir)
+def server(model_dir, classifier_dir):
+    server = Server(model_dir, also=(str(classifier_dir),))
     yield server
     assert server.stop() == 0
 
@@ -115,7 +130,7 @@ def generated(model_dir) -> dict[str, str]:
 
 def test_the_openai_client(server):
     client = server.client()
-    assert [m.id for m in client.models.list().data] == ["sage"]
+    assert [m.id for m in client.models.list().data] == ["sage", "clf"]
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "dharma?"}]
     chat = client.chat.completions.create(model="sage", messages=messages, max_tokens=8, temperature=0)
     reply = chat.choices[0]
@@ -201,6 +216,27 @@ def test_sixteen_concurrent_streams_equal_dharma_generate_alone(server, generate
     steps = after["decode_steps"] - before["decode_steps"]
     assert tokens == 16 * MAX_NEW
     assert steps < tokens / 3  # forward passes were shared
+
+
+def test_predict_answers_as_dharma_predict(server, classifier_dir):
+    from typer.testing import CliRunner
+
+    from dharma_kernel.cli import app
+
+    text = "dharma is duty and karma is action"
+    result = CliRunner().invoke(app, ["predict", str(classifier_dir), text, "--json"])
+    assert result.exit_code == 0, result.output
+    answer = server.post("/v1/predict", {"model": "clf", "text": text})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["head"] == "classification"
+    expected = json.loads(result.stdout)
+    assert body["prediction"]["label"] == expected["label"]
+    assert body["prediction"]["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-5)
+    assert error_of(server.post("/v1/predict", {"model": "clf"}), 400)["code"] == "missing_required_parameter"
+    assert (
+        "no task head" in error_of(server.post("/v1/predict", {"model": "sage", "text": "a"}), 400)["message"]
+    )
 
 
 def error_of(response: httpx.Response, status: int) -> dict:
