@@ -63,6 +63,7 @@ def serve(
         ) from None
     from .serve.models import load_served
 
+    _check_address(host, port)  # before the models load: a taken port should not cost that wait
     _quiet_transformers()
     if threads is not None:
         import torch
@@ -89,7 +90,18 @@ def serve(
     # there, a clean shutdown would still end the process as killed. A stop asked for is a success.
     signal.signal(signal.SIGTERM, lambda *_: None)
     server.run()
-    if getattr(server, "started", False) is False:
+
+
+def _check_address(host: str, port: int) -> None:
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(infos[0][4])
+    except OSError as error:
         raise DharmaError(
-            f"could not listen on {host}:{port}", hint="Pick another --port, or stop what uses it."
-        )
+            f"cannot listen on {host}:{port}: {error.strerror or error}",
+            hint="Pick another --port or --host, or stop what uses it.",
+        ) from None

@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from dharma_kernel.testing import one_thread, tiny_serving_model
+from dharma_kernel.testing import one_thread, run_cli, tiny_serving_model
 
 KEY = "test-key"
 PROMPTS = ["dharma is", "karma is action and", "seva", "moksha is freedom, and dharma"]
@@ -394,3 +394,15 @@ def test_chat_page_in_headless_chromium(server):
             assert page.inner_text("#status") == "" and not page.query_selector(".turn.error")
         finally:
             browser.close()
+
+
+def test_cli_errors_are_one_line(capsys, model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code, _, err = run_cli(capsys, "serve", str(model_dir), "--port", str(taken.getsockname()[1]))
+    assert code == 2 and err.startswith("error: cannot listen on 127.0.0.1:") and "Traceback" not in err
+    code, _, err = run_cli(capsys, "serve", "a=" + str(model_dir), "a=" + str(model_dir))
+    assert code == 2 and "two models are named a" in err
+    code, _, err = run_cli(capsys, "serve", str(model_dir.parent / "missing"))
+    assert code == 2 and "no such model or run directory" in err
