@@ -102,6 +102,38 @@ def clients(url: str, count: int) -> dict[str, float]:
     }
 
 
+def decode_loop(model_dir: Path, prompt: str, rounds: int = 3) -> tuple[float, float]:
+    """Tokens/s of the scheduler alone, in this process (no HTTP, no clients), with 1 and 8 sequences
+    at once, interleaved; medians over ``rounds``."""
+    import queue
+
+    from dharma_kernel.serve.models import load_served
+    from dharma_kernel.serve.scheduler import Sampling, Sequence
+
+    served = load_served([f"loop={model_dir}"], 16, 64)["loop"]
+    ids = list(served.tokenizer(prompt)["input_ids"])
+
+    def run(count: int) -> float:
+        events = [queue.Queue() for _ in range(count)]
+        start = time.perf_counter()
+        for box in events:
+            served.scheduler.submit(Sequence(ids, MAX_TOKENS, frozenset(), Sampling(0.0), box.put))
+        for box in events:
+            while box.get()[0] != "done":
+                pass
+        return count * MAX_TOKENS / (time.perf_counter() - start)
+
+    try:
+        run(1)  # warm up
+        ones, eights = [], []
+        for _ in range(rounds):
+            ones.append(run(1))
+            eights.append(run(8))
+    finally:
+        served.scheduler.stop()
+    return statistics.median(ones), statistics.median(eights)
+
+
 def main() -> bool:
     import torch
 
@@ -116,9 +148,9 @@ def main() -> bool:
         try:
             stream(url, PROMPTS[0])  # warm up
             print(
-                f"model: GPT-2 4 layers, 256 wide, 3 routed modules at every layer; {MAX_TOKENS} greedy "
-                f"tokens a request, {REQUESTS} requests a client, medians of {ROUNDS_CLIENTS} interleaved "
-                f"rounds; torch on 1 thread; load {load()}"
+                f"model: GPT-2, 4 layers, 256 wide, 3 routed modules after layers 0 and 1; {MAX_TOKENS} "
+                f"greedy tokens a request, {REQUESTS} requests a client, medians of {ROUNDS_CLIENTS} "
+                f"interleaved rounds; torch on 1 thread; load {load()}"
             )
             header = ("clients", "TTFT p50 s", "TTFT p99 s", "tok/s/client", "aggregate tok/s")
             print(f"{header[0]:>7} {header[1]:>11} {header[2]:>11} {header[3]:>13} {header[4]:>16}")
@@ -158,7 +190,12 @@ def main() -> bool:
         finally:
             process.terminate()
             process.wait(30)
+        loop_one, loop_eight = decode_loop(model_dir, PROMPTS[1])
     print(f"aggregate tok/s, 8 clients / 1 client: {batching:.2f}x (target >= 3x)")
+    print(
+        f"decode loop alone (no HTTP), 8 sequences / 1: {loop_eight:.0f} / {loop_one:.0f} tok/s = "
+        f"{loop_eight / loop_one:.2f}x"
+    )
     one, generate = statistics.median(served), statistics.median(alone)
     print(
         f"one client {one:.1f} tok/s / dharma generate {generate:.1f} tok/s: {overhead:.2f}x (target >= 0.9x)"

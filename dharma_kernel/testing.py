@@ -496,10 +496,11 @@ SERVING_MODULES = ("darshanas.vedanta", "darshanas.yoga", "darshanas.nyaya")
 
 
 def tiny_serving_model(directory: str | Path, positions: int = 512, width: int = 64, layers: int = 2) -> Path:
-    """A saved 2-layer, 64-wide (by default) GPT-2 with the :data:`SERVING_MODULES` routed (top 1) after both layers,
-    for `dharma serve` tests and benchmarks. Random weights large enough that greedy decoding varies
-    from token to token; tokens that decode to no whole character (and end-of-text) get a zero output
-    row, so replies are readable text that runs to max_tokens. No download."""
+    """A saved GPT-2 (2 layers, 64 wide unless told) with the :data:`SERVING_MODULES` routed (top 1)
+    after layers 0 and 1, for `dharma serve` tests and benchmarks. Random weights large enough that
+    greedy decoding varies from token to token; tokens that decode to no whole character (and
+    end-of-text) get a zero output row, so replies are readable text that runs to max_tokens.
+    No download."""
     from . import registry
     from .assemble import build_model
     from .checkpoint import save

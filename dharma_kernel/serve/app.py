@@ -54,6 +54,12 @@ def create_app(served: dict[str, ServedModel], api_key: str | None = None) -> Fa
                 401, f"{what}: send the server's key as 'Authorization: Bearer KEY'", code="invalid_api_key"
             )
 
+    async def accept(request: Request, schema: type[BaseModel]) -> tuple[Any, ServedModel]:
+        """The key checked, the body parsed, the model found: every generating or predicting route."""
+        authorize(request)
+        body = await parse(request, schema)
+        return body, pick(served, body.model)
+
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
         return resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
@@ -71,18 +77,14 @@ def create_app(served: dict[str, ServedModel], api_key: str | None = None) -> Fa
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        authorize(request)
-        body = await parse(request, ChatRequest)
-        model = pick(served, body.model)
+        body, model = await accept(request, ChatRequest)
         turns = body.turns()
         ids = list(model.tokenizer.apply_chat_template(turns, add_generation_prompt=True)["input_ids"])
         return await respond(request, model, body, ids, model.chat_stops, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        authorize(request)
-        body = await parse(request, CompletionRequest)
-        model = pick(served, body.model)
+        body, model = await accept(request, CompletionRequest)
         text = body.text()
         ids = list(model.tokenizer(text)["input_ids"])
         if not ids:
@@ -93,9 +95,7 @@ def create_app(served: dict[str, ServedModel], api_key: str | None = None) -> Fa
 
     @app.post("/v1/predict")
     async def predict(request: Request) -> dict[str, Any]:
-        authorize(request)
-        body = await parse(request, PredictRequest)
-        model = pick(served, body.model)
+        body, model = await accept(request, PredictRequest)
         return await asyncio.to_thread(run_head, model, body)
 
     return app
