@@ -392,6 +392,18 @@ def test_chat_page_in_headless_chromium(server):
             assert title.split()[0] in {"darshanas.vedanta", "darshanas.yoga", "darshanas.nyaya"}
             assert tinted[0].evaluate("span => getComputedStyle(span).backgroundColor") != "rgba(0, 0, 0, 0)"
             assert page.inner_text("#status") == "" and not page.query_selector(".turn.error")
+
+            # Stop: the reply ends where it is and the request leaves the batch
+            before = server.stats()["generated_tokens"]
+            page.fill("#max", "400")
+            page.fill("#message", "And karma?")
+            page.click("#go")
+            page.wait_for_selector(".turn.assistant >> nth=1 >> span[data-module]", state="attached")
+            page.click("#stop")
+            page.wait_for_selector("#go:not([disabled])", timeout=5000)
+            wait_for(lambda: server.stats()["running"] == 0, 5)
+            assert server.stats()["generated_tokens"] - before < 400
+            assert len(page.query_selector_all(".turn.user")) == 2
         finally:
             browser.close()
 
