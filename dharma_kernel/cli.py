@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import plugins, registry
+from .cli_invoke import invoke
 from .errors import DharmaError
 from .logs import set_level, setup_logging
 from .version import MODULE_API, __version__
@@ -58,8 +59,17 @@ def warn(message: str) -> None:
 
 
 def fail(error: DharmaError) -> NoReturn:
-    """Print ``error: <message>`` to stderr and exit with the error's code."""
-    err.print(f"[bold red]error:[/] {escape(str(error))}")
+    """Print ``error: <message>`` to stderr and exit with the error's code.
+
+    A message of several problems gives one ``error:`` line each (indented lines are details of the
+    line above); a hint follows as one indented ``hint:`` line.
+    """
+    message, hint = getattr(error, "message", str(error)), getattr(error, "hint", None)
+    for line in message.strip().splitlines() or [type(error).__name__]:
+        detail = line[:1].isspace()
+        err.print(escape(line) if detail else f"[bold red]error:[/] {escape(line)}")
+    if hint:
+        err.print(f"  hint: {escape(' '.join(hint.split()))}")
     raise SystemExit(error.exit_code)
 
 
@@ -185,7 +195,7 @@ def plugins_command(
     broken = sum(row["status"] == "broken" for row in rows)
     disabled = sum(row["status"] == "disabled" for row in rows)
     note = "" if check else " (metadata only; --check imports each)"
-    out.print(f"{len(rows)} plugins, {broken} broken" + (f", {disabled} disabled" if disabled else "") + note)
+    out.print(f"{len(rows)} plugin{'' if len(rows) == 1 else 's'}, {broken} broken" + (f", {disabled} disabled" if disabled else "") + note)
 
 
 def _row(info: registry.PluginInfo, check: bool, timeout: float) -> dict[str, Any]:
@@ -428,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
         with warnings.catch_warnings():  # restores Python's own display when the command ends
             warnings.showwarning = _log_warning
             _add_hook_commands()
-            app(args=argv, prog_name="dharma")
+            invoke(app, argv)  # usage mistakes as error: lines; user paths checked first
     except DharmaError as error:
         fail(error)
     except KeyboardInterrupt:

@@ -212,7 +212,7 @@ def test_heatmap_grows_with_the_modules(tmp_path, capsys):
 @pytest.mark.parametrize(
     "setup, message",
     [
-        (lambda d: None, "{d}/missing: no such directory"),
+        (lambda d: None, "{d}/missing: no such file or directory"),
         (lambda d: (d / "missing").write_text("x"), "{d}/missing is a file, not a run directory"),
         (lambda d: (d / "missing").mkdir(), "{d}/missing is not a training run: it has no metrics.jsonl"),
         (
@@ -299,5 +299,5 @@ def test_without_matplotlib_the_error_says_what_to_install(tmp_path, capsys, mon
     assert code == 2 and stdout == ""
     assert stderr == (
         "error: dharma report draws with matplotlib, which is not installed\n"
-        "Run: pip install 'dharma-kernel[report]' (or pip install matplotlib).\n"
+        "  hint: Run: pip install 'dharma-kernel[report]' (or pip install matplotlib).\n"
     )
