@@ -195,7 +195,8 @@ def plugins_command(
     broken = sum(row["status"] == "broken" for row in rows)
     disabled = sum(row["status"] == "disabled" for row in rows)
     note = "" if check else " (metadata only; --check imports each)"
-    out.print(f"{len(rows)} plugin{'' if len(rows) == 1 else 's'}, {broken} broken" + (f", {disabled} disabled" if disabled else "") + note)
+    counts = f"{len(rows)} plugin{'' if len(rows) == 1 else 's'}, {broken} broken"
+    out.print(counts + (f", {disabled} disabled" if disabled else "") + note)
 
 
 def _row(info: registry.PluginInfo, check: bool, timeout: float) -> dict[str, Any]:
@@ -247,6 +248,19 @@ def validate(
     _report(model, plan, as_json)
     if not as_json:
         out.print(f"{manifest}: ok (no weights allocated)")
+        _note_run_modules(resolved, plan)
+
+
+def _note_run_modules(resolved: Any, plan: Any) -> None:
+    """Say so when the manifest's run directory holds a run trained with other modules."""
+    from .module_set import run_change_line
+    from .train.rundir import RunDir
+
+    root = resolved.resolve_path(resolved.train.output)
+    now = [spec["ref"] for spec in plan.config.layout["modules"]]
+    line = run_change_line(Path(root), RunDir(Path(root)).link("latest"), now)
+    if line:
+        warn(line)
 
 
 @app.command()

@@ -61,6 +61,13 @@ def train(
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", min=1, help="Stop after this many steps.")
     ] = None,
+    run_modules: Annotated[
+        bool,
+        typer.Option(
+            "--run-modules",
+            help="With --resume: keep the run's modules when the manifest's include now means others.",
+        ),
+    ] = False,
     strict: StrictOption = None,
     device: Annotated[
         str | None, typer.Option("--device", help="cpu or cuda (default: cuda when available).")
@@ -73,10 +80,11 @@ def train(
     from .train.session import train as run_training
 
     _quiet_transformers()
-    if reset_optimizer and not resume:
-        raise DharmaError("--reset-optimizer only applies with --resume")
+    for flag, given in (("--reset-optimizer", reset_optimizer), ("--run-modules", run_modules)):
+        if given and not resume:
+            raise DharmaError(f"{flag} only applies with --resume")
     options = TrainOptions(
-        data=data, output=output, resume=resume, reset_optimizer=reset_optimizer,
+        data=data, output=output, resume=resume, reset_optimizer=reset_optimizer, run_modules=run_modules,
         max_steps=max_steps, freeze=freeze or [], strict=strict, device=device,
     )  # fmt: skip
     summary = run_training(manifest, options, out)

@@ -86,7 +86,10 @@ def test_plan_user_errors_exit_2_without_traceback(tmp_path):
         assert result.stderr.startswith(fragment)
         assert "Traceback" not in result.stderr
     missing = run_dharma(None, "plan", str(tmp_path / "nope.toml"), "--memory", "4GiB")
-    assert missing.returncode == 2 and f"error: {tmp_path / 'nope.toml'}: no such file or directory" in missing.stderr
+    assert (
+        missing.returncode == 2
+        and f"error: {tmp_path / 'nope.toml'}: no such file or directory" in missing.stderr
+    )
     assert "Traceback" not in missing.stderr
     no_budget = run_dharma(None, "plan", str(path))
     assert no_budget.returncode == 2 and "--memory" in no_budget.stderr
