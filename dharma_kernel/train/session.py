@@ -242,11 +242,32 @@ class _Session:
         else:
             for _ in range(state["progress"]["step"]):
                 loop.optimizer.schedule_step()  # keep the learning rate where the run was
+        self._say_schedule_change(loop.optimizer, state)
         loop.scale.load_state_dict(state["scale"])
         loop.progress = Progress(**state["progress"])
         restore_rng(state["rng"])
         if self.dist.main:
             self.run_dir.truncate_metrics(loop.progress.step)
+
+    def _say_schedule_change(self, optimizer: Any, state: dict[str, Any]) -> None:
+        """A resume that runs to another total re-plans the schedule over the new total: say so, with
+        the learning rate the run had and the one it goes on with."""
+        from .optim import lr_factor
+
+        before, now, step = state.get("total_steps"), optimizer.total_steps, state["progress"]["step"]
+        step = (state.get("optimizer") or {}).get("schedule_step", step)  # skipped steps count too
+        if before is None or before == now or not self.dist.main:
+            return
+        cfg = self.cfg
+
+        def lr(total: int) -> float:
+            return cfg.learning_rate * lr_factor(cfg.schedule, step, total, cfg.warmup_fraction)
+
+        log.warning(
+            f"the run's {cfg.schedule} schedule spanned {before} steps; resuming to {now} re-plans it over "
+            f"{now}: step {step + 1} trains at learning rate {lr(now):.3g} ({lr(before):.3g} on the old "
+            f"schedule), then the rate follows the {now}-step schedule"
+        )
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -320,6 +341,7 @@ class _Session:
                 "rng": capture_rng(),
                 "trainable": [n for n, p in loop.raw.named_parameters() if p.requires_grad],
                 "world": self.dist.world,
+                "total_steps": loop.optimizer.total_steps,  # what the schedule spans
             }
             target = save(loop.raw, self.run_dir.step_dir(step), self.tokenizer,
                           extra=lambda d: save_state(d, state), state_dict=weights)  # fmt: skip
