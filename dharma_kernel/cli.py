@@ -360,12 +360,13 @@ def plan_command(
     batch, length = batch_size or resolved.train.batch_size, length or resolved.data.max_length
     own = MemorySettings.from_train(resolved.train)
     mine = estimate(model, batch, length, own)
-    fits = fitting_settings(model, budget, batch, length, own)
+    accum = resolved.train.grad_accum
+    fits = fitting_settings(model, budget, batch, length, own, accum)
     if as_json:
         result = {
             "manifest": str(manifest), "batch_size": batch, "length": length, "settings": own.__dict__,
             "bytes": dict(mine.parts()), "total": mine.total, "budget": budget, "fits": mine.total <= budget,
-            "fitting": [{"changes": changes(f.settings, own), "total": f.total} for f in fits],
+            "fitting": [{"changes": changes(f.settings, own, accum), "total": f.total} for f in fits],
         }  # fmt: skip
         typer.echo(json.dumps(result, indent=2))
         return
@@ -379,22 +380,26 @@ def plan_command(
     verdict = "fits" if mine.total <= budget else f"does not fit, {gib(mine.total - budget)} GiB over"
     out.print(f"budget {gib(budget)} GiB ({budget:,} bytes): {verdict}")
     if not fits:
-        least = min(fitting_settings(model, 2**63, batch, length, own), key=lambda e: e.total)
+        least = min(fitting_settings(model, 2**63, batch, length, own, accum), key=lambda e: e.total)
         out.print(
             f"no settings fit: the least memory is {gib(least.total)} GiB, with "
-            f"{', '.join(changes(least.settings, own)) or 'these settings'}; lower --batch-size or "
+            f"{', '.join(changes(least.settings, own, accum)) or 'these settings'}; lower --batch-size or "
             "--length, or freeze more groups"
         )
         return
     table = Table(escape("changes to [train]"), "total GiB", box=None)
     for fit in fits:
-        table.add_row(", ".join(changes(fit.settings, own)) or "none", gib(fit.total))
+        table.add_row(", ".join(changes(fit.settings, own, accum)) or "none", gib(fit.total))
     out.print("settings that fit, fewest changes first:")
     out.print(table)
     if any(f.settings.optimizer_in_backward for f in fits):
         note = "optimizer_in_backward clips each parameter's gradient on its own and needs grad_accum = 1"
-        if resolved.train.grad_accum > 1:
-            note += f" (now {resolved.train.grad_accum}: raise batch_size instead and plan again)"
+        if accum > 1:
+            sequences = f"{batch} sequence{'s' if batch > 1 else ''}"
+            note += (
+                f": a step then trains on {sequences} instead of {batch * accum}; to keep {batch * accum}, "
+                f"plan again with --batch-size {batch * accum}"
+            )
         out.print(note)
 
 
