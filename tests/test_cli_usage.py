@@ -31,16 +31,23 @@ READERS = [
     ["eval", "{tmp}", "--data", "{missing}"],
     ["train", "{manifest}", "--data", "{missing}"],
     ["finetune", "{tmp}", "--data", "{tmp}", "--eval", "{missing}", "-o", "{tmp}/app"],
+    # paths a manifest names
+    ["train", "{reads_missing}"],
 ]
 
 
 def test_every_command_names_a_missing_path_before_importing_torch(tmp_path):
     manifest = tmp_path / "m.toml"
     manifest.write_text('[model]\nname = "m"\n')
-    commands = [
-        [arg.format(missing=tmp_path / MISSING, tmp=tmp_path, manifest=manifest) for arg in argv]
-        for argv in READERS
-    ]
+    reads_missing = tmp_path / "reads.toml"
+    reads_missing.write_text(f'[model]\nname = "m"\n[data]\ntrain = ["{tmp_path}", "{tmp_path / MISSING}"]\n')
+    paths = {
+        "missing": tmp_path / MISSING,
+        "tmp": tmp_path,
+        "manifest": manifest,
+        "reads_missing": reads_missing,
+    }
+    commands = [[arg.format(**paths) for arg in argv] for argv in READERS]
     code = f"""
 import json, sys
 from dharma_kernel.cli import main
@@ -119,3 +126,21 @@ def test_help_shows_flags_bare_and_arguments_in_capitals():
     assert "Usage: dharma validate [OPTIONS] MANIFEST" in result.stdout
     assert "<bool>" not in result.stdout and "{manifest}" not in result.stdout
     assert "--freeze" in result.stdout and "--json" in result.stdout
+
+
+def test_a_missing_foundation_of_a_finetune_manifest_is_named_before_torch(tmp_path):
+    manifest = tmp_path / "f.toml"
+    manifest.write_text(f'[finetune]\nfrom = "gone"\n[data]\ntrain = ["{tmp_path}"]\n')
+    code = f"""
+import sys
+from dharma_kernel.cli import main
+try:
+    main(["train", {str(manifest)!r}])
+except SystemExit as exit:
+    print(exit.code, "torch" in sys.modules)
+"""
+    result = run_dharma(None, code=code)
+    assert result.stdout.split() == ["2", "False"], result.stderr
+    assert result.stderr.startswith(
+        f"error: [finetune] from: {tmp_path / 'gone'}: no such file or directory\n"
+    )
