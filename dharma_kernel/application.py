@@ -22,6 +22,7 @@ from pydantic import Field, ValidationError
 
 from .checkpoint import LockEntry, SavedJson, load_saved_tokenizer, write_directory
 from .errors import DharmaError, first_line
+from .module_set import warn_if_changed
 
 APPLICATION_FILE = "application.json"
 ADAPTER_FILE = "adapter.safetensors"
@@ -180,7 +181,9 @@ def load_application(path: str | Path) -> tuple[Any, Any]:
     directory = Path(path)
     if not is_application(directory):
         directory = model_directory(directory)
-        return DharmaModel.from_pretrained(directory), load_saved_tokenizer(directory)
+        model = DharmaModel.from_pretrained(directory)
+        warn_if_changed(directory, model.module_refs, model.config.manifest)
+        return model, load_saved_tokenizer(directory)
     info = read_application(directory)
     for spec in info["heads"]:
         require_head(spec["plugin"])
@@ -193,6 +196,7 @@ def load_application(path: str | Path) -> tuple[Any, Any]:
             hint="Use the foundation it was fine-tuned from, or fine-tune again from this one.",
         )
     model = DharmaModel.from_pretrained(foundation)
+    warn_if_changed(foundation, model.module_refs, model.config.manifest)
     add_heads(model, info["heads"])
     _load_adapter(model, directory / ADAPTER_FILE, info["trainable"])
     model.config.manifest = info["manifest"]

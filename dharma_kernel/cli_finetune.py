@@ -29,7 +29,7 @@ from .errors import DharmaError
 @app.command()
 def finetune(
     foundation: Annotated[
-        str, typer.Argument(help="A saved model, or a run directory (its best checkpoint).")
+        Path, typer.Argument(help="A saved model, or a run directory (its best checkpoint).")
     ],
     data: Annotated[list[str], typer.Option("--data", help="Training data files, directories or globs.")],
     output: Annotated[str, typer.Option("--output", "-o", help="The application directory to write.")],
@@ -73,7 +73,7 @@ def finetune(
         {
             "model": {"name": Path(output).name or "application"},
             "heads": [{"plugin": head, "config": _key_values(head_options, "--head-option")}] if head else [],
-            "finetune": {"from": foundation, "merge": merge},
+            "finetune": {"from": str(foundation), "merge": merge},
             "freeze": {"groups": freeze or []},
             "data": {"train": data, "eval": eval_data or [], "max_length": max_length, "eval_fraction": 0.0},
             "train": {
@@ -122,7 +122,10 @@ def report_finetune(summary: Any) -> None:
         out.print(f"best eval perplexity {summary.best_eval_ppl:.2f} at step {summary.best_step}")
     out.print(f"run directory: {summary.output}")
     _exit_if_interrupted(summary)
-    out.print(f"application: {summary.application}")
+    from .application import is_application
+
+    kind = "application" if is_application(summary.application) else "model"  # --merge writes a model
+    out.print(f"{kind}: {summary.application}")
 
 
 def _exit_if_interrupted(summary: Any) -> None:
@@ -131,7 +134,7 @@ def _exit_if_interrupted(summary: Any) -> None:
         raise SystemExit(130)
 
 
-def _default_length(foundation: str) -> int:
+def _default_length(foundation: Path) -> int:
     from .backbone import context_length
     from .train.rundir import model_directory
 

@@ -61,6 +61,13 @@ def train(
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", min=1, help="Stop after this many steps.")
     ] = None,
+    run_modules: Annotated[
+        bool,
+        typer.Option(
+            "--run-modules",
+            help="With --resume: keep the run's modules when the manifest's include now means others.",
+        ),
+    ] = False,
     strict: StrictOption = None,
     device: Annotated[
         str | None, typer.Option("--device", help="cpu or cuda (default: cuda when available).")
@@ -69,17 +76,22 @@ def train(
     quiet: QuietOption = False,
 ) -> None:
     """Train the model a manifest describes; checkpoints, metrics and best model go to the run directory."""
+    from .manifest import load_manifest
+
+    resolved = load_manifest(manifest)
+    require_manifest_paths(resolved, replaced_data=bool(data))  # before torch is imported
     from .train.session import TrainOptions
     from .train.session import train as run_training
 
     _quiet_transformers()
-    if reset_optimizer and not resume:
-        raise DharmaError("--reset-optimizer only applies with --resume")
+    for flag, given in (("--reset-optimizer", reset_optimizer), ("--run-modules", run_modules)):
+        if given and not resume:
+            raise DharmaError(f"{flag} only applies with --resume")
     options = TrainOptions(
-        data=data, output=output, resume=resume, reset_optimizer=reset_optimizer,
+        data=data, output=output, resume=resume, reset_optimizer=reset_optimizer, run_modules=run_modules,
         max_steps=max_steps, freeze=freeze or [], strict=strict, device=device,
     )  # fmt: skip
-    summary = run_training(manifest, options, out)
+    summary = run_training(resolved, options, out)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, the main process reports
     if as_json:
@@ -94,6 +106,20 @@ def train(
         resume = f"dharma train {escape(str(manifest))} --resume"
         err.print(interrupted_line(summary.steps, summary.latest, resume))
         raise SystemExit(130)
+
+
+def require_manifest_paths(manifest, replaced_data: bool = False) -> None:
+    """A DharmaError naming the first path the manifest reads (its data, unless --data replaces the
+    training data; a fine-tuning foundation) that does not exist, before anything heavy is imported."""
+    from .data.paths import expand_paths
+
+    data = [*([] if replaced_data else manifest.data.train), *manifest.data.eval]
+    expand_paths([manifest.resolve_path(path) for path in data])
+    if manifest.finetune is not None and not manifest.resolve_path(manifest.finetune.from_).exists():
+        raise DharmaError(
+            f"[finetune] from: {manifest.resolve_path(manifest.finetune.from_)}: no such file or directory",
+            hint="Name the foundation model or run directory to fine-tune, relative to the manifest.",
+        )
 
 
 def _report_training(summary) -> None:

@@ -41,6 +41,7 @@ class TrainOptions:
     output: str | None = None
     resume: bool = False
     reset_optimizer: bool = False
+    run_modules: bool = False  # with resume: the run's own modules, whatever `all` resolves to now
     max_steps: int | None = None
     freeze: list[str] = field(default_factory=list)
     strict: bool | None = None
@@ -92,6 +93,8 @@ class _Session:
     ) -> None:
         self.options, self.dist, self.device, self.console = options, dist, device, console
         self.manifest, self.cfg = manifest, manifest.train
+        if options.run_modules:
+            self.manifest = self._with_run_modules(manifest)
         self.plan = self._plan()
         self.run_dir = RunDir(self._run_root())
         self.precision = resolve_precision(self.cfg.precision, device)
@@ -102,6 +105,20 @@ class _Session:
 
         check_requires(self.manifest)
         return plan(self.manifest)
+
+    def _with_run_modules(self, manifest: Manifest) -> Manifest:
+        """The manifest with ``include`` set to the modules the run to resume was trained with."""
+        from ..module_set import saved_refs
+
+        latest = RunDir(self._run_root()).link("latest")
+        refs = saved_refs(latest) if latest is not None else None
+        if refs is None:
+            raise DharmaError(
+                f"--run-modules: {self._run_root()} holds no checkpoint to take the modules from",
+                hint="Use --run-modules with --resume on a run that saved a checkpoint.",
+            )
+        modules = manifest.modules.model_copy(update={"include": refs, "exclude": []})
+        return manifest.model_copy(update={"modules": modules})
 
     def _run_root(self) -> Path:
         output = self.options.output or self.manifest.resolve_path(self.cfg.output)
@@ -199,6 +216,11 @@ class _Session:
         from ..model import DharmaModel
 
         model = DharmaModel.from_pretrained(latest)  # aligned copies: resume steps bit-exactly
+        saved, now = model.module_refs, [spec["ref"] for spec in self.plan.config.layout["modules"]]
+        if saved != now and set(saved) != set(now):
+            from ..module_set import resume_refusal
+
+            raise resume_refusal(latest, saved, now, self.manifest.to_dict().get("modules", {}))
         if model.config.layout != self.plan.config.layout:
             raise DharmaError(
                 f"{latest} was trained with a different model layout than the manifest now describes",
@@ -220,11 +242,32 @@ class _Session:
         else:
             for _ in range(state["progress"]["step"]):
                 loop.optimizer.schedule_step()  # keep the learning rate where the run was
+        self._say_schedule_change(loop.optimizer, state)
         loop.scale.load_state_dict(state["scale"])
         loop.progress = Progress(**state["progress"])
         restore_rng(state["rng"])
         if self.dist.main:
             self.run_dir.truncate_metrics(loop.progress.step)
+
+    def _say_schedule_change(self, optimizer: Any, state: dict[str, Any]) -> None:
+        """A resume that runs to another total re-plans the schedule over the new total: say so, with
+        the learning rate the run had and the one it goes on with."""
+        from .optim import lr_factor
+
+        before, now, step = state.get("total_steps"), optimizer.total_steps, state["progress"]["step"]
+        step = (state.get("optimizer") or {}).get("schedule_step", step)  # skipped steps count too
+        if before is None or before == now or not self.dist.main:
+            return
+        cfg = self.cfg
+
+        def lr(total: int) -> float:
+            return cfg.learning_rate * lr_factor(cfg.schedule, step, total, cfg.warmup_fraction)
+
+        log.warning(
+            f"the run's {cfg.schedule} schedule spanned {before} steps; resuming to {now} re-plans it over "
+            f"{now}: step {step + 1} trains at learning rate {lr(now):.3g} ({lr(before):.3g} on the old "
+            f"schedule), then the rate follows the {now}-step schedule"
+        )
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -298,6 +341,7 @@ class _Session:
                 "rng": capture_rng(),
                 "trainable": [n for n, p in loop.raw.named_parameters() if p.requires_grad],
                 "world": self.dist.world,
+                "total_steps": loop.optimizer.total_steps,  # what the schedule spans
             }
             target = save(loop.raw, self.run_dir.step_dir(step), self.tokenizer,
                           extra=lambda d: save_state(d, state), state_dict=weights)  # fmt: skip
