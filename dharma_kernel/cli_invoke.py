@@ -13,7 +13,7 @@ import functools
 import inspect
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from typer.models import ArgumentInfo, OptionInfo
@@ -28,9 +28,9 @@ except ImportError:  # pragma: no cover
 DATA_FLAGS = ("--data", "--eval")  # options whose values are files, directories or globs to read
 
 
-def invoke(app: typer.Typer, argv: list[str]) -> None:
-    """Run ``app`` on ``argv``; a usage mistake raises :class:`DharmaError` (exit 2), a command's
-    ``typer.Exit(code)`` exits with that code."""
+def invoke(app: typer.Typer, argv: list[str]) -> NoReturn:
+    """Run ``app`` on ``argv`` and exit as click's standalone mode does (0, or ``typer.Exit``'s
+    code); a usage mistake raises :class:`DharmaError` (exit 2)."""
     _plain_help()
     for info in app.registered_commands:
         if info.callback is not None:
@@ -43,8 +43,7 @@ def invoke(app: typer.Typer, argv: list[str]) -> None:
         raise KeyboardInterrupt from None
     except click_errors.ClickException as error:
         raise usage_error(error) from None
-    if isinstance(code, int) and code:  # standalone_mode=False returns typer.Exit's code
-        raise SystemExit(code)
+    raise SystemExit(code if isinstance(code, int) else 0)  # standalone_mode=False returns Exit's code
 
 
 def usage_error(error: click_errors.ClickException) -> DharmaError:

@@ -77,7 +77,7 @@ def run_change_line(run_root: Path, latest: Path | None, refs_now: list[str]) ->
     if difference is None:
         return None
     return (
-        f"note: the run in {run_root} was trained with {len(saved)} modules; this manifest now "
+        f"the run in {run_root} was trained with {len(saved)} modules; this manifest now "
         f"resolves to {len(refs_now)} ({difference}). `dharma train --resume` refuses the change "
         "unless --run-modules keeps the run's own modules"
     )

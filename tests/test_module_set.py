@@ -52,7 +52,7 @@ def test_a_plugin_joining_a_family_is_named_by_validate_eval_and_resume(tmp_path
     code, _, err = run_cli(capsys, "validate", manifest)
     assert code == 0, err
     assert (
-        f"warning: note: the run in {run} was trained with 4 modules; this manifest now resolves to 5 "
+        f"warning: the run in {run} was trained with 4 modules; this manifest now resolves to 5 "
         "(added energy.prana)."
     ) in err
 
