@@ -192,11 +192,28 @@ def plugins_command(
         cells = [row[key] or "-" for key in ("ref", "distribution", "version", "family", "module_api")]
         table.add_row(*map(escape, cells), status)
     out.print(table)
+    if kind is not Kind.head:
+        _print_families()
     broken = sum(row["status"] == "broken" for row in rows)
     disabled = sum(row["status"] == "disabled" for row in rows)
     note = "" if check else " (metadata only; --check imports each)"
     counts = f"{len(rows)} plugin{'' if len(rows) == 1 else 's'}, {broken} broken"
     out.print(counts + (f", {disabled} disabled" if disabled else "") + note)
+
+
+def _print_families() -> None:
+    """Each family with installed modules: the names ``include`` and ``--freeze`` take as a group."""
+    from .catalogue import FAMILIES
+
+    listed = {family: refs for family, refs in registry.families().items() if refs}
+    if not listed:
+        return
+    out.print("families (include or freeze each by name):")
+    width = max(map(len, listed))
+    for family, refs in listed.items():
+        origin = "" if family in FAMILIES else "  (new family, from plugins)"
+        names = ", ".join(ref.split(".", 1)[1] for ref in refs)
+        out.print(f"  {family:<{width}}  {escape(names)}{origin}")
 
 
 def _row(info: registry.PluginInfo, check: bool, timeout: float) -> dict[str, Any]:
