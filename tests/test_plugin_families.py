@@ -8,6 +8,21 @@ import sys
 
 import pytest
 from fakedists import install, run_dharma
+from venvkit import (
+    OFFLINE,
+    ROOT,
+    build_wheels,
+    check,
+    dharma,
+    dharma_distributions,
+    load_saved,
+    make_venv,
+    pip,
+    plugin_rows,
+    run,
+    shared_deps,
+    tiny_manifest,
+)
 
 from dharma_kernel import registry
 from dharma_kernel.assemble import build_on_meta, plan, select_modules
@@ -132,3 +147,43 @@ class TestNewFamilyConformance(ModuleConformance):
     @pytest.fixture
     def module_class(self, site):
         return registry.load(registry.resolve("stoics.ritam"))
+
+
+@pytest.mark.slow
+def test_a_new_family_from_new_plugin_to_a_frozen_assembled_model_in_a_fresh_venv(tmp_path):
+    """SLOW (about a minute): the kernel's wheel in a fresh venv; two plugins scaffolded with
+    ``--family stoics``, installed, listed, their tests passed; a manifest including and freezing
+    ``stoics`` validates and assembles."""
+    wheels = build_wheels([ROOT], tmp_path / "wheels")
+    venv = make_venv(tmp_path / "venv", shared_deps(tmp_path))
+    check(pip(venv, "install", *OFFLINE, "--find-links", wheels, "dharma-kernel"))
+    for name in ("ritam", "logos"):
+        said = check(dharma(venv, "new-plugin", name, "--family", "stoics", "-o", tmp_path / name))
+        assert said.startswith(f"wrote module stoics.{name} as dharma-plugin-{name} in ")
+    check(pip(venv, "install", *OFFLINE, "--find-links", wheels, tmp_path / "ritam", tmp_path / "logos"))
+    assert dharma_distributions(venv) == ["dharma-kernel", "dharma-plugin-logos", "dharma-plugin-ritam"]
+
+    rows = plugin_rows(venv, "--check")
+    assert [(r["ref"], r["family"], r["status"]) for r in rows] == [
+        ("stoics.logos", "stoics", "ok"),
+        ("stoics.ritam", "stoics", "ok"),
+    ]
+    listed = check(dharma(venv, "plugins"))
+    assert "\n  stoics  logos, ritam  (new family, from plugins)\n" in listed, listed
+
+    python = venv / "bin" / "python"
+    result = run([python, "-m", "pytest", tmp_path / "ritam", "-q", "-p", "no:cacheprovider"], tmp_path)
+    assert result.returncode == 0 and re.match(r"16 passed in ", result.stdout.strip().splitlines()[-1]), (
+        result.stdout[-3000:]
+    )  # the kernel's conformance suite, nothing skipped: it is installed
+
+    manifest = tiny_manifest(tmp_path / "manifest.toml", '"stoics"')
+    manifest.write_text(manifest.read_text() + '[freeze]\ngroups = ["stoics"]\n')
+    validated = check(dharma(venv, "validate", manifest))
+    assert "modules: 2 at layers [0, 1], sequential, preset tiny" in validated
+    stoics = re.search(r"^ *stoics +([\d,]+) +[\d.]+% +([\d,]+) *$", validated, re.M)
+    assert stoics and stoics[1] != "0" and stoics[2] == "0", validated  # frozen as one group
+    check(dharma(venv, "assemble", manifest, "-o", tmp_path / "model"))
+    name, refs, kernel = load_saved(venv, tmp_path / "model")
+    assert (name, refs) == ("DharmaModel", "stoics.logos,stoics.ritam")
+    assert kernel.startswith(str(venv))  # the fresh venv's kernel, from the wheel
