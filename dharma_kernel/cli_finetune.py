@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -24,6 +25,12 @@ from .cli import (
     out,
 )
 from .errors import DharmaError
+
+
+class Select(StrEnum):
+    metric = "metric"
+    loss = "loss"
+    last = "last"
 
 
 @app.command()
@@ -47,14 +54,36 @@ def finetune(
     merge: Annotated[
         bool, typer.Option("--merge", help="Write a standalone model directory, not an application.")
     ] = False,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 3,
+    epochs: Annotated[
+        int | None,
+        typer.Option("--epochs", min=1, help="Default: 3 epochs but at least 200 steps (small data)."),
+    ] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", min=1)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
     learning_rate: Annotated[float, typer.Option("--learning-rate", min=0.0)] = 1e-3,
     max_length: Annotated[
         int | None, typer.Option("--max-length", min=8, help="Tokens per record (default: up to 256).")
     ] = None,
-    eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Evaluate every N steps.")] = 50,
+    eval_every: Annotated[
+        int | None,
+        typer.Option("--eval-every", min=1, help="Evaluate every N steps (default: 20 times, at most 50)."),
+    ] = None,
+    select: Annotated[
+        Select | None,
+        typer.Option(
+            "--select",
+            help="The checkpoint that becomes the application: the best eval "
+            "metric (the default with --eval), the lowest eval loss, or the last one.",
+        ),
+    ] = None,
+    patience: Annotated[
+        int,
+        typer.Option(
+            "--patience",
+            min=0,
+            help="With --eval: stop after N evaluations without a better checkpoint (0: never).",
+        ),
+    ] = 5,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run beside the output.")] = False,
     device: Annotated[str | None, typer.Option("--device", help="cpu or cuda.")] = None,
@@ -73,13 +102,15 @@ def finetune(
         {
             "model": {"name": Path(output).name or "application"},
             "heads": [{"plugin": head, "config": _key_values(head_options, "--head-option")}] if head else [],
-            "finetune": {"from": foundation, "merge": merge},
+            "finetune": {"from": foundation, "merge": merge, "patience": patience,
+                         "select": select and select.value},
             "freeze": {"groups": freeze or []},
             "data": {"train": data, "eval": eval_data or [], "max_length": max_length, "eval_fraction": 0.0},
             "train": {
-                "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
-                "learning_rate": learning_rate, "eval_every": eval_every, "seed": seed,
+                "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed,
                 "output": output, "log_every": 10, "warmup_fraction": 0.1, "precision": "auto",
+                # only what was given: the session chooses the schedule for what was not
+                **_given(epochs=epochs, max_steps=max_steps, eval_every=eval_every),
             },
         }
     )  # fmt: skip
@@ -92,6 +123,10 @@ def finetune(
 
     print_summary_json(summary)
     _exit_if_interrupted(summary)
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def _key_values(items: list[str] | None, flag: str, parse: bool = True) -> dict[str, Any]:
@@ -122,7 +157,8 @@ def report_finetune(summary: Any) -> None:
         out.print(f"best eval perplexity {summary.best_eval_ppl:.2f} at step {summary.best_step}")
     out.print(f"run directory: {summary.output}")
     _exit_if_interrupted(summary)
-    out.print(f"application: {summary.application}")
+    chosen = f" (from {summary.selected})" if summary.selected else ""
+    out.print(f"application: {summary.application}{chosen}")
 
 
 def _exit_if_interrupted(summary: Any) -> None:
