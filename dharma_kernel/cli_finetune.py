@@ -249,23 +249,29 @@ def has_head(path: Path) -> bool:
     return isinstance(layout, dict) and bool(layout.get("heads"))
 
 
-def eval_head(path: Path, data: list[str], batch_size: int, head: str | None, as_json: bool) -> None:
+def eval_head(
+    path: Path, data: list[str], batch_size: int, head: str | None, as_json: bool, max_length: int | None
+) -> None:
     """``dharma eval`` on a model with a head: its mean loss and metrics on ``data``."""
     from .application import load_application
-    from .head_data import encode_records, max_length_of, read_head_records
+    from .evaluate import eval_length
+    from .head_data import encode_records, read_head_records
     from .train.finetune import evaluate_head
+    from .train.progress import item_bar
 
     _quiet_transformers()
     model, tokenizer = load_application(path)
     chosen = pick_head(model, head)
-    records = read_head_records(type(chosen), data)
-    encoded = encode_records(chosen, records, tokenizer, max_length_of(model))
-    result = evaluate_head(model, encoded, tokenizer, batch_size)
+    records = read_head_records(type(chosen), data)  # a malformed record stops it, named by file:record
+    length = eval_length(model, max_length)
+    encoded = encode_records(chosen, records, tokenizer, length)
+    with item_bar(err, len(encoded), "records") as advance:
+        result = evaluate_head(model, encoded, tokenizer, batch_size, advance=advance)
     metrics = {k.removeprefix("eval_"): v for k, v in result.items()}
     metrics["records"] = int(metrics["records"])
     if as_json:
-        echo_json({"model": str(path), "head": chosen.name, **metrics})
+        echo_json({"model": str(path), "head": chosen.name, "max_length": length, **metrics})
         return
-    out.print(f"{path}: {chosen.name} head, {metrics.pop('records')} records")
+    out.print(f"{path}: {chosen.name} head, {metrics.pop('records')} records of up to {length} tokens")
     for name, value in metrics.items():
         out.print(f"{name} {value:.4f}")

@@ -307,9 +307,10 @@ class FinetuneSession(_Session):
 
 @torch.no_grad()
 def evaluate_head(
-    model: Any, data: Any, tokenizer: Any, batch_size: int, precision: Any = None
+    model: Any, data: Any, tokenizer: Any, batch_size: int, precision: Any = None, advance: Any = None
 ) -> dict[str, float]:
-    """Mean loss per record over ``data`` (HeadData) and the head's metrics on its records."""
+    """Mean loss per record over ``data`` (HeadData) and the head's metrics on its records;
+    ``advance(n)`` is called as each batch of ``n`` records is done (a progress bar)."""
     import contextlib
 
     precision = precision or contextlib.nullcontext
@@ -328,6 +329,8 @@ def evaluate_head(
                 predictions += predict_records(head, model, tokenizer, [data.records[i] for i in rows],
                                                where=f"{head.name} eval data")  # fmt: skip
             loss_sum += float(out.loss) * len(rows)
+            if advance is not None:
+                advance(len(rows))
     finally:
         model.train(was_training)
     scores = head.metrics(predictions, data.records)
