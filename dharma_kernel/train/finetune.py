@@ -118,7 +118,8 @@ class FinetuneSession(_Session):
             total = super()._total_steps(windows)
         if "eval_every" not in cfg.model_fields_set and self.select != "last":
             cfg.eval_every = max(1, min(50, total // EVALS_PER_RUN))
-        self.plan.config.manifest["train"].update(max_steps=cfg.max_steps, eval_every=cfg.eval_every)
+        recorded = {"max_steps": cfg.max_steps, "eval_every": cfg.eval_every}
+        self.plan.config.manifest["train"].update({k: v for k, v in recorded.items() if v is not None})
         if self.dist.main:
             self.console.print(self._schedule_line(total, windows, chosen))
         return total
