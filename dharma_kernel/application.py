@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from .checkpoint import LockEntry, SavedJson, load_saved_tokenizer, write_directory
+from .checkpoint import LockEntry, SavedJson, load_saved_tokenizer, save_tokenizer, write_directory
 from .errors import DharmaError, first_line
 from .module_set import warn_if_changed
 
@@ -115,7 +115,7 @@ def save_application(
         save_file(tensors, str(staging / ADAPTER_FILE), metadata={"format": FORMAT})
         (staging / APPLICATION_FILE).write_text(json.dumps(info, indent=2))
         if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+            save_tokenizer(tokenizer, staging)
 
     write_directory(target, write, lambda d: (d / APPLICATION_FILE).exists(), "an application directory")
     return target

@@ -153,7 +153,9 @@ def eval_command(
     data: Annotated[list[str], typer.Option("--data", help="Held-out data files, directories or globs.")],
     max_length: Annotated[
         int | None,
-        typer.Option("--max-length", min=8, help="Tokens per packed sequence (default: as trained)."),
+        typer.Option(
+            "--max-length", min=8, help="Tokens per sequence (default: as trained, within its positions)."
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
     strict: StrictOption = None,
@@ -170,11 +172,12 @@ def eval_command(
     from .cli_finetune import eval_head, has_head
 
     if has_head(model_dir):
-        return eval_head(model_dir, data, batch_size, head, as_json)
+        return eval_head(model_dir, data, batch_size, head, as_json, max_length)
     from .application import is_application, load_application
     from .concept_activation import ConceptActivation
     from .data import DataReport, clean_records, pack, read_records
     from .evaluate import eval_length, lm_totals, perplexity
+    from .train.progress import item_bar
     from .train.rundir import model_directory
 
     _quiet_transformers()
@@ -186,13 +189,20 @@ def eval_command(
         warn(report.problems_summary())
     if not records:
         raise DharmaError(f"--data {' '.join(data)}: no text to evaluate on", hint=report.summary())
-    packed = pack(records, tokenizer, eval_length(model, max_length), refs=model.module_refs)
+    length = eval_length(model, max_length)
+    if not as_json:
+        out.print(report.summary())  # as dharma train prints it
+    packed = pack(records, tokenizer, length, refs=model.module_refs)
     table = ConceptActivation(model.module_refs) if model.module_refs else None
-    loss_sum, count = lm_totals(model, packed, batch_size, activation=table)
+    with item_bar(err, len(packed), f"sequences of {length} tokens") as advance:
+        loss_sum, count = lm_totals(model, packed, batch_size, activation=table, advance=advance)
     loss = loss_sum / max(count, 1.0)
     detection = table.record() if table is not None else None
     result = {
         "model": str(directory),
+        "data": report.as_json(),
+        "max_length": length,
+        "sequences": len(packed),
         "tokens": int(count),
         "loss": loss,
         "perplexity": perplexity(loss),
@@ -206,7 +216,8 @@ def eval_command(
     if as_json:
         echo_json(result)
         return
-    out.print(f"{directory}: {int(count):,} tokens, loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
+    out.print(f"{directory}: {int(count):,} tokens in {len(packed):,} sequences of up to {length}, "
+              f"loss {loss:.4f}, perplexity {perplexity(loss):.2f}")  # fmt: skip
     if "ablation" in result:
         _print_ablation(result["ablation"])
     if detection:

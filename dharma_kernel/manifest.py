@@ -200,12 +200,20 @@ class FinetuneSection(_Section):
 
     ``train.output`` is then the application directory; the run's checkpoints go beside it
     (``<output>-run``). ``merge``: write a standalone model directory instead of an application.
+    When ``[train]`` sets neither ``epochs`` nor ``max_steps``, the run takes at least
+    :data:`~dharma_kernel.train.finetune.MIN_STEPS` steps (small data needs many epochs).
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
     from_: str = Field(alias="from", min_length=1)
     merge: bool = False
+    # Which checkpoint becomes the application: the best eval score of the head's first metric
+    # ("metric"; the LM's eval loss without a head), the lowest eval loss, or the last one.
+    # None: "metric" with an eval set, else "last".
+    select: Literal["loss", "metric", "last"] | None = None
+    # With an eval set: stop once that many evaluations in a row found no better checkpoint (0: never).
+    patience: int = Field(5, ge=0)
 
 
 class Manifest(_Section):

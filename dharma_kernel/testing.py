@@ -442,6 +442,10 @@ class HeadConformance:
         json.dumps(predictions)
         scores = model.heads[self.plugin.name].metrics(predictions, self.records)
         assert scores and all(isinstance(v, float) for v in scores.values())
+        # the score fine-tuning selects checkpoints by must be one the head reports
+        assert self.plugin.metric is None or self.plugin.metric in scores, (
+            f"metric = {self.plugin.metric!r} is not among metrics(): {sorted(scores)}"
+        )
 
 
 @functools.cache

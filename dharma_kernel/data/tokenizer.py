@@ -4,9 +4,9 @@ A trained tokenizer is byte-level (GPT-2's scheme): every string, Devanagari, IA
 diacritics and runs of whitespace included, encodes to tokens that decode back to
 it exactly, and nothing is ever an unknown token. It carries the chat template
 (:data:`~dharma_kernel.data.chat.CHAT_TEMPLATE`) and its role markers as special
-tokens. Save it with
-``tokenizer.save_pretrained(directory)``; ``AutoTokenizer.from_pretrained(directory)``
-loads it back.
+tokens, and pads on the left, as batched generation needs. Save it with
+:func:`~dharma_kernel.checkpoint.save_tokenizer` (or ``tokenizer.save_pretrained(directory)``);
+``AutoTokenizer.from_pretrained(directory)`` loads it back.
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def train_tokenizer(
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,  # " ." stays " .": decoding is exact
         chat_template=CHAT_TEMPLATE,
+        padding_side="left",  # batched generation; training pads its own batches
     )
 
 

@@ -61,6 +61,7 @@ class Summary:
     latest: Path | None
     best: Path | None
     application: Path | None = None  # fine-tuning: the application (or merged model) written
+    selected: str | None = None  # fine-tuning: which checkpoint became the application, and why
     first_eval: dict[str, float] = field(default_factory=dict)  # fine-tuning with a head: eval metrics
     best_eval: dict[str, float] = field(default_factory=dict)
 
@@ -172,7 +173,7 @@ class _Session:
 
         windows = Windows(len(train_data), self.cfg.batch_size, self.cfg.grad_accum,
                           self.dist.world, self.dist.rank, self.cfg.seed)  # fmt: skip
-        total = self.options.max_steps or self.cfg.max_steps or self.cfg.epochs * windows.steps_per_epoch
+        total = self._total_steps(windows)
         wrapped = wrap(model, self.dist, self.device, self.cfg.distributed)
         optimizer = build_optimizer(model, self.cfg, total, self.device)  # after sharding
         loop = Loop(
@@ -196,6 +197,9 @@ class _Session:
             self.run_dir.metrics.unlink(missing_ok=True)
             (self.run_dir.root / "manifest.json").write_text(json.dumps(self.manifest.to_dict(), indent=2))
         return self._loop(loop, total)
+
+    def _total_steps(self, windows: Windows) -> int:
+        return self.options.max_steps or self.cfg.max_steps or self.cfg.epochs * windows.steps_per_epoch
 
     def _data(self, latest: Path | None) -> tuple:
         from ..checkpoint import load_saved_tokenizer
@@ -291,6 +295,8 @@ class _Session:
                     improved = self._evaluate(loop, reporter)
                 if step % save_every == 0 or step == total or improved:
                     self._save(loop, reporter)
+                if step < total and self._stop_early(loop):
+                    break
             if loop.stop_requested and self.run_dir.link("latest") != self.run_dir.step_dir(
                 loop.progress.step
             ):
@@ -306,9 +312,17 @@ class _Session:
             progress.first_eval = metrics["eval_loss"]
         progress.last_eval = metrics["eval_loss"]
         reporter.eval(progress.step, metrics)
-        if progress.step > 0 and metrics["eval_loss"] < progress.best_eval:
+        if progress.step > 0 and self._improves(metrics, progress):
             progress.best_eval, progress.best_step = metrics["eval_loss"], progress.step
             return True
+        return False
+
+    def _improves(self, metrics: dict[str, Any], progress: Progress) -> bool:
+        """Whether this evaluation's checkpoint becomes ``best``: here, a lower eval loss."""
+        return metrics["eval_loss"] < progress.best_eval
+
+    def _stop_early(self, loop: Loop) -> bool:
+        """Whether to end the run before its last step (fine-tuning's patience); here, never."""
         return False
 
     def _eval_metrics(self, loop: Loop) -> dict[str, Any]:
