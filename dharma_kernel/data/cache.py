@@ -26,7 +26,7 @@ from .dataset import training_paths
 from .paths import expand_paths
 from .prepare import FORMAT, META, Prepared, open_prepared, prepare, tokenizer_hash
 
-__all__ = ["cache_root", "data_inputs", "fingerprint", "is_prepared", "prepared_data"]
+__all__ = ["cache_root", "data_inputs", "fingerprint", "is_prepared", "prepare_into", "prepared_data"]
 
 
 def cache_root() -> Path:
@@ -105,7 +105,9 @@ def prepared_data(
     if is_prepared(directory):
         if console is not None:
             console.print(f"prepared data: {directory} (reused)", highlight=False)
-        return open_prepared(directory, tokenizer)
+        data = open_prepared(directory, tokenizer)
+        data.reused = True
+        return data
     if not prepare_here:
         raise DharmaError(f"{directory}: the main process did not prepare the data")
     if console is not None:
@@ -114,6 +116,41 @@ def prepared_data(
     prepare(manifest, directory, paths=paths, strict=strict, refs=refs, text_config=text_config,
             tokenizer=tokenizer, inputs=inputs, console=console)  # fmt: skip
     return open_prepared(directory, tokenizer)
+
+
+def prepare_into(
+    manifest: Manifest,
+    directory: Path,
+    paths: Sequence[str | Path] | None = None,
+    strict: bool | None = None,
+    refs: Sequence[str] = (),
+    text_config: Any | None = None,
+    console: Any | None = None,
+) -> tuple[Prepared, bool]:
+    """``(data, reused)``: the manifest's data prepared in ``directory`` (``dharma prepare -o``),
+    or what is there already when its fingerprint matches. A directory that holds anything
+    else is refused, so nothing is overwritten."""
+    inputs = data_inputs(manifest, paths, strict, refs, _tokenizer_spec(manifest, text_config))
+    if is_prepared(directory):
+        data = open_prepared(directory)
+        if data.meta.get("inputs") == inputs:
+            data.reused = True
+            return data, True
+        raise DharmaError(
+            f"{directory} holds data prepared from other inputs",
+            hint="Remove it to prepare it again, or give another -o DIR.",
+        )
+    if directory.exists() and any(directory.iterdir()):
+        raise DharmaError(
+            f"{directory} exists and is not a prepared data directory",
+            hint="Give -o a new or empty directory.",
+        )
+    if directory.exists():
+        directory.rmdir()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    prepare(manifest, directory, paths=paths, strict=strict, refs=refs, text_config=text_config,
+            inputs=inputs, console=console)  # fmt: skip
+    return open_prepared(directory), False
 
 
 def _given(directory: Path, manifest: Manifest, refs: Sequence[str], tokenizer: Any | None) -> Prepared:

@@ -72,6 +72,7 @@ class Prepared:
     eval: Any | None
     report: DataReport
     meta: dict[str, Any]
+    reused: bool = False  # found ready, not prepared by this call
 
 
 def prepare(

@@ -105,7 +105,7 @@ def pieces_of(packed: PackedData) -> Piece:
         raise ValueError("a trained label differs from its token")
     concepts = None
     if packed.concept_labels is not None:
-        concepts = packed.concept_labels.reshape(len(ids), -1).numpy()
+        concepts = packed.concept_labels.reshape(len(ids), len(packed.refs)).numpy()
     return Piece(ids.astype(np.int64), trained, packed.attention_mask.reshape(-1).numpy() != 0, concepts)
 
 
