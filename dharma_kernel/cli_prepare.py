@@ -61,7 +61,7 @@ def prepare(
     if reused and output is not None:
         out.print(f"{output} is up to date with its inputs")
     out.print(prepared.report.summary(), highlight=False)
+    length = prepared.meta["max_length"]
     for name in ("train", "eval"):
-        split = splits[name]
-        out.print(f"{name}: {split['rows']:,} rows of {prepared.meta['max_length']}, {split['tokens']:,} tokens")
+        out.print(f"{name}: {splits[name]['rows']:,} rows of {length}, {splits[name]['tokens']:,} tokens")
     out.print(f"prepared data: {prepared.directory}", highlight=False)

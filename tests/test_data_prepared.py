@@ -11,8 +11,8 @@ import pytest
 import torch
 from fakedists import run_dharma
 
-from dharma_kernel.data import prepare_data, read_data, train_tokenizer
 from dharma_kernel.data import prepare as prepare_module
+from dharma_kernel.data import prepare_data, read_data, train_tokenizer
 from dharma_kernel.data.cache import cache_root, prepared_data
 from dharma_kernel.data.prepare import open_prepared, prepare
 from dharma_kernel.data.shards import id_dtype
@@ -32,8 +32,12 @@ TEXTS = [
     ]
 ]
 CHATS = [
-    {"messages": [{"role": "user", "content": f"What is seva, question {n}?"},
-                  {"role": "assistant", "content": f"Seva is service given freely ({n})."}]}  # fmt: skip
+    {
+        "messages": [
+            {"role": "user", "content": f"What is seva, question {n}?"},
+            {"role": "assistant", "content": f"Seva is service given freely ({n})."},
+        ]
+    }  # fmt: skip
     for n in range(4)
 ]
 SPLIT_FILES = ("ids", "trained", "real", "concepts")
@@ -42,12 +46,14 @@ SPLIT_FILES = ("ids", "trained", "real", "concepts")
 def write_corpus(directory: Path, max_length: int = 45, eval_fraction: float = 0.2, extra: str = "") -> Path:
     data = directory / "data"
     data.mkdir(parents=True, exist_ok=True)
-    (data / "a.txt").write_text("\n\n".join(TEXTS[:15]) + "\n\n" + TEXTS[0], encoding="utf-8")  # one duplicate
+    # TEXTS[0] twice: one duplicate
+    (data / "a.txt").write_text("\n\n".join([*TEXTS[:15], TEXTS[0]]), encoding="utf-8")
     lines = [json.dumps({"text": text, "tags": ["seva"]}) for text in TEXTS[15:]] + ["{broken"]
     (data / "b.jsonl").write_text("\n".join(lines + [json.dumps(c) for c in CHATS]) + "\n", encoding="utf-8")
     manifest = directory / "m.toml"
     manifest.write_text(
-        '[backbone]\nconfig = { architecture = "gpt2", n_layer = 1, n_embd = 8, n_head = 1, vocab_size = 400 }\n'
+        "[backbone]\n"
+        'config = { architecture = "gpt2", n_layer = 1, n_embd = 8, n_head = 1, vocab_size = 400 }\n'
         f'{extra}\n[data]\ntrain = ["data"]\nmax_length = {max_length}\neval_fraction = {eval_fraction}\n',
         encoding="utf-8",
     )
