@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -97,7 +98,7 @@ def generate(directory: Path, megabytes: int, seed: int = 0) -> int:
     return written
 
 
-def run_peak(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, int, int, str]:
+def run_peak(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, int, int, str, str]:
     started = time.perf_counter()
     command = [sys.executable, "-c", PEAK, *args]
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
@@ -106,7 +107,28 @@ def run_peak(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, in
         raise SystemExit(f"dharma {' '.join(args)} failed:\n{result.stderr[-3000:]}")
     peak = next(line for line in result.stderr.splitlines() if line.startswith("PEAK "))
     own, children = (int(value) for value in peak.split()[1:])
-    return seconds, own, children, result.stdout
+    return seconds, own, children, result.stdout, result.stderr
+
+
+def first_step(work: Path, env: dict[str, str]) -> tuple[float, float, float]:
+    """Seconds from launching ``dharma train --max-steps 1`` until its data report is printed (the
+    prepared data is open), until its step-0 evaluation is printed (the first step starts then),
+    and until the process ends."""
+    command = [sys.executable, "-m", "dharma_kernel", "train", "m.toml", "--max-steps", "1", "-o", "rerun"]
+    started = time.perf_counter()
+    shutil.rmtree(work / "rerun", ignore_errors=True)
+    process = subprocess.Popen(command, cwd=work, env={**env, "PYTHONUNBUFFERED": "1"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    ready, first, lines = None, None, []
+    for line in process.stdout:  # type: ignore[union-attr]
+        lines.append(line)
+        if ready is None and line.startswith("dropped: "):  # the data report: the data is open
+            ready = time.perf_counter() - started
+        if first is None and (line.startswith("eval at step 0") or line.startswith("step 1/")):
+            first = time.perf_counter() - started
+    if process.wait() != 0 or first is None:
+        raise SystemExit("dharma train on the prepared data failed:\n" + "".join(lines[-30:]))
+    return ready or first, first, time.perf_counter() - started
 
 
 def batch_reading(directory: Path, cache: Path, rounds: int = 60) -> tuple[float, float, float]:
@@ -161,15 +183,20 @@ def main(argv: list[str] | None = None) -> bool:
         cache = Path(scratch) / "cache"
         env = {**os.environ, "DHARMA_CACHE": str(cache), "NO_COLOR": "1"}
         before = load()
-        seconds, own, children, stdout = run_peak(["prepare", "m.toml", "--json"], work, env)
+        seconds, own, children, stdout, stderr = run_peak(["prepare", "m.toml", "--json"], work, env)
         prepared = json.loads(stdout)
+        for line in stderr.splitlines():
+            if " MB/s)" in line:
+                print(f"  {line}")
         rate = size / 1e6 / seconds
         print(f"prepare {size / 1e6:.0f} MB: {seconds:.1f} s, {rate:.1f} MB/s, peak RSS {own / GIB:.2f} GiB "
               f"(largest cleaning process {children / GIB:.2f} GiB); {prepared['train']['rows']:,} rows, "
               f"{prepared['train']['tokens']:,} tokens, {prepared['dtype']} ids ({before})")  # fmt: skip
         before = load()
-        rerun, _, _, _ = run_peak(["train", "m.toml", "--max-steps", "1"], work, env)
-        print(f"dharma train --max-steps 1 on the prepared data: {rerun:.1f} s in all ({before})")
+        ready, rerun, whole = first_step(work, env)
+        print(f"dharma train on the prepared data: data open {ready:.1f} s after launch, first step "
+              f"starts at {rerun:.1f} s (after the step-0 evaluation), whole --max-steps 1 run "
+              f"{whole:.1f} s ({before})")  # fmt: skip
         before = load()
         shard, memory, step = batch_reading(Path(prepared["directory"]), cache)
         share = (shard - memory) / step

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import JsonOption, QuietOption, _quiet_transformers, app, echo_json, out
+from .cli import JsonOption, QuietOption, _quiet_transformers, app, echo_json, err, out
 from .cli_train import DataOption, StrictOption
 
 
@@ -36,7 +36,7 @@ def prepare(
     check_requires(loaded)
     config = plan(loaded).config
     refs = [spec["ref"] for spec in config.layout["modules"]]
-    console = None if as_json else out
+    console = err if as_json else out  # with --json, stdout holds only the JSON
     if output is not None:
         prepared, reused = prepare_into(loaded, output, data, strict, refs, config.text_config, console)
     else:
