@@ -192,6 +192,7 @@ def test_eval_tokens_caps_the_rows_of_every_evaluation_with_one_fixed_draw(tmp_p
     assert torch.equal(capped.batch([1])["input_ids"], data.batch([capped.rows[1]])["input_ids"])
     assert eval_rows(data, max_tokens=0, max_length=8, seed=0) is data
     assert eval_rows(data, max_tokens=10**6, max_length=8, seed=0) is data
+    assert eval_rows(None, max_tokens=0, max_length=8, seed=0) is None  # nothing held out
 
 
 def test_dharma_prepare_writes_a_directory_train_can_name(tmp_path):
@@ -218,3 +219,15 @@ def test_train_refuses_a_prepared_directory_made_for_another_max_length(tmp_path
 
     with pytest.raises(DharmaError, match="prepared with max_length 45, the manifest asks for 16"):
         prepared_data(other, paths=[str(tmp_path / "prepared")])
+
+
+def test_a_preparation_killed_halfway_leaves_nothing_the_next_one_keeps(tmp_path):
+    manifest = load_manifest(write_corpus(tmp_path))
+    abandoned = cache_root() / "prepared" / "0123abcd.tmp-999999999"  # no such process
+    abandoned.mkdir(parents=True)
+    (abandoned / "train.ids").write_bytes(b"\0" * 64)
+
+    data = prepared_data(manifest, refs=REFS)
+
+    assert not abandoned.exists()
+    assert not list(data.directory.parent.glob(f"{data.directory.name}.tmp-*"))

@@ -113,6 +113,7 @@ def prepared_data(
     if console is not None:
         console.print(f"preparing data in {directory}: {_why(inputs)}", highlight=False)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(directory.parent)
     prepare(manifest, directory, paths=paths, strict=strict, refs=refs, text_config=text_config,
             tokenizer=tokenizer, inputs=inputs, console=console)  # fmt: skip
     return open_prepared(directory, tokenizer)
@@ -175,6 +176,26 @@ def _given(directory: Path, manifest: Manifest, refs: Sequence[str], tokenizer: 
             hint="Resume without --data (the data is then prepared with the run's tokenizer).",
         )
     return data
+
+
+def _remove_abandoned(root: Path) -> None:
+    """Staging directories of preparations whose process is gone (killed while preparing)."""
+    import shutil
+
+    for path in root.glob("*.tmp-*"):
+        pid = path.name.rpartition("-")[2]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process
+    return True
 
 
 def _files(paths: list[Path]) -> list[list[Any]]:

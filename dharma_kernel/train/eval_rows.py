@@ -27,9 +27,9 @@ class EvalRows:
 def eval_rows(data: Any, max_tokens: int, max_length: int, seed: int) -> Any:
     """``data`` itself when it holds at most ``max_tokens`` tokens (or ``max_tokens`` is 0), else
     ``ceil(max_tokens / max_length)`` of its rows drawn from ``seed``."""
-    wanted = math.ceil(max_tokens / max_length) if max_tokens else len(data)
-    if data is None or len(data) <= wanted:
+    if data is None or not max_tokens or len(data) <= math.ceil(max_tokens / max_length):
         return data
+    wanted = math.ceil(max_tokens / max_length)
     generator = torch.Generator().manual_seed(seed * 1_000_003 + 999_983)
     rows = torch.randperm(len(data), generator=generator)[:wanted].sort().values
     return EvalRows(data, rows.tolist())
