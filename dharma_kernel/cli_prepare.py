@@ -38,10 +38,10 @@ def prepare(
     refs = [spec["ref"] for spec in config.layout["modules"]]
     console = err if as_json else out  # with --json, stdout holds only the JSON
     if output is not None:
-        prepared, reused = prepare_into(loaded, output, data, strict, refs, config.text_config, console)
+        prepared = prepare_into(loaded, output, data, strict, refs, config.text_config, console)
     else:
         prepared = prepared_data(loaded, data, strict, refs, config.text_config, console=console)
-        reused = prepared.reused
+    reused = prepared.reused
     splits = prepared.meta["splits"]
     if as_json:
         echo_json(

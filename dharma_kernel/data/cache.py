@@ -127,16 +127,16 @@ def prepare_into(
     refs: Sequence[str] = (),
     text_config: Any | None = None,
     console: Any | None = None,
-) -> tuple[Prepared, bool]:
-    """``(data, reused)``: the manifest's data prepared in ``directory`` (``dharma prepare -o``),
-    or what is there already when its fingerprint matches. A directory that holds anything
+) -> Prepared:
+    """The manifest's data prepared in ``directory`` (``dharma prepare -o``), or what is there
+    already when its fingerprint matches (then ``reused`` is set). A directory that holds anything
     else is refused, so nothing is overwritten."""
     inputs = data_inputs(manifest, paths, strict, refs, _tokenizer_spec(manifest, text_config))
     if is_prepared(directory):
         data = open_prepared(directory)
         if data.meta.get("inputs") == inputs:
             data.reused = True
-            return data, True
+            return data
         raise DharmaError(
             f"{directory} holds data prepared from other inputs",
             hint="Remove it to prepare it again, or give another -o DIR.",
@@ -151,7 +151,7 @@ def prepare_into(
     directory.parent.mkdir(parents=True, exist_ok=True)
     prepare(manifest, directory, paths=paths, strict=strict, refs=refs, text_config=text_config,
             inputs=inputs, console=console)  # fmt: skip
-    return open_prepared(directory), False
+    return open_prepared(directory)
 
 
 def _given(directory: Path, manifest: Manifest, refs: Sequence[str], tokenizer: Any | None) -> Prepared:
