@@ -5,8 +5,8 @@
 The fingerprint covers every input file (path, size, modification time), the settings
 that change what is read, kept or packed (``data.*``, ``train.seed``), the tokenizer
 (its training settings, or a digest of a given one), the modules whose concept labels
-are stored (with their lexicons), and the plugin readers. When one of them changes,
-the data is prepared again and the reason is said. The cache lives in
+are stored (with their lexicons), the plugin readers, and a digest of the kernel's data
+code. When one of them changes, the data is prepared again and the reason is said. The cache lives in
 ``$DHARMA_CACHE`` or else the user cache directory (``$XDG_CACHE_HOME/dharma``, else
 ``~/.cache/dharma``), one directory per fingerprint under ``prepared/``.
 """
@@ -68,7 +68,21 @@ def data_inputs(
         "tokenizer": tokenizer,
         "modules": _modules(refs),
         "readers": sorted(type(reader).__qualname__ for reader in plugin_readers()),
+        "code": _code_digest(),
     }
+
+
+def _code_digest() -> str:
+    """A digest of the code that decides the prepared bytes (reading, cleaning, splitting, packing,
+    concept labels), so a changed kernel prepares again instead of reusing stale rows."""
+    from .. import concepts
+
+    here = Path(__file__).parent
+    files = sorted(here.glob("*.py")) + [Path(concepts.__file__)]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def fingerprint(inputs: dict[str, Any]) -> str:
@@ -274,7 +288,7 @@ def _why(inputs: dict[str, Any]) -> str:
         reasons += [f"{path} changed" for path in now if path in before and before[path] != now[path]]
         reasons += [f"{path} is new" for path in now if path not in before]
         reasons += [f"{path} is gone" for path in before if path not in now]
-    for key in ("settings", "tokenizer", "modules", "readers", "format"):
+    for key in ("settings", "tokenizer", "modules", "readers", "format", "code"):
         if key == "settings":
             reasons += [
                 f"{name} changed ({old.get('settings', {}).get(name)!r} -> {value!r})"
