@@ -425,6 +425,7 @@ from . import cli_report  # noqa: E402, F401, I001  (registers report)
 from . import cli_train  # noqa: E402, F401, I001  (registers train, eval, generate on app)
 from . import cli_new_plugin  # noqa: E402, F401, I001  (registers new-plugin)
 from . import cli_export  # noqa: E402, F401, I001  (registers export on app)
+from . import cli_prepare  # noqa: E402, F401, I001  (registers prepare)
 
 
 @functools.cache  # once per process, however often main() runs

@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from packaging.requirements import InvalidRequirement, Requirement
 from pydantic import (
@@ -80,6 +80,10 @@ class TrainedTokenizer(_Section):
     train: Literal[True]
     vocab_size: int | None = Field(None, ge=300)  # None: the backbone's vocabulary size
     min_frequency: int = Field(2, ge=1)
+    # Text the BPE learns from, at most: the corpus's first this many characters. The trainer
+    # counts words, so memory follows the vocabulary of the sample, not its size.
+    DEFAULT_CHARS: ClassVar[int] = 100_000_000
+    max_training_chars: int = Field(DEFAULT_CHARS, ge=1)
 
 
 class BackboneSection(_Section):
@@ -181,6 +185,8 @@ class TrainSection(_Section):
     output: str | None = Field(None, min_length=1)  # None until the manifest fills in runs/<model.name>
     seed: int = 0
     eval_every: int = Field(200, ge=1)
+    # Tokens each evaluation reads at most: rows drawn once from train.seed and kept for the run. 0: all.
+    eval_tokens: int = Field(65_536, ge=0)
     save_every: int | None = Field(None, ge=1)  # None: at every eval
     keep_last: int = Field(2, ge=1)  # step checkpoints kept besides latest/ and best/
     log_every: int = Field(10, ge=1)

@@ -202,17 +202,27 @@ class _Session:
         return self.options.max_steps or self.cfg.max_steps or self.cfg.epochs * windows.steps_per_epoch
 
     def _data(self, latest: Path | None) -> tuple:
+        """The tokenizer and the prepared data (see :mod:`dharma_kernel.data.cache`): the main
+        process prepares it when the cache has no match, the others then open it."""
         from ..checkpoint import load_saved_tokenizer
-        from ..data import prepare_data, read_data, resolve_tokenizer
+        from ..data.cache import prepared_data
+        from .eval_rows import eval_rows
 
-        records = read_data(self.manifest, self.options.data, self.options.strict)
-        if latest is not None:
-            tokenizer = load_saved_tokenizer(latest)  # a resumed run keeps its vocabulary
-        else:
-            tokenizer = resolve_tokenizer(self.manifest, records.texts, self.plan.config.text_config)
+        # A resumed run keeps its vocabulary.
+        given = load_saved_tokenizer(latest) if latest is not None else None
         refs = [spec["ref"] for spec in self.plan.config.layout["modules"]]
-        train_data, eval_data, report = prepare_data(self.manifest, tokenizer, refs, records=records)
-        return tokenizer, train_data, eval_data, report
+        options, config = self.options, self.plan.config.text_config
+        data = None
+        if self.dist.main:
+            data = prepared_data(
+                self.manifest, options.data, options.strict, refs, config, given, self.console
+            )
+        self.dist.barrier()
+        if data is None:
+            data = prepared_data(self.manifest, options.data, options.strict, refs, config, given,
+                                 prepare_here=False)  # fmt: skip
+        held_out = eval_rows(data.eval, self.cfg.eval_tokens, self.manifest.data.max_length, self.cfg.seed)
+        return data.tokenizer, data.train, held_out, data.report
 
     def _model(self, latest: Path | None, build: Any) -> Any:
         if latest is None:
