@@ -42,14 +42,17 @@ bench: install
 
 # Wheels and sdists of the kernel and every plugin under plugins/, built offline by the
 # venv's hatchling. `pip install --find-links dist dharma-plugin-<name>` then installs from here.
+# hatchling names every file it writes on stderr: that goes to a log, shown only when a build fails.
 DIST ?= dist
+DIST_LOG := $(abspath $(DIST))/.build.log
 dist: install
-	mkdir -p $(DIST)
-	rm -f $(DIST)/*.whl $(DIST)/*.tar.gz
-	$(PY) -m hatchling build -d $(abspath $(DIST)) >/dev/null
-	for dir in $(PLUGIN_DIRS); do \
-		(cd $$dir && $(abspath $(PY)) -m hatchling build -d $(abspath $(DIST)) >/dev/null) || exit 1; \
+	@mkdir -p $(DIST)
+	@rm -f $(DIST)/*.whl $(DIST)/*.tar.gz $(DIST_LOG)
+	@for dir in . $(PLUGIN_DIRS); do \
+		(cd $$dir && $(abspath $(PY)) -m hatchling build -d $(abspath $(DIST)) >>$(DIST_LOG) 2>&1) \
+			|| { cat $(DIST_LOG); echo "make dist: building $$dir failed (output above)" >&2; exit 1; }; \
 	done
+	@rm -f $(DIST_LOG)
 	@echo "$(DIST): $$(ls $(DIST)/*.whl | wc -l) wheels, $$(ls $(DIST)/*.tar.gz | wc -l) sdists"
 
 clean:

@@ -20,8 +20,9 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from .checkpoint import LockEntry, SavedJson, load_saved_tokenizer, write_directory
+from .checkpoint import LockEntry, SavedJson, load_saved_tokenizer, save_tokenizer, write_directory
 from .errors import DharmaError, first_line
+from .module_set import warn_if_changed
 
 APPLICATION_FILE = "application.json"
 ADAPTER_FILE = "adapter.safetensors"
@@ -114,7 +115,7 @@ def save_application(
         save_file(tensors, str(staging / ADAPTER_FILE), metadata={"format": FORMAT})
         (staging / APPLICATION_FILE).write_text(json.dumps(info, indent=2))
         if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+            save_tokenizer(tokenizer, staging)
 
     write_directory(target, write, lambda d: (d / APPLICATION_FILE).exists(), "an application directory")
     return target
@@ -180,7 +181,9 @@ def load_application(path: str | Path) -> tuple[Any, Any]:
     directory = Path(path)
     if not is_application(directory):
         directory = model_directory(directory)
-        return DharmaModel.from_pretrained(directory), load_saved_tokenizer(directory)
+        model = DharmaModel.from_pretrained(directory)
+        warn_if_changed(directory, model.module_refs, model.config.manifest)
+        return model, load_saved_tokenizer(directory)
     info = read_application(directory)
     for spec in info["heads"]:
         require_head(spec["plugin"])
@@ -193,6 +196,7 @@ def load_application(path: str | Path) -> tuple[Any, Any]:
             hint="Use the foundation it was fine-tuned from, or fine-tune again from this one.",
         )
     model = DharmaModel.from_pretrained(foundation)
+    warn_if_changed(foundation, model.module_refs, model.config.manifest)
     add_heads(model, info["heads"])
     _load_adapter(model, directory / ADAPTER_FILE, info["trainable"])
     model.config.manifest = info["manifest"]

@@ -10,12 +10,12 @@ import torch
 
 from . import registry
 from .backbone import backbone_config, load_backbone, num_layers
-from .catalogue import FAMILIES, distribution_for, standard_refs
+from .catalogue import FAMILIES, distribution_for, families_of, family_problem, standard_refs
 from .checkpoint import make_lock
 from .errors import DharmaError, first_line
 from .manifest import Manifest, TrainedTokenizer, check_requires, load_manifest
 from .model import DharmaConfig, DharmaModel, plugin_config
-from .suggest import pick_ref
+from .suggest import did_you_mean, matching_refs, pick_ref
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -57,12 +57,22 @@ def select_modules(include: list[str], exclude: list[str]) -> list[str]:
 
 
 def _expand(entry: str, known: list[str], where: str, off: dict[str, str] | None = None) -> list[str]:
-    families = list(dict.fromkeys([*FAMILIES, *(ref.split(".")[0] for ref in known)]))
+    families = families_of(known)
     if entry == "all":
         return known
     if entry in families:
         return [ref for ref in known if ref.split(".")[0] == entry]
-    return [pick_ref(entry, list(dict.fromkeys([*known, *(off or {})])), where)]
+    refs = list(dict.fromkeys([*known, *(off or {})]))
+    if not matching_refs(entry, refs):
+        names = [*refs, *(ref.rpartition(".")[2] for ref in refs), *families]
+        new = [family for family in families if family not in FAMILIES and not family_problem(family)]
+        raise DharmaError(
+            f"{where}: '{entry}' is not a known module or family{did_you_mean(entry, names)}",
+            hint=f"families are: {', '.join(FAMILIES)}"
+            + (f"; from installed plugins: {', '.join(new)}" if new else "")
+            + "; `dharma plugins` lists the installed modules",
+        )
+    return [pick_ref(entry, refs, where)]
 
 
 def resolve_layout(manifest: Manifest, depth: int) -> dict[str, Any]:

@@ -206,7 +206,7 @@ def save(
     def write(staging: Path) -> None:
         model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+            save_tokenizer(tokenizer, staging)
         write_card(staging, model.config, source=target)  # README.md: manifest, plugins, data, metrics
         if extra is not None:
             extra(staging)
@@ -277,6 +277,21 @@ def _disk_full(err: Exception, where: Path, needs: int | None) -> bool:
     if needs and ("unexpected pos" in text or "file write failed" in text):
         return shutil.disk_usage(where).free < needs
     return False
+
+
+def save_tokenizer(tokenizer: Any, directory: str | Path) -> None:
+    """Save ``tokenizer`` ready for batched generation: left padding and a pad token (its
+    end-of-text token when it has none), so ``model.generate`` on a padded batch gives each
+    prompt what it gives alone. Training pads its own batches, whatever the side saved;
+    the object passed in is left as it was."""
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "left"
+    if pad is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        tokenizer.save_pretrained(directory)
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = side, pad
 
 
 def load_saved_tokenizer(directory: Path) -> Any:

@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import plugins, registry
+from .cli_invoke import invoke
 from .errors import DharmaError
 from .logs import set_level, setup_logging
 from .version import MODULE_API, __version__
@@ -58,8 +59,17 @@ def warn(message: str) -> None:
 
 
 def fail(error: DharmaError) -> NoReturn:
-    """Print ``error: <message>`` to stderr and exit with the error's code."""
-    err.print(f"[bold red]error:[/] {escape(str(error))}")
+    """Print ``error: <message>`` to stderr and exit with the error's code.
+
+    A message of several problems gives one ``error:`` line each (indented lines are details of the
+    line above); a hint follows as one indented ``hint:`` line.
+    """
+    message, hint = getattr(error, "message", str(error)), getattr(error, "hint", None)
+    for line in message.strip().splitlines() or [type(error).__name__]:
+        detail = line[:1].isspace()
+        err.print(escape(line) if detail else f"[bold red]error:[/] {escape(line)}")
+    if hint:
+        err.print(f"  hint: {escape(' '.join(hint.split()))}")
     raise SystemExit(error.exit_code)
 
 
@@ -182,10 +192,28 @@ def plugins_command(
         cells = [row[key] or "-" for key in ("ref", "distribution", "version", "family", "module_api")]
         table.add_row(*map(escape, cells), status)
     out.print(table)
+    if kind is not Kind.head:
+        _print_families()
     broken = sum(row["status"] == "broken" for row in rows)
     disabled = sum(row["status"] == "disabled" for row in rows)
     note = "" if check else " (metadata only; --check imports each)"
-    out.print(f"{len(rows)} plugins, {broken} broken" + (f", {disabled} disabled" if disabled else "") + note)
+    counts = f"{len(rows)} plugin{'' if len(rows) == 1 else 's'}, {broken} broken"
+    out.print(counts + (f", {disabled} disabled" if disabled else "") + note)
+
+
+def _print_families() -> None:
+    """Each family with installed modules: the names ``include`` and ``--freeze`` take as a group."""
+    from .catalogue import FAMILIES
+
+    listed = {family: refs for family, refs in registry.families().items() if refs}
+    if not listed:
+        return
+    out.print("families (include or freeze each by name):")
+    width = max(map(len, listed))
+    for family, refs in listed.items():
+        origin = "" if family in FAMILIES else "  (new family, from plugins)"
+        names = ", ".join(ref.split(".", 1)[1] for ref in refs)
+        out.print(f"  {family:<{width}}  {escape(names)}{origin}")
 
 
 def _row(info: registry.PluginInfo, check: bool, timeout: float) -> dict[str, Any]:
@@ -237,6 +265,19 @@ def validate(
     _report(model, plan, as_json)
     if not as_json:
         out.print(f"{manifest}: ok (no weights allocated)")
+        _note_run_modules(resolved, plan)
+
+
+def _note_run_modules(resolved: Any, plan: Any) -> None:
+    """Say so when the manifest's run directory holds a run trained with other modules."""
+    from .module_set import run_change_line
+    from .train.rundir import RunDir
+
+    root = resolved.resolve_path(resolved.train.output)
+    now = [spec["ref"] for spec in plan.config.layout["modules"]]
+    line = run_change_line(Path(root), RunDir(Path(root)).link("latest"), now)
+    if line:
+        warn(line)
 
 
 @app.command()
@@ -336,12 +377,13 @@ def plan_command(
     batch, length = batch_size or resolved.train.batch_size, length or resolved.data.max_length
     own = MemorySettings.from_train(resolved.train)
     mine = estimate(model, batch, length, own)
-    fits = fitting_settings(model, budget, batch, length, own)
+    accum = resolved.train.grad_accum
+    fits = fitting_settings(model, budget, batch, length, own, accum)
     if as_json:
         result = {
             "manifest": str(manifest), "batch_size": batch, "length": length, "settings": own.__dict__,
             "bytes": dict(mine.parts()), "total": mine.total, "budget": budget, "fits": mine.total <= budget,
-            "fitting": [{"changes": changes(f.settings, own), "total": f.total} for f in fits],
+            "fitting": [{"changes": changes(f.settings, own, accum), "total": f.total} for f in fits],
         }  # fmt: skip
         typer.echo(json.dumps(result, indent=2))
         return
@@ -355,22 +397,26 @@ def plan_command(
     verdict = "fits" if mine.total <= budget else f"does not fit, {gib(mine.total - budget)} GiB over"
     out.print(f"budget {gib(budget)} GiB ({budget:,} bytes): {verdict}")
     if not fits:
-        least = min(fitting_settings(model, 2**63, batch, length, own), key=lambda e: e.total)
+        least = min(fitting_settings(model, 2**63, batch, length, own, accum), key=lambda e: e.total)
         out.print(
             f"no settings fit: the least memory is {gib(least.total)} GiB, with "
-            f"{', '.join(changes(least.settings, own)) or 'these settings'}; lower --batch-size or "
+            f"{', '.join(changes(least.settings, own, accum)) or 'these settings'}; lower --batch-size or "
             "--length, or freeze more groups"
         )
         return
     table = Table(escape("changes to [train]"), "total GiB", box=None)
     for fit in fits:
-        table.add_row(", ".join(changes(fit.settings, own)) or "none", gib(fit.total))
+        table.add_row(", ".join(changes(fit.settings, own, accum)) or "none", gib(fit.total))
     out.print("settings that fit, fewest changes first:")
     out.print(table)
     if any(f.settings.optimizer_in_backward for f in fits):
         note = "optimizer_in_backward clips each parameter's gradient on its own and needs grad_accum = 1"
-        if resolved.train.grad_accum > 1:
-            note += f" (now {resolved.train.grad_accum}: raise batch_size instead and plan again)"
+        if accum > 1:
+            sequences = f"{batch} sequence{'s' if batch > 1 else ''}"
+            note += (
+                f": a step then trains on {sequences} instead of {batch * accum}; to keep {batch * accum}, "
+                f"plan again with --batch-size {batch * accum}"
+            )
         out.print(note)
 
 
@@ -379,6 +425,7 @@ from . import cli_report  # noqa: E402, F401, I001  (registers report)
 from . import cli_train  # noqa: E402, F401, I001  (registers train, eval, generate on app)
 from . import cli_new_plugin  # noqa: E402, F401, I001  (registers new-plugin)
 from . import cli_export  # noqa: E402, F401, I001  (registers export on app)
+from . import cli_prepare  # noqa: E402, F401, I001  (registers prepare)
 
 
 @functools.cache  # once per process, however often main() runs
@@ -428,7 +475,7 @@ def main(argv: list[str] | None = None) -> None:
         with warnings.catch_warnings():  # restores Python's own display when the command ends
             warnings.showwarning = _log_warning
             _add_hook_commands()
-            app(args=argv, prog_name="dharma")
+            invoke(app, argv)  # usage mistakes as error: lines; user paths checked first
     except DharmaError as error:
         fail(error)
     except KeyboardInterrupt:

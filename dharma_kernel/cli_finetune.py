@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -26,10 +27,16 @@ from .cli import (
 from .errors import DharmaError
 
 
+class Select(StrEnum):
+    metric = "metric"
+    loss = "loss"
+    last = "last"
+
+
 @app.command()
 def finetune(
     foundation: Annotated[
-        str, typer.Argument(help="A saved model, or a run directory (its best checkpoint).")
+        Path, typer.Argument(help="A saved model, or a run directory (its best checkpoint).")
     ],
     data: Annotated[list[str], typer.Option("--data", help="Training data files, directories or globs.")],
     output: Annotated[str, typer.Option("--output", "-o", help="The application directory to write.")],
@@ -47,14 +54,36 @@ def finetune(
     merge: Annotated[
         bool, typer.Option("--merge", help="Write a standalone model directory, not an application.")
     ] = False,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 3,
+    epochs: Annotated[
+        int | None,
+        typer.Option("--epochs", min=1, help="Default: 3 epochs but at least 200 steps (small data)."),
+    ] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", min=1)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
     learning_rate: Annotated[float, typer.Option("--learning-rate", min=0.0)] = 1e-3,
     max_length: Annotated[
         int | None, typer.Option("--max-length", min=8, help="Tokens per record (default: up to 256).")
     ] = None,
-    eval_every: Annotated[int, typer.Option("--eval-every", min=1, help="Evaluate every N steps.")] = 50,
+    eval_every: Annotated[
+        int | None,
+        typer.Option("--eval-every", min=1, help="Evaluate every N steps (default: 20 times, at most 50)."),
+    ] = None,
+    select: Annotated[
+        Select | None,
+        typer.Option(
+            "--select",
+            help="The checkpoint that becomes the application: the best eval "
+            "metric (the default with --eval), the lowest eval loss, or the last one.",
+        ),
+    ] = None,
+    patience: Annotated[
+        int,
+        typer.Option(
+            "--patience",
+            min=0,
+            help="With --eval: stop after N evaluations without a better checkpoint (0: never).",
+        ),
+    ] = 5,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run beside the output.")] = False,
     device: Annotated[str | None, typer.Option("--device", help="cpu or cuda.")] = None,
@@ -73,13 +102,15 @@ def finetune(
         {
             "model": {"name": Path(output).name or "application"},
             "heads": [{"plugin": head, "config": _key_values(head_options, "--head-option")}] if head else [],
-            "finetune": {"from": foundation, "merge": merge},
+            "finetune": {"from": str(foundation), "merge": merge, "patience": patience,
+                         "select": select and select.value},
             "freeze": {"groups": freeze or []},
             "data": {"train": data, "eval": eval_data or [], "max_length": max_length, "eval_fraction": 0.0},
             "train": {
-                "epochs": epochs, "max_steps": max_steps, "batch_size": batch_size,
-                "learning_rate": learning_rate, "eval_every": eval_every, "seed": seed,
+                "batch_size": batch_size, "learning_rate": learning_rate, "seed": seed,
                 "output": output, "log_every": 10, "warmup_fraction": 0.1, "precision": "auto",
+                # only what was given: the session chooses the schedule for what was not
+                **_given(epochs=epochs, max_steps=max_steps, eval_every=eval_every),
             },
         }
     )  # fmt: skip
@@ -92,6 +123,10 @@ def finetune(
 
     print_summary_json(summary)
     _exit_if_interrupted(summary)
+
+
+def _given(**values: Any) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def _key_values(items: list[str] | None, flag: str, parse: bool = True) -> dict[str, Any]:
@@ -122,7 +157,11 @@ def report_finetune(summary: Any) -> None:
         out.print(f"best eval perplexity {summary.best_eval_ppl:.2f} at step {summary.best_step}")
     out.print(f"run directory: {summary.output}")
     _exit_if_interrupted(summary)
-    out.print(f"application: {summary.application}")
+    from .application import is_application
+
+    kind = "application" if is_application(summary.application) else "model"  # --merge writes a model
+    chosen = f" (from {summary.selected})" if summary.selected else ""
+    out.print(f"{kind}: {summary.application}{chosen}")
 
 
 def _exit_if_interrupted(summary: Any) -> None:
@@ -131,7 +170,7 @@ def _exit_if_interrupted(summary: Any) -> None:
         raise SystemExit(130)
 
 
-def _default_length(foundation: str) -> int:
+def _default_length(foundation: Path) -> int:
     from .backbone import context_length
     from .train.rundir import model_directory
 
@@ -199,23 +238,29 @@ def has_head(path: Path) -> bool:
     return isinstance(layout, dict) and bool(layout.get("heads"))
 
 
-def eval_head(path: Path, data: list[str], batch_size: int, head: str | None, as_json: bool) -> None:
+def eval_head(
+    path: Path, data: list[str], batch_size: int, head: str | None, as_json: bool, max_length: int | None
+) -> None:
     """``dharma eval`` on a model with a head: its mean loss and metrics on ``data``."""
     from .application import load_application
-    from .head_data import encode_records, max_length_of, pick_head, read_head_records
+    from .evaluate import eval_length
+    from .head_data import encode_records, pick_head, read_head_records
     from .train.finetune import evaluate_head
+    from .train.progress import item_bar
 
     _quiet_transformers()
     model, tokenizer = load_application(path)
     chosen = pick_head(model, head)
-    records = read_head_records(type(chosen), data)
-    encoded = encode_records(chosen, records, tokenizer, max_length_of(model))
-    result = evaluate_head(model, encoded, tokenizer, batch_size)
+    records = read_head_records(type(chosen), data)  # a malformed record stops it, named by file:record
+    length = eval_length(model, max_length)
+    encoded = encode_records(chosen, records, tokenizer, length)
+    with item_bar(err, len(encoded), "records") as advance:
+        result = evaluate_head(model, encoded, tokenizer, batch_size, advance=advance)
     metrics = {k.removeprefix("eval_"): v for k, v in result.items()}
     metrics["records"] = int(metrics["records"])
     if as_json:
-        echo_json({"model": str(path), "head": chosen.name, **metrics})
+        echo_json({"model": str(path), "head": chosen.name, "max_length": length, **metrics})
         return
-    out.print(f"{path}: {chosen.name} head, {metrics.pop('records')} records")
+    out.print(f"{path}: {chosen.name} head, {metrics.pop('records')} records of up to {length} tokens")
     for name, value in metrics.items():
         out.print(f"{name} {value:.4f}")

@@ -9,11 +9,10 @@ from typing import Annotated
 import typer
 
 from . import registry
-from .catalogue import FAMILIES, STANDARD_HEADS, standard_refs
+from .catalogue import FAMILIES, STANDARD_HEADS, family_problem, standard_refs
 from .cli import Kind, app, out
 from .errors import DharmaError
 from .plugin_template import Plugin, render
-from .suggest import did_you_mean
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
@@ -37,10 +36,13 @@ def plan_plugin(name: str, kind: str = "module", family: str | None = None) -> P
                 f"a head named '{name}' is already installed or standard", hint="choose another name"
             )
         return Plugin("head", name, None, f"dharma-head-{name.replace('_', '-')}", f"dharma_head_{name}")
-    if family is not None and family not in FAMILIES:
+    if family is not None and family_problem(family):
+        new = sorted(set(registry.families()) - set(FAMILIES))
         raise DharmaError(
-            f"unknown family '{family}'{did_you_mean(family, FAMILIES)}",
-            hint=f"families are: {', '.join(FAMILIES)}",
+            family_problem(family),
+            hint=f"standard families are: {', '.join(FAMILIES)}"
+            + (f"; installed plugins add: {', '.join(new)}" if new else "")
+            + "; any other lower-case name (not one letter from these) starts a new family",
         )
     installed = registry.discover("module", disabled=True)
     refs = sorted({*standard_refs(), *(info.ref for info in installed)})
@@ -88,7 +90,10 @@ def new_plugin(
     kind: Annotated[Kind, typer.Option(help="Write a module or a task head.")] = Kind.module,
     family: Annotated[
         str | None,
-        typer.Option(help=f"The module's family ({', '.join(FAMILIES)}); default paths."),
+        typer.Option(
+            help=f"The module's family: a standard one ({', '.join(FAMILIES)}), "
+            "one an installed plugin declares, or a new name; default paths."
+        ),
     ] = None,
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Directory to write (default: ./<distribution>).")

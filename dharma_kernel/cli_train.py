@@ -61,6 +61,13 @@ def train(
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", min=1, help="Stop after this many steps.")
     ] = None,
+    run_modules: Annotated[
+        bool,
+        typer.Option(
+            "--run-modules",
+            help="With --resume: keep the run's modules when the manifest's include now means others.",
+        ),
+    ] = False,
     strict: StrictOption = None,
     device: Annotated[
         str | None, typer.Option("--device", help="cpu or cuda (default: cuda when available).")
@@ -69,17 +76,22 @@ def train(
     quiet: QuietOption = False,
 ) -> None:
     """Train the model a manifest describes; checkpoints, metrics and best model go to the run directory."""
+    from .manifest import load_manifest
+
+    resolved = load_manifest(manifest)
+    require_manifest_paths(resolved, replaced_data=bool(data))  # before torch is imported
     from .train.session import TrainOptions
     from .train.session import train as run_training
 
     _quiet_transformers()
-    if reset_optimizer and not resume:
-        raise DharmaError("--reset-optimizer only applies with --resume")
+    for flag, given in (("--reset-optimizer", reset_optimizer), ("--run-modules", run_modules)):
+        if given and not resume:
+            raise DharmaError(f"{flag} only applies with --resume")
     options = TrainOptions(
-        data=data, output=output, resume=resume, reset_optimizer=reset_optimizer,
+        data=data, output=output, resume=resume, reset_optimizer=reset_optimizer, run_modules=run_modules,
         max_steps=max_steps, freeze=freeze or [], strict=strict, device=device,
     )  # fmt: skip
-    summary = run_training(manifest, options, out)
+    summary = run_training(resolved, options, out)
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun, the main process reports
     if as_json:
@@ -94,6 +106,20 @@ def train(
         resume = f"dharma train {escape(str(manifest))} --resume"
         err.print(interrupted_line(summary.steps, summary.latest, resume))
         raise SystemExit(130)
+
+
+def require_manifest_paths(manifest, replaced_data: bool = False) -> None:
+    """A DharmaError naming the first path the manifest reads (its data, unless --data replaces the
+    training data; a fine-tuning foundation) that does not exist, before anything heavy is imported."""
+    from .data.paths import expand_paths
+
+    data = [*([] if replaced_data else manifest.data.train), *manifest.data.eval]
+    expand_paths([manifest.resolve_path(path) for path in data])
+    if manifest.finetune is not None and not manifest.resolve_path(manifest.finetune.from_).exists():
+        raise DharmaError(
+            f"[finetune] from: {manifest.resolve_path(manifest.finetune.from_)}: no such file or directory",
+            hint="Name the foundation model or run directory to fine-tune, relative to the manifest.",
+        )
 
 
 def _report_training(summary) -> None:
@@ -127,7 +153,9 @@ def eval_command(
     data: Annotated[list[str], typer.Option("--data", help="Held-out data files, directories or globs.")],
     max_length: Annotated[
         int | None,
-        typer.Option("--max-length", min=8, help="Tokens per packed sequence (default: as trained)."),
+        typer.Option(
+            "--max-length", min=8, help="Tokens per sequence (default: as trained, within its positions)."
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
     strict: StrictOption = None,
@@ -144,11 +172,12 @@ def eval_command(
     from .cli_finetune import eval_head, has_head
 
     if has_head(model_dir):
-        return eval_head(model_dir, data, batch_size, head, as_json)
+        return eval_head(model_dir, data, batch_size, head, as_json, max_length)
     from .application import is_application, load_application
     from .concept_activation import ConceptActivation
     from .data import DataReport, clean_records, pack, read_records
     from .evaluate import eval_length, lm_totals, perplexity
+    from .train.progress import item_bar
     from .train.rundir import model_directory
 
     _quiet_transformers()
@@ -160,13 +189,20 @@ def eval_command(
         warn(report.problems_summary())
     if not records:
         raise DharmaError(f"--data {' '.join(data)}: no text to evaluate on", hint=report.summary())
-    packed = pack(records, tokenizer, eval_length(model, max_length), refs=model.module_refs)
+    length = eval_length(model, max_length)
+    if not as_json:
+        out.print(report.summary())  # as dharma train prints it
+    packed = pack(records, tokenizer, length, refs=model.module_refs)
     table = ConceptActivation(model.module_refs) if model.module_refs else None
-    loss_sum, count = lm_totals(model, packed, batch_size, activation=table)
+    with item_bar(err, len(packed), f"sequences of {length} tokens") as advance:
+        loss_sum, count = lm_totals(model, packed, batch_size, activation=table, advance=advance)
     loss = loss_sum / max(count, 1.0)
     detection = table.record() if table is not None else None
     result = {
         "model": str(directory),
+        "data": report.as_json(),
+        "max_length": length,
+        "sequences": len(packed),
         "tokens": int(count),
         "loss": loss,
         "perplexity": perplexity(loss),
@@ -180,7 +216,8 @@ def eval_command(
     if as_json:
         echo_json(result)
         return
-    out.print(f"{directory}: {int(count):,} tokens, loss {loss:.4f}, perplexity {perplexity(loss):.2f}")
+    out.print(f"{directory}: {int(count):,} tokens in {len(packed):,} sequences of up to {length}, "
+              f"loss {loss:.4f}, perplexity {perplexity(loss):.2f}")  # fmt: skip
     if "ablation" in result:
         _print_ablation(result["ablation"])
     if detection:

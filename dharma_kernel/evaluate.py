@@ -99,12 +99,14 @@ def lm_totals(
     rows: Sequence[int] | None = None,
     precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     activation: Any | None = None,
+    advance: Callable[[int], None] | None = None,
 ) -> tuple[float, float]:
     """Summed next-token loss and the number of tokens it covers, over ``rows`` of packed ``data``.
 
     Sums rather than a mean, so processes holding different rows can add theirs up.
     ``activation`` (a :class:`~dharma_kernel.concept_activation.ConceptActivation`), when
     given, also collects module activation by concept from the same forward passes.
+    ``advance(n)`` is called as each batch of ``n`` rows is done (a progress bar).
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -113,7 +115,8 @@ def lm_totals(
     loss_sum = count = 0.0
     try:
         for start in range(0, len(rows), batch_size):
-            batch = data.batch(rows[start : start + batch_size])
+            chunk = rows[start : start + batch_size]
+            batch = data.batch(chunk)
             concept_labels = batch.pop("concept_labels", None)
             batch = {k: v.to(device) for k, v in batch.items()}
             with precision():
@@ -122,6 +125,8 @@ def lm_totals(
                 activation.add(out.module_scores, concept_labels, batch["attention_mask"])
             loss_sum += float(out.losses["lm"]) * float(out.lm_tokens)
             count += float(out.lm_tokens)
+            if advance is not None:
+                advance(len(chunk))
     finally:
         model.train(was_training)
     return loss_sum, count

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .catalogue import FAMILIES
+from .catalogue import families_of
 from .errors import DharmaError
 from .model import DharmaModel
 from .stack import module_key
@@ -25,8 +25,8 @@ def group_parameters(model: DharmaModel, group: str) -> list[nn.Parameter]:
     if group == "heads":
         return list(model.heads.parameters())
     refs = model.module_refs
-    families = sorted({ref.split(".")[0] for ref in refs})
-    if group in families or group in FAMILIES:
+    families = families_of(refs)  # the standard six, and any a plugin in this model declares
+    if group in families:
         chosen = [ref for ref in refs if ref.split(".")[0] == group]
     else:
         chosen = [pick_ref(group, [*SPECIAL_GROUPS, *families, *refs], "freeze", "a group of this model")]

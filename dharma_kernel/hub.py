@@ -330,6 +330,8 @@ def push_to_hub(model: Any, repo_id: str, *, tokenizer: Any = None, **options: A
     """
     from transformers.utils.hub import hf_api
 
+    from .checkpoint import save_tokenizer
+
     source = _local_source(model)
     repo = hf_api().create_repo(
         repo_id, private=options.pop("private", None), token=options.get("token"), exist_ok=True
@@ -337,7 +339,7 @@ def push_to_hub(model: Any, repo_id: str, *, tokenizer: Any = None, **options: A
     with tempfile.TemporaryDirectory() as staging:
         model.save_pretrained(staging, max_shard_size=options.pop("max_shard_size", "50GB"))
         if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+            save_tokenizer(tokenizer, staging)
         elif source is not None:
             for name in TOKENIZER_FILES:
                 if (source / name).is_file():

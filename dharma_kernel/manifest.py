@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from packaging.requirements import InvalidRequirement, Requirement
 from pydantic import (
@@ -80,6 +80,10 @@ class TrainedTokenizer(_Section):
     train: Literal[True]
     vocab_size: int | None = Field(None, ge=300)  # None: the backbone's vocabulary size
     min_frequency: int = Field(2, ge=1)
+    # Text the BPE learns from, at most: the corpus's first this many characters. The trainer
+    # counts words, so memory follows the vocabulary of the sample, not its size.
+    DEFAULT_CHARS: ClassVar[int] = 100_000_000
+    max_training_chars: int = Field(DEFAULT_CHARS, ge=1)
 
 
 class BackboneSection(_Section):
@@ -181,6 +185,8 @@ class TrainSection(_Section):
     output: str | None = Field(None, min_length=1)  # None until the manifest fills in runs/<model.name>
     seed: int = 0
     eval_every: int = Field(200, ge=1)
+    # Tokens each evaluation reads at most: rows drawn once from train.seed and kept for the run. 0: all.
+    eval_tokens: int = Field(65_536, ge=0)
     save_every: int | None = Field(None, ge=1)  # None: at every eval
     keep_last: int = Field(2, ge=1)  # step checkpoints kept besides latest/ and best/
     log_every: int = Field(10, ge=1)
@@ -200,12 +206,20 @@ class FinetuneSection(_Section):
 
     ``train.output`` is then the application directory; the run's checkpoints go beside it
     (``<output>-run``). ``merge``: write a standalone model directory instead of an application.
+    When ``[train]`` sets neither ``epochs`` nor ``max_steps``, the run takes at least
+    :data:`~dharma_kernel.train.finetune.MIN_STEPS` steps (small data needs many epochs).
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
 
     from_: str = Field(alias="from", min_length=1)
     merge: bool = False
+    # Which checkpoint becomes the application: the best eval score of the head's first metric
+    # ("metric"; the LM's eval loss without a head), the lowest eval loss, or the last one.
+    # None: "metric" with an eval set, else "last".
+    select: Literal["loss", "metric", "last"] | None = None
+    # With an eval set: stop once that many evaluations in a row found no better checkpoint (0: never).
+    patience: int = Field(5, ge=0)
 
 
 class Manifest(_Section):

@@ -224,6 +224,9 @@ class HeadModule(_Plugin):
     pad_values: ClassVar[dict[str, int | float]] = {}
     # Other names a record may give an inputs or targets field under (qa: "answers" for "answer").
     field_aliases: ClassVar[dict[str, tuple[str, ...]]] = {}
+    # The metric fine-tuning ranks checkpoints by (``select = "metric"``); None: the first one
+    # :meth:`metrics` returns.
+    metric: ClassVar[str | None] = None
 
     @classmethod
     def read(cls, path: Path) -> list[dict[str, Any]] | None:

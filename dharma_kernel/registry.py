@@ -31,9 +31,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from importlib import metadata
 
-from .catalogue import FAMILIES, distribution_for
+from .catalogue import FAMILIES, distribution_for, families_of, family_problem
 from .errors import DharmaError, error_line
-from .suggest import closest, did_you_mean, matching_refs
+from .suggest import closest, matching_refs
 from .version import MODULE_API
 
 __all__ = [
@@ -50,6 +50,7 @@ __all__ = [
     "discover",
     "distribution_for",
     "entry_points",
+    "families",
     "load",
     "resolve",
     "trace",
@@ -149,6 +150,16 @@ def discover(kind: str | None = None, *, disabled: bool = False) -> list[PluginI
     return sorted(found, key=lambda i: (i.ref, i.kind, i.distribution or ""))
 
 
+def families() -> dict[str, list[str]]:
+    """Every family a manifest may name, standard ones first, with its installed module refs.
+
+    A family that only an installed plugin declares (``stoics``) is one of them; plugins
+    that DHARMA_PLUGINS or ``--no-plugin`` leave out, or whose family is unusable, add none.
+    """
+    refs = [info.ref for info in discover("module") if family_problem(info.family or "") is None]
+    return {family: [ref for ref in refs if ref.split(".")[0] == family] for family in families_of(refs)}
+
+
 def disabled_plugins(kind: str | None = None) -> list[PluginInfo]:
     """The installed plugins of ``kind`` that DHARMA_PLUGINS or ``--no-plugin`` keep from loading."""
     return [info for info in _described(kind) if info.disabled]
@@ -235,8 +246,8 @@ def _metadata_problem(info: PluginInfo) -> str | None:
     if info.kind == "module":
         if info.family is None or not (_NAME.fullmatch(info.family) and _NAME.fullmatch(info.name)):
             return f"ref '{info.ref}' is not '<family>.<name>' in lower case"
-        if info.family not in FAMILIES:
-            return f"unknown family '{info.family}'{did_you_mean(info.family, FAMILIES)}"
+        if family_problem(info.family):
+            return family_problem(info.family)
     elif not _NAME.fullmatch(info.ref):
         return f"head ref '{info.ref}' is not a lower-case name"
     if not _VALUE.fullmatch(info.value):

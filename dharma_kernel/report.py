@@ -66,11 +66,12 @@ def write_report(metrics: RunMetrics, out_dir: str | Path) -> Report:
 
     components = [c for c in metrics.loss_components() if metrics.series(c)[0]]
     if components:
+        lines = loss_lines(metrics, components)
         add(
             "loss",
             "Training loss by component",
-            _loss_caption(components),
-            lambda f: _lines(f, metrics, components),
+            _loss_caption(lines) + _smoothing_caption(lines),
+            lambda f: _draw(f, lines, "loss", smooth=True),
         )
     else:
         report.missing["loss"] = "no step logged a finite loss"
@@ -79,11 +80,13 @@ def write_report(metrics: RunMetrics, out_dir: str | Path) -> Report:
         ("throughput", "tok_per_s", "Throughput", "tokens per second"),
     ):
         if metrics.series(key)[0]:
+            noisy = key == "tok_per_s"  # the learning rate follows its schedule exactly
+            series = [Line(key, *metrics.series(key))]
             add(
                 name,
                 title,
-                f"{label} at each optimizer step",
-                lambda f, k=key, y=label: _lines(f, metrics, [k], y),
+                f"{label} at each optimizer step" + (_smoothing_caption(series) if noisy else ""),
+                lambda f, s=series, y=label, n=noisy: _draw(f, s, y, smooth=n),
             )
         else:
             report.missing[name] = f"no step record has {key}"
@@ -91,8 +94,8 @@ def write_report(metrics: RunMetrics, out_dir: str | Path) -> Report:
         add(
             "eval_perplexity",
             "Eval perplexity",
-            "perplexity on the held-out set at each evaluation (step 0: before training)",
-            lambda f: _lines(f, metrics, ["eval_ppl"], "perplexity", records="evals", marker="o"),
+            "perplexity on the held-out set at each evaluation (step 0: before training), on a log scale",
+            lambda f: _lines(f, metrics, ["eval_ppl"], "perplexity", records="evals", marker="o", log=True),
         )
     elif not metrics.evals:
         report.missing["eval_perplexity"] = "no evaluation was logged: the run had no eval data"
@@ -149,11 +152,72 @@ def _pyplot() -> Any:
     return plt
 
 
-def _loss_caption(components: list[str]) -> str:
-    return (
-        f"{', '.join(components)} at each optimizer step; 'loss' is the weighted total "
-        "the optimizer saw, the others are the unweighted components"
-    )
+@dataclass
+class Line:
+    """One curve of a plot: its legend label and its points."""
+
+    label: str
+    steps: list[int]
+    values: list[float]
+
+
+TOTAL_LESS_LM = "loss - lm"
+
+
+def loss_lines(metrics: RunMetrics, components: list[str]) -> list[Line]:
+    """The loss plot's curves. The weighted total (``loss``) lies on ``lm`` or within a small
+    distance of it, where one hides the other: what is drawn is ``lm`` and ``loss - lm`` (what the
+    other weighted losses add), or one ``loss = lm`` line when they are equal at every step."""
+    lines = [Line(key, *metrics.series(key)) for key in components]
+    by_label = {line.label: line for line in lines}
+    total, lm = by_label.get("loss"), by_label.get("lm")
+    if total is None or lm is None or total.steps != lm.steps:
+        return lines
+    rest = [t - m for t, m in zip(total.values, lm.values, strict=True)]
+    lines.remove(total)
+    if all(abs(r) <= 1e-9 * max(1.0, abs(t)) for r, t in zip(rest, total.values, strict=True)):
+        lm.label = "loss = lm"
+    else:
+        lines.insert(lines.index(lm) + 1, Line(TOTAL_LESS_LM, total.steps, rest))
+    return lines
+
+
+def _loss_caption(lines: list[Line]) -> str:
+    labels = [line.label for line in lines]
+    text = f"{', '.join(labels)} at each optimizer step"
+    if TOTAL_LESS_LM in labels:
+        return text + (
+            "; 'loss' is the weighted total the optimizer saw, drawn as what it adds to 'lm' "
+            f"('{TOTAL_LESS_LM}'); the others are the unweighted components"
+        )
+    if "loss = lm" in labels:
+        return text + "; the weighted total the optimizer saw equals the LM loss at every step"
+    return text + "; 'loss' is the weighted total the optimizer saw, the others are the unweighted components"
+
+
+# A curve of this many points or more is noisy step to step: drawn faintly, a moving average on top.
+SMOOTH_FROM = 20
+
+
+def smoothing_window(points: int) -> int:
+    """Steps in the moving average of a curve of ``points`` points (1: drawn as it is)."""
+    return max(2, points // 20) if points >= SMOOTH_FROM else 1
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """The mean of each value and the ``window - 1`` before it (fewer at the start)."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _smoothing_caption(lines: list[Line]) -> str:
+    window = smoothing_window(max(len(line.values) for line in lines))
+    if window == 1:
+        return ""
+    return f". Faint: each step; solid: the mean of the last {window} steps"
 
 
 def _lines(
@@ -163,21 +227,38 @@ def _lines(
     ylabel: str = "loss",
     records: str = "steps",
     marker: str | None = None,
+    log: bool = False,
+) -> None:
+    _draw(figure, [Line(key, *metrics.series(key, records)) for key in keys], ylabel, marker, log=log)
+
+
+def _draw(
+    figure: Any,
+    lines: list[Line],
+    ylabel: str,
+    marker: str | None = None,
+    smooth: bool = False,
+    log: bool = False,
 ) -> None:
     axes = figure.add_subplot(1, 1, 1)
     low = math.inf
     high = 0.0
-    for key in keys:
-        steps, values = metrics.series(key, records)
-        axes.plot(steps, values, label=key, marker=marker, linewidth=1.5)
-        low, high = min(low, *values), max(high, *values)
+    for line in lines:
+        window = smoothing_window(len(line.values)) if smooth else 1
+        if window > 1:
+            (raw,) = axes.plot(line.steps, line.values, linewidth=1.0, alpha=0.25)
+            average = moving_average(line.values, window)
+            axes.plot(line.steps, average, label=line.label, color=raw.get_color(), linewidth=1.8)
+        else:
+            axes.plot(line.steps, line.values, label=line.label, marker=marker, linewidth=1.5)
+        low, high = min(low, *line.values), max(high, *line.values)
     # Components can differ by orders of magnitude (an LM loss of 6, a balance loss of 0.01).
-    if low > 0 and high / low > 50:
+    if log or (low > 0 and high / low > 50):
         axes.set_yscale("log")
     axes.set_xlabel("step")
     axes.set_ylabel(ylabel)
     axes.grid(True, alpha=0.3)
-    if len(keys) > 1:
+    if len(lines) > 1:
         axes.legend(loc="best", fontsize="small")
     figure.tight_layout(rect=(0, 0, 1, 0.93))
 

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_model, save_model
 from torch.utils.checkpoint import checkpoint
 
+from .catalogue import family_problem
 from .protocol import DharmaModule, HeadModule, HeadOutput, ModuleConfig, ModuleContext, ModuleOutput
 from .version import MODULE_API
 
@@ -122,7 +123,8 @@ class ModuleConformance:
 
     def test_declares_the_contract(self, module_class):
         assert issubclass(module_class, DharmaModule)
-        assert re.fullmatch(r"[a-z][a-z0-9_]*", module_class.family), "family: lowercase identifier"
+        # a standard family, or a new one that a manifest and --freeze can name as a group
+        assert family_problem(module_class.family) is None, family_problem(module_class.family)
         assert re.fullmatch(r"[a-z][a-z0-9_]*", module_class.name), "name: lowercase identifier"
         assert module_class.module_api.split(".")[0] == MODULE_API.split(".")[0]
         assert issubclass(module_class.Config, ModuleConfig)
@@ -440,6 +442,10 @@ class HeadConformance:
         json.dumps(predictions)
         scores = model.heads[self.plugin.name].metrics(predictions, self.records)
         assert scores and all(isinstance(v, float) for v in scores.values())
+        # the score fine-tuning selects checkpoints by must be one the head reports
+        assert self.plugin.metric is None or self.plugin.metric in scores, (
+            f"metric = {self.plugin.metric!r} is not among metrics(): {sorted(scores)}"
+        )
 
 
 @functools.cache

@@ -4,6 +4,14 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True)
+def dharma_cache(tmp_path_factory, monkeypatch):
+    """Prepared data goes to a cache inside pytest's temporary directory, never the user's."""
+    path = tmp_path_factory.getbasetemp() / "dharma-cache"
+    monkeypatch.setenv("DHARMA_CACHE", str(path))
+    return path
+
+
 @pytest.fixture
 def prompt() -> tuple[torch.Tensor, torch.Tensor]:
     """Two prompts, the second left-padded, as batched generation sees them."""

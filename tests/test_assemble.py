@@ -53,7 +53,8 @@ def test_meta_build_matches_the_real_build():
 
 def test_unknown_module_suggests_the_closest():
     with pytest.raises(
-        DharmaError, match="modules.include: 'vedantaa' is not a known module; did you mean 'vedanta'"
+        DharmaError,
+        match="modules.include: 'vedantaa' is not a known module or family; did you mean 'vedanta'",
     ):
         select_modules(["vedantaa"], [])
 

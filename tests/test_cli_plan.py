@@ -65,7 +65,14 @@ def test_plan_seed_lists_the_switches_that_fit(tmp_path):
     assert "does not fit" in result.stdout
     lines = result.stdout.split("settings that fit, fewest changes first:")[1].splitlines()
     assert lines[2].split()[:3] == ["optimizer_state", "=", '"bf16"']
-    assert "needs grad_accum = 1 (now 16" in result.stdout
+    rows = [line.strip() for line in lines[2:] if re.search(r"\d\.\d\d$", line.strip())]
+    in_backward = [row for row in rows if "optimizer_in_backward = true" in row]
+    assert in_backward and all("grad_accum = 1" in row for row in in_backward)  # what it needs, same row
+    assert not any("grad_accum" in row for row in rows if row not in in_backward)
+    assert (
+        "needs grad_accum = 1: a step then trains on 1 sequence instead of 16; to keep 16, plan again "
+        "with --batch-size 16"
+    ) in result.stdout
 
 
 def test_plan_when_nothing_fits(tmp_path):
@@ -86,7 +93,10 @@ def test_plan_user_errors_exit_2_without_traceback(tmp_path):
         assert result.stderr.startswith(fragment)
         assert "Traceback" not in result.stderr
     missing = run_dharma(None, "plan", str(tmp_path / "nope.toml"), "--memory", "4GiB")
-    assert missing.returncode == 2 and "no such manifest file" in missing.stderr
+    assert (
+        missing.returncode == 2
+        and f"error: {tmp_path / 'nope.toml'}: no such file or directory" in missing.stderr
+    )
     assert "Traceback" not in missing.stderr
     no_budget = run_dharma(None, "plan", str(path))
     assert no_budget.returncode == 2 and "--memory" in no_budget.stderr

@@ -205,3 +205,15 @@ def test_empty_listing_says_how_to_install_one(monkeypatch):
     result = runner.invoke(cli.app, ["plugins", "--kind", "head"])
     assert result.output == "No head plugins are installed. Install one with: pip install dharma-head-qa\n"
     assert json.loads(runner.invoke(cli.app, ["plugins", "--json"]).output) == []
+
+
+def test_the_count_line_agrees_in_number(monkeypatch):
+    one = registry.PluginInfo("head", "qa", None, "qa", "dharma_head_qa:QA", "dharma-head-qa", "0.1.0", "1.0")
+    runner = CliRunner()
+
+    monkeypatch.setattr(registry, "discover", lambda kind=None, disabled=False: [one])
+    assert runner.invoke(cli.app, ["plugins"]).output.splitlines()[-1] == (
+        "1 plugin, 0 broken (metadata only; --check imports each)"
+    )
+    monkeypatch.setattr(registry, "discover", lambda kind=None, disabled=False: [one, one])
+    assert runner.invoke(cli.app, ["plugins"]).output.splitlines()[-1].startswith("2 plugins, 0 broken")

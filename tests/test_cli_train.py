@@ -159,4 +159,6 @@ def test_eval_reports_perplexity_and_module_auc(trained):
 def test_eval_and_generate_name_a_missing_model(tmp_path, command):
     extra = ["--data", str(tmp_path)] if command == "eval" else ["hello"]
     result = run_dharma(None, command, str(tmp_path / "nope"), *extra)
-    assert result.returncode == 2 and "no such model or run directory" in result.stderr
+    assert (
+        result.returncode == 2 and f"error: {tmp_path / 'nope'}: no such file or directory" in result.stderr
+    )

@@ -67,9 +67,10 @@ def test_make_dist_builds_every_distribution_and_vedanta_installs_alone(tmp_path
         f"DIST={dist}",
         f"PY={sys.executable}",
     ]
-    assert check(run(make, tmp_path)).splitlines()[-1] == f"{dist}: {len(PYPROJECTS) + 1} wheels, " + (
-        f"{len(PYPROJECTS) + 1} sdists"
-    )
+    made = run(make, tmp_path)
+    count = len(PYPROJECTS) + 1
+    # one line: hatchling's lines about every file go to a log shown only when a build fails
+    assert check(made).splitlines() == [f"{dist}: {count} wheels, {count} sdists"] and made.stderr == ""
     names = ["dharma-kernel", *(tomllib.loads(p.read_text())["project"]["name"] for p in PYPROJECTS)]
     stems = sorted(f"{name.replace('-', '_')}-0.1.0" for name in names)
     assert sorted(p.name.removesuffix("-py3-none-any.whl") for p in dist.glob("*.whl")) == stems
@@ -93,3 +94,18 @@ def test_make_dist_builds_every_distribution_and_vedanta_installs_alone(tmp_path
     name, refs, kernel = load_saved(venv, tmp_path / "model")
     assert (name, refs) == ("DharmaModel", "darshanas.vedanta")
     assert kernel.startswith(str(venv))  # the wheel's kernel, not the repository's
+
+
+def test_make_dist_shows_hatchlings_output_when_a_build_fails(tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n'
+        '[project]\nname = "dharma-plugin-broken"\nversion = "not a version"\n'
+    )
+    make = ["make", "--no-print-directory", "-C", ROOT, "-o", ".venv/.installed", "dist",
+            f"DIST={tmp_path / 'dist'}", f"PY={sys.executable}", f"PLUGIN_DIRS={broken}"]  # fmt: skip
+    made = run(make, tmp_path)
+    assert made.returncode != 0
+    assert f"make dist: building {broken} failed (output above)" in made.stderr
+    assert "not a version" in made.stdout + made.stderr  # hatchling's own reason

@@ -307,7 +307,7 @@ def test_generate_explain_on_a_model_without_modules_is_an_error(plain, capsys):
     "args, message",
     [
         (["{plain}", "the rain"], "error: this model has no modules, so there is nothing to explain"),
-        (["{missing}", "the rain"], "error: {missing}: no such model or run directory"),
+        (["{missing}", "the rain"], "error: {missing}: no such file or directory"),
         (["{model}", "  "], "error: the text is empty"),
     ],
 )

@@ -5,6 +5,7 @@ Never contacts a hub: pushing is checked against a mocked HfApi, with sockets re
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import socket
@@ -26,7 +27,7 @@ from transformers import (
 import dharma_kernel
 from dharma_kernel import checkpoint
 from dharma_kernel.assemble import build, plan_manifest
-from dharma_kernel.data.tokenizer import train_tokenizer
+from dharma_kernel.data.tokenizer import END_OF_TEXT, train_tokenizer
 from dharma_kernel.manifest import parse_manifest
 from dharma_kernel.testing import perturb
 
@@ -68,9 +69,7 @@ def saved(built):
 @pytest.fixture(scope="module")
 def loaded(saved):
     model = AutoModelForCausalLM.from_pretrained(saved).eval()
-    tokenizer = AutoTokenizer.from_pretrained(saved)
-    tokenizer.padding_side = "left"
-    return model, tokenizer
+    return model, AutoTokenizer.from_pretrained(saved)  # saved to pad on the left: no setting needed
 
 
 def prompts(tokenizer, texts=("Karma yoga is work", "The river")):
@@ -80,6 +79,30 @@ def prompts(tokenizer, texts=("Karma yoga is work", "The river")):
 def generate(model, batch, **kwargs):
     with torch.no_grad():
         return model.generate(**batch, pad_token_id=0, **kwargs)
+
+
+def test_a_saved_tokenizer_pads_left_so_a_batch_generates_what_each_prompt_gives_alone(
+    built, loaded, tmp_path
+):
+    model, tokenizer = loaded
+    assert (tokenizer.padding_side, tokenizer.pad_token) == ("left", END_OF_TEXT)
+    texts = ["Karma yoga is work offered without", "The river", "Seva means service given freely, a gift"]
+    batch = prompts(tokenizer, texts)
+    assert batch["attention_mask"][1, 0] == 0  # the short prompt is padded, on the left
+    together = generate(model, batch, max_new_tokens=8, do_sample=False)[:, batch["input_ids"].shape[1]:]
+    for row, text in enumerate(texts):
+        alone = prompts(tokenizer, [text])
+        expected = generate(model, alone, max_new_tokens=8, do_sample=False)[0, alone["input_ids"].shape[1]:]
+        assert together[row].tolist() == expected.tolist(), text
+
+    # A tokenizer that pads on the right and has no pad token (a backbone's, say) is saved
+    # generation-ready too, and the object given is left as it was.
+    own = copy.deepcopy(built[2])
+    own.padding_side, own.pad_token = "right", None
+    checkpoint.save_tokenizer(own, tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert (reloaded.padding_side, reloaded.pad_token) == ("left", END_OF_TEXT)
+    assert (own.padding_side, own.pad_token) == ("right", None)
 
 
 def test_auto_classes_load_a_saved_directory(built, saved, loaded):

@@ -148,6 +148,7 @@ def test_defaults():
             "output": "runs/dharma-model",
             "seed": 0,
             "eval_every": 200,
+            "eval_tokens": 65536,
             "keep_last": 2,
             "log_every": 10,
             "max_grad_norm": 1.0,
@@ -302,8 +303,8 @@ def test_every_problem_is_listed_on_its_own_line():
         "m.toml: train.batch_size: expected an integer, got 'eight'",
         "m.toml: train.lr: unknown key; valid keys: epochs, max_steps, batch_size, grad_accum, "
         "learning_rate, weight_decay, warmup_fraction, precision, gradient_checkpointing, schedule, "
-        "output, seed, eval_every, save_every, keep_last, log_every, max_grad_norm, optimizer_in_backward, "
-        "optimizer_state, max_nonfinite, tensorboard, distributed",
+        "output, seed, eval_every, eval_tokens, save_every, keep_last, log_every, max_grad_norm, "
+        "optimizer_in_backward, optimizer_state, max_nonfinite, tensorboard, distributed",
     ]
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 from fakedists import install, run_dharma
@@ -11,9 +15,9 @@ from packaging.requirements import Requirement
 from venvkit import (
     OFFLINE,
     ROOT,
-    build_wheels,
     check,
     dharma,
+    dharma_distributions,
     load_saved,
     make_venv,
     pip,
@@ -117,62 +121,92 @@ def test_cli_writes_the_distribution_and_refuses_a_directory_that_is_not_empty(t
     assert (target / "README.md").read_text() == (target / "README.md").read_text()  # untouched
 
 
+def readme_plugin_blocks() -> list[list[str]]:
+    """The command blocks of README's "Writing a plugin", each a list of its command lines."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Writing a plugin\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"^```\n(.*?)^```$", section, re.S | re.M)
+    return [[line for line in block.splitlines() if line.strip()] for block in blocks]
+
+
+def test_readme_walkthrough_starts_from_make_dist_and_a_fresh_venv():
+    """What the walkthrough's prose asks for before its blocks; the slow test below does both."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## Writing a plugin\n", 1)[1].split("\n## ", 1)[0]
+    prose = " ".join(section.split())
+    assert "in the repository root, `make dist` writes wheels of the kernel and every bundled plugin" in prose
+    assert "(`python3 -m venv ~/tarka && . ~/tarka/bin/activate`), still in the repository root:" in prose
+    author, user = readme_plugin_blocks()[:2]
+    assert all(line.startswith(("python -m pip ", "python -m pytest ", "dharma ")) for line in author + user)
+    assert any("--find-links dist" in line and "-c constraints.txt" in line for line in author)
+
+
+def shell(line: str, cwd: Path, venv: Path, home: Path) -> subprocess.CompletedProcess:
+    """One README line, as typed in a shell with ``venv`` activated; pip is offline through its own
+    environment (an online user needs none of it), with its cache under ``home``."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "PIP_", "VIRTUAL_ENV", "DHARMA_"))
+    }
+    env |= {
+        "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}",
+        "VIRTUAL_ENV": str(venv),
+        "NO_COLOR": "1",
+        "PIP_NO_INDEX": "1",
+        "PIP_NO_BUILD_ISOLATION": "0",  # pip's spelling of --no-build-isolation
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "PIP_CACHE_DIR": str(home / "pip-cache"),
+    }
+    return subprocess.run(line, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 def test_from_new_plugin_to_a_wheel_that_another_venv_installs_and_assembles(tmp_path):
-    """SLOW (about 90 s): the README's walkthrough, in two fresh venvs; also the head template.
+    """SLOW (about 2 min): README's "Writing a plugin" as written, in two fresh venvs; also the head template.
 
-    Offline here, so pip gets --no-index --no-build-isolation and the kernel comes from its
-    wheel; a user online runs the same commands without them.
+    `make dist` (to a temporary directory), then README's two blocks line by line in a directory
+    holding that dist/ and the repository's constraints.txt, each venv activated.
     """
-    wheels = build_wheels([ROOT], tmp_path / "wheels")
+    make = ["make", "--no-print-directory", "-C", ROOT, "-o", ".venv/.installed", "dist",
+            f"DIST={tmp_path / 'dist'}", f"PY={sys.executable}"]  # fmt: skip
+    count = len(list(ROOT.glob("plugins/*/*/pyproject.toml"))) + 1  # and the kernel
+    assert check(run(make, tmp_path)).strip() == f"{tmp_path / 'dist'}: {count} wheels, {count} sdists"
+    (tmp_path / "constraints.txt").symlink_to(ROOT / "constraints.txt")
     deps = shared_deps(tmp_path)
+    author_block, user_block = readme_plugin_blocks()[:2]
+
     author = make_venv(tmp_path / "author", deps)
-    check(pip(author, "install", *OFFLINE, "--find-links", wheels, "dharma-kernel"))
-    assert plugin_rows(author) == []
-
-    tarka, gloss = tmp_path / "dharma-plugin-tarka", tmp_path / "gloss"
-    check(dharma(author, "new-plugin", "tarka", "--family", "darshanas", "-o", tarka))
-    check(dharma(author, "new-plugin", "gloss", "--kind", "head", "-o", gloss))
-    check(pip(author, "install", *OFFLINE, "--find-links", wheels, "-e", tarka, "-e", gloss))
-    for directory, expected in ((tarka, "16 passed"), (gloss, "9 passed")):  # nothing skipped: installed
-        result = run(
-            [author / "bin" / "python", "-m", "pytest", directory, "-q", "-p", "no:cacheprovider"], tmp_path
-        )
-        summary = result.stdout.strip().splitlines()[-1]
-        assert result.returncode == 0 and re.match(rf"{expected} in ", summary), result.stdout[-3000:]
+    said = {}
+    for line in author_block:
+        result = shell(line, tmp_path, author, tmp_path)
+        assert result.returncode == 0, f"{line}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        said[line.split("#")[0].strip()] = result.stdout
+    tests = said["python -m pytest ./dharma-plugin-tarka"].strip().splitlines()[-1]
+    assert re.match(r"=+ 16 passed in ", tests), tests  # as README says; nothing skipped: installed
+    listed = said["dharma plugins --check"]
+    assert re.search(r"^ *darshanas\.tarka +dharma-plugin-tarka +0\.1\.0 .* ok *$", listed, re.M), listed
     rows = plugin_rows(author, "--check")
-    assert [
-        (r["ref"], r["kind"], r["distribution"], r["version"], r["module_api"], r["status"]) for r in rows
-    ] == [
+    keys = ("ref", "kind", "distribution", "version", "module_api", "status")
+    assert [tuple(r[k] for k in keys) for r in rows] == [
         ("darshanas.tarka", "module", "dharma-plugin-tarka", "0.1.0", MODULE_API, "ok"),
-        ("gloss", "head", "dharma-head-gloss", "0.1.0", MODULE_API, "ok"),
     ]
-
-    # Publish: a wheel; another venv installs it, with the kernel as its dependency, and assembles.
     published = tmp_path / "published"
-    check(
-        run(
-            [author / "bin" / "python", "-m", "pip", "wheel", "--no-deps", *OFFLINE, "-w", published, tarka],
-            tmp_path,
-        )
-    )
     assert [p.name for p in published.iterdir()] == ["dharma_plugin_tarka-0.1.0-py3-none-any.whl"]
+
+    # The head template, in the same venv: written, installed, its tests pass.
+    gloss = tmp_path / "gloss"
+    check(dharma(author, "new-plugin", "gloss", "--kind", "head", "-o", gloss))
+    check(pip(author, "install", *OFFLINE, "--find-links", tmp_path / "dist", "-e", gloss))
+    result = run([author / "bin" / "python", "-m", "pytest", gloss, "-q", "-p", "no:cacheprovider"], tmp_path)
+    summary = result.stdout.strip().splitlines()[-1]
+    assert result.returncode == 0 and re.match(r"9 passed in ", summary), result.stdout[-3000:]
+
     user = make_venv(tmp_path / "user", deps)
-    check(
-        pip(
-            user,
-            "install",
-            "--no-index",
-            "--find-links",
-            wheels,
-            "--find-links",
-            published,
-            "dharma-plugin-tarka",
-        )
-    )
+    tiny_manifest(tmp_path / "manifest.toml", '"tarka"')
+    for line in user_block:
+        result = shell(line, tmp_path, user, tmp_path)
+        assert result.returncode == 0, f"{line}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    assert dharma_distributions(user) == ["dharma-kernel", "dharma-plugin-tarka"]  # the kernel, from dist
     assert [(r["ref"], r["status"]) for r in plugin_rows(user, "--check")] == [("darshanas.tarka", "ok")]
-    manifest = tiny_manifest(tmp_path / "m.toml", '"tarka"')
-    check(dharma(user, "assemble", manifest, "-o", tmp_path / "model"))
     name, refs, kernel = load_saved(user, tmp_path / "model")
     assert (name, refs) == ("DharmaModel", "darshanas.tarka")
     assert kernel.startswith(str(user)), kernel  # the user venv's kernel, from the wheel

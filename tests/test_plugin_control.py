@@ -200,7 +200,7 @@ def test_no_plugin_works_before_and_after_the_command_and_names_itself_in_errors
     assert result.stderr.splitlines()[-3:] == [
         "error: modules.include needs 1 module(s) that are disabled:",
         "  darshanas.tarka: disabled by --no-plugin darshanas.tarka",
-        "Allow them, or drop them with modules.exclude, or list only the modules you have.",
+        "  hint: Allow them, or drop them with modules.exclude, or list only the modules you have.",
     ]
 
 

@@ -178,7 +178,7 @@ def test_run_without_eval_draws_what_it_has_and_says_what_not(tmp_path, capsys):
     page = Path(result["html"]).read_text()
     assert "<li>eval_perplexity: no evaluation was logged" in page
     assert not (tmp_path / "run" / "report" / "activation.png").exists()
-    assert "loss, lm, qa/span at each optimizer step" in page  # a head's loss is a component too
+    assert "lm, loss - lm, qa/span at each optimizer step" in page  # a head's loss is a component too
     assert "<td>unreadable last line (ignored)</td><td>21</td>" in page
 
 
@@ -212,7 +212,7 @@ def test_heatmap_grows_with_the_modules(tmp_path, capsys):
 @pytest.mark.parametrize(
     "setup, message",
     [
-        (lambda d: None, "{d}/missing: no such directory"),
+        (lambda d: None, "{d}/missing: no such file or directory"),
         (lambda d: (d / "missing").write_text("x"), "{d}/missing is a file, not a run directory"),
         (lambda d: (d / "missing").mkdir(), "{d}/missing is not a training run: it has no metrics.jsonl"),
         (
@@ -299,5 +299,69 @@ def test_without_matplotlib_the_error_says_what_to_install(tmp_path, capsys, mon
     assert code == 2 and stdout == ""
     assert stderr == (
         "error: dharma report draws with matplotlib, which is not installed\n"
-        "Run: pip install 'dharma-kernel[report]' (or pip install matplotlib).\n"
+        "  hint: Run: pip install 'dharma-kernel[report]' (or pip install matplotlib).\n"
     )
+
+
+def test_the_total_is_drawn_as_what_it_adds_to_lm(run):
+    from dharma_kernel.report import loss_lines
+    from dharma_kernel.run_metrics import read_run
+
+    metrics = read_run(run)
+    lines = loss_lines(metrics, metrics.loss_components())
+    assert [line.label for line in lines] == [
+        "lm", "loss - lm", "concept", "router_balance@0", "router_balance@1", "routing@0", "routing@1",
+    ]  # fmt: skip
+    _, total = metrics.series("loss")
+    _, lm = metrics.series("lm")
+    assert lines[1].values == pytest.approx([t - m for t, m in zip(total, lm, strict=True)])
+    assert all(value > 0.01 for value in lines[1].values)  # it no longer hides under lm
+
+
+def test_a_total_equal_to_lm_is_one_line(tmp_path):
+    from dharma_kernel.report import loss_lines
+    from dharma_kernel.run_metrics import read_run
+
+    write_metrics(
+        tmp_path / "run", [{"step": s, "loss": 5.0 - s / 10, "lm": 5.0 - s / 10} for s in (1, 2, 3)]
+    )
+    metrics = read_run(tmp_path / "run")
+    lines = loss_lines(metrics, metrics.loss_components())
+    assert [(line.label, line.values) for line in lines] == [("loss = lm", [4.9, 4.8, 4.7])]
+
+
+def test_moving_average_and_its_window():
+    from dharma_kernel.report import moving_average, smoothing_window
+
+    assert moving_average([1.0, 2.0, 3.0, 4.0, 5.0], 2) == [1.0, 1.5, 2.5, 3.5, 4.5]
+    assert moving_average([3.0, 1.0], 1) == [3.0, 1.0]
+    assert [smoothing_window(n) for n in (12, 19, 20, 60, 390)] == [1, 1, 2, 3, 19]
+
+
+def test_noisy_curves_are_faint_under_their_average_and_perplexity_is_on_a_log_scale(
+    tmp_path, capsys, monkeypatch
+):
+    from dharma_kernel import report
+
+    drawn = {}
+    draw = report._draw
+
+    def recording(figure, lines, ylabel, *args, **kwargs):
+        draw(figure, lines, ylabel, *args, **kwargs)
+        axes = figure.axes[0]
+        drawn[ylabel] = (axes.get_yscale(), [(line.get_alpha(), line.get_label()) for line in axes.lines])
+
+    monkeypatch.setattr(report, "_draw", recording)
+    steps = [dict(r, tok_per_s=1000.0 + 50 * (-1) ** r["step"]) for r in STEPS]  # noisy
+    evals = [{"step": s, "eval_loss": 6.0 - s / 10, "eval_ppl": 400.0 / (s + 1)} for s in (0, 10, 20)]
+    write_metrics(tmp_path / "run", steps + evals)
+    assert dharma(capsys, "report", str(tmp_path / "run"))[0] == 0
+
+    scale, loss = drawn["loss"]
+    assert [label for alpha, label in loss if alpha is None] == ["lm", "loss - lm", "qa/span"]
+    assert sum(alpha == 0.25 for alpha, _ in loss) == 3  # each raw curve, faintly
+    assert drawn["tokens per second"][1][0][0] == 0.25
+    assert drawn["learning rate"][1] == [(None, "lr")]  # a schedule is not noisy
+    assert drawn["perplexity"][0] == "log"
+    page = (tmp_path / "run" / "report" / "report.html").read_text()
+    assert "Faint: each step; solid: the mean of the last 2 steps" in page

@@ -55,6 +55,7 @@ def test_two_processes_equal_one_with_doubled_accumulation(tmp_path, strategy):
     train(one)
     double = train(two, processes=2)
     assert double.stdout.count("trained 4 steps") == 1  # only the main process reports
+    assert "find_unused_parameters" not in double.stderr  # torch's false positive for routed stacks
 
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [step for step, _ in a if _ is not None] == [0, 1, 2, 2, 3, 4, 4]
@@ -78,3 +79,17 @@ def test_two_processes_equal_one_with_doubled_accumulation(tmp_path, strategy):
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert [step for step, _ in a][-4:] == [5, 6, 6, 6]
     assert_same_run(a, b)
+
+
+def test_ddp_looks_for_unused_parameters_only_where_a_step_can_leave_some():
+    from tiny import tiny_model
+
+    from dharma_kernel.application import add_heads
+    from dharma_kernel.train.distributed import can_leave_unused
+
+    assert not can_leave_unused(tiny_model("sequential"))
+    assert not can_leave_unused(tiny_model("parallel"))
+    assert can_leave_unused(tiny_model("routed"))
+    with_head = tiny_model("sequential")
+    add_heads(with_head, [{"plugin": "classification", "config": {"labels": ["a", "b"]}}])
+    assert can_leave_unused(with_head)

@@ -135,3 +135,12 @@ def test_parse_size(text, size):
 def test_parse_size_refuses(text):
     with pytest.raises(DharmaError, match="is not a memory size"):
         parse_size(text, "--memory")
+
+
+def test_optimizer_in_backward_brings_the_grad_accum_it_needs():
+    from dharma_kernel.train.memory import MemorySettings
+
+    on, off = MemorySettings(optimizer_in_backward=True), MemorySettings()
+    assert changes(on, off, grad_accum=4) == ["optimizer_in_backward = true", "grad_accum = 1"]
+    assert changes(on, off, grad_accum=1) == ["optimizer_in_backward = true"]
+    assert changes(off, off, grad_accum=4) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import html
 import re
 import unicodedata
@@ -65,7 +66,8 @@ def clean_text(text: str) -> str:
     return unicodedata.normalize("NFC", _BLANK_LINES.sub("\n\n", text).strip())
 
 
-def _clean_record(record: Record) -> Record:
+def clean_record(record: Record) -> Record:
+    """``record`` with :func:`clean_text` applied to its text, messages and pair."""
     messages = record.messages
     if messages is not None:
         messages = [{**turn, "content": clean_text(str(turn.get("content", "")))} for turn in messages]
@@ -82,22 +84,44 @@ def clean_records(
     """The records cleaned (:func:`clean_text`, also on ``messages`` and ``pair``), in order,
     without those left empty (or with an empty message), shorter than ``min_chars``
     characters, or equal to an earlier one; each drop is counted in ``report``."""
-    report = DataReport() if report is None else report
-    kept: list[Record] = []
-    seen: set[str] = set()
-    for record in map(_clean_record, records):
+    keep = RecordFilter(min_chars, DataReport() if report is None else report)
+    return [record for record in map(clean_record, records) if keep(record)]
+
+
+def clean_chunk(records: list[Record]) -> list[Record]:
+    """:func:`clean_record` over a list: the unit of work a cleaning process is given."""
+    return [clean_record(record) for record in records]
+
+
+class RecordFilter:
+    """Whether a cleaned record is kept: not empty, at least ``min_chars`` long, not seen before.
+
+    Remembers a 16-byte hash of each kept text, not the text, so memory stays small
+    beside a large corpus. Each drop is counted in ``report``, each keep in ``records_kept``.
+    """
+
+    def __init__(self, min_chars: int, report: DataReport) -> None:
+        self.min_chars, self.report = min_chars, report
+        self.seen: set[bytes] = set()
+
+    def __call__(self, record: Record) -> bool:
         if not record.text or (
             record.messages is not None and not all(t["content"] for t in record.messages)
         ):
             reason = "empty"  # a conversation with a message left empty cannot be rendered as a chat
-        elif len(record.text) < min_chars:
+        elif len(record.text) < self.min_chars:
             reason = "too_short"
-        elif record.text in seen:
-            reason = "duplicate"
         else:
-            seen.add(record.text)
-            kept.append(record)
-            continue
-        report.dropped[reason] += 1
-    report.records_kept += len(kept)
-    return kept
+            digest = text_hash(record.text)
+            if digest not in self.seen:
+                self.seen.add(digest)
+                self.report.records_kept += 1
+                return True
+            reason = "duplicate"
+        self.report.dropped[reason] += 1
+        return False
+
+
+def text_hash(text: str) -> bytes:
+    """What exact-duplicate removal compares: a 16-byte BLAKE2b of the text."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()

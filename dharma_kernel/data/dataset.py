@@ -40,10 +40,12 @@ class DataRecords:
     def texts(self) -> list[str]:
         """The training texts, what a tokenizer is trained on (never the held-out ones); a
         conversation's are its messages' contents, which is what the chat template shows."""
-        return [
-            "\n".join(turn["content"] for turn in record.messages) if record.messages else record.text
-            for record in self.train
-        ]
+        return [training_text(record) for record in self.train]
+
+
+def training_text(record: Record) -> str:
+    """What a tokenizer is trained on from ``record``: its text, or its messages' contents."""
+    return "\n".join(turn["content"] for turn in record.messages) if record.messages else record.text
 
 
 def read_data(
@@ -64,15 +66,7 @@ def read_data(
     report = DataReport() if report is None else report
     strict = manifest.data.strict if strict is None else strict
     min_chars = manifest.data.min_chars
-    if paths:
-        train_paths = [Path(path) for path in paths]
-    else:
-        train_paths = [manifest.resolve_path(path) for path in manifest.data.train]
-    if not train_paths:
-        raise DharmaError(
-            "no training data: data.train is empty",
-            hint="List files or directories in the manifest's [data] train = [...], or pass --data PATH.",
-        )
+    train_paths = training_paths(manifest, paths)
     train = clean_records(read_records(train_paths, strict, report), min_chars, report)
     if not train:
         why = _why_empty(report)
@@ -97,6 +91,30 @@ def read_data(
     return DataRecords(train, kept, report)
 
 
+def training_paths(manifest: Manifest, paths: Sequence[str | Path] | None = None) -> list[Path]:
+    """``paths`` (the CLI's ``--data``, relative to the current directory), else ``data.train``
+    (relative to the manifest); an error when there are none."""
+    if paths:
+        return [Path(path) for path in paths]
+    found = [manifest.resolve_path(path) for path in manifest.data.train]
+    if not found:
+        raise DharmaError(
+            "no training data: data.train is empty",
+            hint="List files or directories in the manifest's [data] train = [...], or pass --data PATH.",
+        )
+    return found
+
+
+def check_max_length(tokenizer: Any, max_length: int) -> None:
+    """``data.max_length`` must fit the tokenizer's ``model_max_length``."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < max_length:
+        raise DharmaError(
+            f"data.max_length: {max_length} is longer than the tokenizer's model_max_length of {limit}",
+            hint=f"Set data.max_length to at most {limit}.",
+        )
+
+
 def prepare_data(
     manifest: Manifest,
     tokenizer: Any,
@@ -115,12 +133,7 @@ def prepare_data(
     """
     data = records if records is not None else read_data(manifest, paths, strict, report)
     max_length = manifest.data.max_length
-    limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and 0 < limit < max_length:
-        raise DharmaError(
-            f"data.max_length: {max_length} is longer than the tokenizer's model_max_length of {limit}",
-            hint=f"Set data.max_length to at most {limit}.",
-        )
+    check_max_length(tokenizer, max_length)
     lexicons = None
     if refs:
         from ..concepts import lexicons_for
@@ -129,13 +142,17 @@ def prepare_data(
     train = pack(data.train, tokenizer, max_length, refs, lexicons, data.report)
     held_out = pack(data.eval, tokenizer, max_length, refs, lexicons, data.report) if data.eval else None
     if len(train) == 0:
-        raise DharmaError(
-            f"no training rows: every conversation was dropped ({data.report.summary().splitlines()[-1]})",
-            hint=f"Raise data.max_length (now {max_length}) or shorten the conversations.",
-        )
+        raise no_rows(data.report, max_length)
     if held_out is not None and len(held_out) == 0:
         held_out = None
     return train, held_out, data.report
+
+
+def no_rows(report: DataReport, max_length: int) -> DharmaError:
+    return DharmaError(
+        f"no training rows: every conversation was dropped ({report.summary().splitlines()[-1]})",
+        hint=f"Raise data.max_length (now {max_length}) or shorten the conversations.",
+    )
 
 
 def _hint(min_chars: int) -> str:

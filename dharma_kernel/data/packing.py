@@ -112,47 +112,100 @@ def pack(
         parts = [pack(texts_only, tokenizer, max_length, refs, lexicons)] if texts_only else []
         parts.append(pack_conversations(chats, tokenizer, max_length, report, refs, lexicons))
         return _concat(parts)
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise DharmaError(
-            "the tokenizer has no end-of-text (eos) token, which packing puts between documents",
-            hint="Use a tokenizer with an eos_token, or backbone.tokenizer = { train = true }.",
+    stream = TextStream(tokenizer, max_length, refs, lexicons)
+    pieces = [stream.encode(records), stream.padding()]
+    return rows_of(pieces, max_length, tuple(refs))
+
+
+@dataclass
+class Piece:
+    """A stretch of the flat token stream: ``ids`` [n], ``trained`` [n] bool (the label is the
+    token), ``real`` [n] bool (not padding), ``concepts`` [n, M] int8 or None."""
+
+    ids: np.ndarray
+    trained: np.ndarray
+    real: np.ndarray
+    concepts: np.ndarray | None
+
+
+class TextStream:
+    """Text records appended, in order, to one token stream that is cut into rows of ``max_length``.
+
+    Each :meth:`encode` call gives the next stretch of the stream, so a corpus can be
+    packed in chunks with the same result as all at once; :meth:`padding` ends it.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_length: int,
+        refs: Sequence[str] = (),
+        lexicons: dict[str, Lexicon] | None = None,
+    ) -> None:
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise DharmaError(
+                "the tokenizer has no end-of-text (eos) token, which packing puts between documents",
+                hint="Use a tokenizer with an eos_token, or backbone.tokenizer = { train = true }.",
+            )
+        bos = tokenizer.bos_token_id
+        self.tokenizer, self.eos, self.max_length = tokenizer, eos, max_length
+        self.prefix = [bos] if bos is not None and bos != eos else []
+        self.pad = pad_id(tokenizer)
+        self.refs = tuple(refs)
+        self.lexicons = lexicons if lexicons is not None or not self.refs else lexicons_for(self.refs)
+        self.position = 0  # tokens in the stream so far
+
+    def encode(self, records: Sequence[Record]) -> Piece:
+        """The next stretch: each record's tokens (after BOS when there is one besides EOS), then EOS."""
+        ids, offsets = _tokenize(self.tokenizer, [record.text for record in records], bool(self.refs))
+        lengths = np.fromiter((len(self.prefix) + len(doc) + 1 for doc in ids), np.int64, len(ids))
+        starts = np.cumsum(lengths) - lengths  # within this piece
+        size = int(lengths.sum())
+        tokens = np.fromiter(
+            chain.from_iterable([*self.prefix, *doc, self.eos] for doc in ids), np.int64, size
         )
-    bos = tokenizer.bos_token_id
-    prefix = [bos] if bos is not None and bos != eos else []
-    pad = pad_id(tokenizer)
-    refs = tuple(refs)
-    texts = [record.text for record in records]
-    ids, offsets = _tokenize(tokenizer, texts, with_offsets=bool(refs))
+        trained = np.ones(size, dtype=bool)
+        # A document's first token after another's EOS in the same row is never predicted.
+        trained[starts[(starts + self.position) % self.max_length != 0]] = False
+        concepts = None
+        if self.refs:
+            first = (starts + len(self.prefix)).tolist()
+            concepts = _concept_labels(
+                records,
+                offsets,
+                first,
+                size,
+                self.position,
+                self.max_length,
+                self.lexicons,
+                self.refs,  # type: ignore[arg-type]
+            )
+        self.position += size
+        return Piece(tokens, trained, np.ones(size, dtype=bool), concepts)
 
-    # Where each document's text tokens start in the stream; BOS before and EOS after them.
-    lengths = torch.tensor([len(prefix) + len(doc) + 1 for doc in ids], dtype=torch.long)
-    starts = torch.cumsum(lengths, 0) - lengths
-    total = int(lengths.sum())
-    rows = -(-total // max_length)
-    stream = torch.full((rows * max_length,), pad, dtype=torch.long)
-    tokens = chain.from_iterable([*prefix, *doc, eos] for doc in ids)
-    stream[:total] = torch.tensor(list(tokens), dtype=torch.long)
+    def padding(self) -> Piece:
+        """Pad tokens that fill the last row."""
+        size = -self.position % self.max_length
+        self.position += size
+        concepts = np.full((size, len(self.refs)), IGNORE, dtype=np.int8) if self.refs else None
+        none = np.zeros(size, dtype=bool)
+        return Piece(np.full(size, self.pad, dtype=np.int64), none, none.copy(), concepts)
 
-    labels = stream.clone()
-    labels[total:] = IGNORE
-    follows = starts[starts % max_length != 0]  # a document's first token after another's EOS
-    labels[follows] = IGNORE
-    attention_mask = torch.zeros_like(stream)
-    attention_mask[:total] = 1
 
+def rows_of(pieces: Sequence[Piece], max_length: int, refs: tuple[str, ...]) -> PackedData:
+    """The stream the pieces make, whole rows of ``max_length``, as tensors."""
+    ids = torch.from_numpy(np.concatenate([piece.ids for piece in pieces]))
+    trained = torch.from_numpy(np.concatenate([piece.trained for piece in pieces]))
+    real = torch.from_numpy(np.concatenate([piece.real for piece in pieces]))
     concept_labels = None
     if refs:
-        lexicons = lexicons if lexicons is not None else lexicons_for(refs)
-        first = (starts + len(prefix)).tolist()
-        concept_labels = _concept_labels(
-            records, offsets, first, rows * max_length, max_length, lexicons, refs
-        )
-        concept_labels = concept_labels.view(rows, max_length, len(refs))
+        concepts = np.concatenate([piece.concepts for piece in pieces])  # type: ignore[misc]
+        concept_labels = torch.from_numpy(concepts).view(-1, max_length, len(refs))
     return PackedData(
-        input_ids=stream.view(rows, max_length),
-        labels=labels.view(rows, max_length),
-        attention_mask=attention_mask.view(rows, max_length),
+        input_ids=ids.view(-1, max_length),
+        labels=torch.where(trained, ids, IGNORE).view(-1, max_length),
+        attention_mask=real.long().view(-1, max_length),
         concept_labels=concept_labels,
         refs=refs,
     )
@@ -198,11 +251,13 @@ def _concept_labels(
     offsets: list[list[tuple[int, int]]],
     first: list[int],
     size: int,
+    position: int,
     max_length: int,
     lexicons: dict[str, Lexicon],
     refs: tuple[str, ...],
 ) -> torch.Tensor:
-    """``[size, M]`` int8 labels over the stream: 0 on text tokens, then tags and hits, -100 elsewhere.
+    """``[size, M]`` int8 labels over a piece of the stream that starts at ``position``: 0 on text
+    tokens, then tags and hits, -100 elsewhere.
 
     Built in NumPy: see :func:`~dharma_kernel.concepts.concept_hits` for why.
     """
@@ -214,10 +269,12 @@ def _concept_labels(
         labels[begin:end, tagged] = 1
         if hits is not None:
             # Causal within each row: a piece of the document starts at ``begin`` or at a row start.
-            cuts = [begin, *range((begin // max_length + 1) * max_length, end, max_length), end]
+            at = begin + position  # where the document's piece sits in the whole stream
+            row_starts = range((at // max_length + 1) * max_length - position, end, max_length)
+            cuts = [begin, *row_starts, end]
             for a, b in zip(cuts[:-1], cuts[1:], strict=True):
                 seen = np.logical_or.accumulate(hits[a - begin : b - begin], axis=0)
                 labels[a:b][seen] = 1
         bounds = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
         labels[begin:end][bounds[:, 1] <= bounds[:, 0]] = IGNORE
-    return torch.from_numpy(labels)
+    return labels

@@ -21,9 +21,10 @@ from .seed_formats import (
     VerseDatabaseReader,
 )
 
-__all__ = ["BUILTIN_READERS", "Reader", "choose_reader", "read_records"]
+__all__ = ["BUILTIN_READERS", "Reader", "choose_reader", "iter_records", "read_records"]
 
 HEAD_BYTES = 65536  # enough of a file to see which keys its records have
+WHOLE_FILE = 64 << 20  # files up to this size are read whole before their records are used
 
 
 class Reader(Protocol):
@@ -63,24 +64,39 @@ def read_records(
     skipped and reported. A malformed file or record is reported and skipped, or with
     ``strict`` raises :class:`~dharma_kernel.errors.DharmaError` naming file and record.
     """
+    return list(iter_records(paths, strict, report))
+
+
+def iter_records(
+    paths: list[str | Path], strict: bool = False, report: DataReport | None = None, whole: int = WHOLE_FILE
+) -> Iterator[Record]:
+    """:func:`read_records` as a stream. A file of at most ``whole`` bytes is read whole first,
+    so one that turns out unreadable halfway gives no records; a larger one streams, and the
+    records before the damage are kept (the file is still reported)."""
     report = DataReport() if report is None else report
     report.strict = strict
     readers: list[Reader] = [*plugin_readers(), *BUILTIN_READERS]
-    records: list[Record] = []
     for path in expand_paths(paths):
         try:
             reader, why_not = choose_reader(path, readers)
             if reader is None:
                 report.unknown_file(str(path), why_not)
                 continue
-            found = list(reader.read(path, report))
+            if path.stat().st_size <= whole:
+                found = list(reader.read(path, report))
+                report.records_read += len(found)
+                yield from found
+            else:
+                for record in reader.read(path, report):
+                    report.records_read += 1
+                    yield record
         except BadFile as err:
             report.bad_file(str(path), str(err))
             continue
+        except OSError as err:
+            report.bad_file(str(path), f"cannot be read: {err.strerror}")
+            continue
         report.files_read += 1
-        report.records_read += len(found)
-        records += found
-    return records
 
 
 def choose_reader(path: Path, readers: list[Reader]) -> tuple[Reader | None, str]:

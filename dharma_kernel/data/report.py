@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from ..errors import DharmaError
 
@@ -81,6 +82,12 @@ class DataReport:
             return ""
         listed = "\n".join(f"  {line}" for line in self.first_problems())
         return f"skipped {len(self.problems)} (file:record: reason; --strict stops at the first):\n{listed}"
+
+    def as_json(self) -> dict[str, Any]:
+        """The counts, and every problem as ``file:record: reason`` (``--json`` output)."""
+        values = {k: v for k, v in asdict(self).items() if k != "strict"}
+        values["problems"] = [problem_line(*problem) for problem in self.problems]
+        return values
 
     def summary(self) -> str:
         """A few lines of numbers."""

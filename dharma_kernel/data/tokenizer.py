@@ -4,14 +4,15 @@ A trained tokenizer is byte-level (GPT-2's scheme): every string, Devanagari, IA
 diacritics and runs of whitespace included, encodes to tokens that decode back to
 it exactly, and nothing is ever an unknown token. It carries the chat template
 (:data:`~dharma_kernel.data.chat.CHAT_TEMPLATE`) and its role markers as special
-tokens. Save it with
-``tokenizer.save_pretrained(directory)``; ``AutoTokenizer.from_pretrained(directory)``
-loads it back.
+tokens, and pads on the left, as batched generation needs. Save it with
+:func:`~dharma_kernel.checkpoint.save_tokenizer` (or ``tokenizer.save_pretrained(directory)``);
+``AutoTokenizer.from_pretrained(directory)`` loads it back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DharmaError
@@ -36,7 +37,8 @@ def pad_id(tokenizer: Any) -> int:
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int, min_frequency: int = 2, model_max_length: int = 1024
 ) -> PreTrainedTokenizerFast:
-    """A byte-level BPE of at most ``vocab_size`` tokens trained on ``texts``.
+    """A byte-level BPE of at most ``vocab_size`` tokens trained on ``texts`` (any iterable: it is
+    streamed, never held whole).
 
     The vocabulary holds :data:`END_OF_TEXT` (id 0: eos, bos and pad), the chat template's
     role markers ``<|system|>``, ``<|user|>``, ``<|assistant|>`` (ids 1 to 3), the 256 bytes, then
@@ -73,6 +75,7 @@ def train_tokenizer(
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,  # " ." stays " .": decoding is exact
         chat_template=CHAT_TEMPLATE,
+        padding_side="left",  # batched generation; training pads its own batches
     )
 
 
@@ -86,6 +89,7 @@ def resolve_tokenizer(
     (:func:`~dharma_kernel.assemble.load_tokenizer`); otherwise, for a fresh backbone or
     ``tokenizer = { train = true, ... }``, a BPE is trained on ``texts`` (the cleaned
     training texts; only read then) with the spec's ``vocab_size``, else the backbone's.
+    ``texts`` may be an iterator; at most ``max_training_chars`` of it is read.
     ``text_config`` is the backbone's config when the caller has it (``plan(manifest).config.text_config``).
     """
     from ..assemble import load_tokenizer
@@ -113,16 +117,35 @@ def resolve_tokenizer(
                 f"or the backbone's vocab_size to at least {size}.",
             )
         min_frequency = spec.min_frequency if isinstance(spec, TrainedTokenizer) else 2
-        texts = list(texts)
-        if not any(texts):
+        remaining = _capped(iter(texts), training_cap(manifest))
+        first = next((text for text in remaining if text), None)
+        if first is None:
             raise DharmaError("cannot train a tokenizer: there is no training text")
-        tokenizer = train_tokenizer(texts, size, min_frequency, context_length(config, default=1024))
+        tokenizer = train_tokenizer(
+            chain([first], remaining), size, min_frequency, context_length(config, default=1024)
+        )
     if len(tokenizer) > embeddings:
         raise DharmaError(
             f"the tokenizer has {len(tokenizer)} tokens, more than the backbone's {embeddings} embeddings",
             hint=_too_large_hint(manifest, len(tokenizer), embeddings),
         )
     return ensure_chat_template(tokenizer)
+
+
+def training_cap(manifest: Manifest) -> int:
+    """Characters of training text a trained tokenizer learns from (``max_training_chars``)."""
+    spec = manifest.backbone.tokenizer
+    return spec.max_training_chars if isinstance(spec, TrainedTokenizer) else TrainedTokenizer.DEFAULT_CHARS
+
+
+def _capped(texts: Iterator[str], max_chars: int) -> Iterator[str]:
+    """The texts, in order, until ``max_chars`` characters have been given (the last one whole)."""
+    given = 0
+    for text in texts:
+        if given >= max_chars:
+            return
+        given += len(text)
+        yield text
 
 
 def _too_large_hint(manifest: Manifest, tokens: int, embeddings: int) -> str:

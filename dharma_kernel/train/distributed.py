@@ -82,12 +82,39 @@ def wrap(model: nn.Module, d: Dist, device: torch.device, strategy: str = "ddp")
         return model
     if strategy == "fsdp":
         return shard(model)
-    # Routed stacks run only the modules their tokens chose: some get no gradient in a step.
+    unused = can_leave_unused(model)
     return nn.parallel.DistributedDataParallel(
-        model,
+        _WithUnused(model) if unused else model,
         device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=True,
+        find_unused_parameters=unused,
     )
+
+
+def can_leave_unused(model: nn.Module) -> bool:
+    """Whether a step may give a trainable parameter no gradient: a routed stack runs only the modules
+    its tokens chose, and a fine-tuning loss need not reach every part of the model. Sequential and
+    parallel stacks run every module, and every module's parameters all get a gradient (the
+    conformance suite checks it), so DDP need not search the graph for unused ones."""
+    routed = any(getattr(s, "composition", None) == "routed" for s in getattr(model, "stacks", {}).values())
+    return routed or len(getattr(model, "heads", ())) > 0
+
+
+class _WithUnused(nn.Module):
+    """The model, plus one parameter no forward uses, for DDP with ``find_unused_parameters``.
+
+    DDP warns on every process, in several lines, when its first step finds no unused parameter
+    (every module was chosen somewhere in the batch); later steps may well leave some unused, so
+    the warning is a false positive here. This parameter is always unused, so it is never given.
+    It is not the model's: the optimizer and checkpoints see ``module.model`` only.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.never_used = nn.Parameter(torch.zeros(1, device=next(model.parameters()).device))
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
 
 
 def shard(model: nn.Module) -> nn.Module:

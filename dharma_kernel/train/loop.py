@@ -170,7 +170,7 @@ class Loop:
         rows = every if sharded else range(self.dist.rank, len(self.eval_data), self.dist.world)
         reduce = (lambda t: t) if sharded else self.dist.sum
         refs = getattr(self.raw, "module_refs", ())
-        labelled = getattr(self.eval_data, "concept_labels", None) is not None  # head data has none
+        labelled = bool(getattr(self.eval_data, "refs", ()))  # packed rows with modules; head data has none
         table = ConceptActivation(refs) if refs and labelled else None
         sums = lm_totals(
             self.raw, self.eval_data, batch_size, rows, lambda: autocast(self.precision, self.device), table

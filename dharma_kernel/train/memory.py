@@ -220,11 +220,13 @@ def fitting_settings(
     batch_size: int,
     length: int,
     current: MemorySettings | None = None,
+    grad_accum: int = 1,
 ) -> list[MemoryEstimate]:
     """Estimates of every combination of the switches that fits ``budget_bytes``.
 
-    Fewest changes from ``current`` (default: every switch off, fp32) first, then the
-    smallest total. ``precision = "auto"`` counts as fp32 and ``fp16`` as bf16 (same bytes).
+    Fewest changes from ``current`` (default: every switch off, fp32) first, counting the
+    ``grad_accum = 1`` that ``optimizer_in_backward`` needs, then the smallest total.
+    ``precision = "auto"`` counts as fp32 and ``fp16`` as bf16 (same bytes).
     """
     current = _comparable(current or MemorySettings())
     fits = []
@@ -233,17 +235,21 @@ def fitting_settings(
         result = estimate(model, batch_size, length, settings)
         if result.total <= budget_bytes:
             fits.append(result)
-    return sorted(fits, key=lambda e: (len(changes(e.settings, current)), e.total))
+    return sorted(fits, key=lambda e: (len(changes(e.settings, current, grad_accum)), e.total))
 
 
-def changes(settings: MemorySettings, current: MemorySettings) -> list[str]:
-    """The manifest lines that turn ``current`` into ``settings``, e.g. ``optimizer_state = "bf16"``."""
+def changes(settings: MemorySettings, current: MemorySettings, grad_accum: int = 1) -> list[str]:
+    """The manifest lines that turn ``current`` (with ``grad_accum``) into ``settings``, e.g.
+    ``optimizer_state = "bf16"``; ``optimizer_in_backward`` brings ``grad_accum = 1``, which it needs
+    (a step's memory does not depend on the accumulation count)."""
     current = _comparable(current)
     lines = []
     for name in CHOICES:
         value = getattr(settings, name)
         if value != getattr(current, name):
             lines.append(f"{name} = {str(value).lower() if isinstance(value, bool) else repr(value)}")
+    if settings.optimizer_in_backward and grad_accum > 1:
+        lines.append("grad_accum = 1")
     return [line.replace("'", '"') for line in lines]
 
 

@@ -10,6 +10,8 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,20 @@ from ..errors import DharmaError, error_line
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def item_bar(console: Console, total: int, what: str) -> Iterator[Callable[[int], None]]:
+    """A bar over ``total`` items while the block runs, on a terminal only (``dharma eval``);
+    yields ``advance(n)``, to call as each ``n`` items are done."""
+    if not console.is_terminal or console.quiet:
+        yield lambda n: None
+        return
+    bar = Progress(TextColumn(f"{{task.completed}}/{{task.total}} {what}"), BarColumn(),
+                   TimeRemainingColumn(), console=console, transient=True)  # fmt: skip
+    task = bar.add_task(what, total=total)
+    with bar:
+        yield lambda n: bar.advance(task, n)
 
 
 class Reporter:

@@ -41,6 +41,7 @@ class TrainOptions:
     output: str | None = None
     resume: bool = False
     reset_optimizer: bool = False
+    run_modules: bool = False  # with resume: the run's own modules, whatever `all` resolves to now
     max_steps: int | None = None
     freeze: list[str] = field(default_factory=list)
     strict: bool | None = None
@@ -60,6 +61,7 @@ class Summary:
     latest: Path | None
     best: Path | None
     application: Path | None = None  # fine-tuning: the application (or merged model) written
+    selected: str | None = None  # fine-tuning: which checkpoint became the application, and why
     first_eval: dict[str, float] = field(default_factory=dict)  # fine-tuning with a head: eval metrics
     best_eval: dict[str, float] = field(default_factory=dict)
 
@@ -92,6 +94,8 @@ class _Session:
     ) -> None:
         self.options, self.dist, self.device, self.console = options, dist, device, console
         self.manifest, self.cfg = manifest, manifest.train
+        if options.run_modules:
+            self.manifest = self._with_run_modules(manifest)
         self.plan = self._plan()
         self.run_dir = RunDir(self._run_root())
         self.precision = resolve_precision(self.cfg.precision, device)
@@ -102,6 +106,20 @@ class _Session:
 
         check_requires(self.manifest)
         return plan(self.manifest)
+
+    def _with_run_modules(self, manifest: Manifest) -> Manifest:
+        """The manifest with ``include`` set to the modules the run to resume was trained with."""
+        from ..module_set import saved_refs
+
+        latest = RunDir(self._run_root()).link("latest")
+        refs = saved_refs(latest) if latest is not None else None
+        if refs is None:
+            raise DharmaError(
+                f"--run-modules: {self._run_root()} holds no checkpoint to take the modules from",
+                hint="Use --run-modules with --resume on a run that saved a checkpoint.",
+            )
+        modules = manifest.modules.model_copy(update={"include": refs, "exclude": []})
+        return manifest.model_copy(update={"modules": modules})
 
     def _run_root(self) -> Path:
         output = self.options.output or self.manifest.resolve_path(self.cfg.output)
@@ -155,7 +173,7 @@ class _Session:
 
         windows = Windows(len(train_data), self.cfg.batch_size, self.cfg.grad_accum,
                           self.dist.world, self.dist.rank, self.cfg.seed)  # fmt: skip
-        total = self.options.max_steps or self.cfg.max_steps or self.cfg.epochs * windows.steps_per_epoch
+        total = self._total_steps(windows)
         wrapped = wrap(model, self.dist, self.device, self.cfg.distributed)
         optimizer = build_optimizer(model, self.cfg, total, self.device)  # after sharding
         loop = Loop(
@@ -180,18 +198,31 @@ class _Session:
             (self.run_dir.root / "manifest.json").write_text(json.dumps(self.manifest.to_dict(), indent=2))
         return self._loop(loop, total)
 
-    def _data(self, latest: Path | None) -> tuple:
-        from ..checkpoint import load_saved_tokenizer
-        from ..data import prepare_data, read_data, resolve_tokenizer
+    def _total_steps(self, windows: Windows) -> int:
+        return self.options.max_steps or self.cfg.max_steps or self.cfg.epochs * windows.steps_per_epoch
 
-        records = read_data(self.manifest, self.options.data, self.options.strict)
-        if latest is not None:
-            tokenizer = load_saved_tokenizer(latest)  # a resumed run keeps its vocabulary
-        else:
-            tokenizer = resolve_tokenizer(self.manifest, records.texts, self.plan.config.text_config)
+    def _data(self, latest: Path | None) -> tuple:
+        """The tokenizer and the prepared data (see :mod:`dharma_kernel.data.cache`): the main
+        process prepares it when the cache has no match, the others then open it."""
+        from ..checkpoint import load_saved_tokenizer
+        from ..data.cache import prepared_data
+        from .eval_rows import eval_rows
+
+        # A resumed run keeps its vocabulary.
+        given = load_saved_tokenizer(latest) if latest is not None else None
         refs = [spec["ref"] for spec in self.plan.config.layout["modules"]]
-        train_data, eval_data, report = prepare_data(self.manifest, tokenizer, refs, records=records)
-        return tokenizer, train_data, eval_data, report
+        options, config = self.options, self.plan.config.text_config
+        data = None
+        if self.dist.main:
+            data = prepared_data(
+                self.manifest, options.data, options.strict, refs, config, given, self.console
+            )
+        self.dist.barrier()
+        if data is None:
+            data = prepared_data(self.manifest, options.data, options.strict, refs, config, given,
+                                 prepare_here=False)  # fmt: skip
+        held_out = eval_rows(data.eval, self.cfg.eval_tokens, self.manifest.data.max_length, self.cfg.seed)
+        return data.tokenizer, data.train, held_out, data.report
 
     def _model(self, latest: Path | None, build: Any) -> Any:
         if latest is None:
@@ -199,6 +230,11 @@ class _Session:
         from ..model import DharmaModel
 
         model = DharmaModel.from_pretrained(latest)  # aligned copies: resume steps bit-exactly
+        saved, now = model.module_refs, [spec["ref"] for spec in self.plan.config.layout["modules"]]
+        if saved != now and set(saved) != set(now):
+            from ..module_set import resume_refusal
+
+            raise resume_refusal(latest, saved, now, self.manifest.to_dict().get("modules", {}))
         if model.config.layout != self.plan.config.layout:
             raise DharmaError(
                 f"{latest} was trained with a different model layout than the manifest now describes",
@@ -220,11 +256,32 @@ class _Session:
         else:
             for _ in range(state["progress"]["step"]):
                 loop.optimizer.schedule_step()  # keep the learning rate where the run was
+        self._say_schedule_change(loop.optimizer, state)
         loop.scale.load_state_dict(state["scale"])
         loop.progress = Progress(**state["progress"])
         restore_rng(state["rng"])
         if self.dist.main:
             self.run_dir.truncate_metrics(loop.progress.step)
+
+    def _say_schedule_change(self, optimizer: Any, state: dict[str, Any]) -> None:
+        """A resume that runs to another total re-plans the schedule over the new total: say so, with
+        the learning rate the run had and the one it goes on with."""
+        from .optim import lr_factor
+
+        before, now, step = state.get("total_steps"), optimizer.total_steps, state["progress"]["step"]
+        step = (state.get("optimizer") or {}).get("schedule_step", step)  # skipped steps count too
+        if before is None or before == now or not self.dist.main:
+            return
+        cfg = self.cfg
+
+        def lr(total: int) -> float:
+            return cfg.learning_rate * lr_factor(cfg.schedule, step, total, cfg.warmup_fraction)
+
+        log.warning(
+            f"the run's {cfg.schedule} schedule spanned {before} steps; resuming to {now} re-plans it over "
+            f"{now}: step {step + 1} trains at learning rate {lr(now):.3g} ({lr(before):.3g} on the old "
+            f"schedule), then the rate follows the {now}-step schedule"
+        )
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -248,6 +305,8 @@ class _Session:
                     improved = self._evaluate(loop, reporter)
                 if step % save_every == 0 or step == total or improved:
                     self._save(loop, reporter)
+                if step < total and self._stop_early(loop):
+                    break
             if loop.stop_requested and self.run_dir.link("latest") != self.run_dir.step_dir(
                 loop.progress.step
             ):
@@ -263,9 +322,17 @@ class _Session:
             progress.first_eval = metrics["eval_loss"]
         progress.last_eval = metrics["eval_loss"]
         reporter.eval(progress.step, metrics)
-        if progress.step > 0 and metrics["eval_loss"] < progress.best_eval:
+        if progress.step > 0 and self._improves(metrics, progress):
             progress.best_eval, progress.best_step = metrics["eval_loss"], progress.step
             return True
+        return False
+
+    def _improves(self, metrics: dict[str, Any], progress: Progress) -> bool:
+        """Whether this evaluation's checkpoint becomes ``best``: here, a lower eval loss."""
+        return metrics["eval_loss"] < progress.best_eval
+
+    def _stop_early(self, loop: Loop) -> bool:
+        """Whether to end the run before its last step (fine-tuning's patience); here, never."""
         return False
 
     def _eval_metrics(self, loop: Loop) -> dict[str, Any]:
@@ -298,6 +365,7 @@ class _Session:
                 "rng": capture_rng(),
                 "trainable": [n for n, p in loop.raw.named_parameters() if p.requires_grad],
                 "world": self.dist.world,
+                "total_steps": loop.optimizer.total_steps,  # what the schedule spans
             }
             target = save(loop.raw, self.run_dir.step_dir(step), self.tokenizer,
                           extra=lambda d: save_state(d, state), state_dict=weights)  # fmt: skip

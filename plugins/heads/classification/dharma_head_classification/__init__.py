@@ -18,6 +18,7 @@ from dharma_kernel.protocol import HeadModule, HeadOutput, ModuleConfig, RecordE
 class Classification(HeadModule):
     name, module_api = "classification", "1.0"
     inputs, targets = ("text",), ("label",)
+    metric = "accuracy"  # what fine-tuning keeps the best checkpoint by
 
     class Config(ModuleConfig):
         pooling: Literal["last", "mean"] = "last"

@@ -114,7 +114,7 @@ def test_a_finetune_manifest_merges_into_a_standalone_model(capsys, foundation, 
     )
     printed = dharma(capsys, "train", manifest)
     merged = tmp_path / "merged"
-    assert f"application: {merged}" in printed
+    assert f"model: {merged}" in printed and "application:" not in printed  # --merge wrote a model
     assert (merged / "model.safetensors").exists() and not (merged / "adapter.safetensors").exists()
     model = DharmaModel.from_pretrained(merged)  # standalone: no foundation needed
     assert model.config.layout["heads"][0]["config"]["pooling"] == "mean"

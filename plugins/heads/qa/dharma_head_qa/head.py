@@ -42,6 +42,7 @@ class QAHead(HeadModule):
     inputs: ClassVar[tuple[str, ...]] = ("question", "context")
     targets: ClassVar[tuple[str, ...]] = ("answer",)
     field_aliases: ClassVar[dict[str, tuple[str, ...]]] = {"answer": ("answers",)}
+    metric = "exact_match"
     pad_values: ClassVar[dict[str, int | float]] = {"context_mask": 0}
 
     def __init__(self, hidden_size: int, config: QAConfig | None = None) -> None:

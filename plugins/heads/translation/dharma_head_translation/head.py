@@ -44,6 +44,7 @@ class Translation(HeadModule):
     inputs: ClassVar[tuple[str, ...]] = ("source",)
     targets: ClassVar[tuple[str, ...]] = ("target",)
     uses_lm_loss: ClassVar[bool] = True
+    metric = "chrf"
 
     @property
     def layout(self) -> Layout:
