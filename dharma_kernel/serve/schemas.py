@@ -10,8 +10,8 @@ from .errors import APIError
 
 
 class Body(BaseModel):
-    # Known OpenAI fields we do not act on are accepted and ignored, as other local servers do;
-    # a misspelt one is named in the error instead of silently doing nothing.
+    # A field we do not act on is refused by name: a misspelt or unsupported option would
+    # otherwise change nothing without a word (``user`` is accepted: it only labels the request).
     model_config = ConfigDict(extra="forbid")
 
 
@@ -58,7 +58,7 @@ class Generation(Body):
     user: StrictStr | None = None
     frequency_penalty: float | None = Field(None, ge=0.0, le=0.0)
     presence_penalty: float | None = Field(None, ge=0.0, le=0.0)
-    logit_bias: dict[str, Any] | None = None
+    logit_bias: dict[str, Any] | None = Field(None, max_length=0)  # only an empty one
     dharma: DharmaOptions | None = None
 
     @field_validator("stop")
