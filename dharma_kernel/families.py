@@ -18,6 +18,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from . import grouped
 from .blocks import (
     BottleneckAdapter,
     CausalAttention,
@@ -27,6 +28,7 @@ from .blocks import (
     MultiViewAttention,
     RunningSummary,
 )
+from .grouped import Groups
 from .protocol import DharmaModule, ModuleConfig, ModuleContext, TokenOutput
 
 
@@ -60,6 +62,17 @@ class PathModule(DharmaModule):
         gate, _ = self.detector(x)
         return _gated(gate, self.delta(x, hidden, ctx))
 
+    @classmethod
+    def grouped_delta(cls, members: list, x: torch.Tensor, groups: Groups) -> torch.Tensor:
+        """:meth:`delta` of each token's module (see :mod:`.grouped`)."""
+        adapted = grouped.adapter([m.adapter for m in members], x, groups)
+        return adapted + groups.per_token(grouped.stacked(members, "direction"))
+
+    @classmethod
+    def grouped_tokens(cls, members: list, x: torch.Tensor, groups: Groups) -> TokenOutput:
+        gate, _ = grouped.detector([m.detector for m in members], x, groups)
+        return _gated(gate, cls.grouped_delta(members, x, groups))
+
 
 class MemoryPathModule(PathModule):
     """A path that also reads a learned memory of patterns (karma: patterns of action)."""
@@ -80,6 +93,13 @@ class MemoryPathModule(PathModule):
 
     def delta(self, x: torch.Tensor, hidden: torch.Tensor, ctx: ModuleContext) -> torch.Tensor:
         return super().delta(x, hidden, ctx) + self.memory(x)
+
+    @classmethod
+    def grouped_delta(cls, members: list, x: torch.Tensor, groups: Groups) -> torch.Tensor:
+        path = super().grouped_delta(members, x, groups)
+        return path + grouped.memory([m.memory for m in members], x, groups)
+
+    grouped_tokens = PathModule.__dict__["grouped_tokens"]  # its own: a memory path groups apart
 
 
 class MultiViewPathModule(PathModule):
@@ -125,6 +145,11 @@ class ConsciousnessModule(DharmaModule):
         gate, _ = self.detector(x)
         return _gated(gate, self.block(x))
 
+    @classmethod
+    def grouped_tokens(cls, members: list, x: torch.Tensor, groups: Groups) -> TokenOutput:
+        gate, _ = grouped.detector([m.detector for m in members], x, groups)
+        return _gated(gate, grouped.gated_residual([m.block for m in members], x, groups))
+
 
 class DetectorModule(DharmaModule):
     """life and energy: several concept detectors; their per-token intensity gates a residual MLP that
@@ -146,6 +171,11 @@ class DetectorModule(DharmaModule):
     def forward_tokens(self, x: torch.Tensor, hidden: torch.Tensor, ctx: ModuleContext) -> TokenOutput:
         gate, intensity = self.detector(x)
         return _gated(gate, self.mlp(x, extra=intensity))
+
+    @classmethod
+    def grouped_tokens(cls, members: list, x: torch.Tensor, groups: Groups) -> TokenOutput:
+        gate, intensity = grouped.detector([m.detector for m in members], x, groups)
+        return _gated(gate, grouped.adapter([m.mlp for m in members], x, groups, extra=intensity))
 
 
 class LifeModule(DetectorModule):
@@ -180,6 +210,13 @@ class CrisisModule(DharmaModule):
     def forward_tokens(self, x: torch.Tensor, hidden: torch.Tensor, ctx: ModuleContext) -> TokenOutput:
         gate, distress = self.detector(x)
         return _gated(gate, self.guidance(x) + distress.to(x.dtype) @ self.cue_directions)
+
+    @classmethod
+    def grouped_tokens(cls, members: list, x: torch.Tensor, groups: Groups) -> TokenOutput:
+        gate, distress = grouped.detector([m.detector for m in members], x, groups)
+        guidance = grouped.adapter([m.guidance for m in members], x, groups)
+        cues = groups.matmul(distress.to(x.dtype), grouped.stacked(members, "cue_directions"))
+        return _gated(gate, guidance + cues)
 
 
 class DarshanaModule(DharmaModule):
