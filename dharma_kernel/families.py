@@ -28,13 +28,12 @@ from .blocks import (
     MultiViewAttention,
     RunningSummary,
 )
-from .grouped import Groups
 from .protocol import DharmaModule, ModuleConfig, ModuleContext, TokenOutput
 
 
 def _gated(gate: torch.Tensor, delta: torch.Tensor) -> TokenOutput:
     """The family modules' shared output: the delta applied as strongly as the concept is detected."""
-    return TokenOutput(delta=gate[:, None] * delta, score=gate)
+    return TokenOutput(delta=gate[..., None] * delta, score=gate)
 
 
 class PathModule(DharmaModule):
@@ -63,15 +62,14 @@ class PathModule(DharmaModule):
         return _gated(gate, self.delta(x, hidden, ctx))
 
     @classmethod
-    def grouped_delta(cls, members: list, x: torch.Tensor, groups: Groups) -> torch.Tensor:
+    def grouped_delta(cls, members: list, x: torch.Tensor) -> torch.Tensor:
         """:meth:`delta` of each token's module (see :mod:`.grouped`)."""
-        adapted = grouped.adapter([m.adapter for m in members], x, groups)
-        return adapted + groups.per_token(grouped.stacked(members, "direction"))
+        return grouped.adapter([m.adapter for m in members], x) + grouped.along_tokens(members, "direction")
 
     @classmethod
-    def grouped_tokens(cls, members: list, x: torch.Tensor, groups: Groups) -> TokenOutput:
-        gate, _ = grouped.detector([m.detector for m in members], x, groups)
-        return _gated(gate, cls.grouped_delta(members, x, groups))
+    def grouped_tokens(cls, members: list, x: torch.Tensor) -> TokenOutput:
+        gate, _ = grouped.detector([m.detector for m in members], x)
+        return _gated(gate, cls.grouped_delta(members, x))
 
 
 class MemoryPathModule(PathModule):
@@ -95,9 +93,9 @@ class MemoryPathModule(PathModule):
         return super().delta(x, hidden, ctx) + self.memory(x)
 
     @classmethod
-    def grouped_delta(cls, members: list, x: torch.Tensor, groups: Groups) -> torch.Tensor:
-        path = super().grouped_delta(members, x, groups)
-        return path + grouped.memory([m.memory for m in members], x, groups)
+    def grouped_delta(cls, members: list, x: torch.Tensor) -> torch.Tensor:
+        path = super().grouped_delta(members, x)
+        return path + grouped.memory([m.memory for m in members], x)
 
     grouped_tokens = PathModule.__dict__["grouped_tokens"]  # its own: a memory path groups apart
 
@@ -146,9 +144,9 @@ class ConsciousnessModule(DharmaModule):
         return _gated(gate, self.block(x))
 
     @classmethod
-    def grouped_tokens(cls, members: list, x: torch.Tensor, groups: Groups) -> TokenOutput:
-        gate, _ = grouped.detector([m.detector for m in members], x, groups)
-        return _gated(gate, grouped.gated_residual([m.block for m in members], x, groups))
+    def grouped_tokens(cls, members: list, x: torch.Tensor) -> TokenOutput:
+        gate, _ = grouped.detector([m.detector for m in members], x)
+        return _gated(gate, grouped.gated_residual([m.block for m in members], x))
 
 
 class DetectorModule(DharmaModule):
@@ -173,9 +171,9 @@ class DetectorModule(DharmaModule):
         return _gated(gate, self.mlp(x, extra=intensity))
 
     @classmethod
-    def grouped_tokens(cls, members: list, x: torch.Tensor, groups: Groups) -> TokenOutput:
-        gate, intensity = grouped.detector([m.detector for m in members], x, groups)
-        return _gated(gate, grouped.adapter([m.mlp for m in members], x, groups, extra=intensity))
+    def grouped_tokens(cls, members: list, x: torch.Tensor) -> TokenOutput:
+        gate, intensity = grouped.detector([m.detector for m in members], x)
+        return _gated(gate, grouped.adapter([m.mlp for m in members], x, extra=intensity))
 
 
 class LifeModule(DetectorModule):
@@ -212,10 +210,10 @@ class CrisisModule(DharmaModule):
         return _gated(gate, self.guidance(x) + distress.to(x.dtype) @ self.cue_directions)
 
     @classmethod
-    def grouped_tokens(cls, members: list, x: torch.Tensor, groups: Groups) -> TokenOutput:
-        gate, distress = grouped.detector([m.detector for m in members], x, groups)
-        guidance = grouped.adapter([m.guidance for m in members], x, groups)
-        cues = groups.matmul(distress.to(x.dtype), grouped.stacked(members, "cue_directions"))
+    def grouped_tokens(cls, members: list, x: torch.Tensor) -> TokenOutput:
+        gate, distress = grouped.detector([m.detector for m in members], x)
+        guidance = grouped.adapter([m.guidance for m in members], x)
+        cues = torch.bmm(distress.to(x.dtype), grouped.stacked(members, "cue_directions").to(x.dtype))
         return _gated(gate, guidance + cues)
 
 
