@@ -8,6 +8,10 @@ compare like with like.
 measured there, under bf16 autocast where the card supports it (what ``precision = "auto"`` picks);
 DHARMA_BENCH_DEVICE=cpu measures on the CPU anyway. The last row is seed routed again with
 the module linears on sgemm instead of oneDNN (``dharma_kernel.cpu_linear``), shown, not judged.
+Before the speeds: aten ops per training step (torch.profiler's count of every aten op, nested
+ones included, on the CPU: the same on any machine) of a small backbone bare and assembled.
+``--per-module`` runs every module alone (no grouped execution, ``dharma_kernel.grouped``),
+to compare the two paths.
 """
 
 from __future__ import annotations
@@ -45,6 +49,9 @@ SPEED = (
     ("seed", "routed", None, True),
 )
 BATCH, LENGTH, WARMUP = 4, 128, 2
+# Op counts: a 6-layer 128-wide GPT-2 at batch 4 x 64 (the shapes of issue #14), lite routed target.
+OPS_BACKBONE, OPS_BATCH, OPS_LENGTH, OPS_TARGET = {"n_layer": 6, "n_embd": 128, "n_head": 4}, 4, 64, 2.0
+OPS = (("lite", "routed"), ("seed", "routed"), ("seed", "sequential"))
 
 
 class Budget(NamedTuple):
@@ -62,7 +69,7 @@ MANIFEST = """\
 name = "bench-{preset}-{composition}"
 
 [backbone]
-config = {{}}  # DistilGPT2's shape, fresh weights
+config = {backbone}  # DistilGPT2's shape unless given, fresh weights
 
 [modules]
 preset = "{preset}"
@@ -78,9 +85,12 @@ def installed_standard() -> list[str]:
     return [ref for ref in standard_refs() if ref in installed]
 
 
-def manifest_path(folder: Path, refs: list[str], preset: str, composition: str) -> Path:
+def manifest_path(
+    folder: Path, refs: list[str], preset: str, composition: str, backbone: dict | None = None
+) -> Path:
     include = ["all"] if len(refs) == len(standard_refs()) else refs
     text = MANIFEST.format(
+        backbone="{" + ", ".join(f"{key} = {value}" for key, value in (backbone or {}).items()) + "}",
         preset=preset,
         composition=composition,
         include=json.dumps(include),
@@ -160,6 +170,49 @@ class Trainer:
         return time.perf_counter() - start
 
 
+def set_grouped(model: torch.nn.Module, grouped: bool) -> torch.nn.Module:
+    for stack in getattr(model, "stacks", {}).values():
+        stack.grouped = grouped
+    return model
+
+
+def aten_ops(trainer: Trainer, ids: torch.Tensor) -> tuple[int, int]:
+    """(all, top-level) aten ops of one training step, after one step that creates the optimizer state."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer.step(ids)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainer.step(ids)
+    ops = [event for event in prof.events() if event.name.startswith("aten::")]
+    top = [e for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    return len(ops), len(top)
+
+
+def op_counts(folder: Path, refs: list[str], complete: bool, grouped: bool) -> bool:
+    shape = ", ".join(f"{key} {value}" for key, value in OPS_BACKBONE.items())
+    print(f"aten ops per training step, CPU: GPT-2 {shape}, batch {OPS_BATCH} x {OPS_LENGTH}, fused AdamW")
+    print(f"{'config':<28} {'ops':>8} {'ratio':>6} {'top-level':>10} {'target':>7}  result")
+    ids = torch.randint(0, 50257, (OPS_BATCH, OPS_LENGTH), generator=torch.Generator().manual_seed(0))
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    bare, bare_top = aten_ops(Trainer(fresh_backbone(backbone_config(None, OPS_BACKBONE)), cpu), ids)
+    print(f"{'bare backbone':<28} {bare:>8} {1:>6.2f} {bare_top:>10} {'-':>7}  -")
+    ok = True
+    for preset, composition in OPS:
+        path = manifest_path(folder, refs, preset, composition, OPS_BACKBONE)
+        model = set_grouped(build(plan(load_manifest(path))), grouped)
+        ops, top = aten_ops(Trainer(model, cpu), ids)
+        target = OPS_TARGET if (preset, composition) == ("lite", "routed") else None
+        passed = target is None or ops / bare <= target
+        ok &= passed
+        shown, result = ("-", "report") if target is None else (f"<={target}", judge(passed, complete))
+        name = f"{preset} {composition}" + (" top_k 2" if composition == "routed" else "")
+        print(f"{name:<28} {ops:>8} {ops / bare:>6.2f} {top:>10} {shown:>7}  {result}", flush=True)
+        del model
+        gc.collect()
+    return ok
+
+
 def paired_rounds(
     bare: Trainer, trainer: Trainer, ids: torch.Tensor, budget: Budget
 ) -> list[tuple[float, float]]:
@@ -173,7 +226,7 @@ def paired_rounds(
     return pairs
 
 
-def training_speed(folder: Path, refs: list[str], complete: bool, budget: Budget) -> bool:
+def training_speed(folder: Path, refs: list[str], complete: bool, budget: Budget, grouped: bool) -> bool:
     """Each round times one bare step then one assembled step, so a busy moment slows both alike."""
     text = backbone_config(None, {})
     device = bench_device()
@@ -199,7 +252,8 @@ def training_speed(folder: Path, refs: list[str], complete: bool, budget: Budget
     print(f"{'bare backbone':<28} {bare.params / 1e6:>8.1f}M {speed:>9.1f} {1:>6.2f} {'-':>7} {'-':>6}  -")
     ok = True
     for preset, composition, target, sgemm in SPEED:
-        model = build(plan(load_manifest(manifest_path(folder, refs, preset, composition))))
+        path = manifest_path(folder, refs, preset, composition)
+        model = set_grouped(build(plan(load_manifest(path))), grouped)
         trainer = Trainer(model, device)
         with sgemm_only() if sgemm else contextlib.nullcontext():
             for _ in range(WARMUP):
@@ -222,7 +276,7 @@ def training_speed(folder: Path, refs: list[str], complete: bool, budget: Budget
     return ok
 
 
-def main(quick: bool = False) -> bool:
+def main(quick: bool = False, grouped: bool = True) -> bool:
     """Print the counts and speeds; False when a target is missed with all standard modules installed."""
     quick = quick or os.environ.get("DHARMA_BENCH_QUICK") == "1"
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -240,12 +294,16 @@ def main(quick: bool = False) -> bool:
     hf_logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as folder:
         counts_ok = parameter_counts(Path(folder), refs, complete)
+        print(f"\nmodules run {'grouped by family' if grouped else 'one by one (--per-module)'}")
+        ops_ok = op_counts(Path(folder), refs, complete, grouped)
         print()
-        speed_ok = training_speed(Path(folder), refs, complete, QUICK if quick else FULL)
-    return (counts_ok and speed_ok) or not complete
+        speed_ok = training_speed(Path(folder), refs, complete, QUICK if quick else FULL, grouped)
+    return (counts_ok and ops_ok and speed_ok) or not complete
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="time fewer rounds")
-    sys.exit(0 if main(parser.parse_args().quick) else 1)
+    parser.add_argument("--per-module", action="store_true", help="run every module alone, not grouped")
+    args = parser.parse_args()
+    sys.exit(0 if main(args.quick, grouped=not args.per_module) else 1)

@@ -18,6 +18,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from . import grouped
 from .blocks import (
     BottleneckAdapter,
     CausalAttention,
@@ -32,7 +33,7 @@ from .protocol import DharmaModule, ModuleConfig, ModuleContext, TokenOutput
 
 def _gated(gate: torch.Tensor, delta: torch.Tensor) -> TokenOutput:
     """The family modules' shared output: the delta applied as strongly as the concept is detected."""
-    return TokenOutput(delta=gate[:, None] * delta, score=gate)
+    return TokenOutput(delta=gate[..., None] * delta, score=gate)
 
 
 class PathModule(DharmaModule):
@@ -60,6 +61,16 @@ class PathModule(DharmaModule):
         gate, _ = self.detector(x)
         return _gated(gate, self.delta(x, hidden, ctx))
 
+    @classmethod
+    def grouped_delta(cls, members: list, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`delta` of each token's module (see :mod:`.grouped`)."""
+        return grouped.adapter([m.adapter for m in members], x) + grouped.along_tokens(members, "direction")
+
+    @classmethod
+    def grouped_tokens(cls, members: list, x: torch.Tensor) -> TokenOutput:
+        gate, _ = grouped.detector([m.detector for m in members], x)
+        return _gated(gate, cls.grouped_delta(members, x))
+
 
 class MemoryPathModule(PathModule):
     """A path that also reads a learned memory of patterns (karma: patterns of action)."""
@@ -80,6 +91,13 @@ class MemoryPathModule(PathModule):
 
     def delta(self, x: torch.Tensor, hidden: torch.Tensor, ctx: ModuleContext) -> torch.Tensor:
         return super().delta(x, hidden, ctx) + self.memory(x)
+
+    @classmethod
+    def grouped_delta(cls, members: list, x: torch.Tensor) -> torch.Tensor:
+        path = super().grouped_delta(members, x)
+        return path + grouped.memory([m.memory for m in members], x)
+
+    grouped_tokens = PathModule.__dict__["grouped_tokens"]  # its own: a memory path groups apart
 
 
 class MultiViewPathModule(PathModule):
@@ -125,6 +143,11 @@ class ConsciousnessModule(DharmaModule):
         gate, _ = self.detector(x)
         return _gated(gate, self.block(x))
 
+    @classmethod
+    def grouped_tokens(cls, members: list, x: torch.Tensor) -> TokenOutput:
+        gate, _ = grouped.detector([m.detector for m in members], x)
+        return _gated(gate, grouped.gated_residual([m.block for m in members], x))
+
 
 class DetectorModule(DharmaModule):
     """life and energy: several concept detectors; their per-token intensity gates a residual MLP that
@@ -146,6 +169,11 @@ class DetectorModule(DharmaModule):
     def forward_tokens(self, x: torch.Tensor, hidden: torch.Tensor, ctx: ModuleContext) -> TokenOutput:
         gate, intensity = self.detector(x)
         return _gated(gate, self.mlp(x, extra=intensity))
+
+    @classmethod
+    def grouped_tokens(cls, members: list, x: torch.Tensor) -> TokenOutput:
+        gate, intensity = grouped.detector([m.detector for m in members], x)
+        return _gated(gate, grouped.adapter([m.mlp for m in members], x, extra=intensity))
 
 
 class LifeModule(DetectorModule):
@@ -180,6 +208,13 @@ class CrisisModule(DharmaModule):
     def forward_tokens(self, x: torch.Tensor, hidden: torch.Tensor, ctx: ModuleContext) -> TokenOutput:
         gate, distress = self.detector(x)
         return _gated(gate, self.guidance(x) + distress.to(x.dtype) @ self.cue_directions)
+
+    @classmethod
+    def grouped_tokens(cls, members: list, x: torch.Tensor) -> TokenOutput:
+        gate, distress = grouped.detector([m.detector for m in members], x)
+        guidance = grouped.adapter([m.guidance for m in members], x)
+        cues = torch.bmm(distress.to(x.dtype), grouped.stacked(members, "cue_directions").to(x.dtype))
+        return _gated(gate, guidance + cues)
 
 
 class DarshanaModule(DharmaModule):

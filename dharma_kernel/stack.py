@@ -10,6 +10,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from .cpu_linear import Linear
+from .grouped import run_groups
 from .module_cache import extend_stream, peek_stream
 from .protocol import DharmaModule, ModuleContext, ModuleOutput, TokenOutput, computes_tokens
 from .routing import concept_evidence
@@ -96,6 +97,9 @@ class ModuleStack(nn.Module):
         # Refs switched off (ablation): they add nothing to the hidden states, and routed ones
         # compute nothing; scores and routing are unchanged. See DharmaModel.switched_off.
         self.disabled: frozenset[str] = frozenset()
+        # Routed and parallel: modules of one family and config run as one group (dharma_kernel.grouped);
+        # False runs every module alone, the reference the grouped path is tested against.
+        self.grouped = True
 
     def router_parameters(self) -> list[nn.Parameter]:
         """The stack's own parameters, not its modules': the router and its token table."""
@@ -179,8 +183,13 @@ class ModuleStack(nn.Module):
     def _parallel(self, hidden, ctx) -> StackResult:
         result = StackResult(hidden, {}, {})
         delta = torch.zeros_like(hidden)
-        for ref, module in zip(self.refs, self.members.values(), strict=True):
-            out = module(hidden, ctx)
+        members = list(self.members.values())
+        together = self._run_groups(members, [hidden.flatten(0, 1)] * len(members))
+        for index, (ref, module) in enumerate(zip(self.refs, members, strict=True)):
+            if index in together:
+                out = _placed(together[index], hidden)
+            else:
+                out = module(hidden, ctx)
             if ref not in self.disabled:  # still averaged over all: the others stay as they were
                 delta = delta + (out.hidden - hidden)
             _record(result, ref, out, out.score, torch.ones_like(out.score, dtype=torch.bool))
@@ -211,12 +220,14 @@ class ModuleStack(nn.Module):
         rows = torch.cat(running)
         tokens = hidden.flatten(0, 1).index_select(0, rows).split([len(r) for r in running])
         deltas, unused = [], []
-        for ref, module, ctx, x in zip(self.refs, self.members.values(), contexts, tokens, strict=True):
+        members = list(self.members.values())
+        together = self._run_groups(members, tokens)
+        for index, (ref, module, ctx, x) in enumerate(zip(self.refs, members, contexts, tokens, strict=True)):
             if not len(x):  # no token chose it (or switched off): skipped, score zero
                 result.scores[ref], result.active[ref] = hidden.new_zeros(hidden.shape[:2]), ctx.active
                 unused.append(module)
                 continue
-            out = _at_tokens(module, x, hidden, ctx)
+            out = together[index] if index in together else _at_tokens(module, x, hidden, ctx)
             deltas.append(out.delta.to(hidden.dtype))
             # a score only where the module ran: per token, whatever else is in the batch
             _record(result, ref, out, ctx.place(out.score, *hidden.shape[:2]), ctx.active)
@@ -229,6 +240,9 @@ class ModuleStack(nn.Module):
             zero = sum(p.sum() for m in unused for p in m.parameters() if p.requires_grad) * 0.0
             result.hidden = result.hidden + zero
         return result
+
+    def _run_groups(self, members: list[DharmaModule], tokens: list[torch.Tensor]) -> dict:
+        return run_groups(members, tokens) if self.grouped else {}
 
     def _routed_dense(self, result, attention_mask, past, top_index, top_weight, active) -> StackResult:
         """``_routed``'s hidden states and scores (no balance loss), from full forwards of every module."""
@@ -255,6 +269,12 @@ def _pair_weights(
     counts = torch.tensor([len(rows) for rows in running], device=top_index.device)
     module = torch.arange(modules, device=top_index.device).repeat_interleave(counts)
     return weights.index_select(0, torch.cat(running) * modules + module)
+
+
+def _placed(out: TokenOutput, hidden: torch.Tensor) -> ModuleOutput:
+    """A token-wise output at every token as a module's ``forward`` gives it."""
+    delta = out.delta.to(hidden.dtype).view_as(hidden)
+    return ModuleOutput(hidden + delta, out.score.view(hidden.shape[:2]), out.losses, out.metrics)
 
 
 def _at_tokens(

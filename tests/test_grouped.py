@@ -1,0 +1,148 @@
+"""Grouped execution (dharma_kernel.grouped) equals running every module alone, the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dharma_kernel import registry
+from dharma_kernel.assemble import build_model
+from dharma_kernel.catalogue import standard_refs
+from dharma_kernel.grouped import group_key, run_groups
+from dharma_kernel.protocol import ModuleContext
+from dharma_kernel.stack import COMPOSITIONS
+from dharma_kernel.testing import perturb, tiny_backbone_config
+
+FAMILIES = ("paths", "consciousness", "life", "energy", "crisis", "darshanas")
+
+
+def module_class(ref: str) -> type:
+    return registry.load(registry.resolve(ref, "module"))
+
+
+def all_modules(composition: str, top_k: int = 2):
+    """A 2-layer tiny GPT-2 with every standard module (tiny preset) at both layers, weights random."""
+    modules = [
+        {"ref": ref, "config": module_class(ref).make_config("tiny").model_dump()} for ref in standard_refs()
+    ]
+    layout = {"at_layers": [0, 1], "composition": composition, "top_k": top_k, "modules": modules}
+    model = build_model(tiny_backbone_config(), layout, seed=0)
+    perturb(model.stacks, seed=1, std=0.1)
+    return model
+
+
+def set_grouped(model, on: bool) -> None:
+    for stack in model.stacks.values():
+        stack.grouped = on
+
+
+def loss_and_grads(model, ids, mask):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # the same dropout both times
+    out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+@pytest.fixture
+def batch():
+    ids = torch.randint(1, 97, (3, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    mask[2, 9:] = 0  # right padding
+    return ids, mask
+
+
+@pytest.mark.parametrize("composition", COMPOSITIONS)
+def test_grouped_logits_losses_and_gradients_equal_per_module(composition, batch):
+    model = all_modules(composition).train()
+    ids, mask = batch
+    set_grouped(model, False)
+    reference = loss_and_grads(model, ids, mask)
+    set_grouped(model, True)
+    grouped = loss_and_grads(model, ids, mask)
+    torch.testing.assert_close(grouped[0], reference[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped[1], reference[1], rtol=1e-5, atol=1e-6)
+    # the same parameters got a gradient (routed: modules no token chose get none either way)
+    assert grouped[2].keys() == reference[2].keys()
+    for name, grad in reference[2].items():
+        torch.testing.assert_close(grouped[2][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_groups_form_for_every_position_wise_family_and_attention_runs_alone():
+    keys = {
+        ref: group_key(module_class(ref)(32, module_class(ref).make_config("tiny")))
+        for ref in standard_refs()
+    }
+    for ref, key in keys.items():
+        family = ref.split(".")[0]
+        attends = family == "darshanas" or ref in ("paths.jnana", "paths.yoga")
+        assert (key is None) == attends, ref
+    # all consciousness modules share one group; paths without memory one, karma (memory) another
+    assert len({keys[r] for r in standard_refs() if r.startswith("consciousness.")}) == 1
+    assert keys["paths.ahimsa"] == keys["paths.seva"] != keys["paths.karma"]
+
+
+def test_a_plugin_that_overrides_its_computation_runs_alone():
+    base = module_class("paths.ahimsa")
+
+    class Custom(base):
+        def delta(self, x, hidden, ctx):
+            return 2 * super().delta(x, hidden, ctx)
+
+    assert group_key(Custom(32, base.make_config("tiny"))) is None
+    assert group_key(base(32, base.make_config("tiny"))) is not None
+
+
+@pytest.mark.parametrize("family", ["paths", "consciousness", "life", "energy", "crisis"])
+def test_each_family_grouped_equals_forward_tokens_with_uneven_and_empty_shares(family):
+    """Three modules of one family (memory paths too: karma's class with other weights)."""
+    refs = (
+        ["paths.karma"] * 3 if family == "paths" else [r for r in standard_refs() if r.startswith(family)][:3]
+    )
+    members = [
+        perturb(module_class(r)(32, module_class(r).make_config("tiny")), seed=i, std=0.3)
+        for i, r in enumerate(refs)
+    ]
+    hidden = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
+    tokens = [hidden.flatten(0, 1)[:7], hidden.flatten(0, 1)[2:3], hidden.flatten(0, 1)[:0]]
+    together = run_groups(members, tokens)
+    assert sorted(together) == [0, 1]  # a module without tokens is not run
+    for index in (0, 1):
+        expected = members[index].forward_tokens(tokens[index], hidden, ModuleContext())
+        torch.testing.assert_close(together[index].delta, expected.delta, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(together[index].score, expected.score, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("composition", COMPOSITIONS)
+def test_cached_generation_and_beam_search_equal_per_module(composition, batch):
+    model = all_modules(composition).eval()
+    ids, mask = batch[0][:2, :8], batch[1][:2, :8]
+    outputs = {}
+    for on in (False, True):
+        set_grouped(model, on)
+        with torch.no_grad():
+            greedy = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=5,
+                do_sample=False,
+                pad_token_id=0,
+                output_logits=True,
+                return_dict_in_generate=True,
+                use_cache=True,
+            )
+            beams = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=4,
+                num_beams=3,
+                do_sample=False,
+                pad_token_id=0,
+                use_cache=True,
+            )
+        outputs[on] = greedy.sequences, torch.stack(greedy.logits), beams
+    assert torch.equal(outputs[True][0], outputs[False][0])
+    torch.testing.assert_close(outputs[True][1], outputs[False][1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(outputs[True][2], outputs[False][2])
