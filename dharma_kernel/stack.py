@@ -94,6 +94,9 @@ class ModuleStack(nn.Module):
         self.dense_routing = False
         # Give modules no token chose a zero gradient (FSDP needs one on every process).
         self.touch_unused = False
+        # With touch_unused: per member, whether no token chose it in any forward since the last
+        # optimizer step (see train.distributed.drop_idle_gradients).
+        self.idle = [True] * len(modules)
         # Refs switched off (ablation): they add nothing to the hidden states, and routed ones
         # compute nothing; scores and routing are unchanged. See DharmaModel.switched_off.
         self.disabled: frozenset[str] = frozenset()
@@ -236,9 +239,13 @@ class ModuleStack(nn.Module):
             delta = torch.cat(deltas) * weight[:, None]
             result.hidden = hidden.flatten(0, 1).index_add(0, rows, delta).view_as(hidden)
         result.losses["router_balance"] = _balance_loss(probs, chosen, real, self.top_k)
-        if self.touch_unused and unused and torch.is_grad_enabled():
-            zero = sum(p.sum() for m in unused for p in m.parameters() if p.requires_grad) * 0.0
-            result.hidden = result.hidden + zero
+        if self.touch_unused and torch.is_grad_enabled():
+            skipped = {id(m) for m in unused}
+            members = self.members.values()
+            self.idle = [idle and id(m) in skipped for idle, m in zip(self.idle, members, strict=True)]
+            if unused:
+                zero = sum(p.sum() for m in unused for p in m.parameters() if p.requires_grad) * 0.0
+                result.hidden = result.hidden + zero
         return result
 
     def _run_groups(self, members: list[DharmaModule], tokens: list[torch.Tensor]) -> dict:

@@ -62,6 +62,8 @@ def site(tmp_path_factory):
     yield site
     sys.path.remove(str(site))
     registry.clear_cache()
+    for name in [name for name in sys.modules if name.startswith("dharma_fake_")]:
+        del sys.modules[name]  # later tests check that discovery imports no plugin
 
 
 def test_a_new_family_name_is_accepted_and_near_misses_and_reserved_words_are_not(site):

@@ -135,6 +135,21 @@ def shard(model: nn.Module) -> nn.Module:
     return model
 
 
+def drop_idle_gradients(model: nn.Module, dist: Dist) -> None:
+    """Under FSDP every routed module gets a gradient, zero where no token chose it. A module that
+    no token chose on any process in the whole window has no gradient in one process: drop its
+    zeros, so AdamW skips it there too (zeros would still move it by momentum and weight decay)."""
+    for stack in getattr(model, "stacks", {}).values():
+        if not stack.touch_unused or stack.composition != "routed":
+            continue
+        ran = dist.sum(torch.tensor([0.0 if flag else 1.0 for flag in stack.idle]))  # processes where it ran
+        for ran_somewhere, module in zip(ran.tolist(), stack.members.values(), strict=True):
+            if not ran_somewhere:
+                for p in module.parameters():
+                    p.grad = None
+        stack.idle = [True] * len(stack.idle)
+
+
 def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..errors import DharmaError
 from ..head_data import to_device
-from .distributed import Dist, full, is_sharded, no_sync
+from .distributed import Dist, drop_idle_gradients, full, is_sharded, no_sync
 from .precision import LossScale, autocast
 from .windows import Windows
 
@@ -84,6 +84,7 @@ class Loop:
                 return self._skipped(logged, started)
             (loss * self.scale.scale if self.scale.enabled else loss).backward()
         logged = self._reduce(logged, window_tokens)
+        drop_idle_gradients(self.raw, self.dist)
 
         if self.optimizer.in_backward:
             finite = not getattr(self.optimizer, "skipped_last", False)
