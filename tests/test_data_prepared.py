@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dying_clean import clean_or_die
 from fakedists import run_dharma
 
 from dharma_kernel.data import prepare as prepare_module
@@ -103,6 +104,19 @@ def test_chunked_and_parallel_preparation_writes_the_same_bytes(tmp_path, monkey
     prepare(manifest, tmp_path / "chunked", refs=REFS)
 
     assert files_of(tmp_path / "whole") == files_of(tmp_path / "chunked")
+
+
+def test_a_cleaning_process_that_dies_leaves_the_same_bytes_and_a_warning(tmp_path, monkeypatch, caplog):
+    manifest = load_manifest(write_corpus(tmp_path))
+    prepare(manifest, tmp_path / "whole", refs=REFS)
+
+    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 200)
+    monkeypatch.setattr(prepare_module, "POOL_BYTES", 0)
+    monkeypatch.setattr(prepare_module, "clean_chunk", clean_or_die)  # every worker dies at once
+    prepare(manifest, tmp_path / "chunked", refs=REFS)
+
+    assert files_of(tmp_path / "whole") == files_of(tmp_path / "chunked")
+    assert "a cleaning process died; cleaning the rest of the data in this process" in caplog.text
 
 
 def test_train_reuses_the_cache_and_reads_the_same_tokens_in_the_same_order(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,24 @@ def test_a_diverging_run_with_modules_stops_cleanly_and_names_no_bad_checkpoint(
     root = tmp_path / "run"
     assert not (root / "latest").exists() and not (root / "best").exists()
     assert not list(root.glob("checkpoints/step-*"))
+
+
+def test_training_in_process_puts_back_the_signal_handlers_it_found(tmp_path):
+    """A program (or pytest) that trains in-process keeps its own Ctrl-C and SIGTERM afterwards."""
+
+    def mine(signum, frame):
+        raise AssertionError("not called")
+
+    before = {s: signal.signal(s, mine) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run(write_manifest(tmp_path / "ok", train={"max_steps": 2, "eval_every": 2}))
+        assert signal.getsignal(signal.SIGINT) is mine and signal.getsignal(signal.SIGTERM) is mine
+        with pytest.raises(DharmaError, match="not finite"):  # and when the run ends in an error
+            run(write_manifest(tmp_path / "bad", train={"learning_rate": 1e6}, extra="[loss]\nconcept = 0\n"))
+        assert signal.getsignal(signal.SIGINT) is mine and signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def test_a_checkpoint_whose_evaluation_is_not_finite_is_never_latest_or_best(tmp_path, monkeypatch):

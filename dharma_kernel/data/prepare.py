@@ -23,12 +23,15 @@ to a row after the text, so they are held until the end (chat sets are small).
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import os
 import pickle
 import shutil
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,6 +57,8 @@ from .report import DataReport
 from .split import _draw
 
 __all__ = ["FORMAT", "META", "Prepared", "open_prepared", "prepare"]
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 META = "prepared.json"
@@ -316,16 +321,38 @@ def _cleaned(records: Iterable[Record], meter: Meter) -> Iterator[list[Record]]:
     if processes < 2 or (meter.total or 0) < POOL_BYTES:
         yield from map(clean_chunk, chunks)
         return
-    # fork: the workers need only the cleaning code already loaded here, and a spawned child
-    # would run the `dharma` command's main module again.
-    with multiprocessing.get_context("fork").Pool(processes) as pool:
-        pending: deque[Any] = deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(clean_chunk, (chunk,)))
-            if len(pending) >= 2 * processes:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+    yield from _cleaned_by_pool(chunks, processes)
+
+
+def _cleaned_by_pool(chunks: Iterator[list[Record]], processes: int) -> Iterator[list[Record]]:
+    # Not fork: this process runs torch's and the tokenizer's threads, and a child forked
+    # while one of them holds a lock waits for it forever. forkserver forks each worker
+    # from a small server that imports only the cleaning code (the default from Python 3.14).
+    # A worker that dies (killed for memory, say) breaks the pool; the chunks still in
+    # flight are then cleaned here, so the result is the same, only slower.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([clean_chunk.__module__])
+    pending: deque[tuple[list[Record], Future[list[Record]]]] = deque()
+    unsent: list[Record] | None = None
+    with ProcessPoolExecutor(processes, mp_context=context) as pool:
+        try:
+            for unsent in chunks:
+                pending.append((unsent, pool.submit(clean_chunk, unsent)))
+                unsent = None
+                if len(pending) >= 2 * processes:
+                    yield pending[0][1].result()
+                    pending.popleft()
+            while pending:
+                yield pending[0][1].result()
+                pending.popleft()
+            return
+        except BrokenProcessPool:
+            log.warning("a cleaning process died; cleaning the rest of the data in this process")
+    for chunk, _ in pending:
+        yield clean_chunk(chunk)
+    if unsent is not None:
+        yield clean_chunk(unsent)
+    yield from map(clean_chunk, chunks)
 
 
 def _chunked(records: Iterable[Record], meter: Meter) -> Iterator[list[Record]]:

@@ -14,6 +14,8 @@ import math
 import signal
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,19 +190,30 @@ class Loop:
 
     # -- stopping on request -----------------------------------------------------------
 
-    def install_interrupt(self) -> None:
-        """First Ctrl-C (or SIGTERM): finish this step, save, stop. A second one: stop now."""
+    @contextmanager
+    def interrupts(self) -> Iterator[None]:
+        """While inside: the first Ctrl-C (or SIGTERM) asks to finish this step, save and stop;
+        a second one stops now. The handlers that were there before are put back on leaving,
+        so a program (or a test run) that trains in-process keeps its own Ctrl-C afterwards."""
 
         def request(signum: int, frame: Any) -> None:
             if self.stop_requested:
                 raise KeyboardInterrupt
             self.stop_requested = True
 
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {signum: signal.getsignal(signum) for signum in signals}
         try:
-            signal.signal(signal.SIGINT, request)
-            signal.signal(signal.SIGTERM, request)
+            for signum in signals:
+                signal.signal(signum, request)
         except ValueError:  # not the main thread: leave the handlers alone
-            pass
+            yield
+            return
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def _lm_tokens(batch: dict[str, torch.Tensor]) -> int:

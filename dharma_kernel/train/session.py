@@ -290,29 +290,29 @@ class _Session:
         save_every = cfg.save_every or cfg.eval_every
         reporter = Reporter(self.run_dir, self.console, total, loop.progress.step, cfg.log_every,
                             cfg.tensorboard, self.dist.main)  # fmt: skip
-        loop.install_interrupt()
-        try:
-            if loop.progress.step == 0 and loop.eval_data is not None:
-                self._evaluate(loop, reporter)
-            while loop.progress.step < total and not loop.stop_requested:
-                result = loop.train_step()
-                step = loop.progress.step
-                reporter.step(step, result.metrics)
-                if not result.finite and loop.progress.consecutive_skips >= cfg.max_nonfinite:
-                    self._too_many_skips(loop)
-                improved = False
-                if loop.eval_data is not None and (step % cfg.eval_every == 0 or step == total):
-                    improved = self._evaluate(loop, reporter)
-                if step % save_every == 0 or step == total or improved:
+        with loop.interrupts():
+            try:
+                if loop.progress.step == 0 and loop.eval_data is not None:
+                    self._evaluate(loop, reporter)
+                while loop.progress.step < total and not loop.stop_requested:
+                    result = loop.train_step()
+                    step = loop.progress.step
+                    reporter.step(step, result.metrics)
+                    if not result.finite and loop.progress.consecutive_skips >= cfg.max_nonfinite:
+                        self._too_many_skips(loop)
+                    improved = False
+                    if loop.eval_data is not None and (step % cfg.eval_every == 0 or step == total):
+                        improved = self._evaluate(loop, reporter)
+                    if step % save_every == 0 or step == total or improved:
+                        self._save(loop, reporter)
+                    if step < total and self._stop_early(loop):
+                        break
+                if loop.stop_requested and self.run_dir.link("latest") != self.run_dir.step_dir(
+                    loop.progress.step
+                ):
                     self._save(loop, reporter)
-                if step < total and self._stop_early(loop):
-                    break
-            if loop.stop_requested and self.run_dir.link("latest") != self.run_dir.step_dir(
-                loop.progress.step
-            ):
-                self._save(loop, reporter)
-        finally:
-            reporter.close()
+            finally:
+                reporter.close()
         return self._summary(loop)
 
     def _evaluate(self, loop: Loop, reporter: Reporter) -> bool:
