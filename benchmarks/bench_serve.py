@@ -105,33 +105,37 @@ def clients(url: str, count: int) -> dict[str, float]:
 def decode_loop(model_dir: Path, prompt: str, rounds: int = 3) -> tuple[float, float]:
     """Tokens/s of the scheduler alone, in this process (no HTTP, no clients), with 1 and 8 sequences
     at once, interleaved; medians over ``rounds``."""
-    import queue
+    import asyncio
 
     from dharma_kernel.serve.models import load_served
     from dharma_kernel.serve.scheduler import Sampling, Sequence
 
     served = load_served([f"loop={model_dir}"], 16, 64)["loop"]
-    ids = list(served.tokenizer(prompt)["input_ids"])
+    ids, scheduler = list(served.tokenizer(prompt)["input_ids"]), served.scheduler
 
-    def run(count: int) -> float:
-        events = [queue.Queue() for _ in range(count)]
+    async def run(count: int) -> float:
+        events = [asyncio.Queue() for _ in range(count)]
         start = time.perf_counter()
         for box in events:
-            served.scheduler.submit(Sequence(ids, MAX_TOKENS, frozenset(), Sampling(0.0), box.put))
+            scheduler.submit(Sequence(ids, MAX_TOKENS, frozenset(), Sampling(0.0), box.put_nowait))
         for box in events:
-            while box.get()[0] != "done":
+            while (await box.get())[0] != "done":
                 pass
         return count * MAX_TOKENS / (time.perf_counter() - start)
 
-    try:
-        run(1)  # warm up
-        ones, eights = [], []
-        for _ in range(rounds):
-            ones.append(run(1))
-            eights.append(run(8))
-    finally:
-        served.scheduler.stop()
-    return statistics.median(ones), statistics.median(eights)
+    async def rounds_of_both() -> tuple[float, float]:
+        scheduler.start()
+        try:
+            await run(1)  # warm up
+            ones, eights = [], []
+            for _ in range(rounds):
+                ones.append(await run(1))
+                eights.append(await run(8))
+        finally:
+            await scheduler.stop()
+        return statistics.median(ones), statistics.median(eights)
+
+    return asyncio.run(rounds_of_both())
 
 
 def main() -> bool:

@@ -56,6 +56,7 @@ def serve(
         import uvicorn
 
         from .serve.app import create_app
+        from .serve.server import Server
     except ImportError as error:
         raise DharmaError(
             f"dharma serve needs FastAPI and uvicorn ({error.name} is missing)",
@@ -70,7 +71,7 @@ def serve(
 
         torch.set_num_threads(threads)
     served = load_served(models, max_batch, max_queue)
-    server = uvicorn.Server(
+    server = Server(
         uvicorn.Config(
             create_app(served, api_key),
             host=host,

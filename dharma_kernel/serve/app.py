@@ -23,13 +23,17 @@ from .scheduler import QueueFull, Sampling, Sequence
 from .schemas import ChatRequest, CompletionRequest, Generation, PredictRequest
 from .text_stream import TextStream
 
+SHUTDOWN = "the server is shutting down and its --grace ran out before this reply was finished; retry"
+
 
 def create_app(served: dict[str, ServedModel], api_key: str | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for model in served.values():
+            model.scheduler.start()  # in the server's event loop, where the routes submit to it
         yield
         for model in served.values():
-            await asyncio.to_thread(model.scheduler.stop)
+            await model.scheduler.stop()
 
     app = FastAPI(title="dharma serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.served = served
@@ -175,14 +179,13 @@ async def respond(
             param="dharma.explain",
             code="invalid_value",
         )
-    loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     sequence = Sequence(
         ids,
         max_tokens,
         stop_ids,
         Sampling(body.temperature, body.top_p, body.seed),
-        lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
+        events.put_nowait,  # the decode loop runs in this thread
         explain=explain,
         top_modules=options.top_modules if options else 3,
     )
@@ -227,23 +230,18 @@ class Reply:
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
 
-    async def pieces(self, request: Request) -> AsyncIterator[tuple[str, dict | None, str | None]]:
-        """``(text, token record or None, finish_reason or None)`` until the end; a client that
-        goes away ends the sequence at the scheduler's next step."""
+    async def pieces(self) -> AsyncIterator[tuple[str, dict | None, str | None]]:
+        """``(text, token record or None, finish_reason or None)`` until the end."""
         try:
             while True:
-                if not self.events.empty():  # no timer for what is already here
-                    event = self.events.get_nowait()
-                else:
-                    try:
-                        event = await asyncio.wait_for(self.events.get(), timeout=0.5)
-                    except TimeoutError:
-                        if await request.is_disconnected():
-                            return
-                        continue
+                event = await self.events.get()
+                if event[0] == "gone":
+                    return
                 if event[0] == "error":
                     raise APIError(500, event[1], code="generation_failed")
                 if event[0] == "done":
+                    if event[1] == "shutdown":
+                        raise APIError(503, SHUTDOWN, code="server_shutdown")
                     reason = "stop" if self.text.stopped else event[1]
                     yield self.text.finish(), None, reason
                     return
@@ -264,16 +262,34 @@ class Reply:
         finally:
             self.sequence.cancel()
 
+    @contextlib.asynccontextmanager
+    async def watched(self, request: Request) -> AsyncIterator[None]:
+        """While the reply is made: a client that goes away cancels the sequence (it leaves the batch
+        at the next step) and ends :meth:`pieces`. One waiting task a request, nothing a token."""
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            self.sequence.cancel()
+            self.events.put_nowait(("gone",))
+
+        watcher = asyncio.create_task(watch())
+        try:
+            yield
+        finally:
+            watcher.cancel()
+
     def usage(self) -> dict[str, int]:
         prompt, completion = len(self.sequence.prompt), len(self.sequence.tokens)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     async def whole(self, request: Request, echo: str) -> dict[str, Any]:
         parts, records, reason = [echo], [], None
-        async for text, record, finish in self.pieces(request):
-            parts.append(text)
-            records.append(record) if record is not None else None
-            reason = finish or reason
+        async with self.watched(request):
+            async for text, record, finish in self.pieces():
+                parts.append(text)
+                records.append(record) if record is not None else None
+                reason = finish or reason
         text = "".join(parts)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}}
@@ -325,14 +341,15 @@ class Reply:
         # Chunks already waiting go out in one write: fewer sends when the loop is busy with many streams.
         ready: list[str] = []
         try:
-            async for text, record, finish in self.pieces(request):
-                if text or record is not None:
-                    ready.append(event(self.chunk(text, None, [record] if record else None)))
-                if finish is not None:
-                    ready.append(event(self.chunk(None, finish)))
-                if ready and self.events.empty():
-                    yield "".join(ready)
-                    ready = []
+            async with self.watched(request):
+                async for text, record, finish in self.pieces():
+                    if text or record is not None:
+                        ready.append(event(self.chunk(text, None, [record] if record else None)))
+                    if finish is not None:
+                        ready.append(event(self.chunk(None, finish)))
+                    if ready and self.events.empty():
+                        yield "".join(ready)
+                        ready = []
         except APIError as error:
             ready.append(event(error.body()))
         if ready:
