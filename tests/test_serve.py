@@ -364,6 +364,88 @@ def test_full_queue_disconnect_and_sigterm(model_dir):
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def long_model_dir(tmp_path_factory) -> Path:
+    """The test model with 4,096 positions: room for a reply far longer than any grace below."""
+    return tiny_serving_model(tmp_path_factory.mktemp("serve-long") / "sage", positions=4096)
+
+
+def sse_lines(response: httpx.Response) -> list[str]:
+    return [line for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_sigterm_ends_what_outlasts_the_grace(long_model_dir):
+    """SIGTERM with --grace 3: new connections are refused at once; a short stream in flight finishes
+    (finish_reason length, [DONE]); a 4,000-token stream and a 4,000-token whole reply, which no CPU
+    generates in 3 s (that needs a forward of this model in under 0.75 ms), end when the grace runs
+    out: the stream with an error event (server_shutdown) and [DONE], the whole reply with a 503; the
+    process exits 0 with no traceback. No assert depends on speed beyond that margin."""
+    server = Server(long_model_dir, "--grace", "3")
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "sage", "prompt": "dharma", "temperature": 0, "stream": True}
+    results: dict[str, object] = {}
+
+    def long_stream(http: httpx.Client) -> None:
+        with http.stream("POST", f"{server.url}/v1/completions", json={**body, "max_tokens": 4000}) as long:
+            lines = long.iter_lines()
+            results["first"] = next(lines)
+            results["long"] = [line for line in lines if line.startswith("data: ")]
+            results["long_ended"] = time.monotonic()
+
+    def long_whole(http: httpx.Client) -> None:
+        results["whole"] = http.post(
+            f"{server.url}/v1/completions", json={**body, "stream": False, "max_tokens": 4000}
+        )
+
+    try:
+        with httpx.Client(headers=headers, timeout=120) as http, ThreadPoolExecutor(2) as pool:
+            streaming = pool.submit(long_stream, http)
+            whole = pool.submit(long_whole, http)
+            wait_for(lambda: server.stats()["running"] == 2 and "first" in results)
+            short = {**body, "max_tokens": 20, "stream_options": {"include_usage": True}}
+            with http.stream("POST", f"{server.url}/v1/completions", json=short) as response:
+                lines = response.iter_lines()
+                next(lines)  # its first token is out: it is in flight
+                server.process.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                short_lines = [line for line in lines if line.startswith("data: ")]
+
+            def refused() -> bool:
+                try:
+                    httpx.get(f"{server.url}/health", timeout=5)
+                    return False
+                except httpx.ConnectError:
+                    return True
+
+            wait_for(refused, 10)
+            refused_at = time.monotonic()
+            streaming.result(60)
+            whole.result(60)
+        code = server.process.wait(30)
+        exited = time.monotonic()
+    finally:
+        server.stop()
+
+    # the short stream ran to its end
+    assert short_lines[-1] == "data: [DONE]"
+    assert json.loads(short_lines[-2].removeprefix("data: "))["usage"]["completion_tokens"] == 20
+    assert json.loads(short_lines[-3].removeprefix("data: "))["choices"][0]["finish_reason"] == "length"
+    # the long stream: text, then the error event, then [DONE]; cut short, not run to the end
+    long_lines = results["long"]
+    assert long_lines[-1] == "data: [DONE]"
+    error = json.loads(long_lines[-2].removeprefix("data: "))["error"]
+    assert error["code"] == "server_shutdown" and "--grace" in error["message"]
+    chunks = [json.loads(line.removeprefix("data: ")) for line in [results["first"], *long_lines[:-2]]]
+    assert 1 < len(chunks) < 4000
+    assert all(chunk["choices"][0]["finish_reason"] is None for chunk in chunks)
+    assert error_of(results["whole"], 503)["code"] == "server_shutdown"
+    # refused while the long stream was still running; exit 0 within the grace and a wide margin
+    assert refused_at < results["long_ended"]
+    assert results["long_ended"] - signalled > 2.5  # it ran on until the grace was over
+    assert code == 0 and exited - signalled < 3 + 20
+    assert "Traceback" not in server.output() and "ERROR" not in server.output()
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium installed (.ci/run installs Debian's chromium)")
 def test_chat_page_in_headless_chromium(server):
     from playwright.sync_api import sync_playwright
