@@ -403,12 +403,6 @@ def test_sigterm_ends_what_outlasts_the_grace(long_model_dir):
             whole = pool.submit(long_whole, http)
             wait_for(lambda: server.stats()["running"] == 2 and "first" in results)
             short = {**body, "max_tokens": 20, "stream_options": {"include_usage": True}}
-            with http.stream("POST", f"{server.url}/v1/completions", json=short) as response:
-                lines = response.iter_lines()
-                next(lines)  # its first token is out: it is in flight
-                server.process.send_signal(signal.SIGTERM)
-                signalled = time.monotonic()
-                short_lines = [line for line in lines if line.startswith("data: ")]
 
             def refused() -> bool:
                 try:
@@ -417,8 +411,14 @@ def test_sigterm_ends_what_outlasts_the_grace(long_model_dir):
                 except httpx.ConnectError:
                     return True
 
-            wait_for(refused, 10)
-            refused_at = time.monotonic()
+            with http.stream("POST", f"{server.url}/v1/completions", json=short) as response:
+                lines = response.iter_lines()
+                next(lines)  # its first token is out: it is in flight
+                server.process.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                wait_for(refused, 10)  # the rest of the short stream waits in the socket meanwhile
+                refused_at = time.monotonic()
+                short_lines = [line for line in lines if line.startswith("data: ")]
             streaming.result(60)
             whole.result(60)
         code = server.process.wait(30)
