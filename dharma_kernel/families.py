@@ -213,7 +213,7 @@ class CrisisModule(DharmaModule):
     def grouped_tokens(cls, members: list, x: torch.Tensor) -> TokenOutput:
         gate, distress = grouped.detector([m.detector for m in members], x)
         guidance = grouped.adapter([m.guidance for m in members], x)
-        cues = torch.bmm(distress.to(x.dtype), grouped.stacked(members, "cue_directions").to(x.dtype))
+        cues = torch.bmm(distress.to(x.dtype), grouped.stacked(members, "cue_directions", x.dtype))
         return _gated(gate, guidance + cues)
 
 

@@ -62,22 +62,23 @@ class Groups:
         return y.flatten(0, 1).index_select(0, self.slots)
 
 
-def stacked(blocks: Sequence[nn.Module], name: str) -> torch.Tensor:
-    """The parameter ``name`` of every block, stacked ``[M, ...]``."""
-    return torch.stack([getattr(block, name) for block in blocks])
+def stacked(blocks: Sequence[nn.Module], name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The parameter ``name`` of every block, stacked ``[M, ...]`` (in ``dtype`` if given)."""
+    weights = torch.stack([getattr(block, name) for block in blocks])
+    return weights if dtype is None or weights.dtype == dtype else weights.to(dtype)
 
 
-def along_tokens(blocks: Sequence[nn.Module], name: str) -> torch.Tensor:
+def along_tokens(blocks: Sequence[nn.Module], name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``stacked`` with a token axis: ``[M, 1, ...]``, broadcast over a padded group's tokens."""
-    return stacked(blocks, name).unsqueeze(1)
+    return stacked(blocks, name, dtype).unsqueeze(1)
 
 
 def linear(layers: Sequence[nn.Linear], x: torch.Tensor) -> torch.Tensor:
     """Each module's linear layer on its tokens ``x [M, most, in]``."""
-    weight = stacked(layers, "weight").transpose(1, 2).to(x.dtype)
+    weight = stacked(layers, "weight", x.dtype).transpose(1, 2)
     if layers[0].bias is None:
         return torch.bmm(x, weight)
-    return torch.baddbmm(along_tokens(layers, "bias").to(x.dtype), x, weight)
+    return torch.baddbmm(along_tokens(layers, "bias", x.dtype), x, weight)
 
 
 def layer_norm(norms: Sequence[nn.LayerNorm], x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +91,7 @@ def adapter(blocks: Sequence[nn.Module], x: torch.Tensor, extra: torch.Tensor | 
     """:class:`~dharma_kernel.blocks.BottleneckAdapter` of each module."""
     h = layer_norm([b.norm for b in blocks], x)
     if extra is not None:
-        h = torch.cat([h, extra.to(h.dtype)], dim=-1)
+        h = torch.cat([h, extra if extra.dtype == h.dtype else extra.to(h.dtype)], dim=-1)
     return linear([b.up for b in blocks], F.gelu(linear([b.down for b in blocks], h)))
 
 
@@ -104,9 +105,9 @@ def gated_residual(blocks: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor
 def memory(blocks: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """:class:`~dharma_kernel.blocks.MemoryAttention` of each module."""
     query = linear([b.query for b in blocks], layer_norm([b.norm for b in blocks], x))
-    keys = stacked(blocks, "keys")  # [M, slots, key_dim]
-    scores = torch.bmm(query, keys.transpose(1, 2).to(x.dtype)) / math.sqrt(keys.shape[-1])
-    return torch.bmm(torch.softmax(scores, dim=-1), stacked(blocks, "values").to(x.dtype))
+    keys = stacked(blocks, "keys", x.dtype)  # [M, slots, key_dim]
+    scores = torch.bmm(query, keys.transpose(1, 2)) / math.sqrt(keys.shape[-1])
+    return torch.bmm(torch.softmax(scores, dim=-1), stacked(blocks, "values", x.dtype))
 
 
 def detector(blocks: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,26 +119,41 @@ def detector(blocks: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor
     return (intensity * mix).sum(-1), intensity
 
 
+def blocks(members: Sequence[DharmaModule], grouped: bool = True) -> list[list[int]]:
+    """The members (by index) in runs that compute together: each group of two or more modules with
+    equal :func:`group_key`, at the place of its first member, and every other module alone.
+    ``grouped=False``: every module alone, in order (the reference path)."""
+    keyed: dict[object, list[int]] = {}
+    for index, module in enumerate(members):
+        key = group_key(module) if grouped else None
+        keyed.setdefault(index if key is None else key, []).append(index)
+    runs = [indices for indices in keyed.values() if len(indices) > 1]
+    together = {index for indices in runs for index in indices}
+    singles = [[index] for index in range(len(members)) if index not in together]
+    return sorted(runs + singles, key=lambda indices: indices[0])
+
+
+def run_group(members: Sequence[DharmaModule], x: torch.Tensor, counts: Sequence[int]) -> TokenOutput:
+    """The output of modules of one group at their tokens ``x [N, H]``, concatenated module after
+    module (``counts`` each, every one above zero), in that order."""
+    groups = Groups(counts, x.device)
+    out = type(members[0]).grouped_tokens(members, groups.pad(x))
+    return TokenOutput(groups.unpad(out.delta), groups.unpad(out.score))
+
+
 def run_groups(members: Sequence[DharmaModule], tokens: Sequence[torch.Tensor]) -> dict[int, TokenOutput]:
     """The output of each groupable module (by index) at its ``tokens``, computed group by group.
 
     Modules without tokens, and groups of one, are left out: they run alone (the reference path).
     """
-    keyed: dict[tuple, list[int]] = {}
-    for index, (module, x) in enumerate(zip(members, tokens, strict=True)):
-        key = group_key(module) if len(x) else None
-        if key is not None:
-            keyed.setdefault(key, []).append(index)
     outputs: dict[int, TokenOutput] = {}
-    for indices in keyed.values():
-        if len(indices) < 2:
+    for indices in blocks(members):
+        running = [i for i in indices if len(tokens[i])]
+        if len(indices) < 2 or len(running) < 2:
             continue
-        group = [members[i] for i in indices]
-        x = torch.cat([tokens[i] for i in indices])
-        groups = Groups([len(tokens[i]) for i in indices], x.device)
-        out = type(group[0]).grouped_tokens(group, groups.pad(x))
-        delta, score = groups.unpad(out.delta), groups.unpad(out.score)
-        parts = zip(delta.split(groups.counts), score.split(groups.counts), strict=True)
-        for index, (delta, score) in zip(indices, parts, strict=True):
+        counts = [len(tokens[i]) for i in running]
+        out = run_group([members[i] for i in running], torch.cat([tokens[i] for i in running]), counts)
+        parts = zip(out.delta.split(counts), out.score.split(counts), strict=True)
+        for index, (delta, score) in zip(running, parts, strict=True):
             outputs[index] = TokenOutput(delta, score)
     return outputs
