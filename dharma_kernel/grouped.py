@@ -7,21 +7,25 @@ running modules one by one costs a chain of small ops per module.
 The results equal the per-module path (``DharmaModule.forward_tokens``, the reference) to
 float rounding.
 
-A family opts in by defining ``grouped_tokens(members, x, groups)`` in the same class that
-defines its computation (``forward_tokens``, ``delta``), on ``x [M, most, H]``; a plugin class that overrides
+A family opts in by defining ``grouped_tokens(members, x, where)`` in the same class that
+defines its computation (``forward_tokens``, ``delta``), on ``x [M, most, H]`` (``where``: the
+:class:`GroupInput`, for the blocks that read other positions); a plugin class that overrides
 either without its own ``grouped_tokens`` runs alone, as before (see :func:`group_key`).
+Attention (:func:`attention`) runs as one call over every (module, sequence) pair of the group.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .protocol import DharmaModule, TokenOutput
+from .blocks import allowed_keys, attend, with_past
+from .protocol import DharmaModule, ModuleContext, TokenOutput
 
 # What a module's own computation is defined by: the first class in its MRO that defines one.
 _COMPUTATION = ("forward", "forward_tokens", "delta", "grouped_tokens")
@@ -47,10 +51,11 @@ class Groups:
         self.counts = list(counts)
         self.most = max(self.counts)
         sizes = torch.tensor(self.counts, device=device)
-        module = torch.repeat_interleave(torch.arange(len(self.counts), device=device), sizes)
-        first = torch.cumsum(sizes, 0) - sizes  # each module's first token in the concatenation
+        # each token's module (its index among the counts)
+        self.module = torch.repeat_interleave(torch.arange(len(self.counts), device=device), sizes)
+        first = (torch.cumsum(sizes, 0) - sizes)[self.module]  # its module's first token
         # each token's row in the padded [M * most] layout
-        self.slots = torch.arange(len(module), device=device) + (module * self.most - first[module])
+        self.slots = torch.arange(len(self.module), device=device) + (self.module * self.most - first)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, ...]`` module after module -> ``[M, most, ...]``, zeros after each module's tokens."""
@@ -60,6 +65,22 @@ class Groups:
     def unpad(self, y: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`pad`."""
         return y.flatten(0, 1).index_select(0, self.slots)
+
+
+@dataclass
+class GroupInput:
+    """What a group's modules read besides their tokens: the stack's input ``hidden [B, T, H]``, its
+    context ``ctx`` (mask, cached past, shared results; no rows), and ``rows [N]``, the token of
+    ``hidden.flatten(0, 1)`` each of the group's tokens is, laid out by ``groups``."""
+
+    hidden: torch.Tensor
+    ctx: ModuleContext
+    rows: torch.Tensor
+    groups: Groups
+
+    def pick(self, values: torch.Tensor) -> torch.Tensor:
+        """``values [B, T, ...]`` at the group's tokens, padded ``[M, most, ...]``."""
+        return self.groups.pad(values.flatten(0, 1).index_select(0, self.rows))
 
 
 def stacked(blocks: Sequence[nn.Module], name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -119,7 +140,43 @@ def detector(blocks: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor
     return (intensity * mix).sum(-1), intensity
 
 
-def blocks(members: Sequence[DharmaModule], grouped: bool = True) -> list[list[int]]:
+def attention(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) -> torch.Tensor:
+    """:class:`~dharma_kernel.blocks.CausalAttention` of each module at its tokens ``x [M, most, H]``.
+
+    Keys and values at every position (cached ones too) for all modules with one product; then
+    one attention call whose batch is every (module, sequence) pair, each pair's queries padded
+    to the most any pair has. A padded query sees only the first key, so no softmax row is
+    empty; its output is dropped.
+    """
+    first, count = blocks[0], len(blocks)
+    heads, kv_heads, head_dim = first.heads, first.kv_heads, first.head_dim
+    full = with_past(where.hidden, where.ctx)  # [B, S, H]
+    batch, total, _ = full.shape
+    length = where.hidden.shape[1]
+    normed = layer_norm([b.norm for b in blocks], full.flatten(0, 1))  # [M, B * S, H]
+    kv = linear([b.key_value for b in blocks], normed).view(count * batch, total, 2, kv_heads, head_dim)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [M * B, kv_heads, S, D]
+    q = where.groups.unpad(linear([b.query for b in blocks], layer_norm([b.norm for b in blocks], x)))
+    sequence = where.rows // length
+    position = where.rows % length + (total - length)
+    pair = where.groups.module * batch + sequence  # ascending: modules in order, rows ascending
+    pairs = Groups(torch.bincount(pair, minlength=count * batch).tolist(), x.device)
+    q = pairs.pad(q).view(count * batch, pairs.most, heads, head_dim).transpose(1, 2)
+    at = pairs.pad(position[:, None])  # [M * B, most, 1]; 0 (the first key) where padded
+    real = where.ctx.key_mask(length)  # [B, S]
+    allowed = allowed_keys(at, None if real is None else real.repeat(count, 1)[:, None, :], total)
+    y = attend(q, k, v, allowed[:, None]).transpose(1, 2).reshape(count * batch, pairs.most, heads * head_dim)
+    return linear([b.out for b in blocks], where.groups.pad(pairs.unpad(y)))
+
+
+def multi_view(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) -> torch.Tensor:
+    """:class:`~dharma_kernel.blocks.MultiViewAttention` of each module."""
+    weights = torch.softmax(linear([b.mix for b in blocks], layer_norm([b.norm for b in blocks], x)), dim=-1)
+    views = [attention([b.views[i] for b in blocks], x, where) for i in range(len(blocks[0].views))]
+    return (torch.stack(views, dim=-1) * weights[:, :, None, :]).sum(-1)
+
+
+def plan_runs(members: Sequence[DharmaModule], grouped: bool = True) -> list[list[int]]:
     """The members (by index) in runs that compute together: each group of two or more modules with
     equal :func:`group_key`, at the place of its first member, and every other module alone.
     ``grouped=False``: every module alone, in order (the reference path)."""
@@ -133,26 +190,39 @@ def blocks(members: Sequence[DharmaModule], grouped: bool = True) -> list[list[i
     return sorted(runs + singles, key=lambda indices: indices[0])
 
 
-def run_group(members: Sequence[DharmaModule], x: torch.Tensor, counts: Sequence[int]) -> TokenOutput:
-    """The output of modules of one group at their tokens ``x [N, H]``, concatenated module after
-    module (``counts`` each, every one above zero), in that order."""
+def run_group(
+    members: Sequence[DharmaModule],
+    x: torch.Tensor,
+    counts: Sequence[int],
+    hidden: torch.Tensor,
+    ctx: ModuleContext,
+    rows: torch.Tensor,
+) -> TokenOutput:
+    """The output of modules of one group at their tokens ``x [N, H] = hidden.flatten(0, 1)[rows]``,
+    module after module (``counts`` each, every one above zero), in that order. ``ctx``: the stack's
+    context (mask, past, shared), without rows."""
     groups = Groups(counts, x.device)
-    out = type(members[0]).grouped_tokens(members, groups.pad(x))
+    out = type(members[0]).grouped_tokens(members, groups.pad(x), GroupInput(hidden, ctx, rows, groups))
     return TokenOutput(groups.unpad(out.delta), groups.unpad(out.score))
 
 
-def run_groups(members: Sequence[DharmaModule], tokens: Sequence[torch.Tensor]) -> dict[int, TokenOutput]:
-    """The output of each groupable module (by index) at its ``tokens``, computed group by group.
+def run_groups(
+    members: Sequence[DharmaModule], hidden: torch.Tensor, ctx: ModuleContext, rows: Sequence[torch.Tensor]
+) -> dict[int, TokenOutput]:
+    """The output of each groupable module (by index) at its tokens ``hidden.flatten(0, 1)[rows[i]]``,
+    computed group by group.
 
     Modules without tokens, and groups of one, are left out: they run alone (the reference path).
     """
     outputs: dict[int, TokenOutput] = {}
-    for indices in blocks(members):
-        running = [i for i in indices if len(tokens[i])]
-        if len(indices) < 2 or len(running) < 2:
+    for indices in plan_runs(members):
+        running = [i for i in indices if len(rows[i])]
+        if len(running) < 2:
             continue
-        counts = [len(tokens[i]) for i in running]
-        out = run_group([members[i] for i in running], torch.cat([tokens[i] for i in running]), counts)
+        counts = [len(rows[i]) for i in running]
+        at = torch.cat([rows[i] for i in running])
+        x = hidden.flatten(0, 1).index_select(0, at)
+        out = run_group([members[i] for i in running], x, counts, hidden, ctx, at)
         parts = zip(out.delta.split(counts), out.score.split(counts), strict=True)
         for index, (delta, score) in zip(running, parts, strict=True):
             outputs[index] = TokenOutput(delta, score)

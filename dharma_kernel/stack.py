@@ -10,7 +10,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from .cpu_linear import Linear
-from .grouped import blocks, run_group, run_groups
+from .grouped import plan_runs, run_group, run_groups
 from .module_cache import extend_stream, peek_stream
 from .protocol import DharmaModule, ModuleContext, ModuleOutput, TokenOutput, computes_tokens
 from .routing import concept_evidence
@@ -187,7 +187,8 @@ class ModuleStack(nn.Module):
         result = StackResult(hidden, {}, {})
         delta = torch.zeros_like(hidden)
         members = list(self.members.values())
-        together = self._run_groups(members, [hidden.flatten(0, 1)] * len(members))
+        every = torch.arange(hidden.shape[0] * hidden.shape[1], device=hidden.device)
+        together = run_groups(members, hidden, ctx, [every] * len(members)) if self.grouped else {}
         for index, (ref, module) in enumerate(zip(self.refs, members, strict=True)):
             if index in together:
                 out = _placed(together[index], hidden)
@@ -217,7 +218,7 @@ class ModuleStack(nn.Module):
         # members next to each other (dharma_kernel.grouped), each module's tokens ascending. One
         # gather of all their inputs and one scatter of all the deltas, so backward has one of each.
         members = list(self.members.values())
-        order = blocks(members, self.grouped)
+        order = plan_runs(members, self.grouped)
         ranked = torch.tensor([m for indices in order for m in indices], device=hidden.device)
         pairs = runs.flatten(0, 1).index_select(1, ranked).t().nonzero()
         module = ranked.index_select(0, pairs[:, 0])
@@ -225,7 +226,7 @@ class ModuleStack(nn.Module):
         counts = torch.bincount(module, minlength=len(members)).tolist()
         x = hidden.flatten(0, 1).index_select(0, rows)
         deltas, scores, unused = [], [], []
-        shared: dict = {}
+        stack_ctx = ModuleContext(attention_mask, past)  # its shared results serve every module
         start = 0
         for indices in order:
             running = [m for m in indices if counts[m]]
@@ -234,10 +235,11 @@ class ModuleStack(nn.Module):
             at = slice(start, start + size)
             start += size
             if len(running) > 1:
-                out = run_group([members[m] for m in running], x[at], [counts[m] for m in running])
+                group = [members[m] for m in running]
+                out = run_group(group, x[at], [counts[m] for m in running], hidden, stack_ctx, rows[at])
             elif running:
                 m = running[0]
-                ctx = ModuleContext(attention_mask, past, active[..., m], rows[at], shared)
+                ctx = ModuleContext(attention_mask, past, active[..., m], rows[at], stack_ctx.shared)
                 out = _at_tokens(members[m], x[at], hidden, ctx)
                 _record_extras(result, self.refs[m], out)
             else:
@@ -264,9 +266,6 @@ class ModuleStack(nn.Module):
                 zero = sum(p.sum() for m in unused for p in m.parameters() if p.requires_grad) * 0.0
                 result.hidden = result.hidden + zero
         return result
-
-    def _run_groups(self, members: list[DharmaModule], tokens: list[torch.Tensor]) -> dict:
-        return run_groups(members, tokens) if self.grouped else {}
 
     def _routed_dense(self, result, attention_mask, past, top_index, top_weight, active) -> StackResult:
         """``_routed``'s hidden states and scores (no balance loss), from full forwards of every module."""
