@@ -8,6 +8,7 @@ import torch
 from dharma_kernel import registry
 from dharma_kernel.assemble import build_model
 from dharma_kernel.catalogue import standard_refs
+from dharma_kernel.export import dense_routing
 from dharma_kernel.grouped import group_key, run_groups
 from dharma_kernel.protocol import ModuleContext
 from dharma_kernel.stack import COMPOSITIONS
@@ -68,6 +69,24 @@ def test_grouped_logits_losses_and_gradients_equal_per_module(composition, batch
     assert grouped[2].keys() == reference[2].keys()
     for name, grad in reference[2].items():
         torch.testing.assert_close(grouped[2][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("off", [[], ["paths.seva", "darshanas.vedanta", "paths.yoga"]])
+def test_routed_grouped_equals_dense_routing_with_every_module(off, batch):
+    """The routed stack's one gather and one scatter, which both paths share, against dense routing
+    (every module at every token, weighted; the exporter's form, separate code), modules of a group
+    switched off too."""
+    model = all_modules("routed").eval()
+    ids, mask = batch
+    with torch.no_grad(), model.switched_off(off):
+        routed = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        with dense_routing(model):
+            dense = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(routed, dense, rtol=1e-5, atol=1e-5)
+    if off:  # the switched-off modules did run before: switching them off changes the output
+        with torch.no_grad():
+            full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        assert not torch.allclose(routed, full, atol=1e-4)
 
 
 def test_groups_form_for_every_standard_family():
