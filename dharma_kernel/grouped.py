@@ -207,15 +207,20 @@ def run_group(
 
 
 def run_groups(
-    members: Sequence[DharmaModule], hidden: torch.Tensor, ctx: ModuleContext, rows: Sequence[torch.Tensor]
+    members: Sequence[DharmaModule],
+    hidden: torch.Tensor,
+    ctx: ModuleContext,
+    rows: Sequence[torch.Tensor],
+    order: Sequence[Sequence[int]] | None = None,
 ) -> dict[int, TokenOutput]:
     """The output of each groupable module (by index) at its tokens ``hidden.flatten(0, 1)[rows[i]]``,
     computed group by group.
 
     Modules without tokens, and groups of one, are left out: they run alone (the reference path).
+    ``order``: ``plan_runs(members)``, if the caller has it already.
     """
     outputs: dict[int, TokenOutput] = {}
-    for indices in plan_runs(members):
+    for indices in plan_runs(members) if order is None else order:
         running = [i for i in indices if len(rows[i])]
         if len(running) < 2:
             continue

@@ -103,6 +103,9 @@ class ModuleStack(nn.Module):
         # Routed and parallel: modules of one family and config run as one group (dharma_kernel.grouped);
         # False runs every module alone, the reference the grouped path is tested against.
         self.grouped = True
+        # plan_runs depends on the members only: worked out once here, not in every forward
+        # (where torch.compile could not trace it and broke the graph).
+        self._runs = {grouped: plan_runs(modules, grouped) for grouped in (True, False)}
 
     def router_parameters(self) -> list[nn.Parameter]:
         """The stack's own parameters, not its modules': the router and its token table."""
@@ -188,7 +191,8 @@ class ModuleStack(nn.Module):
         delta = torch.zeros_like(hidden)
         members = list(self.members.values())
         every = torch.arange(hidden.shape[0] * hidden.shape[1], device=hidden.device)
-        together = run_groups(members, hidden, ctx, [every] * len(members)) if self.grouped else {}
+        rows = [every] * len(members)
+        together = run_groups(members, hidden, ctx, rows, self._runs[True]) if self.grouped else {}
         for index, (ref, module) in enumerate(zip(self.refs, members, strict=True)):
             if index in together:
                 out = _placed(together[index], hidden)
@@ -218,7 +222,7 @@ class ModuleStack(nn.Module):
         # members next to each other (dharma_kernel.grouped), each module's tokens ascending. One
         # gather of all their inputs and one scatter of all the deltas, so backward has one of each.
         members = list(self.members.values())
-        order = plan_runs(members, self.grouped)
+        order = self._runs[self.grouped]
         ranked = torch.tensor([m for indices in order for m in indices], device=hidden.device)
         pairs = runs.flatten(0, 1).index_select(1, ranked).t().nonzero()
         module = ranked.index_select(0, pairs[:, 0])

@@ -20,6 +20,7 @@ from rich.console import Console
 
 from ..errors import DharmaError
 from ..manifest import Manifest, load_manifest
+from .compiled import check_compile, for_training
 from .distributed import Dist, is_sharded, setup, teardown, wrap
 from .heap import keep_freed_memory
 from .loop import Loop, Progress, check_finite_weights
@@ -99,6 +100,7 @@ class _Session:
         self.plan = self._plan()
         self.run_dir = RunDir(self._run_root())
         self.precision = resolve_precision(self.cfg.precision, device)
+        check_compile(self.cfg, dist)
 
     def _plan(self) -> Any:
         from ..assemble import plan
@@ -177,7 +179,7 @@ class _Session:
         wrapped = wrap(model, self.dist, self.device, self.cfg.distributed)
         optimizer = build_optimizer(model, self.cfg, total, self.device)  # after sharding
         loop = Loop(
-            model=wrapped,
+            model=for_training(wrapped, self.cfg),
             raw=model,
             optimizer=optimizer,
             train_data=train_data,
