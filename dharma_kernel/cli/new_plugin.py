@@ -8,11 +8,11 @@ from typing import Annotated
 
 import typer
 
-from . import registry
-from .catalogue import FAMILIES, STANDARD_HEADS, family_problem, standard_refs
-from .cli import Kind, app, out
-from .errors import DharmaError
-from .plugin_template import Plugin, render
+from .. import registry
+from ..catalogue import FAMILIES, STANDARD_HEADS, family_problem, standard_refs
+from ..errors import DharmaError
+from ..plugin_template import Plugin, render
+from . import Kind, app, out
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from .cli import JsonOption, QuietOption, app, out
+from . import JsonOption, QuietOption, app, out
 
 
 @app.command()
@@ -27,8 +27,8 @@ def report(
     quiet: QuietOption = False,
 ) -> None:
     """Plot a run's losses, learning rate, throughput, eval perplexity and module activation by concept."""
-    from .report import write_report
-    from .run_metrics import read_run
+    from ..report import write_report
+    from ..run_metrics import read_run
 
     metrics = read_run(run_dir)
     result = write_report(metrics, output or run_dir / "report")

@@ -13,7 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli import (
+from ..errors import DharmaError
+from . import (
     FreezeOption,
     JsonOption,
     QuietOption,
@@ -24,7 +25,6 @@ from .cli import (
     interrupted_line,
     out,
 )
-from .errors import DharmaError
 
 
 class Select(StrEnum):
@@ -91,9 +91,9 @@ def finetune(
     quiet: QuietOption = False,
 ) -> None:
     """Fine-tune a foundation model on task data; writes an application directory (or, --merge, a model)."""
-    from .manifest import Manifest
-    from .train.session import TrainOptions
-    from .train.session import train as run_training
+    from ..manifest import Manifest
+    from ..train.session import TrainOptions
+    from ..train.session import train as run_training
 
     _quiet_transformers()
     if max_length is None:
@@ -119,7 +119,7 @@ def finetune(
         return
     if not as_json:
         return report_finetune(summary)
-    from .cli_train import print_summary_json
+    from .train import print_summary_json
 
     print_summary_json(summary)
     _exit_if_interrupted(summary)
@@ -157,7 +157,7 @@ def report_finetune(summary: Any) -> None:
         out.print(f"best eval perplexity {summary.best_eval_ppl:.2f} at step {summary.best_step}")
     out.print(f"run directory: {summary.output}")
     _exit_if_interrupted(summary)
-    from .application import is_application
+    from ..application import is_application
 
     kind = "application" if is_application(summary.application) else "model"  # --merge writes a model
     chosen = f" (from {summary.selected})" if summary.selected else ""
@@ -171,8 +171,8 @@ def _exit_if_interrupted(summary: Any) -> None:
 
 
 def _default_length(foundation: Path) -> int:
-    from .backbone import context_length
-    from .train.rundir import model_directory
+    from ..backbone import context_length
+    from ..train.rundir import model_directory
 
     config = json.loads((model_directory(foundation) / "config.json").read_text())
     text = config.get("text_config") or {}
@@ -197,8 +197,8 @@ def predict(
     """Run the application's head on one record: a label and probabilities, an answer span, a translation."""
     import torch
 
-    from .application import load_application
-    from .head_data import pick_head, predict_records
+    from ..application import load_application
+    from ..head_data import pick_head, predict_records
 
     _quiet_transformers()
     # a field is the text as given, never parsed as JSON
@@ -225,9 +225,9 @@ def predict(
 
 def has_head(path: Path) -> bool:
     """Whether ``path`` is an application or a model (or run) directory with a head; reads JSON only."""
-    from .application import is_application, read_application
-    from .checkpoint import read_config
-    from .train.rundir import model_directory
+    from ..application import is_application, read_application
+    from ..checkpoint import read_config
+    from ..train.rundir import model_directory
 
     if is_application(path):
         return bool(read_application(path).get("heads"))
@@ -242,11 +242,11 @@ def eval_head(
     path: Path, data: list[str], batch_size: int, head: str | None, as_json: bool, max_length: int | None
 ) -> None:
     """``dharma eval`` on a model with a head: its mean loss and metrics on ``data``."""
-    from .application import load_application
-    from .evaluate import eval_length
-    from .head_data import encode_records, pick_head, read_head_records
-    from .train.finetune import evaluate_head
-    from .train.progress import item_bar
+    from ..application import load_application
+    from ..evaluate import eval_length
+    from ..head_data import encode_records, pick_head, read_head_records
+    from ..train.finetune import evaluate_head
+    from ..train.progress import item_bar
 
     _quiet_transformers()
     model, tokenizer = load_application(path)

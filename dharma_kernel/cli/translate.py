@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-from .cli import JsonOption, QuietOption, _quiet_transformers, app, out
-from .errors import DharmaError
+from ..errors import DharmaError
+from . import JsonOption, QuietOption, _quiet_transformers, app, out
 
 HEAD = "translation"
 
@@ -35,8 +35,8 @@ def translate(
     quiet: QuietOption = False,
 ) -> None:
     """Translate each TEXT (Sanskrit to English, or the pair the head was fine-tuned for)."""
-    from .application import load_application
-    from .head_data import predict_records
+    from ..application import load_application
+    from ..head_data import predict_records
 
     for number, text in enumerate(texts, 1):  # before the model loads
         if not text.strip():

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from .cli import JsonOption, QuietOption, _quiet_transformers, app, out, warn
+from . import JsonOption, QuietOption, _quiet_transformers, app, out, warn
 
 
 class ExportFormat(StrEnum):
@@ -40,10 +40,10 @@ def export_command(
     """Export backbone + modules for inference: (input_ids, attention_mask) -> logits, no KV cache."""
     import warnings
 
-    from .application import is_application, load_application
-    from .export import INPUTS, OUTPUTS, export_model, max_difference
-    from .model import DharmaModel
-    from .train.rundir import model_directory
+    from ..application import is_application, load_application
+    from ..export import INPUTS, OUTPUTS, export_model, max_difference
+    from ..model import DharmaModel
+    from ..train.rundir import model_directory
 
     _quiet_transformers()
     if is_application(model_dir):  # its foundation with the fine-tuned weights applied

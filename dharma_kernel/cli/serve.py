@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-from .cli import _quiet_transformers, app, out
-from .errors import DharmaError
+from ..errors import DharmaError
+from . import _quiet_transformers, app, out
 
 
 @app.command()
@@ -55,13 +55,13 @@ def serve(
     try:
         import uvicorn
 
-        from .serve.app import create_app
+        from ..serve.app import create_app
     except ImportError as error:
         raise DharmaError(
             f"dharma serve needs FastAPI and uvicorn ({error.name} is missing)",
             hint="pip install 'dharma-kernel[serve]'",
         ) from None
-    from .serve.models import load_served
+    from ..serve.models import load_served
 
     _check_address(host, port)  # before the models load: a taken port should not cost that wait
     _quiet_transformers()

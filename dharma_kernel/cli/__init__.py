@@ -31,11 +31,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from . import plugins, registry
-from .cli_invoke import invoke
-from .errors import DharmaError
-from .logs import set_level, setup_logging
-from .version import MODULE_API, __version__
+from .. import plugins, registry
+from ..errors import DharmaError
+from ..logs import set_level, setup_logging
+from ..version import MODULE_API, __version__
+from .invoke import invoke
 
 app = typer.Typer(
     name="dharma",
@@ -203,7 +203,7 @@ def plugins_command(
 
 def _print_families() -> None:
     """Each family with installed modules: the names ``include`` and ``--freeze`` take as a group."""
-    from .catalogue import FAMILIES
+    from ..catalogue import FAMILIES
 
     listed = {family: refs for family, refs in registry.families().items() if refs}
     if not listed:
@@ -255,8 +255,8 @@ def validate(
     quiet: QuietOption = False,
 ) -> None:
     """Check a manifest and every plugin it needs; build on the meta device and print parameter counts."""
-    from .assemble import build_on_meta, plan_manifest
-    from .freeze import freeze_groups
+    from ..assemble import build_on_meta, plan_manifest
+    from ..freeze import freeze_groups
 
     _quiet_transformers()
     resolved, plan = plan_manifest(manifest)
@@ -270,8 +270,8 @@ def validate(
 
 def _note_run_modules(resolved: Any, plan: Any) -> None:
     """Say so when the manifest's run directory holds a run trained with other modules."""
-    from .module_set import run_change_line
-    from .train.rundir import RunDir
+    from ..module_set import run_change_line
+    from ..train.rundir import RunDir
 
     root = resolved.resolve_path(resolved.train.output)
     now = [spec["ref"] for spec in plan.config.layout["modules"]]
@@ -289,9 +289,9 @@ def assemble(
     quiet: QuietOption = False,
 ) -> None:
     """Build the model a manifest describes and save it as a Hugging Face directory."""
-    from .assemble import build, build_on_meta, load_tokenizer, plan_manifest
-    from .checkpoint import save
-    from .freeze import freeze_groups
+    from ..assemble import build, build_on_meta, load_tokenizer, plan_manifest
+    from ..checkpoint import save
+    from ..freeze import freeze_groups
 
     _quiet_transformers()
     resolved, plan = plan_manifest(manifest)
@@ -321,7 +321,7 @@ def _quiet_transformers() -> None:
 
 
 def _report(model: Any, plan: Any, as_json: bool) -> None:
-    from .freeze import parameter_table
+    from ..freeze import parameter_table
 
     rows = parameter_table(model)
     if as_json:
@@ -365,9 +365,9 @@ def plan_command(
     """Estimate a training step's peak memory and list the memory settings that fit; no weights allocated."""
     from rich.table import Table
 
-    from .assemble import build_on_meta, plan_manifest
-    from .freeze import freeze_groups
-    from .train.memory import MemorySettings, changes, estimate, fitting_settings, gib, parse_size
+    from ..assemble import build_on_meta, plan_manifest
+    from ..freeze import freeze_groups
+    from ..train.memory import MemorySettings, changes, estimate, fitting_settings, gib, parse_size
 
     budget = parse_size(memory, "--memory")
     _quiet_transformers()
@@ -421,11 +421,11 @@ def plan_command(
 
 
 # One import line per command module (noqa I001: ruff would merge them into one statement).
-from . import cli_report  # noqa: E402, F401, I001  (registers report)
-from . import cli_train  # noqa: E402, F401, I001  (registers train, eval, generate on app)
-from . import cli_new_plugin  # noqa: E402, F401, I001  (registers new-plugin)
-from . import cli_export  # noqa: E402, F401, I001  (registers export on app)
-from . import cli_prepare  # noqa: E402, F401, I001  (registers prepare)
+from . import report  # noqa: E402, F401, I001  (registers report)
+from . import train  # noqa: E402, F401, I001  (registers train, eval, generate on app)
+from . import new_plugin  # noqa: E402, F401, I001  (registers new-plugin)
+from . import export  # noqa: E402, F401, I001  (registers export on app)
+from . import prepare  # noqa: E402, F401, I001  (registers prepare)
 
 
 @functools.cache  # once per process, however often main() runs
@@ -482,8 +482,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(130) from None
 
 
-from . import cli_finetune  # noqa: E402, F401, I001  (registers finetune, predict; extends eval)
-from . import cli_chat  # noqa: E402, F401, I001  (registers chat)
-from . import cli_translate  # noqa: E402, F401, I001  (registers translate)
-from . import cli_explain  # noqa: E402, F401, I001  (registers explain)
-from . import cli_serve  # noqa: E402, F401, I001  (registers serve)
+from . import finetune  # noqa: E402, F401, I001  (registers finetune, predict; extends eval)
+from . import chat  # noqa: E402, F401, I001  (registers chat)
+from . import translate  # noqa: E402, F401, I001  (registers translate)
+from . import explain  # noqa: E402, F401, I001  (registers explain)
+from . import serve  # noqa: E402, F401, I001  (registers serve)

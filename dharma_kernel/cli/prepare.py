@@ -10,8 +10,8 @@ from typing import Annotated
 
 import typer
 
-from .cli import JsonOption, QuietOption, _quiet_transformers, app, echo_json, err, out
-from .cli_train import DataOption, StrictOption
+from . import JsonOption, QuietOption, _quiet_transformers, app, echo_json, err, out
+from .train import DataOption, StrictOption
 
 
 @app.command()
@@ -27,9 +27,9 @@ def prepare(
     quiet: QuietOption = False,
 ) -> None:
     """Read, clean and tokenize the data once into memory-mapped token shards; `dharma train` reuses them."""
-    from .assemble import plan
-    from .data.cache import prepare_into, prepared_data
-    from .manifest import check_requires, load_manifest
+    from ..assemble import plan
+    from ..data.cache import prepare_into, prepared_data
+    from ..manifest import check_requires, load_manifest
 
     _quiet_transformers()
     loaded = load_manifest(manifest)

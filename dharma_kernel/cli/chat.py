@@ -12,8 +12,8 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from .cli import MaxNewTokensOption, TemperatureOption, TopPOption, _quiet_transformers, app, err
-from .errors import DharmaError
+from ..errors import DharmaError
+from . import MaxNewTokensOption, TemperatureOption, TopPOption, _quiet_transformers, app, err
 
 EXIT_COMMANDS = ("/exit", "/quit")
 
@@ -38,9 +38,9 @@ def chat(
     """
     import torch
 
-    from .application import load_application
-    from .backbone import context_length
-    from .data.chat import ensure_chat_template, stop_token_ids
+    from ..application import load_application
+    from ..backbone import context_length
+    from ..data.chat import ensure_chat_template, stop_token_ids
 
     _quiet_transformers()
     model, tokenizer = load_application(model_dir)
@@ -96,7 +96,7 @@ def chat(
 def clean_input(line: str, tokenizer: Any) -> str:
     """The line without surrounding whitespace or the tokenizer's control tokens, which the
     template alone may write."""
-    from .data.chat import control_tokens
+    from ..data.chat import control_tokens
 
     text = line.strip()
     for token in control_tokens(tokenizer):
@@ -110,7 +110,7 @@ def build_prompt(
     """``(kept, ids)``: the latest turns whose prompt (with the assistant's opening) is at most
     ``budget`` tokens (:func:`~dharma_kernel.data.chat.fit_turns`), and that prompt's ids;
     ``(None, ids of the last exchange)`` when even that does not fit."""
-    from .data.chat import fit_turns
+    from ..data.chat import fit_turns
 
     def prompt(messages: list[dict[str, str]]) -> list[int]:
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
@@ -127,7 +127,7 @@ def _generate(
     import torch
     from transformers import TextStreamer
 
-    from .data.tokenizer import pad_id
+    from ..data.tokenizer import pad_id
 
     class Echo(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
