@@ -1,6 +1,6 @@
 """``dharma chat``: talk to a chat model, one line a turn, the reply streamed as it is generated.
 
-Registered on :data:`dharma_kernel.cli.app` when that module imports this one.
+Registered on :data:`dharma_kernel.cli.app`.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ import typer
 from rich.markup import escape
 
 from ..errors import DharmaError
-from . import MaxNewTokensOption, TemperatureOption, TopPOption, _quiet_transformers, app, err
+from .options import MaxNewTokensOption, TemperatureOption, TopPOption
+from .output import _quiet_transformers, err
 
 EXIT_COMMANDS = ("/exit", "/quit")
 
 
-@app.command()
 def chat(
     model_dir: Annotated[
         Path, typer.Argument(help="A run directory (its best checkpoint), a saved model or an application.")

@@ -1,6 +1,6 @@
 """``dharma explain``: per token, the modules that score highest and the modules routed there.
 
-Registered on :data:`dharma_kernel.cli.app` when that module imports this one;
+Registered on :data:`dharma_kernel.cli.app`;
 ``dharma generate --explain`` prints the same table for the generated tokens.
 """
 
@@ -14,7 +14,8 @@ import typer
 from rich.markup import escape
 
 from ..errors import DharmaError, first_line
-from . import JsonOption, QuietOption, _quiet_transformers, app, out, warn
+from .options import JsonOption, QuietOption
+from .output import _quiet_transformers, out, warn
 
 if TYPE_CHECKING:
     from ..explain import Explanation
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 TopOption = Annotated[int, typer.Option("--top", min=1, help="Modules to list per token, by score.")]
 
 
-@app.command()
 def explain(
     model_dir: Annotated[
         Path, typer.Argument(help="A saved model, a run directory (its best checkpoint) or an application.")

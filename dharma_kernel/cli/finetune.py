@@ -1,6 +1,6 @@
 """``dharma finetune`` and ``dharma predict``, and the head half of ``dharma eval``.
 
-Registered on :data:`dharma_kernel.cli.app` when that module imports this one.
+Registered on :data:`dharma_kernel.cli.app`.
 """
 
 from __future__ import annotations
@@ -14,17 +14,8 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import DharmaError
-from . import (
-    FreezeOption,
-    JsonOption,
-    QuietOption,
-    _quiet_transformers,
-    app,
-    echo_json,
-    err,
-    interrupted_line,
-    out,
-)
+from .options import FreezeOption, JsonOption, QuietOption
+from .output import _quiet_transformers, echo_json, err, interrupted_line, out, print_summary_json
 
 
 class Select(StrEnum):
@@ -33,7 +24,6 @@ class Select(StrEnum):
     last = "last"
 
 
-@app.command()
 def finetune(
     foundation: Annotated[
         Path, typer.Argument(help="A saved model, or a run directory (its best checkpoint).")
@@ -119,8 +109,6 @@ def finetune(
         return
     if not as_json:
         return report_finetune(summary)
-    from .train import print_summary_json
-
     print_summary_json(summary)
     _exit_if_interrupted(summary)
 
@@ -179,7 +167,6 @@ def _default_length(foundation: Path) -> int:
     return min(256, context_length(text, default=256))
 
 
-@app.command()
 def predict(
     application: Annotated[Path, typer.Argument(help="An application, or a model directory with a head.")],
     text: Annotated[str | None, typer.Argument(help="The text (the record's 'text' field).")] = None,

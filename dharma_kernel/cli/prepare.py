@@ -1,6 +1,6 @@
 """``dharma prepare``: a manifest's data read, cleaned, tokenized and packed once, for every run after.
 
-Registered on :data:`dharma_kernel.cli.app` when that module imports this one.
+Registered on :data:`dharma_kernel.cli.app`.
 """
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ from typing import Annotated
 
 import typer
 
-from . import JsonOption, QuietOption, _quiet_transformers, app, echo_json, err, out
-from .train import DataOption, StrictOption
+from .options import DataOption, JsonOption, QuietOption, StrictOption
+from .output import _quiet_transformers, echo_json, err, out
 
 
-@app.command()
 def prepare(
     manifest: Annotated[Path, typer.Argument(help="The manifest TOML file.")],
     data: DataOption = None,

@@ -1,6 +1,6 @@
 """``dharma serve``: models behind an OpenAI-compatible HTTP API, with a chat page at ``/``.
 
-Registered on :data:`dharma_kernel.cli.app` when that module imports this one.
+Registered on :data:`dharma_kernel.cli.app`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ from typing import Annotated
 import typer
 
 from ..errors import DharmaError
-from . import _quiet_transformers, app, out
+from .output import _quiet_transformers, out
 
 
-@app.command()
 def serve(
     models: Annotated[
         list[str],

@@ -1,6 +1,6 @@
 """``dharma train``, ``dharma eval`` and ``dharma generate``: the commands that run a model.
 
-Registered on :data:`dharma_kernel.cli.app` when that module imports this one.
+Registered on :data:`dharma_kernel.cli.app`.
 """
 
 from __future__ import annotations
@@ -15,33 +15,21 @@ from rich.markup import escape
 
 from ..ablation import Ablation
 from ..errors import DharmaError
-from . import (
+from .explain import print_table
+from .finetune import eval_head, has_head, report_finetune
+from .options import (
+    DataOption,
     FreezeOption,
     JsonOption,
     MaxNewTokensOption,
     QuietOption,
+    StrictOption,
     TemperatureOption,
     TopPOption,
-    _quiet_transformers,
-    app,
-    echo_json,
-    err,
-    interrupted_line,
-    out,
-    warn,
 )
-
-DataOption = Annotated[
-    list[str] | None,
-    typer.Option("--data", help="Data files, directories or globs (repeatable); replaces the manifest's."),
-]
-StrictOption = Annotated[
-    bool | None,
-    typer.Option("--strict/--lenient", help="Stop at a malformed file or record, or skip and count it."),
-]
+from .output import _quiet_transformers, echo_json, err, interrupted_line, out, print_summary_json, warn
 
 
-@app.command()
 def train(
     manifest: Annotated[Path, typer.Argument(help="The manifest TOML file.")],
     freeze: FreezeOption = None,
@@ -97,8 +85,6 @@ def train(
     if as_json:
         print_summary_json(summary)
     elif summary.application is not None or summary.best_eval:  # a [finetune] manifest
-        from .finetune import report_finetune
-
         return report_finetune(summary)
     else:
         _report_training(summary)
@@ -134,18 +120,6 @@ def _report_training(summary) -> None:
     out.print(f"run directory: {summary.output}; best model: {summary.best or summary.latest}")
 
 
-def print_summary_json(summary) -> None:
-    """``--json`` for train and finetune: the run's summary, paths as strings."""
-    echo_json(_jsonable(asdict(summary)))
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {key: _jsonable(v) for key, v in value.items()}
-    return str(value) if isinstance(value, Path) else value
-
-
-@app.command("eval")
 def eval_command(
     model_dir: Annotated[
         Path, typer.Argument(help="A saved model, or a run directory (its best checkpoint).")
@@ -169,8 +143,6 @@ def eval_command(
 ) -> None:
     """Perplexity on held-out text, and each module's activation ROC-AUC against its concept labels;
     for an application or a model with a task head, the head's loss and metrics on its records."""
-    from .finetune import eval_head, has_head
-
     if has_head(model_dir):
         return eval_head(model_dir, data, batch_size, head, as_json, max_length)
     from ..application import is_application, load_application
@@ -253,7 +225,6 @@ def _print_ablation(rows: list[dict]) -> None:
     out.print(table)
 
 
-@app.command()
 def generate(
     model_dir: Annotated[
         Path, typer.Argument(help="A saved model, a run directory (its best checkpoint) or an application.")
@@ -301,7 +272,6 @@ def generate(
     typer.echo(prompt + tokenizer.decode(result[0, ids.shape[1] :], skip_special_tokens=True))
     if explain:
         from ..explain import explain_generated
-        from .explain import print_table
 
         # One forward over prompt + generation without the cache: each generated token's scores
         # with everything before it as context, as the table of `dharma explain` would give.

@@ -1,6 +1,6 @@
 """``dharma translate``: translate text with an application that has the translation head.
 
-Registered on :data:`dharma_kernel.cli.app` when that module imports this one.
+Registered on :data:`dharma_kernel.cli.app`.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import Annotated
 import typer
 
 from ..errors import DharmaError
-from . import JsonOption, QuietOption, _quiet_transformers, app, out
+from .options import JsonOption, QuietOption
+from .output import _quiet_transformers, out
 
 HEAD = "translation"
 
 
-@app.command()
 def translate(
     app_dir: Annotated[
         Path,
