@@ -127,7 +127,7 @@ def _generate(
     import torch
     from transformers import TextStreamer
 
-    from ..data.tokenizer import pad_id
+    from ..padding import pad_id
 
     class Echo(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:

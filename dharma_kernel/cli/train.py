@@ -243,8 +243,8 @@ def generate(
 
     from ..application import load_application
     from ..backbone import context_length
-    from ..data.tokenizer import pad_id
     from ..explain import require_modules
+    from ..padding import pad_id
 
     _quiet_transformers()
     model, tokenizer = load_application(model_dir)  # a fine-tuned application too
