@@ -50,7 +50,7 @@ def test_every_table_command_takes_the_shared_json_and_quiet_options():
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    from dharma_kernel.train.session import TrainOptions, train
+    from dharma_kernel.train.run import TrainOptions, train
 
     folder = tmp_path_factory.mktemp("conventions")
     manifest = write_manifest(folder, train={"max_steps": 4, "eval_every": 4})

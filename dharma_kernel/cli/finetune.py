@@ -82,8 +82,8 @@ def finetune(
 ) -> None:
     """Fine-tune a foundation model on task data; writes an application directory (or, --merge, a model)."""
     from ..manifest import Manifest
-    from ..train.session import TrainOptions
-    from ..train.session import train as run_training
+    from ..train.run import TrainOptions
+    from ..train.run import train as run_training
 
     _quiet_transformers()
     if max_length is None:

@@ -68,8 +68,8 @@ def train(
 
     resolved = load_manifest(manifest)
     require_manifest_paths(resolved, replaced_data=bool(data))  # before torch is imported
-    from ..train.session import TrainOptions
-    from ..train.session import train as run_training
+    from ..train.run import TrainOptions
+    from ..train.run import train as run_training
 
     _quiet_transformers()
     for flag, given in (("--reset-optimizer", reset_optimizer), ("--run-modules", run_modules)):
