@@ -14,8 +14,8 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import DharmaError
-from .options import FreezeOption, JsonOption, QuietOption
-from .output import _quiet_transformers, echo_json, err, interrupted_line, out, print_summary_json
+from .options import FreezeOption, JsonOption, QuietOption, StrictOption
+from .output import _quiet_transformers, echo_json, err, interrupted_line, out, print_summary_json, warn
 
 
 class Select(StrEnum):
@@ -77,6 +77,7 @@ def finetune(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run beside the output.")] = False,
     device: Annotated[str | None, typer.Option("--device", help="cpu or cuda.")] = None,
+    strict: StrictOption = None,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
@@ -104,7 +105,7 @@ def finetune(
             },
         }
     )  # fmt: skip
-    summary = run_training(manifest, TrainOptions(resume=resume, device=device), out)
+    summary = run_training(manifest, TrainOptions(resume=resume, device=device, strict=strict), out)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if not as_json:
@@ -226,10 +227,17 @@ def has_head(path: Path) -> bool:
 
 
 def eval_head(
-    path: Path, data: list[str], batch_size: int, head: str | None, as_json: bool, max_length: int | None
+    path: Path,
+    data: list[str],
+    batch_size: int,
+    head: str | None,
+    as_json: bool,
+    max_length: int | None,
+    strict: bool = False,
 ) -> None:
     """``dharma eval`` on a model with a head: its mean loss and metrics on ``data``."""
     from ..application import load_application
+    from ..data.report import DataReport
     from ..evaluate import eval_length
     from ..head_data import encode_records, pick_head, read_head_records
     from ..train.finetune import evaluate_head
@@ -238,15 +246,21 @@ def eval_head(
     _quiet_transformers()
     model, tokenizer = load_application(path)
     chosen = pick_head(model, head)
-    records = read_head_records(type(chosen), data)  # a malformed record stops it, named by file:record
+    report = DataReport(strict=strict)
+    records = read_head_records(type(chosen), data, report=report)
+    if report.problems:
+        warn(report.problems_summary())
     length = eval_length(model, max_length)
+    if not as_json:
+        out.print(report.summary())  # as dharma train prints it
     encoded = encode_records(chosen, records, tokenizer, length)
     with item_bar(err, len(encoded), "records") as advance:
         result = evaluate_head(model, encoded, tokenizer, batch_size, advance=advance)
     metrics = {k.removeprefix("eval_"): v for k, v in result.items()}
     metrics["records"] = int(metrics["records"])
     if as_json:
-        echo_json({"model": str(path), "head": chosen.name, "max_length": length, **metrics})
+        echo_json({"model": str(path), "head": chosen.name, "data": report.as_json(), "max_length": length,
+                   **metrics})  # fmt: skip
         return
     out.print(f"{path}: {chosen.name} head, {metrics.pop('records')} records of up to {length} tokens")
     for name, value in metrics.items():

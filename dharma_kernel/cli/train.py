@@ -144,7 +144,7 @@ def eval_command(
     """Perplexity on held-out text, and each module's activation ROC-AUC against its concept labels;
     for an application or a model with a task head, the head's loss and metrics on its records."""
     if has_head(model_dir):
-        return eval_head(model_dir, data, batch_size, head, as_json, max_length)
+        return eval_head(model_dir, data, batch_size, head, as_json, max_length, bool(strict))
     from ..application import is_application, load_application
     from ..concept_activation import ConceptActivation
     from ..data import DataReport, clean_records, pack, read_records

@@ -140,7 +140,7 @@ class _Session:
         self.tokenizer, train_data, eval_data, report = self._data(latest)
         if self.dist.main:
             self.console.print(report.summary())
-            if getattr(report, "problems", None):  # a head's records report none: they stop at the first
+            if report.problems:
                 log.warning(report.problems_summary())
 
         groups = list(dict.fromkeys([*self.manifest.freeze.groups, *self.options.freeze]))
