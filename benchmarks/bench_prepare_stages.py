@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> bool:
         size = sum(path.stat().st_size for path in corpus.iterdir()) / 1e6
         results: dict[str, list[dict[str, tuple[float, float]]]] = {name: [] for name in trees}
         for round_ in range(args.rounds):
-            for name, tree in (trees.items() if round_ % 2 == 0 else reversed(trees.items())):
+            for name, tree in trees.items() if round_ % 2 == 0 else reversed(trees.items()):
                 before = load()
                 results[name].append(run_tree(tree, corpus))
                 print(f"round {round_ + 1} {name}: done ({before})", flush=True)
