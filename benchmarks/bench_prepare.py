@@ -40,6 +40,7 @@ PEAK_MAX = 1.5 * GIB
 MBPS_MIN = 10.0
 RERUN_MAX = 10.0
 READ_SHARE_MAX = 0.05
+EVAL_ROWS = 65_536 // 256  # train.eval_tokens' default over data.max_length: rows each evaluation reads
 MANIFEST = """[backbone]
 config = { architecture = "gpt2", n_layer = 2, n_embd = 64, n_head = 2, n_positions = 256, vocab_size = 8000 }
 tokenizer = { train = true, vocab_size = 8000 }
@@ -131,6 +132,14 @@ def first_step(work: Path, env: dict[str, str]) -> tuple[float, float, float]:
     return ready or first, first, time.perf_counter() - started
 
 
+def import_floor(env: dict[str, str]) -> float:
+    """Seconds a fresh process takes to import what training needs (torch, transformers, the model)."""
+    code = "import dharma_kernel.model, dharma_kernel.train.session"
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    return time.perf_counter() - started
+
+
 def batch_reading(directory: Path, cache: Path, rounds: int = 30) -> tuple[float, float, float]:
     """Median seconds: 8 rows from the shards, the same rows from in-memory tensors, one training step."""
     import torch
@@ -198,9 +207,12 @@ def main(argv: list[str] | None = None) -> bool:
               f"{prepared['train']['tokens']:,} tokens, {prepared['dtype']} ids ({before})")  # fmt: skip
         before = load()
         ready, rerun, whole = first_step(work, env)
+        floor = import_floor(env)
+        eval_rows = min(prepared["eval"]["rows"], EVAL_ROWS)
         print(f"dharma train on the prepared data: data open {ready:.1f} s after launch, first step "
-              f"starts at {rerun:.1f} s (after the step-0 evaluation), whole --max-steps 1 run "
-              f"{whole:.1f} s ({before})")  # fmt: skip
+              f"starts at {rerun:.1f} s (after the step-0 evaluation of {eval_rows} rows), "
+              f"whole --max-steps 1 run {whole:.1f} s; importing torch, transformers and the model "
+              f"alone {floor:.1f} s ({before})")  # fmt: skip
         before = load()
         shard, memory, step = batch_reading(Path(prepared["directory"]), cache)
         share = (shard - memory) / step
