@@ -106,6 +106,9 @@ _STEPS: tuple[tuple[Callable[[str], bool], Callable[[str], str]], ...] = (
 
 def clean_record(record: Record) -> Record:
     """``record`` with :func:`clean_text` applied to its text, messages and pair."""
+    if record.messages is None and record.pair is None:  # most records: no copy when already clean
+        text = clean_text(record.text)
+        return record if text == record.text else replace(record, text=text)
     messages = record.messages
     if messages is not None:
         messages = [{**turn, "content": clean_text(str(turn.get("content", "")))} for turn in messages]
