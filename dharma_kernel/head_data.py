@@ -21,8 +21,8 @@ import torch
 
 from .data.fields import TOO_DEEP
 from .data.paths import expand_paths
-from .data.tokenizer import pad_id
 from .errors import DharmaError
+from .padding import pad_id
 from .protocol import HeadModule, RecordError
 
 IGNORE = -100
