@@ -20,7 +20,7 @@ from dharma_kernel.errors import DharmaError
 from dharma_kernel.model import DharmaModel
 from dharma_kernel.train.compiled import check_compile
 from dharma_kernel.train.distributed import Dist
-from dharma_kernel.train.session import TrainOptions, train
+from dharma_kernel.train.run import TrainOptions, train
 
 QUIET = Console(quiet=True)
 # 2 steps of 2 micro-batches each.
