@@ -24,8 +24,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -155,16 +156,19 @@ class Trainer:
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=bf16)
 
-    def step(self, ids: torch.Tensor) -> float:
+    def step(self, ids: torch.Tensor, phase: Callable[[str], Any] = contextlib.nullcontext) -> float:
+        """One step's seconds; ``phase(name)`` is entered around each of forward, backward, optimizer."""
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
-        with self.autocast:
+        with self.autocast, phase("forward"):
             loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with phase("backward"):
+            loss.backward()  # on the CPU autograd runs on this thread, inside the range
+        with phase("optimizer"):
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start
@@ -176,38 +180,54 @@ def set_grouped(model: torch.nn.Module, grouped: bool) -> torch.nn.Module:
     return model
 
 
-def aten_ops(trainer: Trainer, ids: torch.Tensor) -> tuple[int, int]:
-    """(all, top-level) aten ops of one training step, after one step that creates the optimizer state."""
-    from torch.profiler import ProfilerActivity, profile
+PHASES = ("forward", "backward", "optimizer")
+
+
+def aten_ops(trainer: Trainer, ids: torch.Tensor) -> tuple[int, int, dict[str, int]]:
+    """(all, top-level, all per phase) aten ops of one training step, after one step that creates the
+    optimizer state; the phases are forward (with the loss), backward, optimizer step and zero_grad."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     trainer.step(ids)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        trainer.step(ids)
-    ops = [event for event in prof.events() if event.name.startswith("aten::")]
+        trainer.step(ids, lambda phase: record_function(f"step/{phase}"))
+    events = prof.events()
+    ops = [event for event in events if event.name.startswith("aten::")]
     top = [e for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
-    return len(ops), len(top)
+    ranges = {e.name.removeprefix("step/"): e.time_range for e in events if e.name.startswith("step/")}
+    phases = {
+        phase: sum(1 for e in ops if ranges[phase].start <= e.time_range.start <= ranges[phase].end)
+        for phase in PHASES
+    }
+    return len(ops), len(top), phases
 
 
 def op_counts(folder: Path, refs: list[str], complete: bool, grouped: bool) -> bool:
     shape = ", ".join(f"{key} {value}" for key, value in OPS_BACKBONE.items())
     print(f"aten ops per training step, CPU: GPT-2 {shape}, batch {OPS_BATCH} x {OPS_LENGTH}, fused AdamW")
-    print(f"{'config':<28} {'ops':>8} {'ratio':>6} {'top-level':>10} {'target':>7}  result")
+    print(
+        f"{'config':<28} {'ops':>8} {'ratio':>6} {'top-level':>10} "
+        + "".join(f"{phase:>10}" for phase in PHASES)
+        + f" {'target':>7}  result"
+    )
     ids = torch.randint(0, 50257, (OPS_BATCH, OPS_LENGTH), generator=torch.Generator().manual_seed(0))
     cpu = torch.device("cpu")
     torch.manual_seed(0)
-    bare, bare_top = aten_ops(Trainer(fresh_backbone(backbone_config(None, OPS_BACKBONE)), cpu), ids)
-    print(f"{'bare backbone':<28} {bare:>8} {1:>6.2f} {bare_top:>10} {'-':>7}  -")
+    bare, bare_top, phases = aten_ops(Trainer(fresh_backbone(backbone_config(None, OPS_BACKBONE)), cpu), ids)
+    split = "".join(f"{phases[phase]:>10}" for phase in PHASES)
+    print(f"{'bare backbone':<28} {bare:>8} {1:>6.2f} {bare_top:>10}{split} {'-':>7}  -")
     ok = True
     for preset, composition in OPS:
         path = manifest_path(folder, refs, preset, composition, OPS_BACKBONE)
         model = set_grouped(build(plan(load_manifest(path))), grouped)
-        ops, top = aten_ops(Trainer(model, cpu), ids)
+        ops, top, phases = aten_ops(Trainer(model, cpu), ids)
+        split = "".join(f"{phases[phase]:>10}" for phase in PHASES)
         target = OPS_TARGET if (preset, composition) == ("lite", "routed") else None
         passed = target is None or ops / bare <= target
         ok &= passed
         shown, result = ("-", "report") if target is None else (f"<={target}", judge(passed, complete))
         name = f"{preset} {composition}" + (" top_k 2" if composition == "routed" else "")
-        print(f"{name:<28} {ops:>8} {ops / bare:>6.2f} {top:>10} {shown:>7}  {result}", flush=True)
+        print(f"{name:<28} {ops:>8} {ops / bare:>6.2f} {top:>10}{split} {shown:>7}  {result}", flush=True)
         del model
         gc.collect()
     return ok

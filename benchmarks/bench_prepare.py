@@ -7,7 +7,7 @@ duplicate. The manifest trains a byte-level BPE of 8,000 tokens, max_length 256,
 modules (concept labels would add their own cost). Measured:
 
 1. ``dharma prepare`` in a fresh process: wall time, MB/s of input text, peak RSS of
-   the main process and of the largest cleaning process;
+   the main process and of the largest cleaning process (watched in /proc);
 2. ``dharma train --max-steps 1`` on the same data and cache: the wall time of the whole
    process (start, reuse of the prepared data, step-0 evaluation of at most
    ``eval_tokens``, one step, one save) bounds when the first step starts;
@@ -40,6 +40,7 @@ PEAK_MAX = 1.5 * GIB
 MBPS_MIN = 10.0
 RERUN_MAX = 10.0
 READ_SHARE_MAX = 0.05
+EVAL_ROWS = 65_536 // 256  # train.eval_tokens' default over data.max_length: rows each evaluation reads
 MANIFEST = """[backbone]
 config = { architecture = "gpt2", n_layer = 2, n_embd = 64, n_head = 2, n_positions = 256, vocab_size = 8000 }
 tokenizer = { train = true, vocab_size = 8000 }
@@ -54,16 +55,34 @@ batch_size = 8
 max_steps = 1
 output = "run"
 """
-# Runs `dharma ARGS` and prints the peak RSS of this process and of its largest child.
+# Runs `dharma ARGS` and prints the peak RSS of this process and of its largest descendant (the
+# cleaning processes are the forkserver's children, so they are watched in /proc, not waited for).
 PEAK = """
-import resource, sys
+import os, resource, sys, threading, time
 from dharma_kernel.cli import main
+largest = 0
+def descendants(pid):
+    try:
+        kids = [int(k) for k in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        return []
+    return kids + [d for kid in kids for d in descendants(kid)]
+def watch():
+    global largest
+    while True:
+        for pid in descendants(os.getpid()):
+            try:
+                hwm = [line for line in open(f"/proc/{pid}/status") if line.startswith("VmHWM:")]
+                largest = max([largest] + [int(line.split()[1]) * 1024 for line in hwm])
+            except OSError:
+                pass
+        time.sleep(0.2)
+threading.Thread(target=watch, daemon=True).start()
 try:
     main(sys.argv[1:])
 finally:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    print(f"PEAK {own} {children}", file=sys.stderr)
+    print(f"PEAK {own} {largest}", file=sys.stderr)
 """
 
 
@@ -129,6 +148,14 @@ def first_step(work: Path, env: dict[str, str]) -> tuple[float, float, float]:
     if process.wait() != 0 or first is None:
         raise SystemExit("dharma train on the prepared data failed:\n" + "".join(lines[-30:]))
     return ready or first, first, time.perf_counter() - started
+
+
+def import_floor(env: dict[str, str]) -> float:
+    """Seconds a fresh process takes to import what training needs (torch, transformers, the model)."""
+    code = "import dharma_kernel.model, dharma_kernel.train.session"
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    return time.perf_counter() - started
 
 
 def batch_reading(directory: Path, cache: Path, rounds: int = 30) -> tuple[float, float, float]:
@@ -198,9 +225,12 @@ def main(argv: list[str] | None = None) -> bool:
               f"{prepared['train']['tokens']:,} tokens, {prepared['dtype']} ids ({before})")  # fmt: skip
         before = load()
         ready, rerun, whole = first_step(work, env)
+        floor = import_floor(env)
+        eval_rows = min(prepared["eval"]["rows"], EVAL_ROWS)
         print(f"dharma train on the prepared data: data open {ready:.1f} s after launch, first step "
-              f"starts at {rerun:.1f} s (after the step-0 evaluation), whole --max-steps 1 run "
-              f"{whole:.1f} s ({before})")  # fmt: skip
+              f"starts at {rerun:.1f} s (after the step-0 evaluation of {eval_rows} rows), "
+              f"whole --max-steps 1 run {whole:.1f} s; importing torch, transformers and the model "
+              f"alone {floor:.1f} s ({before})")  # fmt: skip
         before = load()
         shard, memory, step = batch_reading(Path(prepared["directory"]), cache)
         share = (shard - memory) / step

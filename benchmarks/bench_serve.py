@@ -148,7 +148,7 @@ def main() -> bool:
     import torch
 
     from dharma_kernel.application import load_application
-    from dharma_kernel.data.tokenizer import pad_id
+    from dharma_kernel.padding import pad_id
     from dharma_kernel.testing import tiny_serving_model
 
     torch.set_num_threads(1)

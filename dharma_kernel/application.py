@@ -20,9 +20,10 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from .checkpoint import LockEntry, SavedJson, load_saved_tokenizer, save_tokenizer, write_directory
+from .checkpoint import LockEntry, SavedJson, load_saved_tokenizer, write_directory
 from .errors import DharmaError, first_line
 from .module_set import warn_if_changed
+from .padding import save_tokenizer
 
 APPLICATION_FILE = "application.json"
 ADAPTER_FILE = "adapter.safetensors"

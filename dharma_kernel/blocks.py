@@ -135,8 +135,8 @@ class CausalAttention(nn.Module):
         outputs = []
         for b, (q_b, at, k_b, v_b) in enumerate(parts):
             if queries[b]:
-                allowed = _allowed(at[:, None], None if real is None else real[b, : seen[b]], seen[b])
-                outputs.append(_attend(q_b.transpose(0, 1)[None], k_b, v_b, allowed)[0].transpose(0, 1))
+                allowed = allowed_keys(at[:, None], None if real is None else real[b, : seen[b]], seen[b])
+                outputs.append(attend(q_b.transpose(0, 1)[None], k_b, v_b, allowed)[0].transpose(0, 1))
         return self.out(torch.cat(outputs).reshape(-1, self.heads * self.head_dim))
 
     def _every_token(self, hidden: torch.Tensor, ctx: ModuleContext) -> torch.Tensor:
@@ -148,8 +148,8 @@ class CausalAttention(nn.Module):
         q = q.view(batch, length, self.heads, self.head_dim).transpose(1, 2)
         keys = ctx.key_mask(length)  # [B, P + T]
         position = torch.arange(length, device=hidden.device)[:, None] + (total - length)  # [T, 1]
-        allowed = _allowed(position, None if keys is None else keys[:, None, :], total)
-        y = _attend(q, k, v, allowed if keys is None else allowed[:, None])
+        allowed = allowed_keys(position, None if keys is None else keys[:, None, :], total)
+        y = attend(q, k, v, allowed if keys is None else allowed[:, None])
         return self.out(y.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim))
 
     def _keys_values(self, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,7 +176,7 @@ def _prefixes(
 _BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """``[B, heads, Q, D]`` queries over ``[B, kv_heads, K, D]`` keys; query head groups share a key head."""
     if not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
@@ -184,7 +184,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Te
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=True)
 
 
-def _allowed(position: torch.Tensor, keys: torch.Tensor | None, total: int) -> torch.Tensor:
+def allowed_keys(position: torch.Tensor, keys: torch.Tensor | None, total: int) -> torch.Tensor:
     """Which keys each query row may see: causal, real tokens, and always itself.
 
     ``position``: ``[Q, 1]`` absolute positions of the queries; ``keys``: real-token mask

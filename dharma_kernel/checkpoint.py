@@ -19,6 +19,7 @@ from . import registry
 from .catalogue import distribution_for
 from .errors import DharmaError, first_line
 from .hub import write_card
+from .padding import save_tokenizer
 from .weights import check_safetensors
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -277,21 +278,6 @@ def _disk_full(err: Exception, where: Path, needs: int | None) -> bool:
     if needs and ("unexpected pos" in text or "file write failed" in text):
         return shutil.disk_usage(where).free < needs
     return False
-
-
-def save_tokenizer(tokenizer: Any, directory: str | Path) -> None:
-    """Save ``tokenizer`` ready for batched generation: left padding and a pad token (its
-    end-of-text token when it has none), so ``model.generate`` on a padded batch gives each
-    prompt what it gives alone. Training pads its own batches, whatever the side saved;
-    the object passed in is left as it was."""
-    side, pad = tokenizer.padding_side, tokenizer.pad_token
-    tokenizer.padding_side = "left"
-    if pad is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    try:
-        tokenizer.save_pretrained(directory)
-    finally:
-        tokenizer.padding_side, tokenizer.pad_token = side, pad
 
 
 def load_saved_tokenizer(directory: Path) -> Any:

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .padding import pad_id
+
 IGNORE = -100
 _DEVANAGARI = re.compile(r"[\u0900-\u097F\uA8E0-\uA8FF]")
 # Plural/inflection endings a Latin-script term may carry: "karmas", "deeds", "duties".
@@ -231,8 +233,6 @@ def encode(texts: Sequence[str], tokenizer: Any, max_length: int = 256) -> dict[
         list(texts), return_offsets_mapping=True, truncation=True, max_length=max_length, padding=False
     )
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-    from .data.tokenizer import pad_id
-
     pad = pad_id(tokenizer)
     width = max((len(row) for row in ids), default=0)
     input_ids = torch.full((len(ids), width), pad, dtype=torch.long)

@@ -62,14 +62,14 @@ class PathModule(DharmaModule):
         return _gated(gate, self.delta(x, hidden, ctx))
 
     @classmethod
-    def grouped_delta(cls, members: list, x: torch.Tensor) -> torch.Tensor:
+    def grouped_delta(cls, members: list, x: torch.Tensor, where: grouped.GroupInput) -> torch.Tensor:
         """:meth:`delta` of each token's module (see :mod:`.grouped`)."""
         return grouped.adapter([m.adapter for m in members], x) + grouped.along_tokens(members, "direction")
 
     @classmethod
-    def grouped_tokens(cls, members: list, x: torch.Tensor) -> TokenOutput:
+    def grouped_tokens(cls, members: list, x: torch.Tensor, where: grouped.GroupInput) -> TokenOutput:
         gate, _ = grouped.detector([m.detector for m in members], x)
-        return _gated(gate, cls.grouped_delta(members, x))
+        return _gated(gate, cls.grouped_delta(members, x, where))
 
 
 class MemoryPathModule(PathModule):
@@ -93,8 +93,8 @@ class MemoryPathModule(PathModule):
         return super().delta(x, hidden, ctx) + self.memory(x)
 
     @classmethod
-    def grouped_delta(cls, members: list, x: torch.Tensor) -> torch.Tensor:
-        path = super().grouped_delta(members, x)
+    def grouped_delta(cls, members: list, x: torch.Tensor, where: grouped.GroupInput) -> torch.Tensor:
+        path = super().grouped_delta(members, x, where)
         return path + grouped.memory([m.memory for m in members], x)
 
     grouped_tokens = PathModule.__dict__["grouped_tokens"]  # its own: a memory path groups apart
@@ -123,6 +123,13 @@ class MultiViewPathModule(PathModule):
     def delta(self, x: torch.Tensor, hidden: torch.Tensor, ctx: ModuleContext) -> torch.Tensor:
         return super().delta(x, hidden, ctx) + self.attention.at_tokens(x, hidden, ctx)
 
+    @classmethod
+    def grouped_delta(cls, members: list, x: torch.Tensor, where: grouped.GroupInput) -> torch.Tensor:
+        path = super().grouped_delta(members, x, where)
+        return path + grouped.multi_view([m.attention for m in members], x, where)
+
+    grouped_tokens = PathModule.__dict__["grouped_tokens"]  # its own: a multi-view path groups apart
+
 
 class ConsciousnessModule(DharmaModule):
     """consciousness: a small gated residual block (channel-wise GLU), applied as strongly as detected."""
@@ -144,7 +151,7 @@ class ConsciousnessModule(DharmaModule):
         return _gated(gate, self.block(x))
 
     @classmethod
-    def grouped_tokens(cls, members: list, x: torch.Tensor) -> TokenOutput:
+    def grouped_tokens(cls, members: list, x: torch.Tensor, where: grouped.GroupInput) -> TokenOutput:
         gate, _ = grouped.detector([m.detector for m in members], x)
         return _gated(gate, grouped.gated_residual([m.block for m in members], x))
 
@@ -171,7 +178,7 @@ class DetectorModule(DharmaModule):
         return _gated(gate, self.mlp(x, extra=intensity))
 
     @classmethod
-    def grouped_tokens(cls, members: list, x: torch.Tensor) -> TokenOutput:
+    def grouped_tokens(cls, members: list, x: torch.Tensor, where: grouped.GroupInput) -> TokenOutput:
         gate, intensity = grouped.detector([m.detector for m in members], x)
         return _gated(gate, grouped.adapter([m.mlp for m in members], x, extra=intensity))
 
@@ -210,10 +217,10 @@ class CrisisModule(DharmaModule):
         return _gated(gate, self.guidance(x) + distress.to(x.dtype) @ self.cue_directions)
 
     @classmethod
-    def grouped_tokens(cls, members: list, x: torch.Tensor) -> TokenOutput:
+    def grouped_tokens(cls, members: list, x: torch.Tensor, where: grouped.GroupInput) -> TokenOutput:
         gate, distress = grouped.detector([m.detector for m in members], x)
         guidance = grouped.adapter([m.guidance for m in members], x)
-        cues = torch.bmm(distress.to(x.dtype), grouped.stacked(members, "cue_directions").to(x.dtype))
+        cues = torch.bmm(distress.to(x.dtype), grouped.stacked(members, "cue_directions", x.dtype))
         return _gated(gate, guidance + cues)
 
 
@@ -248,3 +255,11 @@ class DarshanaModule(DharmaModule):
         summary = ctx.pick(self.summary(hidden, ctx))  # one for all darshanas of a routed/parallel stack
         mixed = self.attention.at_tokens(x, hidden, ctx) + self.summary_proj(summary)
         return _gated(gate, mixed + self.feed_forward(x + mixed))
+
+    @classmethod
+    def grouped_tokens(cls, members: list, x: torch.Tensor, where: grouped.GroupInput) -> TokenOutput:
+        gate, _ = grouped.detector([m.detector for m in members], x)
+        summary = where.pick(members[0].summary(where.hidden, where.ctx))  # parameter-free, shared
+        attended = grouped.attention([m.attention for m in members], x, where)
+        mixed = attended + grouped.adapter([m.summary_proj for m in members], summary)
+        return _gated(gate, mixed + grouped.adapter([m.feed_forward for m in members], x + mixed))

@@ -7,21 +7,25 @@ running modules one by one costs a chain of small ops per module.
 The results equal the per-module path (``DharmaModule.forward_tokens``, the reference) to
 float rounding.
 
-A family opts in by defining ``grouped_tokens(members, x, groups)`` in the same class that
-defines its computation (``forward_tokens``, ``delta``), on ``x [M, most, H]``; a plugin class that overrides
+A family opts in by defining ``grouped_tokens(members, x, where)`` in the same class that
+defines its computation (``forward_tokens``, ``delta``), on ``x [M, most, H]`` (``where``: the
+:class:`GroupInput`, for the blocks that read other positions); a plugin class that overrides
 either without its own ``grouped_tokens`` runs alone, as before (see :func:`group_key`).
+Attention (:func:`attention`) runs as one call over every (module, sequence) pair of the group.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .protocol import DharmaModule, TokenOutput
+from .blocks import allowed_keys, attend, with_past
+from .protocol import DharmaModule, ModuleContext, TokenOutput
 
 # What a module's own computation is defined by: the first class in its MRO that defines one.
 _COMPUTATION = ("forward", "forward_tokens", "delta", "grouped_tokens")
@@ -47,10 +51,11 @@ class Groups:
         self.counts = list(counts)
         self.most = max(self.counts)
         sizes = torch.tensor(self.counts, device=device)
-        module = torch.repeat_interleave(torch.arange(len(self.counts), device=device), sizes)
-        first = torch.cumsum(sizes, 0) - sizes  # each module's first token in the concatenation
+        # each token's module (its index among the counts)
+        self.module = torch.repeat_interleave(torch.arange(len(self.counts), device=device), sizes)
+        first = (torch.cumsum(sizes, 0) - sizes)[self.module]  # its module's first token
         # each token's row in the padded [M * most] layout
-        self.slots = torch.arange(len(module), device=device) + (module * self.most - first[module])
+        self.slots = torch.arange(len(self.module), device=device) + (self.module * self.most - first)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, ...]`` module after module -> ``[M, most, ...]``, zeros after each module's tokens."""
@@ -62,22 +67,39 @@ class Groups:
         return y.flatten(0, 1).index_select(0, self.slots)
 
 
-def stacked(blocks: Sequence[nn.Module], name: str) -> torch.Tensor:
-    """The parameter ``name`` of every block, stacked ``[M, ...]``."""
-    return torch.stack([getattr(block, name) for block in blocks])
+@dataclass
+class GroupInput:
+    """What a group's modules read besides their tokens: the stack's input ``hidden [B, T, H]``, its
+    context ``ctx`` (mask, cached past, shared results; no rows), and ``rows [N]``, the token of
+    ``hidden.flatten(0, 1)`` each of the group's tokens is, laid out by ``groups``."""
+
+    hidden: torch.Tensor
+    ctx: ModuleContext
+    rows: torch.Tensor
+    groups: Groups
+
+    def pick(self, values: torch.Tensor) -> torch.Tensor:
+        """``values [B, T, ...]`` at the group's tokens, padded ``[M, most, ...]``."""
+        return self.groups.pad(values.flatten(0, 1).index_select(0, self.rows))
 
 
-def along_tokens(blocks: Sequence[nn.Module], name: str) -> torch.Tensor:
+def stacked(blocks: Sequence[nn.Module], name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The parameter ``name`` of every block, stacked ``[M, ...]`` (in ``dtype`` if given)."""
+    weights = torch.stack([getattr(block, name) for block in blocks])
+    return weights if dtype is None or weights.dtype == dtype else weights.to(dtype)
+
+
+def along_tokens(blocks: Sequence[nn.Module], name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``stacked`` with a token axis: ``[M, 1, ...]``, broadcast over a padded group's tokens."""
-    return stacked(blocks, name).unsqueeze(1)
+    return stacked(blocks, name, dtype).unsqueeze(1)
 
 
 def linear(layers: Sequence[nn.Linear], x: torch.Tensor) -> torch.Tensor:
     """Each module's linear layer on its tokens ``x [M, most, in]``."""
-    weight = stacked(layers, "weight").transpose(1, 2).to(x.dtype)
+    weight = stacked(layers, "weight", x.dtype).transpose(1, 2)
     if layers[0].bias is None:
         return torch.bmm(x, weight)
-    return torch.baddbmm(along_tokens(layers, "bias").to(x.dtype), x, weight)
+    return torch.baddbmm(along_tokens(layers, "bias", x.dtype), x, weight)
 
 
 def layer_norm(norms: Sequence[nn.LayerNorm], x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +112,7 @@ def adapter(blocks: Sequence[nn.Module], x: torch.Tensor, extra: torch.Tensor | 
     """:class:`~dharma_kernel.blocks.BottleneckAdapter` of each module."""
     h = layer_norm([b.norm for b in blocks], x)
     if extra is not None:
-        h = torch.cat([h, extra.to(h.dtype)], dim=-1)
+        h = torch.cat([h, extra if extra.dtype == h.dtype else extra.to(h.dtype)], dim=-1)
     return linear([b.up for b in blocks], F.gelu(linear([b.down for b in blocks], h)))
 
 
@@ -104,9 +126,9 @@ def gated_residual(blocks: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor
 def memory(blocks: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """:class:`~dharma_kernel.blocks.MemoryAttention` of each module."""
     query = linear([b.query for b in blocks], layer_norm([b.norm for b in blocks], x))
-    keys = stacked(blocks, "keys")  # [M, slots, key_dim]
-    scores = torch.bmm(query, keys.transpose(1, 2).to(x.dtype)) / math.sqrt(keys.shape[-1])
-    return torch.bmm(torch.softmax(scores, dim=-1), stacked(blocks, "values").to(x.dtype))
+    keys = stacked(blocks, "keys", x.dtype)  # [M, slots, key_dim]
+    scores = torch.bmm(query, keys.transpose(1, 2)) / math.sqrt(keys.shape[-1])
+    return torch.bmm(torch.softmax(scores, dim=-1), stacked(blocks, "values", x.dtype))
 
 
 def detector(blocks: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,26 +140,95 @@ def detector(blocks: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor
     return (intensity * mix).sum(-1), intensity
 
 
-def run_groups(members: Sequence[DharmaModule], tokens: Sequence[torch.Tensor]) -> dict[int, TokenOutput]:
-    """The output of each groupable module (by index) at its ``tokens``, computed group by group.
+def attention(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) -> torch.Tensor:
+    """:class:`~dharma_kernel.blocks.CausalAttention` of each module at its tokens ``x [M, most, H]``.
+
+    Keys and values at every position (cached ones too) for all modules with one product; then
+    one attention call whose batch is every (module, sequence) pair, each pair's queries padded
+    to the most any pair has. A padded query sees only the first key, so no softmax row is
+    empty; its output is dropped.
+    """
+    first, count = blocks[0], len(blocks)
+    heads, kv_heads, head_dim = first.heads, first.kv_heads, first.head_dim
+    full = with_past(where.hidden, where.ctx)  # [B, S, H]
+    batch, total, _ = full.shape
+    length = where.hidden.shape[1]
+    normed = layer_norm([b.norm for b in blocks], full.flatten(0, 1))  # [M, B * S, H]
+    kv = linear([b.key_value for b in blocks], normed).view(count * batch, total, 2, kv_heads, head_dim)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [M * B, kv_heads, S, D]
+    q = where.groups.unpad(linear([b.query for b in blocks], layer_norm([b.norm for b in blocks], x)))
+    sequence = where.rows // length
+    position = where.rows % length + (total - length)
+    pair = where.groups.module * batch + sequence  # ascending: modules in order, rows ascending
+    pairs = Groups(torch.bincount(pair, minlength=count * batch).tolist(), x.device)
+    q = pairs.pad(q).view(count * batch, pairs.most, heads, head_dim).transpose(1, 2)
+    at = pairs.pad(position[:, None])  # [M * B, most, 1]; 0 (the first key) where padded
+    real = where.ctx.key_mask(length)  # [B, S]
+    allowed = allowed_keys(at, None if real is None else real.repeat(count, 1)[:, None, :], total)
+    y = attend(q, k, v, allowed[:, None]).transpose(1, 2).reshape(count * batch, pairs.most, heads * head_dim)
+    return linear([b.out for b in blocks], where.groups.pad(pairs.unpad(y)))
+
+
+def multi_view(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) -> torch.Tensor:
+    """:class:`~dharma_kernel.blocks.MultiViewAttention` of each module."""
+    weights = torch.softmax(linear([b.mix for b in blocks], layer_norm([b.norm for b in blocks], x)), dim=-1)
+    views = [attention([b.views[i] for b in blocks], x, where) for i in range(len(blocks[0].views))]
+    return (torch.stack(views, dim=-1) * weights[:, :, None, :]).sum(-1)
+
+
+def plan_runs(members: Sequence[DharmaModule], grouped: bool = True) -> list[list[int]]:
+    """The members (by index) in runs that compute together: each group of two or more modules with
+    equal :func:`group_key`, at the place of its first member, and every other module alone.
+    ``grouped=False``: every module alone, in order (the reference path)."""
+    keyed: dict[object, list[int]] = {}
+    for index, module in enumerate(members):
+        key = group_key(module) if grouped else None
+        keyed.setdefault(index if key is None else key, []).append(index)
+    runs = [indices for indices in keyed.values() if len(indices) > 1]
+    together = {index for indices in runs for index in indices}
+    singles = [[index] for index in range(len(members)) if index not in together]
+    return sorted(runs + singles, key=lambda indices: indices[0])
+
+
+def run_group(
+    members: Sequence[DharmaModule],
+    x: torch.Tensor,
+    counts: Sequence[int],
+    hidden: torch.Tensor,
+    ctx: ModuleContext,
+    rows: torch.Tensor,
+) -> TokenOutput:
+    """The output of modules of one group at their tokens ``x [N, H] = hidden.flatten(0, 1)[rows]``,
+    module after module (``counts`` each, every one above zero), in that order. ``ctx``: the stack's
+    context (mask, past, shared), without rows."""
+    groups = Groups(counts, x.device)
+    out = type(members[0]).grouped_tokens(members, groups.pad(x), GroupInput(hidden, ctx, rows, groups))
+    return TokenOutput(groups.unpad(out.delta), groups.unpad(out.score))
+
+
+def run_groups(
+    members: Sequence[DharmaModule],
+    hidden: torch.Tensor,
+    ctx: ModuleContext,
+    rows: Sequence[torch.Tensor],
+    order: Sequence[Sequence[int]] | None = None,
+) -> dict[int, TokenOutput]:
+    """The output of each groupable module (by index) at its tokens ``hidden.flatten(0, 1)[rows[i]]``,
+    computed group by group.
 
     Modules without tokens, and groups of one, are left out: they run alone (the reference path).
+    ``order``: ``plan_runs(members)``, if the caller has it already.
     """
-    keyed: dict[tuple, list[int]] = {}
-    for index, (module, x) in enumerate(zip(members, tokens, strict=True)):
-        key = group_key(module) if len(x) else None
-        if key is not None:
-            keyed.setdefault(key, []).append(index)
     outputs: dict[int, TokenOutput] = {}
-    for indices in keyed.values():
-        if len(indices) < 2:
+    for indices in plan_runs(members) if order is None else order:
+        running = [i for i in indices if len(rows[i])]
+        if len(running) < 2:
             continue
-        group = [members[i] for i in indices]
-        x = torch.cat([tokens[i] for i in indices])
-        groups = Groups([len(tokens[i]) for i in indices], x.device)
-        out = type(group[0]).grouped_tokens(group, groups.pad(x))
-        delta, score = groups.unpad(out.delta), groups.unpad(out.score)
-        parts = zip(delta.split(groups.counts), score.split(groups.counts), strict=True)
-        for index, (delta, score) in zip(indices, parts, strict=True):
+        counts = [len(rows[i]) for i in running]
+        at = torch.cat([rows[i] for i in running])
+        x = hidden.flatten(0, 1).index_select(0, at)
+        out = run_group([members[i] for i in running], x, counts, hidden, ctx, at)
+        parts = zip(out.delta.split(counts), out.score.split(counts), strict=True)
+        for index, (delta, score) in zip(running, parts, strict=True):
             outputs[index] = TokenOutput(delta, score)
     return outputs

@@ -21,8 +21,9 @@ import torch
 
 from .data.fields import TOO_DEEP
 from .data.paths import expand_paths
-from .data.tokenizer import pad_id
+from .data.report import DataReport
 from .errors import DharmaError
+from .padding import pad_id
 from .protocol import HeadModule, RecordError
 
 IGNORE = -100
@@ -41,42 +42,73 @@ class HeadRecords:
 
 
 def read_head_records(
-    head: type[HeadModule], paths: Sequence[str | Path], targets: bool = True
+    head: type[HeadModule],
+    paths: Sequence[str | Path],
+    targets: bool = True,
+    report: DataReport | None = None,
 ) -> HeadRecords:
     """The records in ``paths`` (files, directories, globs), each checked for the head's fields.
 
     A file is read by the head's :meth:`~HeadModule.read` when it knows the format, else as
     JSONL (one object per line; blank lines are skipped but counted). ``targets=False``
-    accepts records without the target fields (prediction input).
+    accepts records without the target fields (prediction input). Without ``report``, the
+    first problem raises; with one, each unreadable file and malformed record is counted
+    there and skipped (raised when ``report.strict``), as :func:`~dharma_kernel.data.read_records`
+    does for text.
     """
     files = expand_paths([str(p) for p in paths])
     if not files:
         raise DharmaError(f"no data files in {', '.join(map(str, paths))}")
     records, where = [], []
     for path in files:
-        own = head.read(path)
-        numbered = list(enumerate(own, 1)) if own is not None else _jsonl(path)
+        try:
+            own = head.read(path)
+            numbered = list(enumerate(own, 1)) if own is not None else _jsonl(path)
+        except DharmaError as err:
+            if report is None:
+                raise
+            report.bad_file(str(path), err.message.removeprefix(f"{path}: "))
+            continue
+        if report is not None:
+            report.files_read += 1
         for number, record in numbered:
-            location = f"{path}: record {number}"
-            if not isinstance(record, dict):
-                raise DharmaError(f"{location}: expected a JSON object, got {type(record).__name__}")
-            needed = [*head.inputs, *(head.targets if targets else ())]
-            missing = [
-                name
-                for name in needed
-                if all(record.get(k) in (None, "") for k in (name, *head.field_aliases.get(name, ())))
-            ]
-            if missing:
-                raise DharmaError(
-                    f"{location}: no {' or '.join(repr(m) for m in missing)} field "
-                    f"({head.name} records need {', '.join(needed)})",
-                    hint="Fix or remove that record.",
-                )
-            records.append(record)
-            where.append(location)
+            problem = _problem(head, record, targets)
+            if problem is None:
+                records.append(record)
+                where.append(f"{path}: record {number}")
+                if report is not None:
+                    report.records_read += 1
+                    report.records_kept += 1
+            elif report is None:
+                raise DharmaError(f"{path}: record {number}: {problem}", hint="Fix or remove that record.")
+            else:
+                report.malformed(str(path), number, problem)
     if not records:
-        raise DharmaError(f"no records in {', '.join(str(f) for f in files)}")
+        summary = f" ({report.summary()})" if report is not None else ""
+        raise DharmaError(f"no usable records in {', '.join(str(f) for f in files)}{summary}")
     return HeadRecords(records, where)
+
+
+class _NotJson(str):
+    """A JSONL line that did not parse: what was wrong, in place of the record."""
+
+
+def _problem(head: type[HeadModule], record: Any, targets: bool) -> str | None:
+    """Why ``record`` cannot be used by ``head``; None when it can."""
+    if isinstance(record, _NotJson):
+        return str(record)
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    needed = [*head.inputs, *(head.targets if targets else ())]
+    missing = [
+        name
+        for name in needed
+        if all(record.get(k) in (None, "") for k in (name, *head.field_aliases.get(name, ())))
+    ]
+    if missing:
+        wanted = " or ".join(repr(m) for m in missing)
+        return f"no {wanted} field ({head.name} records need {', '.join(needed)})"
+    return None
 
 
 def _jsonl(path: Path) -> list[tuple[int, Any]]:
@@ -84,16 +116,16 @@ def _jsonl(path: Path) -> list[tuple[int, Any]]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
         raise DharmaError(f"{path}: cannot read ({err})") from None
-    out = []
+    out: list[tuple[int, Any]] = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             out.append((number, json.loads(line)))
         except json.JSONDecodeError as err:
-            raise DharmaError(f"{path}: record {number}: not JSON ({err.msg})") from None
+            out.append((number, _NotJson(f"not JSON ({err.msg})")))
         except RecursionError:
-            raise DharmaError(f"{path}: record {number}: {TOO_DEEP}") from None
+            out.append((number, _NotJson(TOO_DEEP)))
     return out
 
 

@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .padding import save_tokenizer
 from .version import __version__
 
 CARD = "README.md"
@@ -329,8 +330,6 @@ def push_to_hub(model: Any, repo_id: str, *, tokenizer: Any = None, **options: A
     in the directory the model was loaded from. ``options``: as PreTrainedModel.push_to_hub.
     """
     from transformers.utils.hub import hf_api
-
-    from .checkpoint import save_tokenizer
 
     source = _local_source(model)
     repo = hf_api().create_repo(

@@ -198,6 +198,10 @@ class TrainSection(_Section):
     # Under torchrun: "ddp" keeps a whole copy of the model per process; "fsdp" shards parameters,
     # gradients and optimizer state over the processes (FSDP2), for backbones one card cannot hold.
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    # torch.compile the training forward (see train/compiled.py); one process, no gradient
+    # checkpointing. compile_mode is torch.compile's mode ("reduce-overhead": CUDA graphs on CUDA).
+    compile: bool = False
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune"] = "default"
 
 
 class FinetuneSection(_Section):

@@ -154,7 +154,7 @@ class DharmaModule(_Plugin):
     the residual delta at the tokens ``x = ctx.pick(hidden)`` only (``hidden`` is there for
     blocks that read other positions). A module written token-wise gets ``forward`` from
     it, and under routed composition computes nothing at the tokens not routed to it.
-    A family may also define ``grouped_tokens(members, x)``, its computation for several
+    A family may also define ``grouped_tokens(members, x, where)``, its computation for several
     modules at once (see :mod:`dharma_kernel.grouped`); a subclass that overrides its
     family's computation without one runs alone.
     """

@@ -10,7 +10,7 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from .cpu_linear import Linear
-from .grouped import run_groups
+from .grouped import plan_runs, run_group, run_groups
 from .module_cache import extend_stream, peek_stream
 from .protocol import DharmaModule, ModuleContext, ModuleOutput, TokenOutput, computes_tokens
 from .routing import concept_evidence
@@ -103,6 +103,9 @@ class ModuleStack(nn.Module):
         # Routed and parallel: modules of one family and config run as one group (dharma_kernel.grouped);
         # False runs every module alone, the reference the grouped path is tested against.
         self.grouped = True
+        # plan_runs depends on the members only: worked out once here, not in every forward
+        # (where torch.compile could not trace it and broke the graph).
+        self._runs = {grouped: plan_runs(modules, grouped) for grouped in (True, False)}
 
     def router_parameters(self) -> list[nn.Parameter]:
         """The stack's own parameters, not its modules': the router and its token table."""
@@ -187,7 +190,9 @@ class ModuleStack(nn.Module):
         result = StackResult(hidden, {}, {})
         delta = torch.zeros_like(hidden)
         members = list(self.members.values())
-        together = self._run_groups(members, [hidden.flatten(0, 1)] * len(members))
+        every = torch.arange(hidden.shape[0] * hidden.shape[1], device=hidden.device)
+        rows = [every] * len(members)
+        together = run_groups(members, hidden, ctx, rows, self._runs[True]) if self.grouped else {}
         for index, (ref, module) in enumerate(zip(self.refs, members, strict=True)):
             if index in together:
                 out = _placed(together[index], hidden)
@@ -206,50 +211,65 @@ class ModuleStack(nn.Module):
         top_weight = top_weight / top_weight.sum(-1, keepdim=True)
         chosen = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_index, True)
         real = real_tokens(attention_mask, hidden)
+        active = chosen & real[..., None]  # [B, T, M]
         if self.dense_routing:
-            active = chosen & real[..., None]
             return self._routed_dense(result, attention_mask, past, top_index, top_weight, active)
-        shared: dict = {}
-        contexts = [
-            ModuleContext(attention_mask, past, chosen[..., m] & real, shared=shared)
-            for m in range(len(self.refs))
-        ]
-        # Every module's tokens, module after module: one gather of them all and one scatter of
-        # all the deltas, so backward has one of each too. A switched-off module gets none.
-        running = [
-            ctx.rows[:0] if ref in self.disabled else ctx.rows
-            for ref, ctx in zip(self.refs, contexts, strict=True)
-        ]
-        rows = torch.cat(running)
-        tokens = hidden.flatten(0, 1).index_select(0, rows).split([len(r) for r in running])
-        deltas, unused = [], []
+        runs = active
+        if self.disabled:  # a switched-off module gets no tokens
+            on = [ref not in self.disabled for ref in self.refs]
+            runs = active & torch.tensor(on, device=active.device)
+        # Every (module, token) pair that runs, from one nonzero: module after module, a group's
+        # members next to each other (dharma_kernel.grouped), each module's tokens ascending. One
+        # gather of all their inputs and one scatter of all the deltas, so backward has one of each.
         members = list(self.members.values())
-        together = self._run_groups(members, tokens)
-        for index, (ref, module, ctx, x) in enumerate(zip(self.refs, members, contexts, tokens, strict=True)):
-            if not len(x):  # no token chose it (or switched off): skipped, score zero
-                result.scores[ref], result.active[ref] = hidden.new_zeros(hidden.shape[:2]), ctx.active
-                unused.append(module)
+        order = self._runs[self.grouped]
+        ranked = torch.tensor([m for indices in order for m in indices], device=hidden.device)
+        pairs = runs.flatten(0, 1).index_select(1, ranked).t().nonzero()
+        module = ranked.index_select(0, pairs[:, 0])
+        rows = pairs[:, 1]
+        counts = torch.bincount(module, minlength=len(members)).tolist()
+        x = hidden.flatten(0, 1).index_select(0, rows)
+        deltas, scores, unused = [], [], []
+        stack_ctx = ModuleContext(attention_mask, past)  # its shared results serve every module
+        start = 0
+        for indices in order:
+            running = [m for m in indices if counts[m]]
+            unused += [members[m] for m in indices if not counts[m]]
+            size = sum(counts[m] for m in running)
+            at = slice(start, start + size)
+            start += size
+            if len(running) > 1:
+                group = [members[m] for m in running]
+                out = run_group(group, x[at], [counts[m] for m in running], hidden, stack_ctx, rows[at])
+            elif running:
+                m = running[0]
+                ctx = ModuleContext(attention_mask, past, active[..., m], rows[at], stack_ctx.shared)
+                out = _at_tokens(members[m], x[at], hidden, ctx)
+                _record_extras(result, self.refs[m], out)
+            else:
                 continue
-            out = together[index] if index in together else _at_tokens(module, x, hidden, ctx)
-            deltas.append(out.delta.to(hidden.dtype))
-            # a score only where the module ran: per token, whatever else is in the batch
-            _record(result, ref, out, ctx.place(out.score, *hidden.shape[:2]), ctx.active)
+            deltas.append(out.delta)
+            scores.append(out.score)
+        # scores: a module's own where it ran, zero elsewhere (and where it did not run at all)
+        tokens = hidden.shape[0] * hidden.shape[1]
+        placed = hidden.new_zeros(len(members) * tokens)
         if deltas:
-            weight = _pair_weights(probs.shape[-1], top_index, top_weight, running).to(hidden.dtype)
-            delta = torch.cat(deltas) * weight[:, None]
+            weights = top_weight.new_zeros(probs.shape).scatter(-1, top_index, top_weight).flatten(0, 1)
+            delta = _as(torch.cat(deltas), hidden.dtype) * _as(weights[rows, module], hidden.dtype)[:, None]
             result.hidden = hidden.flatten(0, 1).index_add(0, rows, delta).view_as(hidden)
+            score = torch.cat(scores)
+            placed = score.new_zeros(len(members) * tokens).index_copy(0, module * tokens + rows, score)
+        placed = placed.view(len(members), *hidden.shape[:2])
+        for m, ref in enumerate(self.refs):
+            result.scores[ref], result.active[ref] = placed[m], active[..., m]
         result.losses["router_balance"] = _balance_loss(probs, chosen, real, self.top_k)
         if self.touch_unused and torch.is_grad_enabled():
             skipped = {id(m) for m in unused}
-            members = self.members.values()
             self.idle = [idle and id(m) in skipped for idle, m in zip(self.idle, members, strict=True)]
             if unused:
                 zero = sum(p.sum() for m in unused for p in m.parameters() if p.requires_grad) * 0.0
                 result.hidden = result.hidden + zero
         return result
-
-    def _run_groups(self, members: list[DharmaModule], tokens: list[torch.Tensor]) -> dict:
-        return run_groups(members, tokens) if self.grouped else {}
 
     def _routed_dense(self, result, attention_mask, past, top_index, top_weight, active) -> StackResult:
         """``_routed``'s hidden states and scores (no balance loss), from full forwards of every module."""
@@ -267,15 +287,9 @@ class ModuleStack(nn.Module):
         return result
 
 
-def _pair_weights(
-    modules: int, top_index: torch.Tensor, top_weight: torch.Tensor, running: list[torch.Tensor]
-) -> torch.Tensor:
-    """The router's weight of each (token, module) pair that runs, in the order of the modules' rows."""
-    weights = top_weight.new_zeros(*top_weight.shape[:-1], modules).scatter(-1, top_index, top_weight)
-    weights = weights.flatten()  # [B * T * M]
-    counts = torch.tensor([len(rows) for rows in running], device=top_index.device)
-    module = torch.arange(modules, device=top_index.device).repeat_interleave(counts)
-    return weights.index_select(0, torch.cat(running) * modules + module)
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``, without an op when it is already."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _placed(out: TokenOutput, hidden: torch.Tensor) -> ModuleOutput:
@@ -322,6 +336,11 @@ def _record(
     """Keep a module's score ``[B, T]``, where it ran ``[B, T]``, and its named losses and metrics."""
     result.scores[ref] = score
     result.active[ref] = active
+    _record_extras(result, ref, out)
+
+
+def _record_extras(result: StackResult, ref: str, out: ModuleOutput | TokenOutput) -> None:
+    """Keep a module's named losses and metrics."""
     for name, value in out.losses.items():
         result.losses[f"{ref}/{name}"] = value
     for name, value in out.metrics.items():

@@ -17,6 +17,7 @@ from rich.logging import RichHandler
 from trainkit import write_manifest
 
 from dharma_kernel import cli
+from dharma_kernel.cli import options as shared
 from dharma_kernel.logs import set_level, setup_logging
 from dharma_kernel.testing import run_cli as dharma
 
@@ -43,13 +44,13 @@ def test_every_table_command_takes_the_shared_json_and_quiet_options():
         if name in TABLE_COMMANDS | OTHER_RESULT_COMMANDS or "--json" in opts or "--quiet" in opts:
             assert "--json" in opts and "--quiet" in opts and "-q" in opts, name
             # the shared options, whose callbacks keep stdout for the JSON and silence it for --quiet
-            assert getattr(opts["--json"].callback, "__wrapped__", None) is cli._json, name
-            assert getattr(opts["--quiet"].callback, "__wrapped__", None) is cli._quiet, name
+            assert getattr(opts["--json"].callback, "__wrapped__", None) is shared._json, name
+            assert getattr(opts["--quiet"].callback, "__wrapped__", None) is shared._quiet, name
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    from dharma_kernel.train.session import TrainOptions, train
+    from dharma_kernel.train.run import TrainOptions, train
 
     folder = tmp_path_factory.mktemp("conventions")
     manifest = write_manifest(folder, train={"max_steps": 4, "eval_every": 4})

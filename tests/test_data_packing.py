@@ -197,3 +197,19 @@ def test_a_batch_is_what_the_model_takes():
     assert torch.isfinite(output.loss)
     assert set(output.losses) >= {"lm", "concept"}
     assert isinstance(packed, PackedData) and packed.batch(slice(0, 2))["input_ids"].shape == (2, 6)
+
+
+def test_ids_without_offsets_are_those_the_tokenizer_gives():
+    # Without concept labels packing asks the Rust tokenizer for ids only (no offsets).
+    from dharma_kernel.data.packing import _tokenize
+
+    tokenizer = train_tokenizer(["karma yoga <|endoftext|> seva धर्म"] * 4, vocab_size=300)
+    texts = ["karma <|endoftext|> yoga", "धर्म  seva\n\n\tkarma", "", "<|user|> hi"]
+    tokenizer.backend_tokenizer.encode_special_tokens = False  # as a tokenizer starts out
+
+    ids = _tokenize(tokenizer, texts, with_offsets=False)[0]
+
+    assert tokenizer.backend_tokenizer.encode_special_tokens is False  # left as it was
+    assert ids == tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert _tokenize(tokenizer, texts, with_offsets=True)[0] == ids
+    assert tokenizer.eos_token_id not in ids[0]

@@ -13,7 +13,7 @@ from trainkit import write_manifest
 from dharma_kernel.testing import cli_output as dharma
 from dharma_kernel.testing import run_cli
 from dharma_kernel.train.progress import item_bar
-from dharma_kernel.train.session import TrainOptions, train
+from dharma_kernel.train.run import TrainOptions, train
 
 GOOD = [
     "Dharma is the duty that holds a life together in every season.",

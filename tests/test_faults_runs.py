@@ -21,7 +21,7 @@ from trainkit import weights, write_manifest
 from dharma_kernel.errors import DharmaError
 from dharma_kernel.losses import concept_loss
 from dharma_kernel.testing import one_thread
-from dharma_kernel.train.session import TrainOptions, train
+from dharma_kernel.train.run import TrainOptions, train
 
 QUIET = Console(quiet=True)
 

@@ -135,3 +135,54 @@ def test_selecting_by_an_eval_score_without_an_eval_set_is_refused(capsys, task,
     assert code == 2
     assert "error: selecting the checkpoint by eval metric needs an eval set" in err
     assert "--eval FILE" in err and not (tmp_path / "app").exists()
+
+
+def test_resuming_with_another_select_is_refused_and_the_run_is_left_as_it_was(capsys, task, tmp_path):
+    foundation, train, test = task
+    app = tmp_path / "app"
+    base = ["finetune", foundation, "--head", "classification", "--data", train, "--eval", test, "-o", app,
+            "--eval-every", 2, "--max-length", 32]  # fmt: skip
+    dharma(capsys, *base, "--max-steps", 2, "--select", "loss")
+    run = tmp_path / "app-run"
+
+    def state():
+        return sorted(p.name for p in (run / "checkpoints").iterdir()), (run / "metrics.jsonl").read_text()
+
+    before = state()
+
+    code, _, err = run_cli(capsys, *base, "--max-steps", 4, "--resume", "--select", "metric")
+    assert code == 2
+    assert f"error: {run} was started with --select loss; resuming it with --select metric" in err
+    assert "Resume with --select loss" in err
+    assert state() == before
+
+    dharma(capsys, *base, "--max-steps", 4, "--resume", "--select", "loss")  # the run's own rule goes on
+    assert max(json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_malformed_task_records_are_counted_and_skipped_or_stop_a_strict_run(capsys, caplog, task, tmp_path):
+    foundation, train, test = task
+    lines, held_out = train.read_text().splitlines(), len(test.read_text().splitlines())
+    noisy = tmp_path / "noisy.jsonl"
+    broken = ["{broken", json.dumps({"text": "no label here"})]  # records 2 and 3
+    noisy.write_text("\n".join([lines[0], *broken, *lines[1:]]) + "\n")
+    app = tmp_path / "app"
+    printed = dharma(capsys, "finetune", foundation, "--head", "classification", "--data", noisy,
+                     "--eval", test, "-o", app, "--max-steps", 2, "--max-length", 32)  # fmt: skip
+    assert f"records: {len(lines) + 2 + held_out} read, {len(lines) + held_out} kept" in printed
+    assert "dropped: 0 empty, 0 too_short, 0 duplicate, 2 malformed" in printed
+    assert f"{noisy}:3: no 'label' field (classification records need text, label)" in caplog.text
+    code, _, err = run_cli(capsys, "finetune", foundation, "--head", "classification", "--data", noisy,
+                           "-o", tmp_path / "strict", "--max-steps", 2, "--strict")  # fmt: skip
+    assert code == 2 and f"error: {noisy}:2: not JSON" in err and not (tmp_path / "strict").exists()
+
+    code, out, err = run_cli(capsys, "eval", app, "--data", noisy, "--json")
+    assert code == 0
+    report = json.loads(out)["data"]
+    assert (report["records_read"], report["records_kept"], report["dropped"]["malformed"]) == (
+        len(lines) + 2, len(lines), 2)  # fmt: skip
+    assert report["problems"][0].startswith(f"{noisy}:2: not JSON")
+    assert f"{noisy}:3: no 'label' field" in report["problems"][1]
+    assert f"{noisy}:2: not JSON" in err  # warned on stderr as dharma train warns
+    code, _, err = run_cli(capsys, "eval", app, "--data", noisy, "--strict")
+    assert code == 2 and f"error: {noisy}:2: not JSON" in err

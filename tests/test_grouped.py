@@ -8,12 +8,13 @@ import torch
 from dharma_kernel import registry
 from dharma_kernel.assemble import build_model
 from dharma_kernel.catalogue import standard_refs
+from dharma_kernel.export import dense_routing
 from dharma_kernel.grouped import group_key, run_groups
 from dharma_kernel.protocol import ModuleContext
 from dharma_kernel.stack import COMPOSITIONS
 from dharma_kernel.testing import perturb, tiny_backbone_config
 
-FAMILIES = ("paths", "consciousness", "life", "energy", "crisis", "darshanas")
+DARSHANAS = [r for r in standard_refs() if r.startswith("darshanas.")][:4]
 
 
 def module_class(ref: str) -> type:
@@ -70,18 +71,36 @@ def test_grouped_logits_losses_and_gradients_equal_per_module(composition, batch
         torch.testing.assert_close(grouped[2][name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_groups_form_for_every_position_wise_family_and_attention_runs_alone():
+@pytest.mark.parametrize("off", [[], ["paths.seva", "darshanas.vedanta", "paths.yoga"]])
+def test_routed_grouped_equals_dense_routing_with_every_module(off, batch):
+    """The routed stack's one gather and one scatter, which both paths share, against dense routing
+    (every module at every token, weighted; the exporter's form, separate code), modules of a group
+    switched off too."""
+    model = all_modules("routed").eval()
+    ids, mask = batch
+    with torch.no_grad(), model.switched_off(off):
+        routed = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        with dense_routing(model):
+            dense = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(routed, dense, rtol=1e-5, atol=1e-5)
+    if off:  # the switched-off modules did run before: switching them off changes the output
+        with torch.no_grad():
+            full = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        assert not torch.allclose(routed, full, atol=1e-4)
+
+
+def test_groups_form_for_every_standard_family():
     keys = {
         ref: group_key(module_class(ref)(32, module_class(ref).make_config("tiny")))
         for ref in standard_refs()
     }
-    for ref, key in keys.items():
-        family = ref.split(".")[0]
-        attends = family == "darshanas" or ref in ("paths.jnana", "paths.yoga")
-        assert (key is None) == attends, ref
-    # all consciousness modules share one group; paths without memory one, karma (memory) another
+    assert all(key is not None for key in keys.values())
+    # all consciousness modules share one group; paths without memory one, karma (memory) another,
+    # the multi-view paths a third; the darshanas (attention) one
     assert len({keys[r] for r in standard_refs() if r.startswith("consciousness.")}) == 1
+    assert len({keys[r] for r in standard_refs() if r.startswith("darshanas.")}) == 1
     assert keys["paths.ahimsa"] == keys["paths.seva"] != keys["paths.karma"]
+    assert keys["paths.jnana"] == keys["paths.yoga"] not in (keys["paths.ahimsa"], keys["paths.karma"])
 
 
 def test_a_plugin_that_overrides_its_computation_runs_alone():
@@ -106,11 +125,41 @@ def test_each_family_grouped_equals_forward_tokens_with_uneven_and_empty_shares(
         for i, r in enumerate(refs)
     ]
     hidden = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(0))
-    tokens = [hidden.flatten(0, 1)[:7], hidden.flatten(0, 1)[2:3], hidden.flatten(0, 1)[:0]]
-    together = run_groups(members, tokens)
+    rows = [torch.arange(7), torch.arange(2, 3), torch.arange(0)]
+    together = run_groups(members, hidden, ModuleContext(), rows)
     assert sorted(together) == [0, 1]  # a module without tokens is not run
     for index in (0, 1):
-        expected = members[index].forward_tokens(tokens[index], hidden, ModuleContext())
+        x = hidden.flatten(0, 1)[rows[index]]
+        expected = members[index].forward_tokens(x, hidden, ModuleContext(rows=rows[index]))
+        torch.testing.assert_close(together[index].delta, expected.delta, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(together[index].score, expected.score, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("refs", [["paths.jnana", "paths.yoga", "paths.jnana"], DARSHANAS])
+def test_attention_groups_equal_forward_tokens_with_padding_and_a_cached_past(refs):
+    """Attention families: per (module, sequence) uneven queries, padding keys, and cached positions."""
+    members = [
+        perturb(module_class(r)(32, module_class(r).make_config("tiny")), seed=i, std=0.3)
+        for i, r in enumerate(refs)
+    ]
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 5, 32, generator=generator)
+    past = torch.randn(3, 4, 32, generator=generator)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :6] = 0  # left padding, into the current positions
+    mask[2, 2:4] = 0  # a hole in the cached past
+    rows = [
+        torch.tensor([0, 3, 4, 7, 12, 14]),
+        torch.tensor([9]),
+        torch.tensor([5, 6, 8, 10]),
+        torch.arange(0),
+    ]
+    rows = rows[: len(members)]
+    together = run_groups(members, hidden, ModuleContext(mask, past), rows)
+    assert sorted(together) == [i for i, r in enumerate(rows) if len(r)]
+    for index in together:
+        x = hidden.flatten(0, 1)[rows[index]]
+        expected = members[index].forward_tokens(x, hidden, ModuleContext(mask, past, rows=rows[index]))
         torch.testing.assert_close(together[index].delta, expected.delta, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(together[index].score, expected.score, rtol=1e-5, atol=1e-6)
 

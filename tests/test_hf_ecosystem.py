@@ -25,7 +25,7 @@ from transformers import (
 )
 
 import dharma_kernel
-from dharma_kernel import checkpoint
+from dharma_kernel import checkpoint, padding
 from dharma_kernel.assemble import build, plan_manifest
 from dharma_kernel.data.tokenizer import END_OF_TEXT, train_tokenizer
 from dharma_kernel.manifest import parse_manifest
@@ -99,7 +99,7 @@ def test_a_saved_tokenizer_pads_left_so_a_batch_generates_what_each_prompt_gives
     # generation-ready too, and the object given is left as it was.
     own = copy.deepcopy(built[2])
     own.padding_side, own.pad_token = "right", None
-    checkpoint.save_tokenizer(own, tmp_path)
+    padding.save_tokenizer(own, tmp_path)
     reloaded = AutoTokenizer.from_pretrained(tmp_path)
     assert (reloaded.padding_side, reloaded.pad_token) == ("left", END_OF_TEXT)
     assert (own.padding_side, own.pad_token) == ("right", None)

@@ -157,6 +157,8 @@ def test_defaults():
             "max_nonfinite": 5,
             "tensorboard": False,
             "distributed": "ddp",
+            "compile": False,
+            "compile_mode": "default",
         },
     }
     m = parse_manifest("")
@@ -304,7 +306,8 @@ def test_every_problem_is_listed_on_its_own_line():
         "m.toml: train.lr: unknown key; valid keys: epochs, max_steps, batch_size, grad_accum, "
         "learning_rate, weight_decay, warmup_fraction, precision, gradient_checkpointing, schedule, "
         "output, seed, eval_every, eval_tokens, save_every, keep_last, log_every, max_grad_norm, "
-        "optimizer_in_backward, optimizer_state, max_nonfinite, tensorboard, distributed",
+        "optimizer_in_backward, optimizer_state, max_nonfinite, tensorboard, distributed, compile, "
+        "compile_mode",
     ]
 
 

@@ -28,7 +28,7 @@ from venvkit import (
 )
 
 from dharma_kernel import registry
-from dharma_kernel.cli_new_plugin import plan_plugin
+from dharma_kernel.cli.new_plugin import plan_plugin
 from dharma_kernel.errors import DharmaError
 from dharma_kernel.plugin_template import kernel_requirement
 from dharma_kernel.version import MODULE_API, __version__

@@ -27,7 +27,7 @@ from venvkit import (
 from dharma_kernel import registry
 from dharma_kernel.assemble import build_on_meta, plan, select_modules
 from dharma_kernel.catalogue import FAMILIES, family_problem, standard_refs
-from dharma_kernel.cli_new_plugin import plan_plugin
+from dharma_kernel.cli.new_plugin import plan_plugin
 from dharma_kernel.errors import DharmaError
 from dharma_kernel.freeze import freeze_groups, parameter_table
 from dharma_kernel.manifest import parse_manifest

@@ -27,7 +27,7 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/ch
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A real 12-step run of the tiny 2-module model, evaluated every 4 steps."""
-    from dharma_kernel.train.session import TrainOptions, train
+    from dharma_kernel.train.run import TrainOptions, train
 
     folder = tmp_path_factory.mktemp("report")
     manifest = write_manifest(folder, train={"max_steps": 12, "eval_every": 4})

@@ -11,7 +11,7 @@ from trainkit import weights, write_manifest
 
 from dharma_kernel.errors import DharmaError
 from dharma_kernel.model import DharmaModel
-from dharma_kernel.train.session import TrainOptions, train
+from dharma_kernel.train.run import TrainOptions, train
 
 QUIET = Console(quiet=True)
 

@@ -26,14 +26,15 @@ from .split import split_records
 
 if TYPE_CHECKING:
     from .dataset import DataRecords, prepare_data, read_data
-    from .packing import PackedData, pack
+    from .packed import PackedData
+    from .packing import pack
     from .tokenizer import resolve_tokenizer, train_tokenizer
 
 _LAZY = {
     "DataRecords": "dataset",
     "prepare_data": "dataset",
     "read_data": "dataset",
-    "PackedData": "packing",
+    "PackedData": "packed",
     "pack": "packing",
     "resolve_tokenizer": "tokenizer",
     "train_tokenizer": "tokenizer",

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import DharmaError
+from ..padding import pad_id
 from .records import Record
 from .report import DataReport
 
 if TYPE_CHECKING:
     from ..concepts import Lexicon
-    from .packing import PackedData
+    from .packed import PackedData
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -226,8 +227,7 @@ def pack_conversations(
     import numpy as np
     import torch
 
-    from .packing import PackedData
-    from .tokenizer import pad_id
+    from .packed import PackedData
 
     report = DataReport() if report is None else report
     ensure_chat_template(tokenizer)

@@ -6,7 +6,7 @@ import hashlib
 import html
 import re
 import unicodedata
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from .records import Record
@@ -48,26 +48,67 @@ def clean_text(text: str) -> str:
     at most one blank line in a row. Letters of every script, Devanagari and IAST
     diacritics included, are kept as they are (in NFC).
     """
+    for needed, step in _STEPS:
+        if needed(text):
+            text = step(text)
+    return text
+
+
+def _has(*marks: str) -> Callable[[str], bool]:
+    """Whether the text holds one of ``marks``: a step whose pattern needs one is skipped
+    without them (a substring search costs far less than a regular expression's pass)."""
+    if len(marks) == 1:
+        mark = marks[0]
+        return lambda text: mark in text
+    return lambda text: any(mark in text for mark in marks)
+
+
+def _always(text: str) -> bool:
+    return True
+
+
+def _newlines(text: str) -> str:
     text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\u2028", "\n").replace("\u2029", "\n\n")
-    text = text.replace("\x0b", "\n").replace("\x0c", "\n")
-    text = _HTML_COMMENT.sub("", text)
-    text = _HTML_BREAK.sub("\n", text)
-    text = _HTML_TAG.sub("", text)
-    text = html.unescape(text)
-    text = _CONTROL.sub("", _INVISIBLE.sub("", text))
-    text = _URL.sub("", _MD_LINK.sub(r"\1", text))
-    text = _MD_HEADING.sub("", text)
-    text = _MD_STRONG.sub(r"\2", text)
-    text = _MD_EMPHASIS.sub(lambda match: match.group(1) or match.group(2), text)
-    text = _DECORATION.sub(" ", text)
-    text = _LONG_ELLIPSIS.sub("...", _REPEATED_MARK.sub(r"\1", text))
-    text = _SPACES.sub(" ", text)
-    text = "\n".join(line.strip() for line in text.split("\n"))
-    return unicodedata.normalize("NFC", _BLANK_LINES.sub("\n\n", text).strip())
+    return text.replace("\x0b", "\n").replace("\x0c", "\n")
+
+
+def _spaced(text: str) -> bool:
+    # After the steps before, ASCII text holds no whitespace but " " and "\n" unless a tab.
+    return not text.isascii() or "  " in text or "\t" in text
+
+
+def _edges(text: str) -> bool:
+    # Only " " and "\n" are whitespace by now, so a line has spaces to strip only here.
+    return " \n" in text or "\n " in text or text.startswith(" ") or text.endswith(" ")
+
+
+# Each step with the test that must hold for it to change anything, in order.
+_STEPS: tuple[tuple[Callable[[str], bool], Callable[[str], str]], ...] = (
+    (_has("\r", "\u2028", "\u2029", "\x0b", "\x0c"), _newlines),
+    (_has("<!--"), lambda text: _HTML_COMMENT.sub("", text)),
+    (_has("<"), lambda text: _HTML_TAG.sub("", _HTML_BREAK.sub("\n", text))),
+    (_always, html.unescape),  # returns at once without "&"
+    (lambda text: not text.isascii(), lambda text: _INVISIBLE.sub("", text)),
+    (_always, lambda text: _CONTROL.sub("", text)),
+    (_has("://", "www."), lambda text: _URL.sub("", _MD_LINK.sub(r"\1", text))),
+    (_has("#"), lambda text: _MD_HEADING.sub("", text)),
+    (_has("**", "__"), lambda text: _MD_STRONG.sub(r"\2", text)),
+    (_has("*", "_"), lambda text: _MD_EMPHASIS.sub(lambda match: match.group(1) or match.group(2), text)),
+    (_has("====", "----", "____", "****", "~~~~", "####", "++++"), lambda text: _DECORATION.sub(" ", text)),
+    (_has("!!", "??", ",,", ";;", "::"), lambda text: _REPEATED_MARK.sub(r"\1", text)),
+    (_has("...."), lambda text: _LONG_ELLIPSIS.sub("...", text)),
+    (_spaced, lambda text: _SPACES.sub(" ", text)),
+    (_edges, lambda text: "\n".join(line.strip() for line in text.split("\n"))),
+    (_has("\n\n\n"), lambda text: _BLANK_LINES.sub("\n\n", text)),
+    (_always, lambda text: unicodedata.normalize("NFC", text.strip())),
+)
 
 
 def clean_record(record: Record) -> Record:
     """``record`` with :func:`clean_text` applied to its text, messages and pair."""
+    if record.messages is None and record.pair is None:  # most records: no copy when already clean
+        text = clean_text(record.text)
+        return record if text == record.text else replace(record, text=text)
     messages = record.messages
     if messages is not None:
         messages = [{**turn, "content": clean_text(str(turn.get("content", "")))} for turn in messages]

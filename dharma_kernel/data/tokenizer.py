@@ -5,7 +5,7 @@ diacritics and runs of whitespace included, encodes to tokens that decode back t
 it exactly, and nothing is ever an unknown token. It carries the chat template
 (:data:`~dharma_kernel.data.chat.CHAT_TEMPLATE`) and its role markers as special
 tokens, and pads on the left, as batched generation needs. Save it with
-:func:`~dharma_kernel.checkpoint.save_tokenizer` (or ``tokenizer.save_pretrained(directory)``);
+:func:`~dharma_kernel.padding.save_tokenizer` (or ``tokenizer.save_pretrained(directory)``);
 ``AutoTokenizer.from_pretrained(directory)`` loads it back.
 """
 
@@ -24,14 +24,6 @@ if TYPE_CHECKING:
 __all__ = ["END_OF_TEXT", "resolve_tokenizer", "train_tokenizer"]
 
 END_OF_TEXT = "<|endoftext|>"  # GPT-2's: ends every document; also the bos and pad token
-
-
-def pad_id(tokenizer: Any) -> int:
-    """The id that pads a batch: the tokenizer's pad token, else its end-of-text token, else 0."""
-    for value in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if value is not None:
-            return int(value)
-    return 0
 
 
 def train_tokenizer(

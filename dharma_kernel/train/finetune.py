@@ -16,6 +16,7 @@ chance), and with an eval set it stops once ``patience`` evaluations found nothi
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..data.report import DataReport
 from ..errors import DharmaError
 from .loop import Loop
 from .precision import autocast
@@ -43,11 +45,20 @@ class HeadReport:
     eval: int
     head: str
     config: dict[str, Any]
+    data: DataReport
+
+    @property
+    def problems(self) -> list[tuple[str, int, str]]:
+        return self.data.problems
+
+    def problems_summary(self) -> str:
+        return self.data.problems_summary()
 
     def summary(self) -> str:
         learned = {k: v for k, v in self.config.items() if isinstance(v, list) and v}
         extra = "".join(f"; {k}: {', '.join(map(str, v))}" for k, v in learned.items())
-        return f"{self.head}: {self.train} training records, {self.eval} eval records{extra}"
+        records = f"{self.head}: {self.train} training records, {self.eval} eval records{extra}"
+        return f"{self.data.summary()}\n{records}"
 
 
 class FinetuneSession(_Session):
@@ -94,17 +105,29 @@ class FinetuneSession(_Session):
             data = (tokenizer, *self._lm_data(tokenizer))
         else:
             data = (tokenizer, *self._head_data(tokenizer, length))
-        self.select = self._selection(has_eval=data[2] is not None)
+        self.select = self._selection(has_eval=data[2] is not None, latest=latest)
         return data
 
-    def _selection(self, has_eval: bool) -> str:
+    def _selection(self, has_eval: bool, latest: Path | None) -> str:
         select = self.manifest.finetune.select
         if select in ("loss", "metric") and not has_eval:
             raise DharmaError(
                 f"selecting the checkpoint by eval {select} needs an eval set",
                 hint="Pass --eval FILE (or list [data] eval), or --select last.",
             )
-        return select or ("metric" if has_eval else "last")
+        select = select or ("metric" if has_eval else "last")
+        before = _saved_selection(latest) if latest is not None else None
+        if before is not None and before != select:
+            # The run's best checkpoint so far was chosen by the other rule: mixing the two
+            # would make the application neither the best by one nor by the other.
+            raise DharmaError(
+                f"{self.run_dir.root} was started with --select {before}; resuming it with "
+                f"--select {select} would mix two ways of choosing the application",
+                hint=f"Resume with --select {before}, or start a new run (--output DIR) to use {select}.",
+            )
+        # Saved with each checkpoint, so a resume can be checked against it.
+        self.plan.config.manifest.setdefault("finetune", {})["select"] = select
+        return select
 
     # -- the schedule and which checkpoint is kept ---------------------------------------
 
@@ -204,7 +227,9 @@ class FinetuneSession(_Session):
         paths = self.options.data or [self.manifest.resolve_path(p) for p in self.manifest.data.train]
         if not paths:
             raise DharmaError("no training data: pass --data FILE or list [data] train = [...]")
-        records = read_head_records(cls, paths)
+        strict = self.manifest.data.strict if self.options.strict is None else self.options.strict
+        data_report = DataReport(strict=strict)
+        records = read_head_records(cls, paths, report=data_report)
         config = plugin_config(cls, {**cls.make_config(None).model_dump(), **spec.config}, "heads[0].config")
         fitted = {"plugin": cls.name, "config": fit_head_config(cls, config, records).model_dump(mode="json")}
         layout = self.plan.config.layout
@@ -216,10 +241,10 @@ class FinetuneSession(_Session):
         eval_data = None
         if self.manifest.data.eval:
             held_out = read_head_records(
-                cls, [self.manifest.resolve_path(p) for p in self.manifest.data.eval]
+                cls, [self.manifest.resolve_path(p) for p in self.manifest.data.eval], report=data_report
             )
             eval_data = encode_records(encoder, held_out, tokenizer, length)
-        report = HeadReport(len(train_data), len(eval_data or []), cls.name, fitted["config"])
+        report = HeadReport(len(train_data), len(eval_data or []), cls.name, fitted["config"], data_report)
         return train_data, eval_data, report
 
     def _model(self, latest: Path | None, build: Any) -> Any:
@@ -337,3 +362,14 @@ def evaluate_head(
     scores = head.metrics(predictions, data.records)
     return {"eval_loss": loss_sum / len(data), "eval_records": float(len(data)),
             **{f"eval_{k}": float(v) for k, v in scores.items()}}  # fmt: skip
+
+
+def _saved_selection(checkpoint: Path) -> str | None:
+    """The ``select`` rule a fine-tuning checkpoint was saved under; None for runs saved before
+    the rule was recorded."""
+    try:
+        manifest = json.loads((checkpoint / "config.json").read_text())["manifest"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    select = (manifest.get("finetune") or {}).get("select")
+    return select if isinstance(select, str) else None

@@ -1,4 +1,6 @@
-"""``dharma train``: a manifest, its data and a run directory turned into a finished run.
+"""The training session of ``dharma train``: a manifest, its data and a run directory turned into a
+finished run. :func:`~dharma_kernel.train.run.train` starts it (or, for ``[finetune]``, its
+subclass :class:`~dharma_kernel.train.finetune.FinetuneSession`).
 
 Setup (data, tokenizer, model, optimizer, resume) then the loop: step, log, evaluate
 every ``eval_every`` steps, checkpoint every ``save_every``, and on a stop request
@@ -19,14 +21,14 @@ import torch
 from rich.console import Console
 
 from ..errors import DharmaError
-from ..manifest import Manifest, load_manifest
-from .distributed import Dist, is_sharded, setup, teardown, wrap
+from ..manifest import Manifest
+from .compiled import check_compile, for_training
+from .distributed import Dist, is_sharded, wrap
 from .heap import keep_freed_memory
 from .loop import Loop, Progress, check_finite_weights
 from .precision import LossScale, resolve_precision
 from .progress import Reporter
 from .rundir import RunDir
-from .runlock import run_lock
 from .state import capture_rng, load_state, restore_rng, save_state
 from .windows import Windows
 
@@ -66,23 +68,6 @@ class Summary:
     best_eval: dict[str, float] = field(default_factory=dict)
 
 
-def train(manifest: str | Path | Manifest, options: TrainOptions, console: Console | None = None) -> Summary:
-    """Train what the manifest describes; with a ``[finetune]`` section, fine-tune its foundation."""
-    if not isinstance(manifest, Manifest):
-        manifest = load_manifest(manifest)
-    session: type[_Session] = _Session
-    if manifest.finetune is not None:
-        from .finetune import FinetuneSession as session
-    dist, device = setup(options.device)
-    try:
-        runner = session(manifest, options, dist, device, console or Console())
-        with run_lock(runner.run_dir.root, enabled=dist.main):
-            runner.open_run_dir()
-            return runner.run()
-    finally:
-        teardown(dist)
-
-
 class _Session:
     def __init__(
         self,
@@ -99,6 +84,7 @@ class _Session:
         self.plan = self._plan()
         self.run_dir = RunDir(self._run_root())
         self.precision = resolve_precision(self.cfg.precision, device)
+        check_compile(self.cfg, dist)
 
     def _plan(self) -> Any:
         from ..assemble import plan
@@ -156,7 +142,7 @@ class _Session:
         self.tokenizer, train_data, eval_data, report = self._data(latest)
         if self.dist.main:
             self.console.print(report.summary())
-            if getattr(report, "problems", None):  # a head's records report none: they stop at the first
+            if report.problems:
                 log.warning(report.problems_summary())
 
         groups = list(dict.fromkeys([*self.manifest.freeze.groups, *self.options.freeze]))
@@ -177,7 +163,7 @@ class _Session:
         wrapped = wrap(model, self.dist, self.device, self.cfg.distributed)
         optimizer = build_optimizer(model, self.cfg, total, self.device)  # after sharding
         loop = Loop(
-            model=wrapped,
+            model=for_training(wrapped, self.cfg),
             raw=model,
             optimizer=optimizer,
             train_data=train_data,

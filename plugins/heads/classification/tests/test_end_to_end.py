@@ -135,8 +135,11 @@ def test_bad_records_label_mismatch_and_missing_plugin_are_clear(capsys, foundat
         return path
 
     no_label = write("no_label.jsonl", [*good[:2], {"text": "A record without its label."}, *good[2:]])
-    with pytest.raises(DharmaError, match=r"no_label.jsonl: record 3: no 'label' field"):
-        finetune(capsys, foundation, tmp_path / "a", data=no_label)
+    with pytest.raises(DharmaError, match=r"no_label.jsonl:3: no 'label' field"):
+        finetune(capsys, foundation, tmp_path / "a", "--strict", data=no_label)
+    assert not (tmp_path / "a").exists()
+    printed = finetune(capsys, foundation, tmp_path / "a", "--max-steps", 1, data=no_label)
+    assert "dropped: 0 empty, 0 too_short, 0 duplicate, 1 malformed" in printed  # skipped, counted
     bad_type = write("bad_type.jsonl", [good[0], {"text": "x", "label": ["karma"]}, *good[1:]])
     with pytest.raises(
         DharmaError, match=r"bad_type.jsonl: record 2: 'label' must be a string or an integer"

@@ -1,6 +1,6 @@
 """``dharma chat``: talk to a chat model, one line a turn, the reply streamed as it is generated.
 
-Registered on :data:`dharma_kernel.cli.app` when that module imports this one.
+Registered on :data:`dharma_kernel.cli.app`.
 """
 
 from __future__ import annotations
@@ -12,13 +12,13 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from .cli import MaxNewTokensOption, TemperatureOption, TopPOption, _quiet_transformers, app, err
-from .errors import DharmaError
+from ..errors import DharmaError
+from .options import MaxNewTokensOption, TemperatureOption, TopPOption
+from .output import _quiet_transformers, err
 
 EXIT_COMMANDS = ("/exit", "/quit")
 
 
-@app.command()
 def chat(
     model_dir: Annotated[
         Path, typer.Argument(help="A run directory (its best checkpoint), a saved model or an application.")
@@ -38,9 +38,9 @@ def chat(
     """
     import torch
 
-    from .application import load_application
-    from .backbone import context_length
-    from .data.chat import ensure_chat_template, stop_token_ids
+    from ..application import load_application
+    from ..backbone import context_length
+    from ..data.chat import ensure_chat_template, stop_token_ids
 
     _quiet_transformers()
     model, tokenizer = load_application(model_dir)
@@ -96,7 +96,7 @@ def chat(
 def clean_input(line: str, tokenizer: Any) -> str:
     """The line without surrounding whitespace or the tokenizer's control tokens, which the
     template alone may write."""
-    from .data.chat import control_tokens
+    from ..data.chat import control_tokens
 
     text = line.strip()
     for token in control_tokens(tokenizer):
@@ -110,7 +110,7 @@ def build_prompt(
     """``(kept, ids)``: the latest turns whose prompt (with the assistant's opening) is at most
     ``budget`` tokens (:func:`~dharma_kernel.data.chat.fit_turns`), and that prompt's ids;
     ``(None, ids of the last exchange)`` when even that does not fit."""
-    from .data.chat import fit_turns
+    from ..data.chat import fit_turns
 
     def prompt(messages: list[dict[str, str]]) -> list[int]:
         return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True)["input_ids"])
@@ -127,7 +127,7 @@ def _generate(
     import torch
     from transformers import TextStreamer
 
-    from .data.tokenizer import pad_id
+    from ..padding import pad_id
 
     class Echo(TextStreamer):
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:

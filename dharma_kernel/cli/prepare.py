@@ -1,6 +1,6 @@
 """``dharma prepare``: a manifest's data read, cleaned, tokenized and packed once, for every run after.
 
-Registered on :data:`dharma_kernel.cli.app` when that module imports this one.
+Registered on :data:`dharma_kernel.cli.app`.
 """
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ from typing import Annotated
 
 import typer
 
-from .cli import JsonOption, QuietOption, _quiet_transformers, app, echo_json, err, out
-from .cli_train import DataOption, StrictOption
+from .options import DataOption, JsonOption, QuietOption, StrictOption
+from .output import _quiet_transformers, echo_json, err, out
 
 
-@app.command()
 def prepare(
     manifest: Annotated[Path, typer.Argument(help="The manifest TOML file.")],
     data: DataOption = None,
@@ -27,9 +26,9 @@ def prepare(
     quiet: QuietOption = False,
 ) -> None:
     """Read, clean and tokenize the data once into memory-mapped token shards; `dharma train` reuses them."""
-    from .assemble import plan
-    from .data.cache import prepare_into, prepared_data
-    from .manifest import check_requires, load_manifest
+    from ..assemble import plan
+    from ..data.cache import prepare_into, prepared_data
+    from ..manifest import check_requires, load_manifest
 
     _quiet_transformers()
     loaded = load_manifest(manifest)

@@ -1,6 +1,6 @@
 """``dharma finetune`` and ``dharma predict``, and the head half of ``dharma eval``.
 
-Registered on :data:`dharma_kernel.cli.app` when that module imports this one.
+Registered on :data:`dharma_kernel.cli.app`.
 """
 
 from __future__ import annotations
@@ -13,18 +13,9 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli import (
-    FreezeOption,
-    JsonOption,
-    QuietOption,
-    _quiet_transformers,
-    app,
-    echo_json,
-    err,
-    interrupted_line,
-    out,
-)
-from .errors import DharmaError
+from ..errors import DharmaError
+from .options import FreezeOption, JsonOption, QuietOption, StrictOption
+from .output import _quiet_transformers, echo_json, err, interrupted_line, out, print_summary_json, warn
 
 
 class Select(StrEnum):
@@ -33,7 +24,6 @@ class Select(StrEnum):
     last = "last"
 
 
-@app.command()
 def finetune(
     foundation: Annotated[
         Path, typer.Argument(help="A saved model, or a run directory (its best checkpoint).")
@@ -87,13 +77,14 @@ def finetune(
     seed: Annotated[int, typer.Option("--seed")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run beside the output.")] = False,
     device: Annotated[str | None, typer.Option("--device", help="cpu or cuda.")] = None,
+    strict: StrictOption = None,
     as_json: JsonOption = False,
     quiet: QuietOption = False,
 ) -> None:
     """Fine-tune a foundation model on task data; writes an application directory (or, --merge, a model)."""
-    from .manifest import Manifest
-    from .train.session import TrainOptions
-    from .train.session import train as run_training
+    from ..manifest import Manifest
+    from ..train.run import TrainOptions
+    from ..train.run import train as run_training
 
     _quiet_transformers()
     if max_length is None:
@@ -114,13 +105,11 @@ def finetune(
             },
         }
     )  # fmt: skip
-    summary = run_training(manifest, TrainOptions(resume=resume, device=device), out)
+    summary = run_training(manifest, TrainOptions(resume=resume, device=device, strict=strict), out)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if not as_json:
         return report_finetune(summary)
-    from .cli_train import print_summary_json
-
     print_summary_json(summary)
     _exit_if_interrupted(summary)
 
@@ -157,7 +146,7 @@ def report_finetune(summary: Any) -> None:
         out.print(f"best eval perplexity {summary.best_eval_ppl:.2f} at step {summary.best_step}")
     out.print(f"run directory: {summary.output}")
     _exit_if_interrupted(summary)
-    from .application import is_application
+    from ..application import is_application
 
     kind = "application" if is_application(summary.application) else "model"  # --merge writes a model
     chosen = f" (from {summary.selected})" if summary.selected else ""
@@ -171,15 +160,14 @@ def _exit_if_interrupted(summary: Any) -> None:
 
 
 def _default_length(foundation: Path) -> int:
-    from .backbone import context_length
-    from .train.rundir import model_directory
+    from ..backbone import context_length
+    from ..train.rundir import model_directory
 
     config = json.loads((model_directory(foundation) / "config.json").read_text())
     text = config.get("text_config") or {}
     return min(256, context_length(text, default=256))
 
 
-@app.command()
 def predict(
     application: Annotated[Path, typer.Argument(help="An application, or a model directory with a head.")],
     text: Annotated[str | None, typer.Argument(help="The text (the record's 'text' field).")] = None,
@@ -197,8 +185,8 @@ def predict(
     """Run the application's head on one record: a label and probabilities, an answer span, a translation."""
     import torch
 
-    from .application import load_application
-    from .head_data import pick_head, predict_records
+    from ..application import load_application
+    from ..head_data import pick_head, predict_records
 
     _quiet_transformers()
     # a field is the text as given, never parsed as JSON
@@ -225,9 +213,9 @@ def predict(
 
 def has_head(path: Path) -> bool:
     """Whether ``path`` is an application or a model (or run) directory with a head; reads JSON only."""
-    from .application import is_application, read_application
-    from .checkpoint import read_config
-    from .train.rundir import model_directory
+    from ..application import is_application, read_application
+    from ..checkpoint import read_config
+    from ..train.rundir import model_directory
 
     if is_application(path):
         return bool(read_application(path).get("heads"))
@@ -239,27 +227,40 @@ def has_head(path: Path) -> bool:
 
 
 def eval_head(
-    path: Path, data: list[str], batch_size: int, head: str | None, as_json: bool, max_length: int | None
+    path: Path,
+    data: list[str],
+    batch_size: int,
+    head: str | None,
+    as_json: bool,
+    max_length: int | None,
+    strict: bool = False,
 ) -> None:
     """``dharma eval`` on a model with a head: its mean loss and metrics on ``data``."""
-    from .application import load_application
-    from .evaluate import eval_length
-    from .head_data import encode_records, pick_head, read_head_records
-    from .train.finetune import evaluate_head
-    from .train.progress import item_bar
+    from ..application import load_application
+    from ..data.report import DataReport
+    from ..evaluate import eval_length
+    from ..head_data import encode_records, pick_head, read_head_records
+    from ..train.finetune import evaluate_head
+    from ..train.progress import item_bar
 
     _quiet_transformers()
     model, tokenizer = load_application(path)
     chosen = pick_head(model, head)
-    records = read_head_records(type(chosen), data)  # a malformed record stops it, named by file:record
+    report = DataReport(strict=strict)
+    records = read_head_records(type(chosen), data, report=report)
+    if report.problems:
+        warn(report.problems_summary())
     length = eval_length(model, max_length)
+    if not as_json:
+        out.print(report.summary())  # as dharma train prints it
     encoded = encode_records(chosen, records, tokenizer, length)
     with item_bar(err, len(encoded), "records") as advance:
         result = evaluate_head(model, encoded, tokenizer, batch_size, advance=advance)
     metrics = {k.removeprefix("eval_"): v for k, v in result.items()}
     metrics["records"] = int(metrics["records"])
     if as_json:
-        echo_json({"model": str(path), "head": chosen.name, "max_length": length, **metrics})
+        echo_json({"model": str(path), "head": chosen.name, "data": report.as_json(), "max_length": length,
+                   **metrics})  # fmt: skip
         return
     out.print(f"{path}: {chosen.name} head, {metrics.pop('records')} records of up to {length} tokens")
     for name, value in metrics.items():

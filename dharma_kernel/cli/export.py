@@ -1,6 +1,6 @@
 """``dharma export``: a saved model as a portable graph (ONNX or torch.export).
 
-Registered on :data:`dharma_kernel.cli.app` when that module imports this one.
+Registered on :data:`dharma_kernel.cli.app`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from .cli import JsonOption, QuietOption, _quiet_transformers, app, out, warn
+from .options import JsonOption, QuietOption
+from .output import _quiet_transformers, out, warn
 
 
 class ExportFormat(StrEnum):
@@ -21,7 +22,6 @@ class ExportFormat(StrEnum):
     torch_export = "torch-export"
 
 
-@app.command("export")
 def export_command(
     model_dir: Annotated[
         Path, typer.Argument(help="A saved model, or a run directory (its best checkpoint).")
@@ -40,10 +40,10 @@ def export_command(
     """Export backbone + modules for inference: (input_ids, attention_mask) -> logits, no KV cache."""
     import warnings
 
-    from .application import is_application, load_application
-    from .export import INPUTS, OUTPUTS, export_model, max_difference
-    from .model import DharmaModel
-    from .train.rundir import model_directory
+    from ..application import is_application, load_application
+    from ..export import INPUTS, OUTPUTS, export_model, max_difference
+    from ..model import DharmaModel
+    from ..train.rundir import model_directory
 
     _quiet_transformers()
     if is_application(model_dir):  # its foundation with the fine-tuned weights applied

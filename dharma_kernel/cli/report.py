@@ -1,6 +1,6 @@
 """``dharma report``: plots and an HTML page from a training run's metrics.jsonl.
 
-Registered on :data:`dharma_kernel.cli.app` when that module imports this one.
+Registered on :data:`dharma_kernel.cli.app`.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from typing import Annotated
 
 import typer
 
-from .cli import JsonOption, QuietOption, app, out
+from .options import JsonOption, QuietOption
+from .output import out
 
 
-@app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="The run directory `dharma train` wrote.")],
     output: Annotated[
@@ -27,8 +27,8 @@ def report(
     quiet: QuietOption = False,
 ) -> None:
     """Plot a run's losses, learning rate, throughput, eval perplexity and module activation by concept."""
-    from .report import write_report
-    from .run_metrics import read_run
+    from ..report import write_report
+    from ..run_metrics import read_run
 
     metrics = read_run(run_dir)
     result = write_report(metrics, output or run_dir / "report")

@@ -1,6 +1,6 @@
 """``dharma explain``: per token, the modules that score highest and the modules routed there.
 
-Registered on :data:`dharma_kernel.cli.app` when that module imports this one;
+Registered on :data:`dharma_kernel.cli.app`;
 ``dharma generate --explain`` prints the same table for the generated tokens.
 """
 
@@ -13,16 +13,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.markup import escape
 
-from .cli import JsonOption, QuietOption, _quiet_transformers, app, out, warn
-from .errors import DharmaError, first_line
+from ..errors import DharmaError, first_line
+from .options import JsonOption, QuietOption
+from .output import _quiet_transformers, out, warn
 
 if TYPE_CHECKING:
-    from .explain import Explanation
+    from ..explain import Explanation
 
 TopOption = Annotated[int, typer.Option("--top", min=1, help="Modules to list per token, by score.")]
 
 
-@app.command()
 def explain(
     model_dir: Annotated[
         Path, typer.Argument(help="A saved model, a run directory (its best checkpoint) or an application.")
@@ -36,10 +36,10 @@ def explain(
     quiet: QuietOption = False,
 ) -> None:
     """Per token of TEXT, the modules that fired: the top ones by activation score and the routed ones."""
-    from .application import is_application, load_application
-    from .backbone import context_length
-    from .explain import explain_text, require_modules
-    from .train.rundir import model_directory
+    from ..application import is_application, load_application
+    from ..backbone import context_length
+    from ..explain import explain_text, require_modules
+    from ..train.rundir import model_directory
 
     _quiet_transformers()
     model, tokenizer = load_application(model_dir)
@@ -77,7 +77,7 @@ def composition_of(model: Any) -> str:
 
 
 def write_page(explanation: Explanation, path: Path, model: str, composition: str) -> None:
-    from .explain_page import render_page
+    from ..explain_page import render_page
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +90,7 @@ def print_table(explanation: Explanation, model: Any) -> None:
     """One line per token: position, token, its top modules with scores (family colours), routed ones."""
     from rich.table import Table
 
-    from .explain_page import family_colour
+    from ..explain_page import family_colour
 
     def named(ref: str) -> str:
         return f"[{family_colour(ref)}]{escape(ref)}[/]"

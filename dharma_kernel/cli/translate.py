@@ -1,6 +1,6 @@
 """``dharma translate``: translate text with an application that has the translation head.
 
-Registered on :data:`dharma_kernel.cli.app` when that module imports this one.
+Registered on :data:`dharma_kernel.cli.app`.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ from typing import Annotated
 
 import typer
 
-from .cli import JsonOption, QuietOption, _quiet_transformers, app, out
-from .errors import DharmaError
+from ..errors import DharmaError
+from .options import JsonOption, QuietOption
+from .output import _quiet_transformers, out
 
 HEAD = "translation"
 
 
-@app.command()
 def translate(
     app_dir: Annotated[
         Path,
@@ -35,8 +35,8 @@ def translate(
     quiet: QuietOption = False,
 ) -> None:
     """Translate each TEXT (Sanskrit to English, or the pair the head was fine-tuned for)."""
-    from .application import load_application
-    from .head_data import predict_records
+    from ..application import load_application
+    from ..head_data import predict_records
 
     for number, text in enumerate(texts, 1):  # before the model loads
         if not text.strip():

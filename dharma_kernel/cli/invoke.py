@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import typer
 from typer.models import ArgumentInfo, OptionInfo
 
-from .errors import DharmaError
+from ..errors import DharmaError
 
 try:  # typer >= 0.20 vendors click; older releases use click itself
     from typer._click import exceptions as click_errors
@@ -113,7 +113,7 @@ def require_path(path: Path | None, what: str | None = None) -> None:
 
 def require_data(paths: list[str]) -> None:
     """A DharmaError naming the first of ``paths`` that is no file, directory or matching glob."""
-    from .data.paths import expand_paths
+    from ..data.paths import expand_paths
 
     expand_paths(paths)
 

@@ -8,11 +8,12 @@ from typing import Annotated
 
 import typer
 
-from . import registry
-from .catalogue import FAMILIES, STANDARD_HEADS, family_problem, standard_refs
-from .cli import Kind, app, out
-from .errors import DharmaError
-from .plugin_template import Plugin, render
+from .. import registry
+from ..catalogue import FAMILIES, STANDARD_HEADS, family_problem, standard_refs
+from ..errors import DharmaError
+from ..plugin_template import Plugin, render
+from .options import Kind
+from .output import out
 
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
@@ -84,7 +85,6 @@ def write_plugin(plugin: Plugin, directory: Path) -> list[Path]:
     return written
 
 
-@app.command("new-plugin")
 def new_plugin(
     name: Annotated[str, typer.Argument(help="The plugin's name: a lower-case identifier, e.g. tarka.")],
     kind: Annotated[Kind, typer.Option(help="Write a module or a task head.")] = Kind.module,

@@ -1,6 +1,6 @@
 """``dharma train``, ``dharma eval`` and ``dharma generate``: the commands that run a model.
 
-Registered on :data:`dharma_kernel.cli.app` when that module imports this one.
+Registered on :data:`dharma_kernel.cli.app`.
 """
 
 from __future__ import annotations
@@ -13,35 +13,23 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from .ablation import Ablation
-from .cli import (
+from ..ablation import Ablation
+from ..errors import DharmaError
+from .explain import print_table
+from .finetune import eval_head, has_head, report_finetune
+from .options import (
+    DataOption,
     FreezeOption,
     JsonOption,
     MaxNewTokensOption,
     QuietOption,
+    StrictOption,
     TemperatureOption,
     TopPOption,
-    _quiet_transformers,
-    app,
-    echo_json,
-    err,
-    interrupted_line,
-    out,
-    warn,
 )
-from .errors import DharmaError
-
-DataOption = Annotated[
-    list[str] | None,
-    typer.Option("--data", help="Data files, directories or globs (repeatable); replaces the manifest's."),
-]
-StrictOption = Annotated[
-    bool | None,
-    typer.Option("--strict/--lenient", help="Stop at a malformed file or record, or skip and count it."),
-]
+from .output import _quiet_transformers, echo_json, err, interrupted_line, out, print_summary_json, warn
 
 
-@app.command()
 def train(
     manifest: Annotated[Path, typer.Argument(help="The manifest TOML file.")],
     freeze: FreezeOption = None,
@@ -76,12 +64,12 @@ def train(
     quiet: QuietOption = False,
 ) -> None:
     """Train the model a manifest describes; checkpoints, metrics and best model go to the run directory."""
-    from .manifest import load_manifest
+    from ..manifest import load_manifest
 
     resolved = load_manifest(manifest)
     require_manifest_paths(resolved, replaced_data=bool(data))  # before torch is imported
-    from .train.session import TrainOptions
-    from .train.session import train as run_training
+    from ..train.run import TrainOptions
+    from ..train.run import train as run_training
 
     _quiet_transformers()
     for flag, given in (("--reset-optimizer", reset_optimizer), ("--run-modules", run_modules)):
@@ -97,8 +85,6 @@ def train(
     if as_json:
         print_summary_json(summary)
     elif summary.application is not None or summary.best_eval:  # a [finetune] manifest
-        from .cli_finetune import report_finetune
-
         return report_finetune(summary)
     else:
         _report_training(summary)
@@ -111,7 +97,7 @@ def train(
 def require_manifest_paths(manifest, replaced_data: bool = False) -> None:
     """A DharmaError naming the first path the manifest reads (its data, unless --data replaces the
     training data; a fine-tuning foundation) that does not exist, before anything heavy is imported."""
-    from .data.paths import expand_paths
+    from ..data.paths import expand_paths
 
     data = [*([] if replaced_data else manifest.data.train), *manifest.data.eval]
     expand_paths([manifest.resolve_path(path) for path in data])
@@ -134,18 +120,6 @@ def _report_training(summary) -> None:
     out.print(f"run directory: {summary.output}; best model: {summary.best or summary.latest}")
 
 
-def print_summary_json(summary) -> None:
-    """``--json`` for train and finetune: the run's summary, paths as strings."""
-    echo_json(_jsonable(asdict(summary)))
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {key: _jsonable(v) for key, v in value.items()}
-    return str(value) if isinstance(value, Path) else value
-
-
-@app.command("eval")
 def eval_command(
     model_dir: Annotated[
         Path, typer.Argument(help="A saved model, or a run directory (its best checkpoint).")
@@ -169,16 +143,14 @@ def eval_command(
 ) -> None:
     """Perplexity on held-out text, and each module's activation ROC-AUC against its concept labels;
     for an application or a model with a task head, the head's loss and metrics on its records."""
-    from .cli_finetune import eval_head, has_head
-
     if has_head(model_dir):
-        return eval_head(model_dir, data, batch_size, head, as_json, max_length)
-    from .application import is_application, load_application
-    from .concept_activation import ConceptActivation
-    from .data import DataReport, clean_records, pack, read_records
-    from .evaluate import eval_length, lm_totals, perplexity
-    from .train.progress import item_bar
-    from .train.rundir import model_directory
+        return eval_head(model_dir, data, batch_size, head, as_json, max_length, bool(strict))
+    from ..application import is_application, load_application
+    from ..concept_activation import ConceptActivation
+    from ..data import DataReport, clean_records, pack, read_records
+    from ..evaluate import eval_length, lm_totals, perplexity
+    from ..train.progress import item_bar
+    from ..train.rundir import model_directory
 
     _quiet_transformers()
     model, tokenizer = load_application(model_dir)  # a fine-tuned language model too: foundation + adapter
@@ -210,7 +182,7 @@ def eval_command(
         "auc_median": detection["auc_median"] if detection else None,
     }
     if ablate is not None:
-        from .ablation import ablate as ablation_rows
+        from ..ablation import ablate as ablation_rows
 
         result["ablation"] = [asdict(row) for row in ablation_rows(model, packed, batch_size, ablate)]
     if as_json:
@@ -253,7 +225,6 @@ def _print_ablation(rows: list[dict]) -> None:
     out.print(table)
 
 
-@app.command()
 def generate(
     model_dir: Annotated[
         Path, typer.Argument(help="A saved model, a run directory (its best checkpoint) or an application.")
@@ -270,10 +241,10 @@ def generate(
     """Continue a prompt with a saved model (KV-cached, modules included)."""
     import torch
 
-    from .application import load_application
-    from .backbone import context_length
-    from .data.tokenizer import pad_id
-    from .explain import require_modules
+    from ..application import load_application
+    from ..backbone import context_length
+    from ..explain import require_modules
+    from ..padding import pad_id
 
     _quiet_transformers()
     model, tokenizer = load_application(model_dir)  # a fine-tuned application too
@@ -300,8 +271,7 @@ def generate(
         )
     typer.echo(prompt + tokenizer.decode(result[0, ids.shape[1] :], skip_special_tokens=True))
     if explain:
-        from .cli_explain import print_table
-        from .explain import explain_generated
+        from ..explain import explain_generated
 
         # One forward over prompt + generation without the cache: each generated token's scores
         # with everything before it as context, as the table of `dharma explain` would give.

@@ -1,6 +1,6 @@
 """``dharma serve``: models behind an OpenAI-compatible HTTP API, with a chat page at ``/``.
 
-Registered on :data:`dharma_kernel.cli.app` when that module imports this one.
+Registered on :data:`dharma_kernel.cli.app`.
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ from typing import Annotated
 
 import typer
 
-from .cli import _quiet_transformers, app, out
-from .errors import DharmaError
+from ..errors import DharmaError
+from .output import _quiet_transformers, out
 
 
-@app.command()
 def serve(
     models: Annotated[
         list[str],
@@ -55,14 +54,14 @@ def serve(
     try:
         import uvicorn
 
-        from .serve.app import create_app
-        from .serve.server import Server
+        from ..serve.app import create_app
+        from ..serve.server import Server
     except ImportError as error:
         raise DharmaError(
             f"dharma serve needs FastAPI and uvicorn ({error.name} is missing)",
             hint="pip install 'dharma-kernel[serve]'",
         ) from None
-    from .serve.models import load_served
+    from ..serve.models import load_served
 
     _check_address(host, port)  # before the models load: a taken port should not cost that wait
     _quiet_transformers()

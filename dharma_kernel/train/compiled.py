@@ -1,0 +1,52 @@
+"""``[train] compile = true``: the training forward through ``torch.compile``.
+
+The loop drives a compiled wrapper of the model; everything else (evaluation, checkpoints,
+the optimizer, freezing) sees the model itself, so saved state-dict names never carry
+``_orig_mod.`` and a compiled run resumes, loads and exports like any other. Evaluation stays
+eager: its batches have other shapes, and compiling them too would only add compile time.
+
+Routed stacks run a data-dependent set of modules on a data-dependent number of tokens, so
+the graph breaks there (README, "torch.compile"); what lies between the breaks is compiled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import DharmaError
+from .distributed import Dist
+
+
+def check_compile(cfg: Any, dist: Dist) -> None:
+    """Refuse the combinations a compiled run is not tested with."""
+    if not cfg.compile:
+        return
+    if dist.enabled:
+        raise DharmaError(
+            "train.compile is supported on one process only, not under torchrun (DDP or FSDP)",
+            hint="Set train.compile = false for a distributed run, or train on one process.",
+        )
+    if cfg.gradient_checkpointing:
+        raise DharmaError(
+            "train.compile cannot be combined with train.gradient_checkpointing",
+            hint="Set one of them to false.",
+        )
+
+
+def for_training(model: nn.Module, cfg: Any) -> nn.Module:
+    """What the loop calls: the model, or (``train.compile``) a compiled wrapper around it that
+    shares its parameters.
+
+    With a routed stack, the tokens each module gets change from step to step, so the graphs
+    are compiled with dynamic shapes from the start (``dynamic=True``); otherwise the second
+    step would compile every graph again (about twice the compile time on the CPU).
+    """
+    if not cfg.compile:
+        return model
+    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+    stacks = getattr(model, "stacks", {}).values()
+    routed = any(getattr(stack, "composition", None) == "routed" for stack in stacks)
+    return torch.compile(model, mode=mode, dynamic=True if routed else None)

@@ -1,0 +1,99 @@
+"""``[train] compile = true``: a compiled run trains, saves and resumes like an eager one.
+
+One compiled run is shared by the tests (module-level fixture): inductor's compile is what
+takes the time on a CPU, the steps themselves are tiny. With a fresh inductor cache this file
+took 131 s at load 2-3.5 on 2 cores (228 s with trainkit's 2 layers, hence 1 layer here).
+Dropout is 0: compiled code draws other random numbers than eager code.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from rich.console import Console
+from trainkit import weights, write_manifest
+
+from dharma_kernel.errors import DharmaError
+from dharma_kernel.model import DharmaModel
+from dharma_kernel.train.compiled import check_compile
+from dharma_kernel.train.distributed import Dist
+from dharma_kernel.train.run import TrainOptions, train
+
+QUIET = Console(quiet=True)
+# 2 steps of 2 micro-batches each.
+# A constant learning rate: a 2-step run then takes the same steps as the first 2 of a 3-step one.
+SETTINGS = {"max_steps": 2, "eval_every": 2, "save_every": 1, "schedule": "constant", "warmup_fraction": 0.0}
+
+
+def tiny(folder, **train_settings):
+    """trainkit's manifest cut to 1 layer (with its 2 routed modules): half the graphs to compile."""
+    path = write_manifest(folder, dropout=0.0, train={**SETTINGS, **train_settings})
+    text = path.read_text().replace("n_layer = 2", "n_layer = 1")
+    path.write_text(text.replace("at_layers = [0, 1]", "at_layers = [0]"))
+    return path
+
+
+def losses(root):
+    records = [json.loads(line) for line in (root / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An eager run of 3 steps; a compiled run of 2, then resumed eagerly for its 3rd."""
+    root = tmp_path_factory.mktemp("compile")
+    train(tiny(root / "eager", max_steps=3), TrainOptions(), QUIET)
+    train(tiny(root / "compiled", compile=True), TrainOptions(), QUIET)
+    return root / "eager" / "run", root / "compiled" / "run"
+
+
+def test_compiled_and_eager_training_losses_agree(runs):
+    eager, compiled = (losses(root) for root in runs)
+    assert sorted(compiled) == [1, 2]
+    for step, loss in compiled.items():
+        assert loss == pytest.approx(eager[step], rel=1e-5)
+    assert compiled[2] != compiled[1]  # the model moved
+
+
+def test_a_compiled_checkpoint_loads_into_an_eager_model_with_equal_logits(runs):
+    eager, compiled = (root / "checkpoints" / "step-00000002" for root in runs)
+    saved = weights(compiled)
+    assert sorted(saved) == sorted(weights(eager))  # no "_orig_mod." names
+    assert not any("_orig_mod" in name for name in saved)
+    ids = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for directory in (eager, compiled):
+        model = DharmaModel.from_pretrained(directory).eval()
+        with torch.no_grad():
+            logits.append(model(input_ids=ids).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_compiled_run_resumes_its_optimizer_and_schedule(runs, tmp_path):
+    """The compiled run's step-2 checkpoint, resumed for a 3rd step (eagerly: compiling
+    again would double the test's time), takes the eager run's 3rd step."""
+    eager, compiled = runs
+    copy = shutil.copytree(compiled.parent, tmp_path / "copy", symlinks=True)  # latest/ is a relative link
+    manifest = copy / "m.toml"
+    manifest.write_text(manifest.read_text().replace("compile = true", "compile = false"))
+    train(manifest, TrainOptions(resume=True, max_steps=3), QUIET)
+    resumed = losses(copy / "run")
+    assert sorted(resumed) == [1, 2, 3]
+    assert resumed[3] == pytest.approx(losses(eager)[3], rel=1e-5)
+
+
+def test_compile_refuses_what_it_is_not_tested_with(tmp_path):
+    manifest = write_manifest(tmp_path, train={"compile": True, "gradient_checkpointing": True})
+    with pytest.raises(DharmaError, match="cannot be combined with train.gradient_checkpointing"):
+        train(manifest, TrainOptions(), QUIET)
+
+    class Settings:
+        compile = True
+        gradient_checkpointing = False
+
+    with pytest.raises(DharmaError, match="one process only, not under torchrun"):
+        check_compile(Settings(), Dist(world=2))
+    check_compile(Settings(), Dist())  # one process: accepted
