@@ -10,8 +10,9 @@ DHARMA_BENCH_DEVICE=cpu measures on the CPU anyway. The last row is seed routed 
 the module linears on sgemm instead of oneDNN (``dharma_kernel.cpu_linear``), shown, not judged.
 Before the speeds: aten ops per training step (torch.profiler's count of every aten op, nested
 ones included, on the CPU: the same on any machine) of a small backbone bare and assembled.
-``--per-module`` runs every module alone (no grouped execution, ``dharma_kernel.grouped``),
-to compare the two paths.
+Op counts are of the grouped path (what a GPU runs; ``--per-module`` runs every module alone).
+Speeds run what the model runs by default: grouped on a GPU, every module alone on the CPU;
+``--per-module`` or ``--grouped`` forces one path, to compare the two.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ class Trainer:
         return time.perf_counter() - start
 
 
-def set_grouped(model: torch.nn.Module, grouped: bool) -> torch.nn.Module:
+def set_grouped(model: torch.nn.Module, grouped: bool | None) -> torch.nn.Module:
     for stack in getattr(model, "stacks", {}).values():
         stack.grouped = grouped
     return model
@@ -246,7 +247,9 @@ def paired_rounds(
     return pairs
 
 
-def training_speed(folder: Path, refs: list[str], complete: bool, budget: Budget, grouped: bool) -> bool:
+def training_speed(
+    folder: Path, refs: list[str], complete: bool, budget: Budget, grouped: bool | None
+) -> bool:
     """Each round times one bare step then one assembled step, so a busy moment slows both alike."""
     text = backbone_config(None, {})
     device = bench_device()
@@ -256,8 +259,10 @@ def training_speed(folder: Path, refs: list[str], complete: bool, budget: Budget
         f"{torch.cuda.get_device_name(device)}, bf16 autocast" if device.type == "cuda" else
         f"CPU, {torch.get_num_threads()} threads"
     )  # fmt: skip
+    together = device.type == "cuda" if grouped is None else grouped
     print(
-        f"training speed: batch {BATCH} x {LENGTH} tokens, {where}, fused AdamW, "
+        f"training speed: batch {BATCH} x {LENGTH} tokens, {where}, modules "
+        f"{'grouped' if together else 'one by one'}, fused AdamW, "
         f"{WARMUP} warm-up steps per model; then rounds of one bare and one assembled step "
         f"({budget.least} to {budget.most} rounds, more while under {budget.seconds:.0f} s per config)."
     )
@@ -296,7 +301,7 @@ def training_speed(folder: Path, refs: list[str], complete: bool, budget: Budget
     return ok
 
 
-def main(quick: bool = False, grouped: bool = True) -> bool:
+def main(quick: bool = False, grouped: bool | None = None) -> bool:
     """Print the counts and speeds; False when a target is missed with all standard modules installed."""
     quick = quick or os.environ.get("DHARMA_BENCH_QUICK") == "1"
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -314,8 +319,9 @@ def main(quick: bool = False, grouped: bool = True) -> bool:
     hf_logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as folder:
         counts_ok = parameter_counts(Path(folder), refs, complete)
-        print(f"\nmodules run {'grouped by family' if grouped else 'one by one (--per-module)'}")
-        ops_ok = op_counts(Path(folder), refs, complete, grouped)
+        counted = grouped is not False
+        print(f"\nmodules run {'grouped by family' if counted else 'one by one (--per-module)'}")
+        ops_ok = op_counts(Path(folder), refs, complete, counted)
         print()
         speed_ok = training_speed(Path(folder), refs, complete, QUICK if quick else FULL, grouped)
     return (counts_ok and ops_ok and speed_ok) or not complete
@@ -324,6 +330,9 @@ def main(quick: bool = False, grouped: bool = True) -> bool:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="time fewer rounds")
-    parser.add_argument("--per-module", action="store_true", help="run every module alone, not grouped")
+    paths = parser.add_mutually_exclusive_group()
+    paths.add_argument("--per-module", action="store_true", help="run every module alone, not grouped")
+    paths.add_argument("--grouped", action="store_true", help="time the grouped path on the CPU too")
     args = parser.parse_args()
-    sys.exit(0 if main(args.quick, grouped=not args.per_module) else 1)
+    grouped = False if args.per_module else True if args.grouped else None  # None: as the model runs
+    sys.exit(0 if main(args.quick, grouped) else 1)
