@@ -6,8 +6,9 @@ backbone and on each assembled model in this one process, same batch, so the rat
 compare like with like.
 ``--quick`` (or DHARMA_BENCH_QUICK=1) times fewer rounds. On a CUDA machine the speeds are
 measured there, under bf16 autocast where the card supports it (what ``precision = "auto"`` picks);
-DHARMA_BENCH_DEVICE=cpu measures on the CPU anyway. The last row is seed routed again with
-the module linears on sgemm instead of oneDNN (``dharma_kernel.cpu_linear``), shown, not judged.
+DHARMA_BENCH_DEVICE=cpu measures on the CPU anyway. A later row is seed routed again with
+the module linears on sgemm instead of oneDNN (``dharma_kernel.cpu_linear``), shown, not judged;
+then seed routed on the other path (grouped on the CPU), also shown.
 Before the speeds: aten ops per training step (torch.profiler's count of every aten op, nested
 ones included, on the CPU: the same on any machine) of a small backbone bare and assembled.
 Op counts are of the grouped path (what a GPU runs; ``--per-module`` runs every module alone).
@@ -43,12 +44,15 @@ from dharma_kernel.train.heap import keep_freed_memory
 LAYERS = {"tiny": [2, 4], "lite": [2, 4], "seed": [3]}
 LITE_SHARE_MAX = 0.05
 SEED_MODULES, SEED_TOTAL, TOLERANCE = 174e6, 262e6, 0.03
-# (preset, composition, target, module linears by sgemm): the last row shows what oneDNN gives
+# (preset, composition, target, module linears by sgemm, the other path): the sgemm row shows what
+# oneDNN gives; the last row runs seed routed on the path the device does not choose by default
+# (grouped on the CPU, one by one on a GPU), shown, not judged
 SPEED = (
-    ("lite", "routed", 0.9, False),
-    ("seed", "routed", 0.8, False),
-    ("seed", "sequential", None, False),
-    ("seed", "routed", None, True),
+    ("lite", "routed", 0.9, False, False),
+    ("seed", "routed", 0.8, False, False),
+    ("seed", "sequential", None, False, False),
+    ("seed", "routed", None, True, False),
+    ("seed", "routed", None, False, True),
 )
 BATCH, LENGTH, WARMUP = 4, 128, 2
 # Op counts: a 6-layer 128-wide GPT-2 at batch 4 x 64 (the shapes of issue #14), lite routed target.
@@ -276,9 +280,11 @@ def training_speed(
     speed = ids.numel() / min([bare.step(ids) for _ in range(WARMUP + 3)][WARMUP:])
     print(f"{'bare backbone':<28} {bare.params / 1e6:>8.1f}M {speed:>9.1f} {1:>6.2f} {'-':>7} {'-':>6}  -")
     ok = True
-    for preset, composition, target, sgemm in SPEED:
+    for preset, composition, target, sgemm, other in SPEED:
+        if other and grouped is not None:
+            continue  # a path was forced: there is no other one to show
         path = manifest_path(folder, refs, preset, composition)
-        model = set_grouped(build(plan(load_manifest(path))), grouped)
+        model = set_grouped(build(plan(load_manifest(path))), (not together) if other else grouped)
         trainer = Trainer(model, device)
         with sgemm_only() if sgemm else contextlib.nullcontext():
             for _ in range(WARMUP):
@@ -290,6 +296,7 @@ def training_speed(
         ok &= passed
         name = f"{preset} {composition}" + (" top_k 2" if composition == "routed" else "")
         name += ", sgemm" if sgemm else ""
+        name += (", one by one" if together else ", grouped") if other else ""
         shown, result = ("-", "report") if target is None else (f">={target}", judge(passed, complete))
         print(
             f"{name:<28} {trainer.params / 1e6:>8.1f}M {speed:>9.1f} {ratio:>6.2f} {shown:>7} "

@@ -161,9 +161,10 @@ def _exit_if_interrupted(summary: Any) -> None:
 
 def _default_length(foundation: Path) -> int:
     from ..backbone import context_length
+    from ..checkpoint import read_config
     from ..train.rundir import model_directory
 
-    config = json.loads((model_directory(foundation) / "config.json").read_text())
+    config = read_config(model_directory(foundation))
     text = config.get("text_config") or {}
     return min(256, context_length(text, default=256))
 

@@ -16,7 +16,6 @@ chance), and with an eval set it stops once ``patience`` evaluations found nothi
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -367,9 +366,8 @@ def evaluate_head(
 def _saved_selection(checkpoint: Path) -> str | None:
     """The ``select`` rule a fine-tuning checkpoint was saved under; None for runs saved before
     the rule was recorded."""
-    try:
-        manifest = json.loads((checkpoint / "config.json").read_text())["manifest"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    select = (manifest.get("finetune") or {}).get("select")
+    from ..checkpoint import read_config
+
+    manifest = read_config(checkpoint).get("manifest")
+    select = ((manifest or {}).get("finetune") or {}).get("select")
     return select if isinstance(select, str) else None
