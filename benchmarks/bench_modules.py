@@ -57,7 +57,14 @@ SPEED = (
 BATCH, LENGTH, WARMUP = 4, 128, 2
 # Op counts: a 6-layer 128-wide GPT-2 at batch 4 x 64 (the shapes of issue #14), lite routed target.
 OPS_BACKBONE, OPS_BATCH, OPS_LENGTH, OPS_TARGET = {"n_layer": 6, "n_embd": 128, "n_head": 4}, 4, 64, 2.0
-OPS = (("lite", "routed"), ("seed", "routed"), ("seed", "sequential"))
+# (preset, composition, with concept labels): labels are what `dharma train` passes when modules
+# have lexicons (the concept and routing losses); the target row is without, as issue #14 counted.
+OPS = (
+    ("lite", "routed", False),
+    ("lite", "routed", True),
+    ("seed", "routed", False),
+    ("seed", "sequential", False),
+)
 
 
 class Budget(NamedTuple):
@@ -152,14 +159,23 @@ class Trainer:
     """A model with its fused AdamW (the trainer's default), stepping on one fixed batch: forward with
     labels, backward, update."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, concept_labels: bool = False) -> None:
         self.model = model.to(device).train()
+        self.concept_labels = concept_labels
         self.device = device
         self.params = sum(p.numel() for p in model.parameters())
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=bf16)
+
+    def labels(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Concept labels ``[B, T, M]`` (a fixed draw, one token in ten labelled 1), if asked for."""
+        if not self.concept_labels:
+            return {}
+        modules = len(self.model.module_refs)
+        draw = torch.rand(*ids.shape, modules, generator=torch.Generator().manual_seed(1))
+        return {"concept_labels": (draw < 0.1).to(torch.int8).to(ids.device)}
 
     def step(self, ids: torch.Tensor, phase: Callable[[str], Any] = contextlib.nullcontext) -> float:
         """One step's seconds; ``phase(name)`` is entered around each of forward, backward, optimizer."""
@@ -168,7 +184,7 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         with self.autocast, phase("forward"):
-            loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss = self.model(input_ids=ids, labels=ids, use_cache=False, **self.labels(ids)).loss
         with phase("backward"):
             loss.backward()  # on the CPU autograd runs on this thread, inside the range
         with phase("optimizer"):
@@ -222,16 +238,17 @@ def op_counts(folder: Path, refs: list[str], complete: bool, grouped: bool) -> b
     split = "".join(f"{phases[phase]:>10}" for phase in PHASES)
     print(f"{'bare backbone':<28} {bare:>8} {1:>6.2f} {bare_top:>10}{split} {'-':>7}  -")
     ok = True
-    for preset, composition in OPS:
+    for preset, composition, labelled in OPS:
         path = manifest_path(folder, refs, preset, composition, OPS_BACKBONE)
         model = set_grouped(build(plan(load_manifest(path))), grouped)
-        ops, top, phases = aten_ops(Trainer(model, cpu), ids)
+        ops, top, phases = aten_ops(Trainer(model, cpu, labelled), ids)
         split = "".join(f"{phases[phase]:>10}" for phase in PHASES)
-        target = OPS_TARGET if (preset, composition) == ("lite", "routed") else None
+        target = OPS_TARGET if (preset, composition, labelled) == ("lite", "routed", False) else None
         passed = target is None or ops / bare <= target
         ok &= passed
         shown, result = ("-", "report") if target is None else (f"<={target}", judge(passed, complete))
         name = f"{preset} {composition}" + (" top_k 2" if composition == "routed" else "")
+        name += ", labels" if labelled else ""
         print(f"{name:<28} {ops:>8} {ops / bare:>6.2f} {top:>10}{split} {shown:>7}  {result}", flush=True)
         del model
         gc.collect()

@@ -47,15 +47,25 @@ class Groups:
     laid out padded ``[M, most, ...]``: every block is then one batched product (``torch.bmm``)
     over the modules, their stacked parameters broadcast along the tokens."""
 
-    def __init__(self, counts: Sequence[int], device: torch.device) -> None:
+    def __init__(
+        self,
+        counts: Sequence[int],
+        device: torch.device,
+        module: torch.Tensor | None = None,
+        within: torch.Tensor | None = None,
+    ) -> None:
+        """``module`` and ``within``, if the caller has them (see :func:`token_places`): each token's
+        module (its index among the counts) and its index among that module's tokens."""
         self.counts = list(counts)
         self.most = max(self.counts)
-        sizes = torch.tensor(self.counts, device=device)
-        # each token's module (its index among the counts)
-        self.module = torch.repeat_interleave(torch.arange(len(self.counts), device=device), sizes)
-        first = (torch.cumsum(sizes, 0) - sizes)[self.module]  # its module's first token
+        if module is None or within is None:
+            sizes = torch.tensor(self.counts, device=device)
+            module = torch.repeat_interleave(torch.arange(len(self.counts), device=device), sizes)
+            first = (torch.cumsum(sizes, 0) - sizes)[module]  # its module's first token
+            within = torch.arange(len(module), device=device) - first
+        self.module = module
         # each token's row in the padded [M * most] layout
-        self.slots = torch.arange(len(self.module), device=device) + (self.module * self.most - first)
+        self.slots = within + module * self.most
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, ...]`` module after module -> ``[M, most, ...]``, zeros after each module's tokens."""
@@ -190,6 +200,36 @@ def plan_runs(members: Sequence[DharmaModule], grouped: bool = True) -> list[lis
     return sorted(runs + singles, key=lambda indices: indices[0])
 
 
+def token_places(
+    runs: Sequence[Sequence[int]], counts: Sequence[int], position: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For tokens laid out module after module in the order of ``runs`` (``counts`` per module, some
+    zero; ``position [N]``: each token's module as its place in that order): each token's index
+    among the members with tokens of its run, and its index among its module's tokens.
+
+    One small table goes to the device for all the runs, where building each group's layout
+    apart costs a transfer (on a GPU, a wait) and a dozen ops per group.
+    """
+    local, first = [], []
+    start = 0
+    for indices in runs:
+        rank = 0
+        for m in indices:
+            local.append(rank)
+            first.append(start)
+            rank += counts[m] > 0
+            start += counts[m]
+    per_token = on_device([local, first], position.device).index_select(1, position)
+    return per_token[0], torch.arange(len(position), device=position.device) - per_token[1]
+
+
+def on_device(values: list, device: torch.device) -> torch.Tensor:
+    """``values`` (ints) as a long tensor on ``device``; to a GPU through pinned memory without
+    waiting for the copy (the stream orders it before the ops that read it)."""
+    table = torch.tensor(values, dtype=torch.long)
+    return table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
+
+
 def run_group(
     members: Sequence[DharmaModule],
     x: torch.Tensor,
@@ -197,11 +237,13 @@ def run_group(
     hidden: torch.Tensor,
     ctx: ModuleContext,
     rows: torch.Tensor,
+    places: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> TokenOutput:
     """The output of modules of one group at their tokens ``x [N, H] = hidden.flatten(0, 1)[rows]``,
     module after module (``counts`` each, every one above zero), in that order. ``ctx``: the stack's
-    context (mask, past, shared), without rows."""
-    groups = Groups(counts, x.device)
+    context (mask, past, shared), without rows. ``places``: the tokens' (module, index within it), from
+    :func:`token_places`, if the caller has them."""
+    groups = Groups(counts, x.device, *(places or (None, None)))
     out = type(members[0]).grouped_tokens(members, groups.pad(x), GroupInput(hidden, ctx, rows, groups))
     return TokenOutput(groups.unpad(out.delta), groups.unpad(out.score))
 

@@ -30,24 +30,31 @@ def lm_loss(
     return total / count.clamp_min(1), count
 
 
-def concept_loss(score: torch.Tensor, labels: torch.Tensor, counted: torch.Tensor) -> torch.Tensor | None:
-    """Binary cross-entropy of activation scores ``[B, T]`` against labels in {0, 1}.
+def concept_losses(
+    score: torch.Tensor, labels: torch.Tensor, counted: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per module, the binary cross-entropy of its activation scores against labels in {0, 1},
+    averaged over the tokens where it counts: ``(loss [M], has [M])``.
 
-    ``labels`` is ``[B, T]`` or per sequence ``[B]``; -100 marks unknown. Only
-    ``counted`` tokens (real, and where the module ran) take part. None if none do.
+    ``score``: ``[B, T, M]``; ``labels``: ``[B, T, M]``, or per sequence ``[B, M]``; -100 marks
+    unknown. Only ``counted`` tokens (``[B, T, M]`` bool: real, and where the module ran) take
+    part. ``has`` is False, and the loss 0, for a module where none does.
+    All modules in one table, so a step costs a few ops, not a few per module.
     """
-    if labels.dim() == 1:
-        labels = labels[:, None].expand_as(score)
+    if labels.dim() == 2:
+        labels = labels[:, None, :]
+    labels = labels.expand_as(score)
     keep = counted & (labels != IGNORE)
-    if not bool(keep.any()):
-        return None
-    prob = score.float()[keep].clamp(1e-6, 1 - 1e-6)
-    target = labels[keep].float()
     # Written out rather than F.binary_cross_entropy, which raises on a NaN score: a diverged
     # step must reach the trainer as a non-finite loss, which it skips. In fp32 outside autocast,
-    # as the scores are already probabilities.
+    # as the scores are already probabilities. Tokens that do not count read 0.5, so whatever
+    # their score is, it gives neither a loss nor a gradient.
     with torch.autocast(score.device.type, enabled=False):
-        return -(target * prob.log() + (1 - target) * (1 - prob).log()).mean()
+        prob = torch.where(keep, score.float(), 0.5).clamp(1e-6, 1 - 1e-6)
+        target = labels.float()
+        loss = -(target * prob.log() + (1 - target) * (1 - prob).log()) * keep
+        count = keep.sum((0, 1))
+        return loss.sum((0, 1)) / count.clamp_min(1), count > 0
 
 
 def routing_loss(

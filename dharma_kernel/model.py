@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -20,8 +21,9 @@ from transformers.utils import ModelOutput
 
 from . import registry
 from .backbone import find_blocks, fresh_backbone, hidden_size, num_layers
+from .columns import Columns, table_of
 from .errors import DharmaError, error_line
-from .losses import concept_loss, lm_loss, routing_loss, total_loss
+from .losses import concept_losses, lm_loss, routing_loss, total_loss
 from .protocol import DharmaModule, HeadModule, ModuleConfig
 from .routing import document_starts
 from .stack import ModuleStack, StackResult, module_key, real_tokens
@@ -62,8 +64,8 @@ class DharmaOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     losses: dict[str, torch.Tensor] | None = None
     lm_tokens: torch.Tensor | None = None
-    module_scores: dict[str, torch.Tensor] | None = None
-    module_active: dict[str, torch.Tensor] | None = None
+    module_scores: Mapping[str, torch.Tensor] | None = None
+    module_active: Mapping[str, torch.Tensor] | None = None
     heads: dict[str, Any] | None = None
 
 
@@ -342,31 +344,36 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
 
     def _module_scores(
         self, state: _ForwardState, concept_labels: torch.Tensor | None
-    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    ) -> tuple[Mapping[str, torch.Tensor], torch.Tensor | None]:
+        """Per module its score ``[B, T]``, averaged over its layers, and the concept loss: the mean,
+        over every (layer, module) with a counted labelled token, of its binary cross-entropy.
+
+        Every stack holds the model's modules in ``module_refs`` order (see ``__init__``), so each
+        layer's results are one ``[B, T, M]`` table and the whole computation is a few ops.
+        """
         refs = self.module_refs
-        scores: dict[str, torch.Tensor] = {}
-        terms: list[torch.Tensor] = []
-        for ref_index, ref in enumerate(refs):
-            per_layer = [
-                r.scores[ref] if r.router_logits is None else torch.sigmoid(r.router_logits[..., ref_index])
-                for r in state.results.values()
-                if ref in r.scores
-            ]
-            if not per_layer:
-                continue
-            scores[ref] = torch.stack(per_layer).mean(0)
-            if concept_labels is None:
-                continue
-            labels = concept_labels[..., ref_index]
-            for result in state.results.values():
-                counted = result.active[ref]
-                if state.attention_mask is not None:
-                    counted = counted & state.attention_mask[:, -counted.shape[1] :].bool()
-                term = concept_loss(result.scores[ref], labels, counted)
-                if term is not None:
-                    terms.append(term)
-        concept = torch.stack(terms).mean() if terms else None
-        return scores, concept
+        results = list(state.results.values())
+        if not results:
+            return {}, None
+        shown = [
+            torch.sigmoid(r.router_logits) if r.router_logits is not None else table_of(r.scores, refs)
+            for r in results
+        ]
+        scores = Columns(refs, shown[0] if len(shown) == 1 else torch.stack(shown).mean(0))
+        if concept_labels is None:
+            return scores, None
+        losses, has = [], []
+        for result in results:
+            counted = table_of(result.active, refs)
+            if state.attention_mask is not None:
+                counted = counted & state.attention_mask[:, -counted.shape[1] :, None].bool()
+            loss, present = concept_losses(table_of(result.scores, refs), concept_labels, counted)
+            losses.append(loss)
+            has.append(present)
+        loss, present = torch.cat(losses), torch.cat(has)
+        if not bool(present.any()):  # one host sync a step, not one per module
+            return scores, None
+        return scores, (loss * present).sum() / present.sum()
 
     @staticmethod
     def _routing_loss(
@@ -431,15 +438,10 @@ def _missing_after_token_tables(model: DharmaModel, missing: list[str]) -> list[
     return [key for key in missing if key not in tables]
 
 
-def _where_active(refs: list[str], state: _ForwardState) -> dict[str, torch.Tensor]:
+def _where_active(refs: list[str], state: _ForwardState) -> Columns:
     """Per ref, ``[B, T]`` bool: the tokens where the module ran at any of its layers."""
-    active: dict[str, torch.Tensor] = {}
-    for result in state.results.values():
-        for ref in refs:
-            if ref in result.active:
-                here = result.active[ref]
-                active[ref] = here if ref not in active else active[ref] | here
-    return active
+    tables = [table_of(result.active, refs) for result in state.results.values()]
+    return Columns(refs, functools.reduce(torch.logical_or, tables))
 
 
 def _align_tensors(model: nn.Module, alignment: int = 64) -> None:

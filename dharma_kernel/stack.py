@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -9,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
+from .columns import Columns
 from .cpu_linear import Linear
-from .grouped import plan_runs, run_group, run_groups
+from .grouped import on_device, plan_runs, run_group, run_groups, token_places
 from .module_cache import extend_stream, peek_stream
 from .protocol import DharmaModule, ModuleContext, ModuleOutput, TokenOutput, computes_tokens
 from .routing import concept_evidence
@@ -38,8 +40,8 @@ class StackResult:
     """
 
     hidden: torch.Tensor
-    scores: dict[str, torch.Tensor]
-    active: dict[str, torch.Tensor]
+    scores: Mapping[str, torch.Tensor]
+    active: Mapping[str, torch.Tensor]
     losses: dict[str, torch.Tensor] = field(default_factory=dict)
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     router_logits: torch.Tensor | None = None
@@ -109,6 +111,14 @@ class ModuleStack(nn.Module):
         # plan_runs depends on the members only: worked out once here, not in every forward
         # (where torch.compile could not trace it and broke the graph).
         self._runs = {grouped: plan_runs(modules, grouped) for grouped in (True, False)}
+        self._ranked_on: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def _ranked(self, order: list[list[int]], device: torch.device) -> torch.Tensor:
+        """The members' indices in run order, on ``device``: made once per order and device."""
+        key = (id(order), device)
+        if key not in self._ranked_on:
+            self._ranked_on[key] = on_device([m for indices in order for m in indices], device)
+        return self._ranked_on[key]
 
     def _grouping(self, hidden: torch.Tensor) -> bool:
         return hidden.is_cuda if self.grouped is None else self.grouped
@@ -229,11 +239,12 @@ class ModuleStack(nn.Module):
         # gather of all their inputs and one scatter of all the deltas, so backward has one of each.
         members = list(self.members.values())
         order = self._runs[self._grouping(hidden)]
-        ranked = torch.tensor([m for indices in order for m in indices], device=hidden.device)
+        ranked = self._ranked(order, hidden.device)
         pairs = runs.flatten(0, 1).index_select(1, ranked).t().nonzero()
         module = ranked.index_select(0, pairs[:, 0])
         rows = pairs[:, 1]
         counts = torch.bincount(module, minlength=len(members)).tolist()
+        local, within = token_places(order, counts, pairs[:, 0])
         x = hidden.flatten(0, 1).index_select(0, rows)
         deltas, scores, unused = [], [], []
         stack_ctx = ModuleContext(attention_mask, past)  # its shared results serve every module
@@ -245,8 +256,8 @@ class ModuleStack(nn.Module):
             at = slice(start, start + size)
             start += size
             if len(running) > 1:
-                group = [members[m] for m in running]
-                out = run_group(group, x[at], [counts[m] for m in running], hidden, stack_ctx, rows[at])
+                group, sizes = [members[m] for m in running], [counts[m] for m in running]
+                out = run_group(group, x[at], sizes, hidden, stack_ctx, rows[at], (local[at], within[at]))
             elif running:
                 m = running[0]
                 ctx = ModuleContext(attention_mask, past, active[..., m], rows[at], stack_ctx.shared)
@@ -265,9 +276,8 @@ class ModuleStack(nn.Module):
             result.hidden = hidden.flatten(0, 1).index_add(0, rows, delta).view_as(hidden)
             score = torch.cat(scores)
             placed = score.new_zeros(len(members) * tokens).index_copy(0, module * tokens + rows, score)
-        placed = placed.view(len(members), *hidden.shape[:2])
-        for m, ref in enumerate(self.refs):
-            result.scores[ref], result.active[ref] = placed[m], active[..., m]
+        result.scores = Columns(self.refs, placed.view(len(members), *hidden.shape[:2]), dim=0)
+        result.active = Columns(self.refs, active)
         result.losses["router_balance"] = _balance_loss(probs, chosen, real, self.top_k)
         if self.touch_unused and torch.is_grad_enabled():
             skipped = {id(m) for m in unused}

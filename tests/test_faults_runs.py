@@ -19,7 +19,7 @@ from rich.console import Console
 from trainkit import weights, write_manifest
 
 from dharma_kernel.errors import DharmaError
-from dharma_kernel.losses import concept_loss
+from dharma_kernel.losses import concept_losses
 from dharma_kernel.testing import one_thread
 from dharma_kernel.train.run import TrainOptions, train
 
@@ -38,12 +38,26 @@ def records(root: Path) -> list[dict]:
 
 
 def test_concept_loss_of_a_nan_score_is_nan_not_an_exception():
-    labels = torch.tensor([[1, 0, 1]])
-    counted = torch.ones(1, 3, dtype=torch.bool)
-    score = torch.tensor([[0.9, 0.2, 0.6]])
+    labels = torch.tensor([[1, 0, 1]])[..., None]
+    counted = torch.ones(1, 3, 1, dtype=torch.bool)
+    score = torch.tensor([[0.9, 0.2, 0.6]])[..., None]
     expected = F.binary_cross_entropy(score.flatten(), labels.flatten().float())
-    torch.testing.assert_close(concept_loss(score, labels, counted), expected)
-    assert torch.isnan(concept_loss(torch.tensor([[0.9, math.nan, 0.6]]), labels, counted))
+    loss, has = concept_losses(score, labels, counted)
+    torch.testing.assert_close(loss, expected[None])
+    assert has.tolist() == [True]
+    nan = torch.tensor([[0.9, math.nan, 0.6]])[..., None]
+    assert torch.isnan(concept_losses(nan, labels, counted)[0]).all()
+
+
+def test_a_nan_score_where_nothing_counts_gives_neither_loss_nor_gradient():
+    leaf = torch.tensor([[0.9, math.nan, 0.6]], requires_grad=True)
+    score = leaf[..., None]
+    labels = torch.tensor([[1, 0, -100]])[..., None]
+    counted = torch.tensor([[True, False, True]])[..., None]
+    loss, has = concept_losses(score, labels, counted)
+    loss.sum().backward()
+    torch.testing.assert_close(loss, -torch.tensor([0.9]).log())
+    assert leaf.grad.tolist() == [[pytest.approx(-1 / 0.9), 0.0, 0.0]]
 
 
 def test_a_diverging_run_with_modules_stops_cleanly_and_names_no_bad_checkpoint(tmp_path):

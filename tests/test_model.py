@@ -333,3 +333,58 @@ def test_a_loaded_model_computes_bit_for_bit_what_was_saved(tmp_path):
     mask[2, :6] = 0
     with torch.no_grad():
         assert torch.equal(loaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+
+
+def _concept_loss_module_by_module(results, labels, mask):
+    """The concept loss as the model computed it before one table held every module: per
+    (layer, module) the mean cross-entropy over its counted labelled tokens, then the mean."""
+    terms = []
+    for result in results:
+        for index, ref in enumerate(result.scores):
+            column = labels[..., index]
+            if column.dim() == 1:
+                column = column[:, None].expand_as(result.scores[ref])
+            keep = result.active[ref] & mask.bool() & (column != -100)
+            if keep.any():
+                prob = result.scores[ref].float()[keep].clamp(1e-6, 1 - 1e-6)
+                target = column[keep].float()
+                terms.append(-(target * prob.log() + (1 - target) * (1 - prob).log()).mean())
+    return torch.stack(terms).mean()
+
+
+@pytest.mark.parametrize("composition", COMPOSITIONS)
+@pytest.mark.parametrize("per_sequence", [False, True])
+def test_concept_loss_of_all_modules_at_once_equals_module_by_module(composition, per_sequence):
+    model = tiny_model(composition, top_k=1, at_layers=(0, 1)).train()
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 97, (3, 10), generator=generator)
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[0, :4] = 0  # left padding
+    shape = (3, 2) if per_sequence else (3, 10, 2)
+    labels = torch.randint(0, 2, shape, generator=generator)
+    labels[torch.rand(shape, generator=generator) < 0.3] = -100
+    labels[..., 1] = -100 if per_sequence else labels[..., 1]  # a module without a labelled token
+    results = []
+    hooks = [s.register_forward_hook(lambda _m, _i, out: results.append(out)) for s in model.stacks.values()]
+    try:
+        out = model(ids, attention_mask=mask, concept_labels=labels)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    expected = _concept_loss_module_by_module(results, labels, mask)
+    torch.testing.assert_close(out.losses["concept"], expected, rtol=1e-6, atol=1e-7)
+    # and the gradient it sends back
+    weights = list(model.stacks.parameters())
+    got = torch.autograd.grad(out.losses["concept"], weights, retain_graph=True, allow_unused=True)
+    want = torch.autograd.grad(expected, weights, allow_unused=True)
+    assert sum(g is not None for g in got) > 10
+    for weight, a, b in zip(weights, got, want, strict=True):  # None: zero
+        zero = torch.zeros_like(weight)
+        torch.testing.assert_close(zero if a is None else a, zero if b is None else b, rtol=1e-5, atol=1e-8)
+
+
+def test_no_labelled_token_gives_no_concept_loss():
+    model = tiny_model("routed", top_k=1).train()
+    ids = torch.randint(1, 97, (2, 6))
+    out = model(ids, concept_labels=torch.full((2, 6, 2), -100))
+    assert "concept" not in out.losses

@@ -1,0 +1,48 @@
+"""Per-module results kept as one table, read per module as a mapping."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+
+
+class Columns(Mapping[str, torch.Tensor]):
+    """``{ref: table.select(dim, i)}`` for the ``i``-th ref, each slice taken when it is read.
+
+    A model computes its per-module scores as one table ``[..., M]`` (one op, where a dict
+    of ``M`` slices costs ``M`` ops, and on a GPU as many kernel launches); a caller that
+    reads them sees a plain read-only mapping.
+    """
+
+    def __init__(self, refs: Sequence[str], table: torch.Tensor, dim: int = -1) -> None:
+        if table.shape[dim] != len(refs):
+            raise ValueError(f"a table of {table.shape[dim]} columns for {len(refs)} refs")
+        self.refs = list(refs)
+        self.table = table
+        self.dim = dim
+        self._index = {ref: index for index, ref in enumerate(self.refs)}
+
+    def __getitem__(self, ref: str) -> torch.Tensor:
+        return self.table.select(self.dim, self._index[ref])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.refs)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __repr__(self) -> str:
+        return f"Columns({self.refs}, table {tuple(self.table.shape)}, dim {self.dim})"
+
+    def last(self) -> torch.Tensor:
+        """The table with the refs along its last dimension (a view)."""
+        return self.table if self.dim in (-1, self.table.dim() - 1) else self.table.movedim(self.dim, -1)
+
+
+def table_of(values: Mapping[str, torch.Tensor], refs: Sequence[str]) -> torch.Tensor:
+    """``[..., M]``: ``values[ref]`` for each of ``refs`` along a last dimension; no op when ``values`` is
+    already :class:`Columns` over the same refs."""
+    if isinstance(values, Columns) and values.refs == list(refs):
+        return values.last()
+    return torch.stack([values[ref] for ref in refs], dim=-1)
