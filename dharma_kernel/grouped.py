@@ -59,8 +59,9 @@ class Groups:
         self.counts = list(counts)
         self.most = max(self.counts)
         if module is None or within is None:
-            sizes = torch.tensor(self.counts, device=device)
-            module = torch.repeat_interleave(torch.arange(len(self.counts), device=device), sizes)
+            sizes = on_device(self.counts, device)
+            every = torch.arange(len(self.counts), device=device)
+            module = torch.repeat_interleave(every, sizes, output_size=sum(self.counts))  # no wait for a size
             first = (torch.cumsum(sizes, 0) - sizes)[module]  # its module's first token
             within = torch.arange(len(module), device=device) - first
         self.module = module

@@ -92,11 +92,14 @@ def _balanced_bce(logits: torch.Tensor, positive: torch.Tensor, keep: torch.Tens
     """Binary cross-entropy ``[B, T, M]`` -> scalar: per module the mean over its positive tokens and the
     mean over its negative ones, then the mean of all those means that have tokens."""
     loss = F.binary_cross_entropy_with_logits(logits, positive.float(), reduction="none")
-    means = []
+    means, has = [], []
     for mask in (keep & positive, keep & ~positive):
         count = mask.sum((0, 1))
-        means.append(((loss * mask).sum((0, 1)) / count.clamp_min(1))[count > 0])
-    return torch.cat(means).mean()
+        means.append((loss * mask).sum((0, 1)) / count.clamp_min(1))
+        has.append(count > 0)
+    # weighted, not indexed by ``has``: boolean indexing waits for the device (twice, with backward)
+    mean, present = torch.cat(means), torch.cat(has)
+    return (mean * present).sum() / present.sum()
 
 
 def total_loss(components: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:

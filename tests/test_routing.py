@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tiny import recorded_hits, tiny_model
 
 from dharma_kernel.routing import PAD_LOGIT, concept_evidence, document_starts
@@ -96,3 +97,34 @@ def test_routing_loss_trains_the_hits_where_a_concept_begins():
     assert grad[0] > 0 and grad[1] > 0  # pushed down: no concept yet
     assert grad[2] < 0 and grad[5] < 0  # pushed up: the concept begins (after EOS, at once)
     assert grad[3] == 0 and grad[4] == 0  # later tokens of the concept, and unknown ones
+
+
+def test_routing_loss_is_the_mean_over_modules_and_classes_that_have_tokens():
+    from dharma_kernel.losses import routing_loss
+
+    generator = torch.Generator().manual_seed(0)
+    evidence, hits = torch.randn(2, 5, 3, generator=generator), torch.randn(2, 5, 3, generator=generator)
+    labels = torch.zeros(2, 5, 3)
+    labels[0, 2:, 0] = 1  # module 0 has both classes; 1 only negatives; 2 nothing known
+    labels[..., 2] = -100
+    real = torch.ones(2, 5, dtype=torch.bool)
+
+    def mean_bce(logits, target, where):
+        return F.binary_cross_entropy_with_logits(logits[where], target[where])
+
+    known = labels != -100
+    positive, negative = known & (labels == 1), known & (labels == 0)
+    before = F.pad(labels[:, :-1], (0, 0, 1, 0), value=-100)
+    onset = (labels == 1) & (before != 1)
+    ones, zeros = torch.ones_like(labels), torch.zeros_like(labels)
+    evidence_term = torch.stack(
+        [mean_bce(evidence[..., 0], ones[..., 0], positive[..., 0])]
+        + [mean_bce(evidence[..., m], zeros[..., m], negative[..., m]) for m in (0, 1)]
+    ).mean()
+    onsets = known & ((labels == 0) | onset)
+    hit_term = torch.stack(
+        [mean_bce(hits[..., 0], ones[..., 0], (onsets & onset)[..., 0])]
+        + [mean_bce(hits[..., m], zeros[..., m], (onsets & ~onset)[..., m]) for m in (0, 1)]
+    ).mean()
+    expected = (evidence_term + hit_term) / 2
+    torch.testing.assert_close(routing_loss(evidence, hits, labels, real), expected)
