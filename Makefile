@@ -6,7 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 PLUGIN_DIRS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/*/pyproject.toml))
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint dist clean
+.PHONY: install demo test bench lint dist device-wheels clean
 
 install: $(STAMP)
 
@@ -55,5 +55,17 @@ dist: install
 	@rm -f $(DIST_LOG)
 	@echo "$(DIST): $$(ls $(DIST)/*.whl | wc -l) wheels, $$(ls $(DIST)/*.tar.gz | wc -l) sdists"
 
+# For benchmarks/device_check.sh on a lent GPU machine (Python 3.12, x86-64, no network): the
+# project's wheels, and those of the packages its image lacks or holds too old (as last seen:
+# transformers 5.17, no pydantic), at the versions constraints.txt pins.
+DEVICE_PACKAGES := transformers pydantic pydantic-core annotated-types typing-inspection typing-extensions \
+	regex typer rich shellingham annotated-doc pluggy tiktoken
+device-wheels: dist
+	rm -rf .device && mkdir -p .device && cp $(DIST)/*.whl .device/
+	$(PIP) download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+		-c constraints.txt -d .device $(DEVICE_PACKAGES)
+	@echo ".device: $$(ls .device/*.whl | wc -l) wheels, $$(du -sh .device | cut -f1)"
+
 clean:
-	rm -rf $(VENV) runs dist build
+	rm -rf $(VENV) runs dist build .device

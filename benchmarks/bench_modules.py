@@ -39,22 +39,28 @@ from dharma_kernel.catalogue import standard_refs
 from dharma_kernel.cpu_linear import sgemm_only
 from dharma_kernel.freeze import parameter_table
 from dharma_kernel.manifest import load_manifest
+from dharma_kernel.train.compiled import compiled
 from dharma_kernel.train.heap import keep_freed_memory
 
 LAYERS = {"tiny": [2, 4], "lite": [2, 4], "seed": [3]}
 LITE_SHARE_MAX = 0.05
 SEED_MODULES, SEED_TOTAL, TOLERANCE = 174e6, 262e6, 0.03
-# (preset, composition, target, module linears by sgemm, the other path): the sgemm row shows what
-# oneDNN gives; the last row runs seed routed on the path the device does not choose by default
-# (grouped on the CPU, one by one on a GPU), shown, not judged
+# (preset, composition, target on the CPU, target on a GPU, module linears by sgemm, the other path):
+# the sgemm row shows what oneDNN gives; the last row runs seed routed on the path the device does
+# not choose by default (grouped on the CPU, one by one on a GPU), shown, not judged. The GPU
+# targets are issue #14's (bf16, batch 8 x 256).
 SPEED = (
-    ("lite", "routed", 0.9, False, False),
-    ("seed", "routed", 0.8, False, False),
-    ("seed", "sequential", None, False, False),
-    ("seed", "routed", None, True, False),
-    ("seed", "routed", None, False, True),
+    ("lite", "routed", 0.9, 0.7, False, False),
+    ("seed", "routed", 0.8, 0.5, False, False),
+    ("seed", "sequential", None, None, False, False),
+    ("seed", "routed", None, None, True, False),
+    ("seed", "routed", None, None, False, True),
 )
-BATCH, LENGTH, WARMUP = 4, 128, 2
+# --compile: these again through torch.compile as `[train] compile = true` runs them, against the
+# bare backbone compiled alike (the same targets)
+COMPILED = (("lite", "routed", 0.9, 0.7), ("seed", "routed", 0.8, 0.5))
+SHAPE = {"cpu": (4, 128), "cuda": (8, 256)}  # batch x tokens per step
+WARMUP, COMPILE_WARMUP = 2, 4  # compiled: the first steps compile (and a routed model recompiles once)
 # Op counts: a 6-layer 128-wide GPT-2 at batch 4 x 64 (the shapes of issue #14), lite routed target.
 OPS_BACKBONE, OPS_BATCH, OPS_LENGTH, OPS_TARGET = {"n_layer": 6, "n_embd": 128, "n_head": 4}, 4, 64, 2.0
 # (preset, composition, with concept labels): labels are what `dharma train` passes when modules
@@ -159,9 +165,12 @@ class Trainer:
     """A model with its fused AdamW (the trainer's default), stepping on one fixed batch: forward with
     labels, backward, update."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, concept_labels: bool = False) -> None:
+    def __init__(
+        self, model: torch.nn.Module, device: torch.device, labels: bool = False, compile: bool = False
+    ) -> None:
         self.model = model.to(device).train()
-        self.concept_labels = concept_labels
+        self.forward = compiled(self.model) if compile else self.model  # the optimizer keeps the model's
+        self.concept_labels = labels
         self.device = device
         self.params = sum(p.numel() for p in model.parameters())
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -184,7 +193,7 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
         with self.autocast, phase("forward"):
-            loss = self.model(input_ids=ids, labels=ids, use_cache=False, **self.labels(ids)).loss
+            loss = self.forward(input_ids=ids, labels=ids, use_cache=False, **self.labels(ids)).loss
         with phase("backward"):
             loss.backward()  # on the CPU autograd runs on this thread, inside the range
         with phase("optimizer"):
@@ -269,20 +278,27 @@ def paired_rounds(
 
 
 def training_speed(
-    folder: Path, refs: list[str], complete: bool, budget: Budget, grouped: bool | None
+    folder: Path,
+    refs: list[str],
+    complete: bool,
+    budget: Budget,
+    grouped: bool | None,
+    compile: bool,
+    eager: bool = True,
 ) -> bool:
     """Each round times one bare step then one assembled step, so a busy moment slows both alike."""
     text = backbone_config(None, {})
     device = bench_device()
-    ids = torch.randint(0, text.vocab_size, (BATCH, LENGTH), generator=torch.Generator().manual_seed(0))
+    batch, length = SHAPE["cuda" if device.type == "cuda" else "cpu"]
+    ids = torch.randint(0, text.vocab_size, (batch, length), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
     where = (
-        f"{torch.cuda.get_device_name(device)}, bf16 autocast" if device.type == "cuda" else
-        f"CPU, {torch.get_num_threads()} threads"
+        f"{torch.cuda.get_device_name(device)}, bf16 autocast, torch {torch.__version__}"
+        if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     )  # fmt: skip
     together = device.type == "cuda" if grouped is None else grouped
     print(
-        f"training speed: batch {BATCH} x {LENGTH} tokens, {where}, modules "
+        f"training speed: batch {batch} x {length} tokens, {where}, modules "
         f"{'grouped' if together else 'one by one'}, fused AdamW, "
         f"{WARMUP} warm-up steps per model; then rounds of one bare and one assembled step "
         f"({budget.least} to {budget.most} rounds, more while under {budget.seconds:.0f} s per config)."
@@ -292,40 +308,118 @@ def training_speed(
     print(f"{'config':<28} {'params':>9} {'tokens/s':>9} {'ratio':>6} {'target':>7} {'rounds':>6}  result")
     if device.type == "cpu":
         keep_freed_memory()  # as dharma train does on the CPU, for both sides
+    ok = True
+    if eager:
+        ok &= eager_rows(folder, refs, complete, budget, grouped, device, ids, together)
+    if compile:
+        ok &= compiled_rows(folder, refs, complete, budget, grouped, device, ids)
+    return ok
+
+
+def eager_rows(
+    folder: Path,
+    refs: list[str],
+    complete: bool,
+    budget: Budget,
+    grouped: bool | None,
+    device: torch.device,
+    ids: torch.Tensor,
+    together: bool,
+) -> bool:
+    text = backbone_config(None, {})
     torch.manual_seed(0)
     bare = Trainer(fresh_backbone(text), device)
     speed = ids.numel() / min([bare.step(ids) for _ in range(WARMUP + 3)][WARMUP:])
     print(f"{'bare backbone':<28} {bare.params / 1e6:>8.1f}M {speed:>9.1f} {1:>6.2f} {'-':>7} {'-':>6}  -")
+    cuda = device.type == "cuda"
     ok = True
-    for preset, composition, target, sgemm, other in SPEED:
+    for preset, composition, cpu_target, gpu_target, sgemm, other in SPEED:
         if other and grouped is not None:
             continue  # a path was forced: there is no other one to show
         path = manifest_path(folder, refs, preset, composition)
         model = set_grouped(build(plan(load_manifest(path))), (not together) if other else grouped)
-        trainer = Trainer(model, device)
-        with sgemm_only() if sgemm else contextlib.nullcontext():
-            for _ in range(WARMUP):
-                trainer.step(ids)
-            pairs = paired_rounds(bare, trainer, ids, budget)
-        ratio = min(b for b, _ in pairs) / min(m for _, m in pairs)
-        speed = ids.numel() / min(m for _, m in pairs)
-        passed = target is None or ratio >= target
-        ok &= passed
         name = f"{preset} {composition}" + (" top_k 2" if composition == "routed" else "")
         name += ", sgemm" if sgemm else ""
         name += (", one by one" if together else ", grouped") if other else ""
-        shown, result = ("-", "report") if target is None else (f">={target}", judge(passed, complete))
-        print(
-            f"{name:<28} {trainer.params / 1e6:>8.1f}M {speed:>9.1f} {ratio:>6.2f} {shown:>7} "
-            f"{len(pairs):>6}  {result}",
-            flush=True,
-        )
-        del trainer, model
+        with sgemm_only() if sgemm else contextlib.nullcontext():
+            target = gpu_target if cuda else cpu_target
+            ok &= speed_row(name, bare, Trainer(model, device), ids, budget, WARMUP, target, complete)
+        del model
         gc.collect()
     return ok
 
 
-def main(quick: bool = False, grouped: bool | None = None) -> bool:
+def compiled_rows(
+    folder: Path,
+    refs: list[str],
+    complete: bool,
+    budget: Budget,
+    grouped: bool | None,
+    device: torch.device,
+    ids: torch.Tensor,
+) -> bool:
+    """lite and seed routed through torch.compile, against the bare backbone compiled alike."""
+    print(f"\ncompiled (torch.compile as `[train] compile = true`; {COMPILE_WARMUP} warm-up steps)")
+    torch.manual_seed(0)
+    bare = Trainer(fresh_backbone(backbone_config(None, {})), device, compile=True)
+    start = time.perf_counter()
+    steps = [bare.step(ids) for _ in range(COMPILE_WARMUP + 3)]
+    speed = ids.numel() / min(steps[COMPILE_WARMUP:])
+    took = time.perf_counter() - start
+    print(
+        f"{'bare backbone, compiled':<28} {bare.params / 1e6:>8.1f}M {speed:>9.1f} {1:>6.2f} {'-':>7} "
+        f"{'-':>6}  - (first steps {took:.0f} s)",
+        flush=True,
+    )
+    ok = True
+    for preset, composition, cpu_target, gpu_target in COMPILED:
+        path = manifest_path(folder, refs, preset, composition)
+        model = set_grouped(build(plan(load_manifest(path))), grouped)
+        trainer = Trainer(model, device, compile=True)
+        target = gpu_target if device.type == "cuda" else cpu_target
+        name = f"{preset} {composition} top_k 2, compiled"
+        ok &= speed_row(name, bare, trainer, ids, budget, COMPILE_WARMUP, target, complete)
+        del model, trainer
+        gc.collect()
+    return ok
+
+
+def speed_row(
+    name: str,
+    bare: Trainer,
+    trainer: Trainer,
+    ids: torch.Tensor,
+    budget: Budget,
+    warmup: int,
+    target: float | None,
+    complete: bool,
+) -> bool:
+    """Warm ``trainer`` up, time it against ``bare`` round by round, print its row; False: target missed."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        trainer.step(ids)
+    took = time.perf_counter() - start
+    pairs = paired_rounds(bare, trainer, ids, budget)
+    ratio = min(b for b, _ in pairs) / min(m for _, m in pairs)
+    speed = ids.numel() / min(m for _, m in pairs)
+    passed = target is None or ratio >= target
+    shown, result = ("-", "report") if target is None else (f">={target}", judge(passed, complete))
+    warmed = f" (warm-up {took:.0f} s)" if trainer.forward is not trainer.model else ""
+    print(
+        f"{name:<28} {trainer.params / 1e6:>8.1f}M {speed:>9.1f} {ratio:>6.2f} {shown:>7} "
+        f"{len(pairs):>6}  {result}{warmed}",
+        flush=True,
+    )
+    return passed
+
+
+def main(
+    quick: bool = False,
+    grouped: bool | None = None,
+    compile: bool = False,
+    counts: bool = True,
+    eager: bool = True,
+) -> bool:
     """Print the counts and speeds; False when a target is missed with all standard modules installed."""
     quick = quick or os.environ.get("DHARMA_BENCH_QUICK") == "1"
     torch.set_num_threads(len(os.sched_getaffinity(0)))
@@ -342,12 +436,15 @@ def main(quick: bool = False, grouped: bool | None = None) -> bool:
 
     hf_logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as folder:
-        counts_ok = parameter_counts(Path(folder), refs, complete)
-        counted = grouped is not False
-        print(f"\nmodules run {'grouped by family' if counted else 'one by one (--per-module)'}")
-        ops_ok = op_counts(Path(folder), refs, complete, counted)
-        print()
-        speed_ok = training_speed(Path(folder), refs, complete, QUICK if quick else FULL, grouped)
+        counts_ok = ops_ok = True
+        if counts:
+            counts_ok = parameter_counts(Path(folder), refs, complete)
+            counted = grouped is not False
+            print(f"\nmodules run {'grouped by family' if counted else 'one by one (--per-module)'}")
+            ops_ok = op_counts(Path(folder), refs, complete, counted)
+            print()
+        budget = QUICK if quick else FULL
+        speed_ok = training_speed(Path(folder), refs, complete, budget, grouped, compile, eager)
     return (counts_ok and ops_ok and speed_ok) or not complete
 
 
@@ -357,6 +454,17 @@ if __name__ == "__main__":
     paths = parser.add_mutually_exclusive_group()
     paths.add_argument("--per-module", action="store_true", help="run every module alone, not grouped")
     paths.add_argument("--grouped", action="store_true", help="time the grouped path on the CPU too")
+    parser.add_argument(
+        "--speed-only", action="store_true", help="skip the parameter and op counts (the same on any machine)"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        default=os.environ.get("DHARMA_BENCH_COMPILE") == "1",
+        help="also time lite and seed routed through torch.compile (minutes of compiling on a CPU)",
+    )
+    parser.add_argument("--compiled-only", action="store_true", help="time only the compiled rows")
     args = parser.parse_args()
     grouped = False if args.per_module else True if args.grouped else None  # None: as the model runs
-    sys.exit(0 if main(args.quick, grouped) else 1)
+    compile = args.compile or args.compiled_only
+    sys.exit(0 if main(args.quick, grouped, compile, not args.speed_only, not args.compiled_only) else 1)

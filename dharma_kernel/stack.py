@@ -234,10 +234,42 @@ class ModuleStack(nn.Module):
         if self.disabled:  # a switched-off module gets no tokens
             on = [ref not in self.disabled for ref in self.refs]
             runs = active & torch.tensor(on, device=active.device)
+        members = list(self.members.values())
+        rows, module, delta, score, unused = self._run_modules(
+            members, hidden, runs, active, attention_mask, past, result
+        )
+        # scores: a module's own where it ran, zero elsewhere (and where it did not run at all)
+        tokens = hidden.shape[0] * hidden.shape[1]
+        placed = hidden.new_zeros(len(members) * tokens)
+        if delta is not None:
+            weights = top_weight.new_zeros(probs.shape).scatter(-1, top_index, top_weight).flatten(0, 1)
+            delta = _as(delta, hidden.dtype) * _as(weights[rows, module], hidden.dtype)[:, None]
+            result.hidden = hidden.flatten(0, 1).index_add(0, rows, delta).view_as(hidden)
+            placed = score.new_zeros(len(members) * tokens).index_copy(0, module * tokens + rows, score)
+        result.scores = Columns(self.refs, placed.view(len(members), *hidden.shape[:2]), dim=0)
+        result.active = Columns(self.refs, active)
+        result.losses["router_balance"] = _balance_loss(probs, chosen, real, self.top_k)
+        if self.touch_unused and torch.is_grad_enabled():
+            skipped = {id(m) for m in unused}
+            self.idle = [idle and id(m) in skipped for idle, m in zip(self.idle, members, strict=True)]
+            if unused:
+                zero = sum(p.sum() for m in unused for p in m.parameters() if p.requires_grad) * 0.0
+                result.hidden = result.hidden + zero
+        return result
+
+    # Under torch.compile this runs eagerly (one graph break each side): which modules run, and on
+    # how many tokens, changes every step, and tracing it recompiled each group's code for every new
+    # set of members with tokens until dynamo's recompile limit (8) sent it back to eager anyway,
+    # after minutes of compiling (37 `lite` modules at two layers).
+    @torch.compiler.disable
+    def _run_modules(self, members, hidden, runs, active, attention_mask, past, result):
+        """Every module with tokens, at its tokens: ``(rows, module, delta, score, unused)``: each
+        (module, token) pair that ran as its row of ``hidden.flatten(0, 1)`` and its module, the
+        deltas ``[N, H]`` and scores ``[N]`` there (None when no module ran), and the modules
+        that had no token. Modules' own losses and metrics go to ``result``."""
         # Every (module, token) pair that runs, from one nonzero: module after module, a group's
         # members next to each other (dharma_kernel.grouped), each module's tokens ascending. One
         # gather of all their inputs and one scatter of all the deltas, so backward has one of each.
-        members = list(self.members.values())
         order = self._runs[self._grouping(hidden)]
         ranked = self._ranked(order, hidden.device)
         pairs = runs.flatten(0, 1).index_select(1, ranked).t().nonzero()
@@ -267,25 +299,9 @@ class ModuleStack(nn.Module):
                 continue
             deltas.append(out.delta)
             scores.append(out.score)
-        # scores: a module's own where it ran, zero elsewhere (and where it did not run at all)
-        tokens = hidden.shape[0] * hidden.shape[1]
-        placed = hidden.new_zeros(len(members) * tokens)
-        if deltas:
-            weights = top_weight.new_zeros(probs.shape).scatter(-1, top_index, top_weight).flatten(0, 1)
-            delta = _as(torch.cat(deltas), hidden.dtype) * _as(weights[rows, module], hidden.dtype)[:, None]
-            result.hidden = hidden.flatten(0, 1).index_add(0, rows, delta).view_as(hidden)
-            score = torch.cat(scores)
-            placed = score.new_zeros(len(members) * tokens).index_copy(0, module * tokens + rows, score)
-        result.scores = Columns(self.refs, placed.view(len(members), *hidden.shape[:2]), dim=0)
-        result.active = Columns(self.refs, active)
-        result.losses["router_balance"] = _balance_loss(probs, chosen, real, self.top_k)
-        if self.touch_unused and torch.is_grad_enabled():
-            skipped = {id(m) for m in unused}
-            self.idle = [idle and id(m) in skipped for idle, m in zip(self.idle, members, strict=True)]
-            if unused:
-                zero = sum(p.sum() for m in unused for p in m.parameters() if p.requires_grad) * 0.0
-                result.hidden = result.hidden + zero
-        return result
+        if not deltas:
+            return rows, module, None, None, unused
+        return rows, module, torch.cat(deltas), torch.cat(scores), unused
 
     def _routed_dense(self, result, attention_mask, past, top_index, top_weight, active) -> StackResult:
         """``_routed``'s hidden states and scores (no balance loss), from full forwards of every module."""

@@ -44,9 +44,12 @@ def for_training(model: nn.Module, cfg: Any) -> nn.Module:
     are compiled with dynamic shapes from the start (``dynamic=True``); otherwise the second
     step would compile every graph again (about twice the compile time on the CPU).
     """
-    if not cfg.compile:
-        return model
-    mode = None if cfg.compile_mode == "default" else cfg.compile_mode
+    return compiled(model, cfg.compile_mode) if cfg.compile else model
+
+
+def compiled(model: nn.Module, mode: str = "default") -> nn.Module:
+    """``torch.compile(model)`` as training runs it (see :func:`for_training`); also what
+    ``benchmarks/bench_modules.py --compile`` times."""
     stacks = getattr(model, "stacks", {}).values()
     routed = any(getattr(stack, "composition", None) == "routed" for stack in stacks)
-    return torch.compile(model, mode=mode, dynamic=True if routed else None)
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=True if routed else None)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Issue #14's GPU measurement, prepared for a lent GPU machine, where one short run must do.
+#
+#   here:   make device-wheels              the project's wheels, and the packages the GPU image
+#                                           lacks or has too old, for its Python 3.12, into .device/
+#   there:  bash benchmarks/device_check.sh (the device tool's `run`, with `carry: [".device"]`)
+#
+# It installs the wheels into /tmp (no network there), prints the card, then times the module
+# stacks against the bare backbone in bf16 at batch 8 x 256: eager rows first, then compiled
+# ones. Each part writes to $OUT (or ./device-out) as it goes, so a run cut off at its time
+# limit still returns what it measured.
+set -uo pipefail
+out=${OUT:-device-out}
+mkdir -p "$out"
+python=${PYTHON:-python3}
+"$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/dharma-site .device/*.whl || exit 1
+export PYTHONPATH=/tmp/dharma-site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    "$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+    uptime
+} 2>&1 | tee "$out/device.txt"
+timeout "${EAGER_SECONDS:-200}" "$python" benchmarks/bench_modules.py --quick --speed-only 2>&1 \
+    | tee "$out/eager.txt"
+timeout "${COMPILED_SECONDS:-330}" "$python" benchmarks/bench_modules.py --quick --speed-only --compile \
+    --compiled-only 2>&1 | tee "$out/compiled.txt"
