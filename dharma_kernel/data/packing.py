@@ -181,11 +181,18 @@ def _concat(parts: list[PackedData]) -> PackedData:
 def _tokenize(
     tokenizer: Any, texts: list[str], with_offsets: bool, chunk: int = 4096
 ) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
-    """Token ids (and character offsets) of each text, no special tokens added; batched
-    so the tokenizer's own threads do the work."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if not with_offsets and backend is not None and backend.truncation is None and backend.padding is None:
-        return _ids_only(backend, texts), []
+    """Token ids (and character offsets) of each text, no special tokens added; on every core
+    (tiktoken's threads for a GPT-2-shaped BPE, see :mod:`~dharma_kernel.data.fast_bpe`, else the
+    Rust tokenizer's batches)."""
+    from .fast_bpe import fast_encoder, reference_ids
+
+    if not with_offsets:
+        encoder = fast_encoder(tokenizer, texts)
+        if encoder is not None:
+            return encoder.encode(texts), []
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and backend.truncation is None and backend.padding is None:
+            return reference_ids(backend, texts), []
     ids: list[list[int]] = []
     offsets: list[list[tuple[int, int]]] = []
     for begin in range(0, len(texts), chunk):
@@ -201,18 +208,6 @@ def _tokenize(
         if with_offsets:
             offsets += encoded["offset_mapping"]
     return ids, offsets
-
-
-def _ids_only(backend: Any, texts: list[str]) -> list[list[int]]:
-    """What ``tokenizer(texts, split_special_tokens=True)`` gives as ``input_ids``, from the Rust
-    tokenizer's ``encode_batch_fast``, which computes no offsets and skips transformers' conversion
-    of each encoding (28 % less CPU in ``benchmarks/bench_prepare_stages.py``)."""
-    splitting = backend.encode_special_tokens
-    backend.encode_special_tokens = True  # text that spells a special token is tokenized as text
-    try:
-        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    finally:
-        backend.encode_special_tokens = splitting
 
 
 def _concept_labels(
