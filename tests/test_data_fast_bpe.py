@@ -31,12 +31,28 @@ def lines_of(texts: list[str]) -> list[str]:
     return [piece for text in texts for piece in [text, *text.split("\n\n"), *text.splitlines()]]
 
 
+def hf_encoded(tokenizer, texts: list[str]):
+    """What packing asked of the tokenizer before tiktoken: ids and offsets, specials as text."""
+    return tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=True)
+
+
 def assert_same_ids(tokenizer, texts: list[str]) -> None:
+    """tiktoken's ids, and its offsets (when untrimmed), equal those the tokenizer gives through
+    transformers."""
     encoder = fast_encoder(tokenizer)
     assert encoder is not None
-    fast, slow = encoder.encode(texts), reference_ids(tokenizer.backend_tokenizer, texts)
-    wrong = [text for text, a, b in zip(texts, fast, slow, strict=True) if a != b]
+    expected = hf_encoded(tokenizer, texts)
+    fast = encoder.encode(texts)
+    wrong = [text for text, a, b in zip(texts, fast, expected["input_ids"], strict=True) if a != b]
     assert not wrong, f"{len(wrong)} of {len(texts)} texts differ, e.g. {wrong[0][:200]!r}"
+    if encoder.byte_lengths is None:  # trimmed offsets: the tokenizer gives them
+        return
+    ids, offsets = encoder.encode_with_offsets(texts)
+    assert ids == fast
+    spans = [[tuple(span) for span in each.tolist()] for each in offsets]
+    wrong = [text for text, a, b in zip(texts, spans, expected["offset_mapping"], strict=True) if a != b]
+    assert not wrong, f"offsets of {len(wrong)} of {len(texts)} texts differ, e.g. {wrong[0][:200]!r}"
+    assert all(each.shape == (len(one), 2) for each, one in zip(offsets, ids, strict=True))
 
 
 def test_ids_equal_the_tokenizers_on_the_examples():
@@ -52,7 +68,7 @@ def test_ids_equal_the_tokenizers_on_the_seed_data():
     texts = file_texts(SEED)
     tokenizer = train_tokenizer(texts, vocab_size=8000)
 
-    assert_same_ids(tokenizer, lines_of(texts))
+    assert_same_ids(tokenizer, [paragraph for text in texts for paragraph in text.split("\n\n")])
 
 
 # fmt: off
@@ -117,6 +133,10 @@ def test_a_gpt2_tokenizer_from_vocab_and_merges_files_has_the_shape(tmp_path):
     assert gpt2_shape(tokenizer) is not None
     texts = lines_of(file_texts(EXAMPLES)) + ["a<|endoftext|>b"]
     assert_same_ids(tokenizer, texts)
+    # GPT-2's offsets are trimmed (" karma" spans "karma"): those still come from the tokenizer.
+    assert fast_encoder(tokenizer).byte_lengths is None
+    ids, offsets = _tokenize(tokenizer, texts, with_offsets=True)
+    assert offsets == hf_encoded(tokenizer, texts)["offset_mapping"]
     assert _tokenize(tokenizer, texts, with_offsets=False)[0] == tokenizer(
         texts, add_special_tokens=False, split_special_tokens=True
     )["input_ids"]

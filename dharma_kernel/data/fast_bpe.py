@@ -31,10 +31,14 @@ import json
 import os
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
+
+import numpy as np
 
 __all__ = ["GPT2_PATTERN", "FastBPE", "fast_encoder", "gpt2_shape"]
 
@@ -42,29 +46,57 @@ __all__ = ["GPT2_PATTERN", "FastBPE", "fast_encoder", "gpt2_shape"]
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 SAMPLE_CHARS = 1_000_000  # the guard encodes about this much of the first texts both ways
 
+T = TypeVar("T")
 _decided: weakref.WeakKeyDictionary[Any, FastBPE | None] = weakref.WeakKeyDictionary()
 
 
 class FastBPE:
-    """A tiktoken encoding that gives a tokenizer's ids (see :func:`fast_encoder`)."""
+    """A tiktoken encoding that gives a tokenizer's ids (see :func:`fast_encoder`), and its
+    character offsets when ``byte_lengths`` (each token's length in bytes, by id) is given."""
 
-    def __init__(self, encoding: Any, threads: int | None = None) -> None:
+    def __init__(self, encoding: Any, byte_lengths: np.ndarray | None = None, threads: int | None = None):
         self.encoding = encoding
+        self.byte_lengths = byte_lengths
         self.threads = threads or os.cpu_count() or 1
         self._pool: ThreadPoolExecutor | None = None
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids of each text, no special tokens added or recognised; slices of the batch run on threads."""
         one = self.encoding.encode_ordinary
+        return self._on_threads(lambda part: [one(text) for text in part], texts)
+
+    def encode_with_offsets(self, texts: Sequence[str]) -> tuple[list[list[int]], list[np.ndarray]]:
+        """Ids of each text and each token's ``[start, end)`` character span, ``[T, 2]``, as the
+        Rust tokenizer gives them untrimmed: a token that holds part of a character spans all of it."""
+        if self.byte_lengths is None:
+            raise ValueError("this encoder was made without byte lengths, so it gives no offsets")
+        one = self.encoding.encode_ordinary
+
+        def part(texts: Sequence[str]) -> list[tuple[list[int], np.ndarray]]:
+            return [(ids, self._spans(text, ids)) for text in texts for ids in [one(text)]]
+
+        both = self._on_threads(part, texts)
+        return [ids for ids, _ in both], [spans for _, spans in both]
+
+    def _spans(self, text: str, ids: list[int]) -> np.ndarray:
+        lengths = self.byte_lengths[np.array(ids, dtype=np.int64)]  # type: ignore[index]
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
+        if not text.isascii():  # byte positions to characters: count the bytes that start one
+            raw = np.frombuffer(text.encode("utf-8", "surrogatepass"), dtype=np.uint8)
+            character = np.cumsum((raw & 0xC0) != 0x80) - 1
+            starts, ends = character[starts], character[ends - 1] + 1
+        return np.stack([starts, ends], axis=1)
+
+    def _on_threads(self, work: Callable[[Sequence[str]], list[T]], texts: Sequence[str]) -> list[T]:
         if self.threads == 1 or len(texts) < 2 * self.threads:
-            return [one(text) for text in texts]
+            return work(texts)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dharma-bpe")
         # Equal shares of characters, not of texts, so no thread waits on one with the long documents.
         bounds = _shares([len(text) for text in texts], self.threads)
         slices = [texts[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-        done = self._pool.map(lambda part: [one(text) for text in part], slices)
-        return [ids for part in done for ids in part]
+        return [each for part in self._pool.map(work, slices) for each in part]
 
 
 def fast_encoder(tokenizer: Any, sample: Sequence[str] = ()) -> FastBPE | None:
@@ -94,9 +126,20 @@ def fast_encoder(tokenizer: Any, sample: Sequence[str] = ()) -> FastBPE | None:
     return encoder
 
 
-def gpt2_shape(tokenizer: Any) -> tuple[dict[bytes, int], dict[str, int]] | None:
-    """``(mergeable ranks, special tokens)`` for tiktoken when ``tokenizer`` is a Rust-backed
-    byte-level BPE of GPT-2's shape (see the module's doc), else None."""
+@dataclass
+class Shape:
+    """What tiktoken needs of a GPT-2-shaped BPE: ``ranks`` (each token's bytes to its id, specials
+    aside), ``specials`` (content to id), and whether its offsets are ``untrimmed`` (no
+    post-processor, or ByteLevel's with ``trim_offsets = false``, as trained tokenizers have)."""
+
+    ranks: dict[bytes, int]
+    specials: dict[str, int]
+    untrimmed: bool
+
+
+def gpt2_shape(tokenizer: Any) -> Shape | None:
+    """The :class:`Shape` of ``tokenizer`` when it is a Rust-backed byte-level BPE of GPT-2's shape
+    (see the module's doc), else None."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or backend.truncation is not None or backend.padding is not None:
         return None
@@ -124,9 +167,11 @@ def gpt2_shape(tokenizer: Any) -> tuple[dict[bytes, int], dict[str, int]] | None
         if any(char not in to_byte for char in token):
             return None
         ranks[bytes(to_byte[char] for char in token)] = index
-    if _merge_order_is_id_order(model.get("merges") or [], vocab, special_ids):
-        return ranks, specials
-    return None
+    if not _merge_order_is_id_order(model.get("merges") or [], vocab, special_ids):
+        return None
+    post = spec.get("post_processor")
+    untrimmed = post is None or (post.get("type") == "ByteLevel" and not post.get("trim_offsets", True))
+    return Shape(ranks, specials, untrimmed)
 
 
 def _byte_level_split(pre: dict[str, Any] | None) -> bool:
@@ -166,29 +211,54 @@ def _build(tokenizer: Any) -> FastBPE | None:
     shape = gpt2_shape(tokenizer)
     if shape is None:
         return None
-    ranks, _ = shape
-    encoding = tiktoken.Encoding("dharma-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
-    return FastBPE(encoding)
+    encoding = tiktoken.Encoding("dharma-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=shape.ranks,
+                                 special_tokens={})  # fmt: skip
+    if not shape.untrimmed:
+        return FastBPE(encoding)
+    lengths = np.zeros(max([*shape.ranks.values(), *shape.specials.values()]) + 1, dtype=np.int64)
+    for token, index in shape.ranks.items():
+        lengths[index] = len(token)
+    for content, index in shape.specials.items():
+        lengths[index] = len(content.encode("utf-8"))
+    return FastBPE(encoding, lengths)
 
 
 def _agrees(encoder: FastBPE, tokenizer: Any, sample: Sequence[str]) -> bool:
+    """Whether ``encoder`` gives the tokenizer's ids (and offsets, when it gives any) on the first
+    :data:`SAMPLE_CHARS` characters of ``sample``."""
     texts, size = [], 0
     for text in sample:
         if size >= SAMPLE_CHARS:
             break
         texts.append(text)
         size += len(text)
-    return encoder.encode(texts) == reference_ids(tokenizer.backend_tokenizer, texts)
+    backend = tokenizer.backend_tokenizer
+    if encoder.byte_lengths is None:
+        return encoder.encode(texts) == reference_ids(backend, texts)
+    with _as_text(backend):
+        expected = backend.encode_batch(texts, add_special_tokens=False)
+    ids, offsets = encoder.encode_with_offsets(texts)
+    return ids == [each.ids for each in expected] and all(
+        spans.tolist() == [list(span) for span in each.offsets]
+        for spans, each in zip(offsets, expected, strict=True)
+    )
 
 
 def reference_ids(backend: Any, texts: Sequence[str]) -> list[list[int]]:
     """What ``tokenizer(texts, split_special_tokens=True)`` gives as ``input_ids``, from the Rust
     tokenizer's ``encode_batch_fast``, which computes no offsets and skips transformers' conversion
     of each encoding."""
-    splitting = backend.encode_special_tokens
-    backend.encode_special_tokens = True  # text that spells a special token is tokenized as text
-    try:
+    with _as_text(backend):
         return [encoding.ids for encoding in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+
+@contextmanager
+def _as_text(backend: Any) -> Iterator[None]:
+    """Text that spells a special token is tokenized as text, within the block."""
+    splitting = backend.encode_special_tokens
+    backend.encode_special_tokens = True
+    try:
+        yield
     finally:
         backend.encode_special_tokens = splitting
 

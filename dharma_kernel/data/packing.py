@@ -180,16 +180,18 @@ def _concat(parts: list[PackedData]) -> PackedData:
 
 def _tokenize(
     tokenizer: Any, texts: list[str], with_offsets: bool, chunk: int = 4096
-) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
-    """Token ids (and character offsets) of each text, no special tokens added; on every core
-    (tiktoken's threads for a GPT-2-shaped BPE, see :mod:`~dharma_kernel.data.fast_bpe`, else the
-    Rust tokenizer's batches)."""
+) -> tuple[list[list[int]], list[Any]]:
+    """Token ids (and character offsets: ``(start, end)`` pairs or ``[T, 2]`` arrays) of each text,
+    no special tokens added; on every core (tiktoken's threads for a GPT-2-shaped BPE, see
+    :mod:`~dharma_kernel.data.fast_bpe`, else the Rust tokenizer's batches)."""
     from .fast_bpe import fast_encoder, reference_ids
 
+    encoder = fast_encoder(tokenizer, texts)
+    if encoder is not None and not with_offsets:
+        return encoder.encode(texts), []
+    if encoder is not None and encoder.byte_lengths is not None:
+        return encoder.encode_with_offsets(texts)  # type: ignore[return-value]
     if not with_offsets:
-        encoder = fast_encoder(tokenizer, texts)
-        if encoder is not None:
-            return encoder.encode(texts), []
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is not None and backend.truncation is None and backend.padding is None:
             return reference_ids(backend, texts), []
@@ -212,7 +214,7 @@ def _tokenize(
 
 def _concept_labels(
     records: Sequence[Record],
-    offsets: list[list[tuple[int, int]]],
+    offsets: list[Any],
     first: list[int],
     size: int,
     position: int,
