@@ -110,9 +110,17 @@ class TextStream:
         self.lexicons = lexicons if lexicons is not None or not self.refs else lexicons_for(self.refs)
         self.position = 0  # tokens in the stream so far
 
-    def encode(self, records: Sequence[Record]) -> Piece:
-        """The next stretch: each record's tokens (after BOS when there is one besides EOS), then EOS."""
-        ids, offsets = _tokenize(self.tokenizer, [record.text for record in records], bool(self.refs))
+    def tokenize(self, records: Sequence[Record]) -> tuple[list[list[int]], list[Any]]:
+        """What :meth:`encode` needs of the tokenizer for ``records``; a caller may run it ahead,
+        on another thread, and hand the result to :meth:`encode`."""
+        return _tokenize(self.tokenizer, [record.text for record in records], bool(self.refs))
+
+    def encode(
+        self, records: Sequence[Record], tokenized: tuple[list[list[int]], list[Any]] | None = None
+    ) -> Piece:
+        """The next stretch: each record's tokens (after BOS when there is one besides EOS), then EOS.
+        ``tokenized``: :meth:`tokenize`'s result for these records, when the caller has it."""
+        ids, offsets = tokenized if tokenized is not None else self.tokenize(records)
         lengths = np.fromiter((len(self.prefix) + len(doc) + 1 for doc in ids), np.int64, len(ids))
         starts = np.cumsum(lengths) - lengths  # within this piece
         size = int(lengths.sum())

@@ -30,7 +30,7 @@ import pickle
 import shutil
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -452,16 +452,35 @@ def _write_split(
     writer = ShardWriter(staging, split, dtype, max_length, len(refs))
     stream = TextStream(tokenizer, max_length, refs, lexicons)
     chats: list[Record] = []
-    for chunk in chunks:
-        texts = [record for record in chunk if record.messages is None]
+    for chunk, texts, tokenized in _tokenized_ahead(chunks, stream):
         chats += [record for record in chunk if record.messages is not None]
         if texts:
-            writer.write(stream.encode(texts))
+            writer.write(stream.encode(texts, tokenized))
         meter.add(sum(len(record.text) for record in chunk))
     writer.write(stream.padding())
     if chats:
         writer.write(pieces_of(pack_conversations(chats, tokenizer, max_length, report, refs, lexicons)))
     return writer.close()
+
+
+def _tokenized_ahead(
+    chunks: Iterator[list[Record]], stream: Any
+) -> Iterator[tuple[list[Record], list[Record], Any]]:
+    """Each chunk, its text records and their tokens, read from the spool and tokenized on a helper
+    thread one chunk ahead, so packing and writing the chunk before (this thread) overlap them."""
+
+    def next_chunk() -> tuple[list[Record], list[Record], Any] | None:
+        chunk = next(chunks, None)
+        if chunk is None:
+            return None
+        texts = [record for record in chunk if record.messages is None]
+        return chunk, texts, stream.tokenize(texts) if texts else None
+
+    with ThreadPoolExecutor(1, thread_name_prefix="dharma-tokenize") as helper:
+        ahead = helper.submit(next_chunk)
+        while (done := ahead.result()) is not None:
+            ahead = helper.submit(next_chunk)
+            yield done
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
