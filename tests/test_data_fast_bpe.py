@@ -184,6 +184,13 @@ def test_a_tokenizer_of_another_shape_is_encoded_by_itself(monkeypatch):
         expected = tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         assert _tokenize(tokenizer, texts, with_offsets=False)[0] == expected, why
 
+    later = byte_level_bpe()  # decided, then given a token the split must honour: decided again
+    assert fast_encoder(later, texts) is not None
+    later.add_tokens(["yoga"])
+    assert fast_encoder(later, texts) is None
+    expected = later(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert _tokenize(later, texts, with_offsets=False)[0] == expected
+
     monkeypatch.setitem(sys.modules, "tiktoken", None)  # not installed: `import tiktoken` fails
     monkeypatch.setattr(fast_bpe, "_decided", type(fast_bpe._decided)())
     tokenizer = byte_level_bpe()

@@ -16,9 +16,12 @@ token longer than a byte made by exactly one merge). Tokenizers trained by
 Two cases the shape cannot rule out: a word (a piece of the regex's split) that is a
 whole token but that the merges would split, which tiktoken keeps whole; and two
 pieces that join into a token through a split other than the merge that made it,
-which tiktoken joins. A BPE trained the usual way has neither, since its merges were
-learnt by applying them in this very order; :func:`fast_encoder` still encodes a
-sample both ways and keeps the tokenizer itself (with a warning) on any difference.
+which tiktoken joins. tiktoken's authors expect neither in a BPE trained the usual
+way, and the tests find none (tests/test_data_fast_bpe.py: the examples, the seed
+data, random Unicode, a GPT-2-format tokenizer), but that is evidence, not proof, so
+:func:`fast_encoder` also encodes a sample both ways and keeps the tokenizer itself
+(with a warning) on any difference. A difference only in text past the sample would
+go unseen.
 
 Text that spells a special token (``<|endoftext|>``) is tokenized as text, as packing
 wants (``encode_ordinary``). tiktoken releases the GIL while it encodes, so
@@ -47,7 +50,8 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+
 SAMPLE_CHARS = 1_000_000  # the guard encodes about this much of the first texts both ways
 
 T = TypeVar("T")
-_decided: weakref.WeakKeyDictionary[Any, FastBPE | None] = weakref.WeakKeyDictionary()
+# Each tokenizer's encoder (or None), with its length when decided.
+_decided: weakref.WeakKeyDictionary[Any, tuple[int, FastBPE | None]] = weakref.WeakKeyDictionary()
 
 
 class FastBPE:
@@ -103,12 +107,14 @@ def fast_encoder(tokenizer: Any, sample: Sequence[str] = ()) -> FastBPE | None:
     """A :class:`FastBPE` for ``tokenizer`` when it has GPT-2's shape and tiktoken is installed,
     else None (encode with the tokenizer).
 
-    The first call for a tokenizer decides, and later ones reuse the decision: the
-    texts of ``sample`` (up to :data:`SAMPLE_CHARS` characters) are encoded both ways,
-    and on any difference a warning is given and None returned.
+    The first call for a tokenizer decides, and later ones reuse the decision (until tokens
+    are added to it): the texts of ``sample`` (up to :data:`SAMPLE_CHARS` characters) are
+    encoded both ways, and on any difference a warning is given and None returned.
     """
     try:
-        return _decided[tokenizer]
+        size, decided = _decided[tokenizer]
+        if size == len(tokenizer):  # else tokens were added since: decide again
+            return decided
     except (KeyError, TypeError):
         pass
     encoder = _build(tokenizer)
@@ -120,7 +126,7 @@ def fast_encoder(tokenizer: Any, sample: Sequence[str] = ()) -> FastBPE | None:
         )
         encoder = None
     try:
-        _decided[tokenizer] = encoder
+        _decided[tokenizer] = (len(tokenizer), encoder)
     except TypeError:  # not weakly referenceable: decided again next time
         pass
     return encoder
