@@ -8,11 +8,14 @@ Three passes, each streaming in bounded chunks, so memory does not grow with the
 1. read and clean: records are read file by file, cleaned by a pool of processes (one
    a core) for a large input, filtered (too short, exact duplicates by hash), split into
    train and held-out eval as :func:`~dharma_kernel.data.split.split_records` splits
-   them, and spooled to disk;
+   them, and spooled to disk; the cleaning processes also hash, draw and pickle their
+   records (:mod:`~dharma_kernel.data.sorted_chunk`), so this process only decides duplicates;
 2. the tokenizer, when one is trained, learns from the spooled training text, at most
    ``backbone.tokenizer.max_training_chars`` of it;
-3. tokenize and write: the spool is tokenized in batches (the Rust tokenizer uses every
-   core) and packed as :func:`~dharma_kernel.data.packing.pack` packs, straight into
+3. tokenize and write: the spool is tokenized in batches on every core (tiktoken's threads
+   for a GPT-2-shaped BPE, :mod:`~dharma_kernel.data.fast_bpe`, else the Rust tokenizer's),
+   the next batch on a helper thread while this one is packed as
+   :func:`~dharma_kernel.data.packing.pack` packs, straight into
    :class:`~dharma_kernel.data.shards.ShardWriter` files.
 
 The result holds the same rows, in the same order, as :func:`prepare_data` gives in
