@@ -7,7 +7,8 @@ duplicate. The manifest trains a byte-level BPE of 8,000 tokens, max_length 256,
 modules (concept labels would add their own cost). Measured:
 
 1. ``dharma prepare`` in a fresh process: wall time, MB/s of input text, peak RSS of
-   the main process and of the largest cleaning process (watched in /proc);
+   the main process and of the largest cleaning process (watched in /proc), and the CPU
+   seconds of both (less dependent on the machine's load than wall time);
 2. ``dharma train --max-steps 1`` on the same data and cache: the wall time of the whole
    process (start, reuse of the prepared data, step-0 evaluation of at most
    ``eval_tokens``, one step, one save) bounds when the first step starts;
@@ -61,6 +62,8 @@ PEAK = """
 import os, resource, sys, threading, time
 from dharma_kernel.cli import main
 largest = 0
+cpu = {}  # each descendant's CPU seconds when last seen
+tick = os.sysconf("SC_CLK_TCK")
 def descendants(pid):
     try:
         kids = [int(k) for k in open(f"/proc/{pid}/task/{pid}/children").read().split()]
@@ -74,6 +77,8 @@ def watch():
             try:
                 hwm = [line for line in open(f"/proc/{pid}/status") if line.startswith("VmHWM:")]
                 largest = max([largest] + [int(line.split()[1]) * 1024 for line in hwm])
+                fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+                cpu[pid] = max(cpu.get(pid, 0.0), (int(fields[11]) + int(fields[12])) / tick)
             except OSError:
                 pass
         time.sleep(0.2)
@@ -81,8 +86,9 @@ threading.Thread(target=watch, daemon=True).start()
 try:
     main(sys.argv[1:])
 finally:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(f"PEAK {own} {largest}", file=sys.stderr)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"PEAK {usage.ru_maxrss * 1024} {largest}", file=sys.stderr)
+    print(f"CPU {usage.ru_utime + usage.ru_stime} {sum(cpu.values())}", file=sys.stderr)
 """
 
 
@@ -127,6 +133,14 @@ def run_peak(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, in
     peak = next(line for line in result.stderr.splitlines() if line.startswith("PEAK "))
     own, children = (int(value) for value in peak.split()[1:])
     return seconds, own, children, result.stdout, result.stderr
+
+
+def cpu_seconds(stderr: str) -> tuple[float, float]:
+    """CPU seconds of the ``dharma`` process (every thread) and of its descendants (sampled every
+    0.2 s in /proc, so a little of each descendant's last moments is missed)."""
+    line = next(line for line in stderr.splitlines() if line.startswith("CPU "))
+    own, children = (float(value) for value in line.split()[1:])
+    return own, children
 
 
 def first_step(work: Path, env: dict[str, str]) -> tuple[float, float, float]:
@@ -223,6 +237,11 @@ def main(argv: list[str] | None = None) -> bool:
         print(f"prepare {size / 1e6:.0f} MB: {seconds:.1f} s, {rate:.1f} MB/s, peak RSS {own / GIB:.2f} GiB "
               f"(largest cleaning process {children / GIB:.2f} GiB); {prepared['train']['rows']:,} rows, "
               f"{prepared['train']['tokens']:,} tokens, {prepared['dtype']} ids ({before})")  # fmt: skip
+        main_cpu, other_cpu = cpu_seconds(stderr)
+        total = main_cpu + other_cpu
+        print(f"  CPU: {main_cpu:.1f} s in the dharma process, {other_cpu:.1f} s in its cleaning processes; "
+              f"{size / 1e6 / total:.1f} MB per CPU-s; two cores doing nothing else would allow at most "
+              f"{2 * size / 1e6 / total:.1f} MB/s")  # fmt: skip
         before = load()
         ready, rerun, whole = first_step(work, env)
         floor = import_floor(env)

@@ -106,6 +106,34 @@ def test_chunked_and_parallel_preparation_writes_the_same_bytes(tmp_path, monkey
     assert files_of(tmp_path / "whole") == files_of(tmp_path / "chunked")
 
 
+@pytest.mark.parametrize("pool", [False, True])
+def test_a_held_out_file_is_prepared_as_in_memory_without_training_text(tmp_path, monkeypatch, pool):
+    # data.eval: its duplicates of training text and its too-short records are dropped, counted
+    # alike whether the main process or a pool of cleaning processes sorts the records.
+    path = write_corpus(tmp_path)
+    heldout = tmp_path / "heldout"
+    heldout.mkdir()
+    texts = [TEXTS[3], "too short", TEXTS[3].upper(), TEXTS[20], "A new verse on the river's silt, held out."]
+    (heldout / "h.txt").write_text("\n\n".join(texts), encoding="utf-8")
+    path.write_text(path.read_text().replace('train = ["data"]', 'train = ["data"]\neval = ["heldout"]'))
+    manifest = load_manifest(path)
+    if pool:
+        monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 200)
+        monkeypatch.setattr(prepare_module, "POOL_BYTES", 0)
+
+    prepare(manifest, tmp_path / "prepared", refs=REFS)
+    prepared = open_prepared(tmp_path / "prepared")
+    records = read_data(manifest)
+    train, evaluation, report = prepare_data(manifest, prepared.tokenizer, REFS, records=records)
+
+    assert len(records.eval) == 2  # the upper-cased verse and the new one
+    for memory, mapped in ((train, prepared.train), (evaluation, prepared.eval)):
+        expected, got = all_rows(memory), all_rows(mapped)
+        assert all(torch.equal(expected[key], got[key]) for key in expected)
+    assert prepared.report.summary() == report.summary()
+    assert prepared.report.dropped == report.dropped and report.dropped["duplicate"] == 3
+
+
 def test_a_cleaning_process_that_dies_leaves_the_same_bytes_and_a_warning(tmp_path, monkeypatch, caplog):
     manifest = load_manifest(write_corpus(tmp_path))
     prepare(manifest, tmp_path / "whole", refs=REFS)

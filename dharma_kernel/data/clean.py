@@ -146,14 +146,13 @@ class RecordFilter:
         self.seen: set[bytes] = set()
 
     def __call__(self, record: Record) -> bool:
-        if not record.text or (
-            record.messages is not None and not all(t["content"] for t in record.messages)
-        ):
-            reason = "empty"  # a conversation with a message left empty cannot be rendered as a chat
-        elif len(record.text) < self.min_chars:
-            reason = "too_short"
-        else:
-            digest = text_hash(record.text)
+        reason = early_drop(record, self.min_chars)
+        return self.admit(reason, text_hash(record.text) if reason is None else b"")
+
+    def admit(self, reason: str | None, digest: bytes) -> bool:
+        """The decision for a record whose :func:`early_drop` is ``reason`` and whose
+        :func:`text_hash` is ``digest`` (worked out elsewhere, by a cleaning process, say)."""
+        if reason is None:
             if digest not in self.seen:
                 self.seen.add(digest)
                 self.report.records_kept += 1
@@ -161,6 +160,15 @@ class RecordFilter:
             reason = "duplicate"
         self.report.dropped[reason] += 1
         return False
+
+
+def early_drop(record: Record, min_chars: int) -> str | None:
+    """Why a cleaned record is dropped whatever came before it (``"empty"``, ``"too_short"``), or None."""
+    if not record.text or (record.messages is not None and not all(t["content"] for t in record.messages)):
+        return "empty"  # a conversation with a message left empty cannot be rendered as a chat
+    if len(record.text) < min_chars:
+        return "too_short"
+    return None
 
 
 def text_hash(text: str) -> bytes:

@@ -110,9 +110,17 @@ class TextStream:
         self.lexicons = lexicons if lexicons is not None or not self.refs else lexicons_for(self.refs)
         self.position = 0  # tokens in the stream so far
 
-    def encode(self, records: Sequence[Record]) -> Piece:
-        """The next stretch: each record's tokens (after BOS when there is one besides EOS), then EOS."""
-        ids, offsets = _tokenize(self.tokenizer, [record.text for record in records], bool(self.refs))
+    def tokenize(self, records: Sequence[Record]) -> tuple[list[list[int]], list[Any]]:
+        """What :meth:`encode` needs of the tokenizer for ``records``; a caller may run it ahead,
+        on another thread, and hand the result to :meth:`encode`."""
+        return _tokenize(self.tokenizer, [record.text for record in records], bool(self.refs))
+
+    def encode(
+        self, records: Sequence[Record], tokenized: tuple[list[list[int]], list[Any]] | None = None
+    ) -> Piece:
+        """The next stretch: each record's tokens (after BOS when there is one besides EOS), then EOS.
+        ``tokenized``: :meth:`tokenize`'s result for these records, when the caller has it."""
+        ids, offsets = tokenized if tokenized is not None else self.tokenize(records)
         lengths = np.fromiter((len(self.prefix) + len(doc) + 1 for doc in ids), np.int64, len(ids))
         starts = np.cumsum(lengths) - lengths  # within this piece
         size = int(lengths.sum())
@@ -180,12 +188,21 @@ def _concat(parts: list[PackedData]) -> PackedData:
 
 def _tokenize(
     tokenizer: Any, texts: list[str], with_offsets: bool, chunk: int = 4096
-) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
-    """Token ids (and character offsets) of each text, no special tokens added; batched
-    so the tokenizer's own threads do the work."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if not with_offsets and backend is not None and backend.truncation is None and backend.padding is None:
-        return _ids_only(backend, texts), []
+) -> tuple[list[list[int]], list[Any]]:
+    """Token ids (and character offsets: ``(start, end)`` pairs or ``[T, 2]`` arrays) of each text,
+    no special tokens added; on every core (tiktoken's threads for a GPT-2-shaped BPE, see
+    :mod:`~dharma_kernel.data.fast_bpe`, else the Rust tokenizer's batches)."""
+    from .fast_bpe import fast_encoder, reference_ids
+
+    encoder = fast_encoder(tokenizer, texts)
+    if encoder is not None and not with_offsets:
+        return encoder.encode(texts), []
+    if encoder is not None and encoder.byte_lengths is not None:
+        return encoder.encode_with_offsets(texts)  # type: ignore[return-value]
+    if not with_offsets:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and backend.truncation is None and backend.padding is None:
+            return reference_ids(backend, texts), []
     ids: list[list[int]] = []
     offsets: list[list[tuple[int, int]]] = []
     for begin in range(0, len(texts), chunk):
@@ -203,21 +220,9 @@ def _tokenize(
     return ids, offsets
 
 
-def _ids_only(backend: Any, texts: list[str]) -> list[list[int]]:
-    """What ``tokenizer(texts, split_special_tokens=True)`` gives as ``input_ids``, from the Rust
-    tokenizer's ``encode_batch_fast``, which computes no offsets and skips transformers' conversion
-    of each encoding (28 % less CPU in ``benchmarks/bench_prepare_stages.py``)."""
-    splitting = backend.encode_special_tokens
-    backend.encode_special_tokens = True  # text that spells a special token is tokenized as text
-    try:
-        return [encoding.ids for encoding in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    finally:
-        backend.encode_special_tokens = splitting
-
-
 def _concept_labels(
     records: Sequence[Record],
-    offsets: list[list[tuple[int, int]]],
+    offsets: list[Any],
     first: list[int],
     size: int,
     position: int,

@@ -8,11 +8,14 @@ Three passes, each streaming in bounded chunks, so memory does not grow with the
 1. read and clean: records are read file by file, cleaned by a pool of processes (one
    a core) for a large input, filtered (too short, exact duplicates by hash), split into
    train and held-out eval as :func:`~dharma_kernel.data.split.split_records` splits
-   them, and spooled to disk;
+   them, and spooled to disk; the cleaning processes also hash, draw and pickle their
+   records (:mod:`~dharma_kernel.data.sorted_chunk`), so this process only decides duplicates;
 2. the tokenizer, when one is trained, learns from the spooled training text, at most
    ``backbone.tokenizer.max_training_chars`` of it;
-3. tokenize and write: the spool is tokenized in batches (the Rust tokenizer uses every
-   core) and packed as :func:`~dharma_kernel.data.packing.pack` packs, straight into
+3. tokenize and write: the spool is tokenized in batches on every core (tiktoken's threads
+   for a GPT-2-shaped BPE, :mod:`~dharma_kernel.data.fast_bpe`, else the Rust tokenizer's),
+   the next batch on a helper thread while this one is packed as
+   :func:`~dharma_kernel.data.packing.pack` packs, straight into
    :class:`~dharma_kernel.data.shards.ShardWriter` files.
 
 The result holds the same rows, in the same order, as :func:`prepare_data` gives in
@@ -29,16 +32,17 @@ import os
 import pickle
 import shutil
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from ..errors import DharmaError
 from ..manifest import Manifest
-from .clean import RecordFilter, clean_chunk, text_hash
+from .clean import RecordFilter, clean_chunk
 from .dataset import (
     _hint,
     _merge,
@@ -54,7 +58,7 @@ from .paths import expand_paths
 from .readers import iter_records
 from .records import Record
 from .report import DataReport
-from .split import _draw
+from .sorted_chunk import SortedChunk, sort_chunk
 
 __all__ = ["FORMAT", "META", "Prepared", "open_prepared", "prepare"]
 
@@ -181,6 +185,15 @@ class _Spool:
             pickle.dump(records, self.files[split], protocol=pickle.HIGHEST_PROTOCOL)
             self.counts[split] += len(records)
 
+    def add_sorted(self, split: str, chunk: SortedChunk, keep: list[bool]) -> None:
+        """The records of ``chunk`` sorted to ``split`` whose flag in ``keep`` is true: the bytes a
+        cleaning process pickled, as they are, when all are kept."""
+        if split in chunk.pickled and all(keep):
+            self.files[split].write(chunk.pickled[split])
+            self.counts[split] += len(keep)
+        elif any(keep):
+            self.add(split, chunk.side(split, keep))
+
     def close(self) -> None:
         for file in self.files.values():
             file.close()
@@ -256,22 +269,25 @@ def _read_and_clean(
     keep = RecordFilter(min_chars, report)
     lowest: tuple[float, int] | None = None  # the training record nearest the threshold
     highest: tuple[float, int] | None = None  # the held-out record nearest it
+    sort = partial(sort_chunk, clean_chunk, min_chars=min_chars, seed=seed, fraction=fraction)
     with Meter(console, "read and clean", _size(train_paths + eval_paths)) as meter:
-        for chunk in _cleaned(iter_records(train_paths, strict, report), meter):
-            sides: dict[str, list[Record]] = {"train": [], "eval": []}
-            for record in chunk:
-                if not keep(record):
+        for chunk in _cleaned(iter_records(train_paths, strict, report), meter, sort):
+            kept: dict[str, list[bool]] = {"train": [], "eval": []}  # each sorted record of a side
+            added = {"train": 0, "eval": 0}
+            for reason, digest, draw, side in chunk.marks:
+                if not keep.admit(reason, digest):
+                    if reason is None:
+                        kept[side].append(False)
                     continue
-                draw = _draw(record.text, seed) if fraction > 0 else 1.0
-                side = "eval" if draw < fraction else "train"
-                index = spool.counts[side] + len(sides[side])
+                index = spool.counts[side] + added[side]
                 if side == "train" and (lowest is None or draw < lowest[0]):
                     lowest = (draw, index)
                 if side == "eval" and (highest is None or draw > highest[0]):
                     highest = (draw, index)
-                sides[side].append(record)
-            for side, records in sides.items():
-                spool.add(side, records)
+                kept[side].append(True)
+                added[side] += 1
+            for side, flags in kept.items():
+                spool.add_sorted(side, chunk, flags)
         if not report.records_kept:
             raise DharmaError(
                 f"no training text in {_names(train_paths)}: {_why_empty(report)}", hint=_hint(min_chars)
@@ -298,13 +314,20 @@ def _read_eval(
 ) -> None:
     eval_report = DataReport()
     keep = RecordFilter(min_chars, eval_report)
-    for chunk in _cleaned(iter_records(eval_paths, strict, eval_report), meter):
-        kept = [record for record in chunk if keep(record)]
-        # Evaluating on text the model trained on would flatter it.
-        unseen = [record for record in kept if text_hash(record.text) not in train_seen]
-        eval_report.dropped["duplicate"] += len(kept) - len(unseen)
-        eval_report.records_kept -= len(kept) - len(unseen)
-        spool.add("eval", unseen)
+    sort = partial(sort_chunk, clean_chunk, min_chars=min_chars, seed=0, fraction=0.0, side="eval")
+    for chunk in _cleaned(iter_records(eval_paths, strict, eval_report), meter, sort):
+        flags = []
+        for reason, digest, _, _ in chunk.marks:
+            if not keep.admit(reason, digest):
+                if reason is None:
+                    flags.append(False)
+                continue
+            unseen = digest not in train_seen  # evaluating on text trained on would flatter it
+            if not unseen:
+                eval_report.dropped["duplicate"] += 1
+                eval_report.records_kept -= 1
+            flags.append(unseen)
+        spool.add_sorted("eval", chunk, flags)
     _merge(report, eval_report)
     if not spool.counts["eval"]:
         raise DharmaError(
@@ -313,31 +336,36 @@ def _read_eval(
         )
 
 
-def _cleaned(records: Iterable[Record], meter: Meter) -> Iterator[list[Record]]:
-    """The records cleaned, in chunks of about :data:`CHUNK_CHARS`, in order; by a pool of
-    processes when the input is large, with a bounded number of chunks in flight."""
+def _cleaned(
+    records: Iterable[Record], meter: Meter, sort: Callable[[list[Record]], SortedChunk]
+) -> Iterator[SortedChunk]:
+    """The records in chunks of about :data:`CHUNK_CHARS`, in order, each cleaned and sorted by
+    ``sort`` (:func:`~dharma_kernel.data.sorted_chunk.sort_chunk`); by a pool of processes when
+    the input is large, with a bounded number of chunks in flight."""
     chunks = _chunked(records, meter)
     processes = os.cpu_count() or 1
     if processes < 2 or (meter.total or 0) < POOL_BYTES:
-        yield from map(clean_chunk, chunks)
+        yield from map(sort, chunks)
         return
-    yield from _cleaned_by_pool(chunks, processes)
+    yield from _cleaned_by_pool(chunks, processes, sort)
 
 
-def _cleaned_by_pool(chunks: Iterator[list[Record]], processes: int) -> Iterator[list[Record]]:
+def _cleaned_by_pool(
+    chunks: Iterator[list[Record]], processes: int, sort: Callable[[list[Record]], SortedChunk]
+) -> Iterator[SortedChunk]:
     # Not fork: this process runs torch's and the tokenizer's threads, and a child forked
     # while one of them holds a lock waits for it forever. forkserver forks each worker
     # from a small server that imports only the cleaning code (the default from Python 3.14).
     # A worker that dies (killed for memory, say) breaks the pool; the chunks still in
     # flight are then cleaned here, so the result is the same, only slower.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([clean_chunk.__module__])
-    pending: deque[tuple[list[Record], Future[list[Record]]]] = deque()
+    context.set_forkserver_preload([sort_chunk.__module__])
+    pending: deque[tuple[list[Record], Future[SortedChunk]]] = deque()
     unsent: list[Record] | None = None
     with ProcessPoolExecutor(processes, mp_context=context) as pool:
         try:
             for unsent in chunks:
-                pending.append((unsent, pool.submit(clean_chunk, unsent)))
+                pending.append((unsent, pool.submit(sort, unsent)))
                 unsent = None
                 if len(pending) >= 2 * processes:
                     yield pending[0][1].result()
@@ -349,10 +377,10 @@ def _cleaned_by_pool(chunks: Iterator[list[Record]], processes: int) -> Iterator
         except BrokenProcessPool:
             log.warning("a cleaning process died; cleaning the rest of the data in this process")
     for chunk, _ in pending:
-        yield clean_chunk(chunk)
+        yield sort(chunk)
     if unsent is not None:
-        yield clean_chunk(unsent)
-    yield from map(clean_chunk, chunks)
+        yield sort(unsent)
+    yield from map(sort, chunks)
 
 
 def _chunked(records: Iterable[Record], meter: Meter) -> Iterator[list[Record]]:
@@ -452,16 +480,35 @@ def _write_split(
     writer = ShardWriter(staging, split, dtype, max_length, len(refs))
     stream = TextStream(tokenizer, max_length, refs, lexicons)
     chats: list[Record] = []
-    for chunk in chunks:
-        texts = [record for record in chunk if record.messages is None]
+    for chunk, texts, tokenized in _tokenized_ahead(chunks, stream):
         chats += [record for record in chunk if record.messages is not None]
         if texts:
-            writer.write(stream.encode(texts))
+            writer.write(stream.encode(texts, tokenized))
         meter.add(sum(len(record.text) for record in chunk))
     writer.write(stream.padding())
     if chats:
         writer.write(pieces_of(pack_conversations(chats, tokenizer, max_length, report, refs, lexicons)))
     return writer.close()
+
+
+def _tokenized_ahead(
+    chunks: Iterator[list[Record]], stream: Any
+) -> Iterator[tuple[list[Record], list[Record], Any]]:
+    """Each chunk, its text records and their tokens, read from the spool and tokenized on a helper
+    thread one chunk ahead, so packing and writing the chunk before (this thread) overlap them."""
+
+    def next_chunk() -> tuple[list[Record], list[Record], Any] | None:
+        chunk = next(chunks, None)
+        if chunk is None:
+            return None
+        texts = [record for record in chunk if record.messages is None]
+        return chunk, texts, stream.tokenize(texts) if texts else None
+
+    with ThreadPoolExecutor(1, thread_name_prefix="dharma-tokenize") as helper:
+        ahead = helper.submit(next_chunk)
+        while (done := ahead.result()) is not None:
+            ahead = helper.submit(next_chunk)
+            yield done
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
