@@ -228,7 +228,7 @@ def on_device(values: list, device: torch.device) -> torch.Tensor:
     """``values`` (ints) as a long tensor on ``device``; to a GPU through pinned memory without
     waiting for the copy (the stream orders it before the ops that read it)."""
     table = torch.tensor(values, dtype=torch.long)
-    return table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table
+    return table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table.to(device)
 
 
 def run_group(
