@@ -58,8 +58,8 @@ dist: install
 # For benchmarks/device_check.sh on a lent GPU machine (Python 3.12, x86-64, no network): the
 # project's wheels, and those of the packages its image lacks or holds too old (as last seen:
 # transformers 5.17, no pydantic), at the versions constraints.txt pins.
-DEVICE_PACKAGES := transformers pydantic pydantic-core annotated-types typing-inspection typing-extensions \
-	regex typer rich shellingham annotated-doc pluggy tiktoken
+DEVICE_PACKAGES := transformers tokenizers safetensors pydantic pydantic-core annotated-types typing-inspection \
+	typing-extensions regex typer rich shellingham annotated-doc pluggy tiktoken
 device-wheels: dist
 	rm -rf .device && mkdir -p .device && cp $(DIST)/*.whl .device/
 	$(PIP) download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \

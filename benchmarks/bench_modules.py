@@ -336,6 +336,8 @@ def eager_rows(
     for preset, composition, cpu_target, gpu_target, sgemm, other in SPEED:
         if other and grouped is not None:
             continue  # a path was forced: there is no other one to show
+        if sgemm and cuda:
+            continue  # sgemm or oneDNN: a CPU matter
         path = manifest_path(folder, refs, preset, composition)
         model = set_grouped(build(plan(load_manifest(path))), (not together) if other else grouped)
         name = f"{preset} {composition}" + (" top_k 2" if composition == "routed" else "")

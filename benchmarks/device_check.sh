@@ -18,9 +18,17 @@ python=${PYTHON:-python3}
 export PYTHONPATH=/tmp/dharma-site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-    "$python" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
     uptime
 } 2>&1 | tee "$out/device.txt"
+# What the benchmark will import, and from where (the wheels in /tmp, not the checkout).
+"$python" -c "
+import dharma_kernel, tokenizers, torch, transformers
+from dharma_kernel import registry
+print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__,
+      'tokenizers', tokenizers.__version__)
+print('dharma_kernel', dharma_kernel.__file__, len(registry.discover('module')), 'module plugins')
+" 2>&1 | tee -a "$out/device.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
 timeout "${EAGER_SECONDS:-200}" "$python" benchmarks/bench_modules.py --quick --speed-only 2>&1 \
     | tee "$out/eager.txt"
 timeout "${COMPILED_SECONDS:-330}" "$python" benchmarks/bench_modules.py --quick --speed-only --compile \

@@ -15,8 +15,17 @@ class Columns(Mapping[str, torch.Tensor]):
     reads them sees a plain read-only mapping.
     """
 
-    def __init__(self, refs: Sequence[str], table: torch.Tensor, dim: int = -1) -> None:
-        if table.shape[dim] != len(refs):
+    def __init__(
+        self,
+        refs: Sequence[str] | Mapping[str, torch.Tensor],
+        table: torch.Tensor | None = None,
+        dim: int = -1,
+    ) -> None:
+        self._values: dict | None = None
+        if table is None:  # rebuilt from a mapping, as libraries copy one: type(columns)({ref: value})
+            self._values = dict(refs)
+            refs = list(self._values)
+        elif table.shape[dim] != len(refs):
             raise ValueError(f"a table of {table.shape[dim]} columns for {len(refs)} refs")
         self.refs = list(refs)
         self.table = table
@@ -24,6 +33,8 @@ class Columns(Mapping[str, torch.Tensor]):
         self._index = {ref: index for index, ref in enumerate(self.refs)}
 
     def __getitem__(self, ref: str) -> torch.Tensor:
+        if self._values is not None:
+            return self._values[ref]
         return self.table.select(self.dim, self._index[ref])
 
     def __iter__(self) -> Iterator[str]:
@@ -33,10 +44,14 @@ class Columns(Mapping[str, torch.Tensor]):
         return len(self.refs)
 
     def __repr__(self) -> str:
+        if self.table is None:
+            return f"Columns({self._values!r})"
         return f"Columns({self.refs}, table {tuple(self.table.shape)}, dim {self.dim})"
 
     def last(self) -> torch.Tensor:
-        """The table with the refs along its last dimension (a view)."""
+        """The table with the refs along its last dimension (a view, when made from one)."""
+        if self.table is None:
+            return torch.stack([self[ref] for ref in self.refs], dim=-1)
         return self.table if self.dim in (-1, self.table.dim() - 1) else self.table.movedim(self.dim, -1)
 
 

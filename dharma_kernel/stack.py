@@ -111,12 +111,14 @@ class ModuleStack(nn.Module):
         # plan_runs depends on the members only: worked out once here, not in every forward
         # (where torch.compile could not trace it and broke the graph).
         self._runs = {grouped: plan_runs(modules, grouped) for grouped in (True, False)}
-        self._ranked_on: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._ranked_on: dict[tuple[bool, torch.device], torch.Tensor] = {}
 
-    def _ranked(self, order: list[list[int]], device: torch.device) -> torch.Tensor:
-        """The members' indices in run order, on ``device``: made once per order and device."""
-        key = (id(order), device)
+    def _ranked(self, grouped: bool, device: torch.device) -> torch.Tensor:
+        """The members' indices in the run order of ``grouped`` (see ``_runs``), on ``device``: made
+        once per order and device."""
+        key = (grouped, device)
         if key not in self._ranked_on:
+            order = self._runs[grouped]
             self._ranked_on[key] = on_device([m for indices in order for m in indices], device)
         return self._ranked_on[key]
 
@@ -270,8 +272,8 @@ class ModuleStack(nn.Module):
         # Every (module, token) pair that runs, from one nonzero: module after module, a group's
         # members next to each other (dharma_kernel.grouped), each module's tokens ascending. One
         # gather of all their inputs and one scatter of all the deltas, so backward has one of each.
-        order = self._runs[self._grouping(hidden)]
-        ranked = self._ranked(order, hidden.device)
+        grouped = self._grouping(hidden)
+        order, ranked = self._runs[grouped], self._ranked(grouped, hidden.device)
         pairs = runs.flatten(0, 1).index_select(1, ranked).t().nonzero()
         module = ranked.index_select(0, pairs[:, 0])
         rows = pairs[:, 1]

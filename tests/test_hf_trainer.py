@@ -143,3 +143,27 @@ def test_gradient_accumulation_steps_like_one_batch(tmp_path):
     assert loss_two == pytest.approx(expected, abs=1e-5)
     for name, param in params_one.items():
         torch.testing.assert_close(params_two[name], param, rtol=0, atol=1e-6, msg=name)
+
+
+def test_mixed_precision_and_predict_rebuild_the_module_score_mappings(tmp_path):
+    """accelerate (bf16/fp16) and Trainer.predict copy every mapping in an output as
+    ``type(mapping)({...})``: the model's per-module scores must survive that."""
+    from accelerate.utils.operations import convert_to_fp32
+    from transformers.trainer_pt_utils import nested_detach
+
+    data = rows()
+    m = model()
+    with torch.no_grad():
+        out = m(**stacked(data[:2]), use_cache=False)
+    for copy in (convert_to_fp32(out), nested_detach(out)):
+        assert list(copy.module_scores) == m.module_refs
+        for ref in m.module_refs:
+            torch.testing.assert_close(copy.module_scores[ref], out.module_scores[ref].float())
+            assert torch.equal(copy.module_active[ref], out.module_active[ref])
+
+    args = arguments(tmp_path / "out", max_steps=1, bf16=True, label_names=["labels"])
+    trainer = Trainer(model=m, args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[0]["loss"])
+    predicted = trainer.predict(data[:4])
+    assert predicted.predictions is not None

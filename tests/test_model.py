@@ -353,8 +353,8 @@ def _concept_loss_module_by_module(results, labels, mask):
 
 
 @pytest.mark.parametrize("composition", COMPOSITIONS)
-@pytest.mark.parametrize("per_sequence", [False, True])
-def test_concept_loss_of_all_modules_at_once_equals_module_by_module(composition, per_sequence):
+@pytest.mark.parametrize(("per_sequence", "unlabelled"), [(False, False), (False, True), (True, True)])
+def test_concept_loss_of_all_modules_at_once_equals_module_by_module(composition, per_sequence, unlabelled):
     model = tiny_model(composition, top_k=1, at_layers=(0, 1)).train()
     generator = torch.Generator().manual_seed(3)
     ids = torch.randint(1, 97, (3, 10), generator=generator)
@@ -363,7 +363,8 @@ def test_concept_loss_of_all_modules_at_once_equals_module_by_module(composition
     shape = (3, 2) if per_sequence else (3, 10, 2)
     labels = torch.randint(0, 2, shape, generator=generator)
     labels[torch.rand(shape, generator=generator) < 0.3] = -100
-    labels[..., 1] = -100 if per_sequence else labels[..., 1]  # a module without a labelled token
+    if unlabelled:
+        labels[..., 1] = -100  # a module without a labelled token
     results = []
     hooks = [s.register_forward_hook(lambda _m, _i, out: results.append(out)) for s in model.stacks.values()]
     try:
