@@ -326,11 +326,7 @@ def eager_rows(
     ids: torch.Tensor,
     together: bool,
 ) -> bool:
-    text = backbone_config(None, {})
-    torch.manual_seed(0)
-    bare = Trainer(fresh_backbone(text), device)
-    speed = ids.numel() / min([bare.step(ids) for _ in range(WARMUP + 3)][WARMUP:])
-    print(f"{'bare backbone':<28} {bare.params / 1e6:>8.1f}M {speed:>9.1f} {1:>6.2f} {'-':>7} {'-':>6}  -")
+    bare = bare_row(device, ids, compile=False)
     cuda = device.type == "cuda"
     ok = True
     for preset, composition, cpu_target, gpu_target, sgemm, other in SPEED:
@@ -362,17 +358,7 @@ def compiled_rows(
 ) -> bool:
     """lite and seed routed through torch.compile, against the bare backbone compiled alike."""
     print(f"\ncompiled (torch.compile as `[train] compile = true`; {COMPILE_WARMUP} warm-up steps)")
-    torch.manual_seed(0)
-    bare = Trainer(fresh_backbone(backbone_config(None, {})), device, compile=True)
-    start = time.perf_counter()
-    steps = [bare.step(ids) for _ in range(COMPILE_WARMUP + 3)]
-    speed = ids.numel() / min(steps[COMPILE_WARMUP:])
-    took = time.perf_counter() - start
-    print(
-        f"{'bare backbone, compiled':<28} {bare.params / 1e6:>8.1f}M {speed:>9.1f} {1:>6.2f} {'-':>7} "
-        f"{'-':>6}  - (first steps {took:.0f} s)",
-        flush=True,
-    )
+    bare = bare_row(device, ids, compile=True)
     ok = True
     for preset, composition, cpu_target, gpu_target in COMPILED:
         path = manifest_path(folder, refs, preset, composition)
@@ -384,6 +370,23 @@ def compiled_rows(
         del model, trainer
         gc.collect()
     return ok
+
+
+def bare_row(device: torch.device, ids: torch.Tensor, compile: bool) -> Trainer:
+    """The bare backbone (compiled as training would, if ``compile``): warmed up, its row printed."""
+    torch.manual_seed(0)
+    bare = Trainer(fresh_backbone(backbone_config(None, {})), device, compile=compile)
+    warmup = COMPILE_WARMUP if compile else WARMUP
+    start = time.perf_counter()
+    steps = [bare.step(ids) for _ in range(warmup + 3)]
+    speed = ids.numel() / min(steps[warmup:])
+    took = f" (first steps {time.perf_counter() - start:.0f} s)" if compile else ""
+    name = "bare backbone, compiled" if compile else "bare backbone"
+    print(
+        f"{name:<28} {bare.params / 1e6:>8.1f}M {speed:>9.1f} {1:>6.2f} {'-':>7} {'-':>6}  -{took}",
+        flush=True,
+    )
+    return bare
 
 
 def speed_row(
