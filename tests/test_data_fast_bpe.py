@@ -8,6 +8,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dharma_kernel.data import train_tokenizer
@@ -214,3 +215,25 @@ def test_the_guard_keeps_the_tokenizer_when_tiktoken_would_differ():
         assert fast_encoder(tokenizer, texts) is None
         ids = _tokenize(tokenizer, texts, with_offsets=False)[0]
     assert ids == tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def test_ids_end_to_end_equal_text_by_text_and_the_joined_encoding_is_used():
+    rng = random.Random(2)
+    tokenizer = train_tokenizer(fuzz(rng, 2000) + file_texts(EXAMPLES), vocab_size=2000)
+    encoding = fast_encoder(tokenizer).encoding
+    stripped = [text.strip() for text in fuzz(rng, 3000) + lines_of(file_texts(EXAMPLES)) if text.strip()]
+    edges = ["", " karma", "yoga ", "\nsat\n", "x"]  # texts a newline would join: encoded one by one
+    for texts in (stripped, stripped[:500] + edges + stripped[500:900], ["karma"], []):
+        for threads in (1, 2, 3):
+            encoder = FastBPE(encoding, threads=threads)
+            each = encoder.encode(texts)
+            flat = encoder.encode_flat(texts)
+            assert flat.lengths.tolist() == [len(ids) for ids in each]
+            assert flat.ids.tolist() == [token for ids in each for token in ids]
+    # Stripped texts take the joined path: one string per share, cut at the newlines.
+    encoder = FastBPE(encoding, threads=1)
+    joined = np.array(encoding.encode_ordinary("\n".join(stripped)), dtype=np.int64)
+    assert encoder._cut(joined, stripped) is not None
+    assert encoder._cut(joined[:-1], stripped) is None  # a cut that does not add up is refused
+    assert encoder._flat_share(stripped[:2] + [" x"]).lengths.tolist() == [len(ids) for ids in encoder.encode(
+        stripped[:2] + [" x"])]  # fmt: skip

@@ -213,3 +213,23 @@ def test_ids_without_offsets_are_those_the_tokenizer_gives():
     assert ids == tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
     assert _tokenize(tokenizer, texts, with_offsets=True)[0] == ids
     assert tokenizer.eos_token_id not in ids[0]
+
+
+@pytest.mark.parametrize("bos", [False, True])
+def test_ids_given_end_to_end_pack_as_ids_given_text_by_text(bos):
+    import numpy as np
+
+    from dharma_kernel.data.fast_bpe import Flat
+    from dharma_kernel.data.packing import TextStream
+
+    tokenizer = word_tokenizer(WORDS, bos=bos)
+    records = [Record("w1 w2 w3"), Record("w4"), Record("w5 w6 w7 w8 w9 w10 karma"), Record("yoga w1")]
+    each = [ids(record.text) for record in records]
+    flat = Flat(np.array([token for doc in each for token in doc]), np.array([len(doc) for doc in each]))
+    by_text, end_to_end = TextStream(tokenizer, 4), TextStream(tokenizer, 4)
+    for part in (slice(0, 1), slice(1, 4)):  # two calls: the second starts mid-row
+        sub = Flat(flat.ids[sum(map(len, each[: part.start])) : sum(map(len, each[: part.stop]))],
+                   flat.lengths[part])  # fmt: skip
+        a, b = by_text.encode(records[part], (each[part], [])), end_to_end.encode(records[part], (sub, []))
+        assert a.ids.tolist() == b.ids.tolist() and a.trained.tolist() == b.trained.tolist()
+    assert (2 in a.ids.tolist()) == bos

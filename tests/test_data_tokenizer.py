@@ -198,3 +198,15 @@ def test_a_named_directory_without_tokenizer_files_is_refused(tmp_path):
 
     with pytest.raises(DharmaError, match=r"^backbone.tokenizer: '.*backbone' holds no tokenizer files"):
         resolve_tokenizer(manifest(tmp_path, f'{FRESH}\ntokenizer = "backbone"'), TEXTS)
+
+
+def test_texts_fed_in_lists_give_the_vocabulary_fed_one_by_one(monkeypatch):
+    from dharma_kernel.data import tokenizer as module
+
+    texts = [path.read_text(encoding="utf-8") for path in sorted(CORPUS.rglob("*.txt"))] + TEXTS
+    in_lists = train_tokenizer(texts, vocab_size=600).backend_tokenizer.to_str()
+    monkeypatch.setattr(module, "_batches", lambda texts: iter(texts))  # the trainer's own one by one
+    one_by_one = train_tokenizer(texts, vocab_size=600).backend_tokenizer.to_str()
+
+    assert json.loads(in_lists) == json.loads(one_by_one)
+    assert len(json.loads(in_lists)["model"]["vocab"]) == 600

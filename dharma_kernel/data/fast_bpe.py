@@ -39,19 +39,30 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
+from itertools import chain
 from typing import Any, TypeVar
 
 import numpy as np
 
-__all__ = ["GPT2_PATTERN", "FastBPE", "fast_encoder", "gpt2_shape"]
+__all__ = ["GPT2_PATTERN", "FastBPE", "Flat", "fast_encoder", "gpt2_shape"]
 
 # The split of the Rust tokenizer's ByteLevel pre-tokenizer (use_regex), in tiktoken's syntax.
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 SAMPLE_CHARS = 1_000_000  # the guard encodes about this much of the first texts both ways
+SEPARATOR = "\n"  # between the texts :meth:`FastBPE.encode_flat` encodes as one
 
 T = TypeVar("T")
 # Each tokenizer's encoder (or None), with its length when decided.
 _decided: weakref.WeakKeyDictionary[Any, tuple[int, FastBPE | None]] = weakref.WeakKeyDictionary()
+
+
+@dataclass
+class Flat:
+    """The ids of several texts end to end, ``ids [N]`` (an integer array), and each text's count,
+    ``lengths``."""
+
+    ids: np.ndarray
+    lengths: np.ndarray
 
 
 class FastBPE:
@@ -63,11 +74,79 @@ class FastBPE:
         self.byte_lengths = byte_lengths
         self.threads = threads or os.cpu_count() or 1
         self._pool: ThreadPoolExecutor | None = None
+        self._token_bytes: np.ndarray | None = byte_lengths
+        self._newline: int = encoding.encode_ordinary(SEPARATOR)[0]
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids of each text, no special tokens added or recognised; slices of the batch run on threads."""
         one = self.encoding.encode_ordinary
         return self._on_threads(lambda part: [one(text) for text in part], texts)
+
+    def encode_flat(self, texts: Sequence[str]) -> Flat:
+        """:meth:`encode`'s ids end to end, without a Python list per text.
+
+        Each thread encodes its share as one string, the texts joined by newlines, so it takes
+        the GIL back once per share rather than once per text (with thousands of short texts,
+        threads that wait for the GIL leave cores idle). A newline between two texts that
+        neither start nor end with whitespace is a piece of GPT-2's split on its own and changes
+        neither text's pieces; the ids are cut at the newlines' byte positions, and a share
+        where any text does not allow it, or the cut does not find each newline there as its
+        own token, is encoded text by text instead.
+        """
+        shares = self._on_threads(lambda part: [self._flat_share(part)], texts)
+        if len(shares) == 1:
+            return shares[0]
+        return Flat(np.concatenate([s.ids for s in shares]), np.concatenate([s.lengths for s in shares]))
+
+    def _flat_share(self, texts: Sequence[str]) -> Flat:
+        if len(texts) > 1 and not any(_spaced_edge(text) for text in texts):
+            cut = self._cut(self._array(SEPARATOR.join(texts)), texts)
+            if cut is not None:
+                return cut
+        each = [self.encoding.encode_ordinary(text) for text in texts]
+        lengths = np.fromiter(map(len, each), np.int64, len(each))
+        return Flat(np.fromiter(chain.from_iterable(each), np.int64, int(lengths.sum())), lengths)
+
+    def _cut(self, ids: np.ndarray, texts: Sequence[str]) -> Flat | None:
+        """The ids of ``SEPARATOR.join(texts)`` cut into the texts', or None where a separator is
+        not a token of its own at its byte position."""
+        sizes = np.fromiter((_utf8_size(text) for text in texts), np.int64, len(texts))
+        separators = np.cumsum(sizes + 1)[:-1] - 1  # byte offset of each newline
+        ends = np.cumsum(self._bytes_of()[ids])  # byte offset after each token
+        if not len(ends) or ends[-1] != separators[-1] + 1 + sizes[-1]:
+            return None
+        before = np.searchsorted(ends, separators)  # the token that ends where a newline starts
+        if before[-1] + 1 >= len(ids) or not (ends[before] == separators).all():
+            return None
+        newline = before + 1
+        if not (ids[newline] == self._newline).all():
+            return None
+        keep = np.ones(len(ids), dtype=bool)
+        keep[newline] = False
+        bounds = np.concatenate([[0], newline, [len(ids)]])
+        lengths = np.diff(bounds) - np.concatenate([[0], np.ones(len(newline), dtype=np.int64)])
+        return Flat(ids[keep], lengths)
+
+    def _array(self, text: str) -> np.ndarray:
+        """``encode_ordinary(text)`` as an array: tiktoken's own buffer when the encoding has a special
+        token (none allowed, so text that spells one is text), which spares a Python int per token;
+        without any, tiktoken's ``encode`` tries a match at every character, so the list is converted."""
+        if self.encoding.special_tokens_set:
+            return self.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+        return np.array(self.encoding.encode_ordinary(text), dtype=np.int64)
+
+    def _bytes_of(self) -> np.ndarray:
+        """Each token's length in bytes, by id (0 for ids tiktoken does not know: the specials)."""
+        if self._token_bytes is None:
+            size = self.encoding.max_token_value + 1
+            lengths = np.zeros(size, dtype=np.int64)
+            for index in range(size):
+                try:
+                    lengths[index] = len(self.encoding.decode_single_token_bytes(index))
+                except KeyError:
+                    pass
+            self._token_bytes = lengths
+        return self._token_bytes
 
     def encode_with_offsets(self, texts: Sequence[str]) -> tuple[list[list[int]], list[np.ndarray]]:
         """Ids of each text and each token's ``[start, end)`` character span, ``[T, 2]``, as the
@@ -218,7 +297,7 @@ def _build(tokenizer: Any) -> FastBPE | None:
     if shape is None:
         return None
     encoding = tiktoken.Encoding("dharma-bpe", pat_str=GPT2_PATTERN, mergeable_ranks=shape.ranks,
-                                 special_tokens={})  # fmt: skip
+                                 special_tokens=shape.specials)  # fmt: skip
     if not shape.untrimmed:
         return FastBPE(encoding)
     lengths = np.zeros(max([*shape.ranks.values(), *shape.specials.values()]) + 1, dtype=np.int64)
@@ -240,14 +319,26 @@ def _agrees(encoder: FastBPE, tokenizer: Any, sample: Sequence[str]) -> bool:
         size += len(text)
     backend = tokenizer.backend_tokenizer
     if encoder.byte_lengths is None:
-        return encoder.encode(texts) == reference_ids(backend, texts)
+        ids = reference_ids(backend, texts)
+        return encoder.encode(texts) == ids and _flat_agrees(encoder, texts, ids)
     with _as_text(backend):
         expected = backend.encode_batch(texts, add_special_tokens=False)
     ids, offsets = encoder.encode_with_offsets(texts)
-    return ids == [each.ids for each in expected] and all(
-        spans.tolist() == [list(span) for span in each.offsets]
-        for spans, each in zip(offsets, expected, strict=True)
+    return (
+        ids == [each.ids for each in expected]
+        and all(
+            spans.tolist() == [list(span) for span in each.offsets]
+            for spans, each in zip(offsets, expected, strict=True)
+        )
+        and _flat_agrees(encoder, texts, ids)
     )
+
+
+def _flat_agrees(encoder: FastBPE, texts: Sequence[str], ids: list[list[int]]) -> bool:
+    flat = encoder.encode_flat(texts)
+    return flat.lengths.tolist() == [len(each) for each in ids] and flat.ids.tolist() == [
+        token for each in ids for token in each
+    ]
 
 
 def reference_ids(backend: Any, texts: Sequence[str]) -> list[list[int]]:
@@ -296,3 +387,13 @@ def _shares(lengths: list[int], parts: int) -> list[int]:
             part += 1
     cuts += [len(lengths)] * (parts + 1 - len(cuts))
     return cuts
+
+
+def _spaced_edge(text: str) -> bool:
+    """Whether ``text`` starts or ends with whitespace (``str.isspace`` holds for every character
+    the split's ``\\s`` matches), or is empty."""
+    return not text or text[0].isspace() or text[-1].isspace()
+
+
+def _utf8_size(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))

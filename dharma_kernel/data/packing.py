@@ -27,6 +27,7 @@ import torch
 from ..concepts import IGNORE, Lexicon, concept_hits, lexicons_for
 from ..errors import DharmaError
 from ..padding import pad_id
+from .fast_bpe import Flat
 from .packed import PackedData
 from .records import Record
 from .report import DataReport
@@ -110,23 +111,42 @@ class TextStream:
         self.lexicons = lexicons if lexicons is not None or not self.refs else lexicons_for(self.refs)
         self.position = 0  # tokens in the stream so far
 
-    def tokenize(self, records: Sequence[Record]) -> tuple[list[list[int]], list[Any]]:
+    def tokenize(self, records: Sequence[Record]) -> tuple[list[list[int]] | Flat, list[Any]]:
         """What :meth:`encode` needs of the tokenizer for ``records``; a caller may run it ahead,
         on another thread, and hand the result to :meth:`encode`."""
-        return _tokenize(self.tokenizer, [record.text for record in records], bool(self.refs))
+        texts = [record.text for record in records]
+        if not self.refs:  # no offsets needed: tiktoken's ids end to end, when it can give them
+            from .fast_bpe import fast_encoder
+
+            encoder = fast_encoder(self.tokenizer, texts)
+            if encoder is not None:
+                return encoder.encode_flat(texts), []
+        return _tokenize(self.tokenizer, texts, bool(self.refs))
 
     def encode(
-        self, records: Sequence[Record], tokenized: tuple[list[list[int]], list[Any]] | None = None
+        self, records: Sequence[Record], tokenized: tuple[list[list[int]] | Flat, list[Any]] | None = None
     ) -> Piece:
         """The next stretch: each record's tokens (after BOS when there is one besides EOS), then EOS.
         ``tokenized``: :meth:`tokenize`'s result for these records, when the caller has it."""
         ids, offsets = tokenized if tokenized is not None else self.tokenize(records)
-        lengths = np.fromiter((len(self.prefix) + len(doc) + 1 for doc in ids), np.int64, len(ids))
+        if isinstance(ids, Flat):
+            lengths = ids.lengths + len(self.prefix) + 1
+        else:
+            lengths = np.fromiter((len(self.prefix) + len(doc) + 1 for doc in ids), np.int64, len(ids))
         starts = np.cumsum(lengths) - lengths  # within this piece
         size = int(lengths.sum())
-        tokens = np.fromiter(
-            chain.from_iterable([*self.prefix, *doc, self.eos] for doc in ids), np.int64, size
-        )
+        if isinstance(ids, Flat):
+            tokens = np.empty(size, dtype=np.int64)
+            body = np.ones(size, dtype=bool)
+            for at, token in [*enumerate(self.prefix), (-1, self.eos)]:
+                where = starts + at if at >= 0 else starts + lengths - 1
+                tokens[where] = token
+                body[where] = False
+            tokens[body] = ids.ids
+        else:
+            tokens = np.fromiter(
+                chain.from_iterable([*self.prefix, *doc, self.eos] for doc in ids), np.int64, size
+            )
         trained = np.ones(size, dtype=bool)
         # A document's first token after another's EOS in the same row is never predicted.
         trained[starts[(starts + self.position) % self.max_length != 0]] = False
