@@ -338,3 +338,13 @@ def test_a_missing_path_or_an_empty_glob_is_an_error(tmp_path):
         read_records([tmp_path / "nope.txt"])
     with pytest.raises(DharmaError, match="no files match this pattern"):
         read_records([f"{tmp_path}/*.jsonl"])
+
+
+def test_a_record_placed_at_its_source_keeps_every_other_field():
+    from dataclasses import fields, replace
+
+    from dharma_kernel.data.records import Record
+
+    record = Record("text", ("karma",), "a.jsonl", 1, [{"role": "user", "content": "text"}], ("sa", "en"))
+    assert record.at("b.jsonl", 7) == replace(record, source="b.jsonl", index=7)
+    assert len(fields(Record)) == 6  # a new field must be passed on by Record.at too

@@ -60,7 +60,10 @@ def _has(*marks: str) -> Callable[[str], bool]:
     if len(marks) == 1:
         mark = marks[0]
         return lambda text: mark in text
-    return lambda text: any(mark in text for mark in marks)
+    if len(marks) == 2:  # unrolled: a generator per text cost more than the searches (1.4 M texts a GB)
+        first, second = marks
+        return lambda text: first in text or second in text
+    return lambda text: any(map(text.__contains__, marks))
 
 
 def _always(text: str) -> bool:

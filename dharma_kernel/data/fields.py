@@ -11,7 +11,6 @@ import ast
 import codecs
 import json
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -207,13 +206,14 @@ def build_each(
     report: DataReport,
 ) -> Iterator[Record]:
     """``build(item)`` for every numbered item; a :class:`BadRecord` is reported and skipped."""
+    source = str(path)
     for index, item in items:
         try:
             record = build(item)
         except BadRecord as err:
-            report.malformed(str(path), index, str(err))
+            report.malformed(source, index, str(err))
             continue
-        yield replace(record, source=str(path), index=index)
+        yield record.at(source, index)
 
 
 def object_record(obj: Any) -> Record:
