@@ -100,7 +100,10 @@ class FastBPE:
 
     def _flat_share(self, texts: Sequence[str]) -> Flat:
         if len(texts) > 1 and not any(_spaced_edge(text) for text in texts):
-            cut = self._cut(self._array(SEPARATOR.join(texts)), texts)
+            try:
+                cut = self._cut(self._array(SEPARATOR.join(texts)), texts)
+            except UnicodeEncodeError:  # a lone surrogate: encode_ordinary's own repair, text by text
+                cut = None
             if cut is not None:
                 return cut
         each = [self.encoding.encode_ordinary(text) for text in texts]
