@@ -330,3 +330,27 @@ def test_a_manifest_with_conversations_trains_on_assistant_turns_with_a_template
         tokenizer.decode(chat_row)
         == "Duty and order.<|endoftext|>Action and its fruit.<|endoftext|>Service.<|endoftext|>"
     )
+
+
+def test_conversations_given_a_part_at_a_time_pack_as_all_at_once(tokenizer):
+    from dharma_kernel.concepts import Lexicon
+    from dharma_kernel.data.chat import ChatRows, pack_conversations
+    from dharma_kernel.data.packing import _concat
+
+    short = [{"role": "user", "content": "What is dharma?"}, {"role": "assistant", "content": "Duty."}]
+    long = CONVERSATION * 3  # longer than a row: its latest exchanges are kept
+    records = [conversation_record(turns, n) for n, turns in enumerate([short, CONVERSATION, short, long,
+               short, short, CONVERSATION[1:3], short], 1)]  # fmt: skip
+    refs, lexicons = ["paths.dharma"], {"paths.dharma": Lexicon(("dharma",))}
+    whole_report, parts_report = DataReport(), DataReport()
+    whole = pack_conversations(records, tokenizer, 40, whole_report, refs, lexicons)
+
+    rows = ChatRows(tokenizer, 40, parts_report, refs, lexicons)
+    # Parts of 3, 1, 0 and 4 records: rows left open at a part's end are continued by the next.
+    parts = [rows.add(records[:3]), rows.add(records[3:4]), rows.add([]), rows.add(records[4:]), rows.close()]
+
+    assert [len(part.input_ids) for part in parts][-1] == 1 and len(whole.input_ids) < len(records)
+    joined = _concat(parts)
+    for name in ("input_ids", "labels", "attention_mask", "concept_labels"):
+        assert torch.equal(getattr(joined, name), getattr(whole, name)), name
+    assert parts_report.summary() == whole_report.summary() and parts_report.conversations == 8

@@ -104,6 +104,7 @@ def test_chunked_and_parallel_preparation_writes_the_same_bytes(tmp_path, monkey
     prepare(manifest, tmp_path / "chunked", refs=REFS)
 
     assert files_of(tmp_path / "whole") == files_of(tmp_path / "chunked")
+    assert not list((tmp_path / "chunked").glob("*.chats"))  # the conversations' rows waited on disk
 
 
 @pytest.mark.parametrize("pool", [False, True])

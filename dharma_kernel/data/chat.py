@@ -20,7 +20,7 @@ Importing this module does not import torch or transformers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CHAT_TEMPLATE",
     "MARKERS",
+    "ChatRows",
     "ChatTokens",
     "ControlTokenError",
     "assistant_spans",
@@ -222,67 +223,105 @@ def pack_conversations(
     ``report``. labels: -100 except on the assistant's tokens
     (:func:`encode_chat`). concept_labels (with ``refs``): from tags and lexicon hits
     over the rendered text, cumulative within the conversation, -100 on control
-    tokens and padding.
+    tokens and padding. :class:`ChatRows` does the same a part of the records at a time.
     """
-    import numpy as np
-    import torch
+    rows = ChatRows(tokenizer, max_length, report, refs, lexicons)
+    return rows.packed(rows.rows(records) + rows.last())
 
-    from .packed import PackedData
 
-    report = DataReport() if report is None else report
-    ensure_chat_template(tokenizer)
-    pad = pad_id(tokenizer)
-    kept: list[tuple[Record, ChatTokens]] = []
-    for record in records:
-        report.conversations += 1
-        messages = _answered(record.messages or [])
-        try:
-            encoded = encode_chat(tokenizer, messages)
-            if len(encoded) > max_length:
-                encoded = _fit(tokenizer, messages, max_length, report)
-        except ControlTokenError:
-            report.conversations_dropped["control_token"] += 1
-            continue
-        if encoded is None:
-            report.conversations_dropped["too_long"] += 1
-            continue
-        kept.append((record, encoded))
+class ChatRows:
+    """:func:`pack_conversations` over records given a part at a time, in bounded memory:
+    :meth:`add` gives the rows the part completes, :meth:`close` the last one. Together they
+    equal ``pack_conversations`` of all the parts at once."""
 
-    rows: list[list[tuple[Record, ChatTokens]]] = []
-    used = max_length
-    for item in kept:
-        if used + len(item[1]) > max_length:
-            rows.append([])
-            used = 0
-        rows[-1].append(item)
-        used += len(item[1])
+    def __init__(
+        self,
+        tokenizer: Any,
+        max_length: int,
+        report: DataReport | None = None,
+        refs: Sequence[str] = (),
+        lexicons: dict[str, Lexicon] | None = None,
+    ) -> None:
+        ensure_chat_template(tokenizer)
+        self.tokenizer, self.max_length, self.refs = tokenizer, max_length, tuple(refs)
+        self.report = DataReport() if report is None else report
+        if refs and lexicons is None:
+            from ..concepts import lexicons_for
 
-    input_ids = torch.full((len(rows), max_length), pad, dtype=torch.long)
-    labels = torch.full((len(rows), max_length), IGNORE, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), max_length), dtype=torch.long)
-    concept = np.full((len(rows), max_length, len(refs)), IGNORE, dtype=np.int8) if refs else None
-    if refs and lexicons is None:
-        from ..concepts import lexicons_for
+            lexicons = lexicons_for(refs)
+        self.lexicons = lexicons
+        self.control_ids = set(tokenizer.all_special_ids)
+        self.open: list[tuple[Record, ChatTokens]] = []  # the row being filled
+        self.used = max_length  # its tokens (a full row before the first, so the first starts one)
 
-        lexicons = lexicons_for(refs)
-    control_ids = set(tokenizer.all_special_ids)
-    for row, items in enumerate(rows):
-        begin = 0
-        for record, encoded in items:
-            end = begin + len(encoded)
-            input_ids[row, begin:end] = torch.tensor(encoded.ids)
-            labels[row, begin:end] = torch.tensor(encoded.labels)
-            attention_mask[row, begin:end] = 1
-            if concept is not None and lexicons is not None:
-                concept[row, begin:end] = _concept_labels(record, encoded, lexicons, refs, control_ids)
-            begin = end
-    return PackedData(
-        input_ids=input_ids,
-        labels=labels,
-        attention_mask=attention_mask,
-        concept_labels=torch.from_numpy(concept) if concept is not None else None,
-        refs=tuple(refs),
-    )
+    def add(self, records: Sequence[Record]) -> PackedData:
+        """The rows these records complete (the last row stays open for the next ones)."""
+        return self.packed(self.rows(records))
+
+    def close(self) -> PackedData:
+        """The last row, if any."""
+        return self.packed(self.last())
+
+    def rows(self, records: Sequence[Record]) -> list[list[tuple[Record, ChatTokens]]]:
+        done: list[list[tuple[Record, ChatTokens]]] = []
+        for item in self._encoded(records):
+            if self.used + len(item[1]) > self.max_length:
+                if self.open:
+                    done.append(self.open)
+                self.open, self.used = [], 0
+            self.open.append(item)
+            self.used += len(item[1])
+        return done
+
+    def last(self) -> list[list[tuple[Record, ChatTokens]]]:
+        row, self.open, self.used = self.open, [], self.max_length
+        return [row] if row else []
+
+    def _encoded(self, records: Sequence[Record]) -> Iterator[tuple[Record, ChatTokens]]:
+        for record in records:
+            self.report.conversations += 1
+            messages = _answered(record.messages or [])
+            try:
+                encoded = encode_chat(self.tokenizer, messages)
+                if len(encoded) > self.max_length:
+                    encoded = _fit(self.tokenizer, messages, self.max_length, self.report)
+            except ControlTokenError:
+                self.report.conversations_dropped["control_token"] += 1
+                continue
+            if encoded is None:
+                self.report.conversations_dropped["too_long"] += 1
+                continue
+            yield record, encoded
+
+    def packed(self, rows: list[list[tuple[Record, ChatTokens]]]) -> PackedData:
+        import numpy as np
+        import torch
+
+        from .packed import PackedData
+
+        max_length, refs = self.max_length, self.refs
+        input_ids = torch.full((len(rows), max_length), pad_id(self.tokenizer), dtype=torch.long)
+        labels = torch.full((len(rows), max_length), IGNORE, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), max_length), dtype=torch.long)
+        concept = np.full((len(rows), max_length, len(refs)), IGNORE, dtype=np.int8) if refs else None
+        for row, items in enumerate(rows):
+            begin = 0
+            for record, encoded in items:
+                end = begin + len(encoded)
+                input_ids[row, begin:end] = torch.tensor(encoded.ids)
+                labels[row, begin:end] = torch.tensor(encoded.labels)
+                attention_mask[row, begin:end] = 1
+                if concept is not None and self.lexicons is not None:
+                    concept[row, begin:end] = _concept_labels(record, encoded, self.lexicons, refs,
+                                                              self.control_ids)  # fmt: skip
+                begin = end
+        return PackedData(
+            input_ids=input_ids,
+            labels=labels,
+            attention_mask=attention_mask,
+            concept_labels=torch.from_numpy(concept) if concept is not None else None,
+            refs=refs,
+        )
 
 
 def _answered(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -473,21 +473,27 @@ def _write_split(
     report: DataReport,
     meter: Meter,
 ) -> dict[str, Any]:
-    from .chat import pack_conversations
+    from .chat import ChatRows
     from .packing import TextStream
-    from .shards import ShardWriter, pieces_of
+    from .shards import ShardWriter, SpilledPieces, pieces_of
 
     writer = ShardWriter(staging, split, dtype, max_length, len(refs))
     stream = TextStream(tokenizer, max_length, refs, lexicons)
-    chats: list[Record] = []
-    for chunk, texts, tokenized in _tokenized_ahead(chunks, stream):
-        chats += [record for record in chunk if record.messages is not None]
-        if texts:
-            writer.write(stream.encode(texts, tokenized))
-        meter.add(sum(len(record.text) for record in chunk))
-    writer.write(stream.padding())
-    if chats:
-        writer.write(pieces_of(pack_conversations(chats, tokenizer, max_length, report, refs, lexicons)))
+    # Conversation rows come after the text rows, as in-memory packing puts them; each chunk's
+    # completed rows wait on disk, so no split's conversations are held in memory.
+    chats = ChatRows(tokenizer, max_length, report, refs, lexicons)
+    with SpilledPieces(staging / f"{split}.chats") as spilled:
+        for chunk, texts, tokenized in _tokenized_ahead(chunks, stream):
+            conversations = [record for record in chunk if record.messages is not None]
+            if conversations:
+                spilled.add(pieces_of(chats.add(conversations)))
+            if texts:
+                writer.write(stream.encode(texts, tokenized))
+            meter.add(sum(len(record.text) for record in chunk))
+        writer.write(stream.padding())
+        spilled.add(pieces_of(chats.close()))
+        for piece in spilled.pieces():
+            writer.write(piece)
     return writer.close()
 
 

@@ -15,7 +15,8 @@ no memory cost, and each process of a distributed run reads only the rows it use
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import pickle
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -24,7 +25,7 @@ import numpy as np
 from ..concepts import IGNORE
 from .packing import PackedData, Piece
 
-__all__ = ["ShardWriter", "Shards", "id_dtype", "pieces_of"]
+__all__ = ["ShardWriter", "Shards", "SpilledPieces", "id_dtype", "pieces_of"]
 
 
 def id_dtype(vocabulary: int) -> np.dtype:
@@ -94,6 +95,41 @@ class ShardWriter:
         for file in self.files.values():
             file.close()
         return {"rows": self.position // self.max_length, "tokens": self.tokens}
+
+
+class SpilledPieces:
+    """Pieces of the stream kept in a file until they are written in their place, then removed
+    (with the block): memory holds one piece at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.count = 0
+        self._file: BinaryIO | None = None
+
+    def __enter__(self) -> SpilledPieces:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()
+        self.path.unlink(missing_ok=True)
+
+    def add(self, piece: Piece) -> None:
+        if len(piece.ids):
+            if self._file is None:
+                self._file = self.path.open("wb")
+            pickle.dump(piece, self._file, protocol=pickle.HIGHEST_PROTOCOL)
+            self.count += 1
+
+    def pieces(self) -> Iterator[Piece]:
+        """The pieces added, in order."""
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        with self.path.open("rb") as file:
+            for _ in range(self.count):
+                yield pickle.load(file)
 
 
 def pieces_of(packed: PackedData) -> Piece:
