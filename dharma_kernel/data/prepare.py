@@ -500,21 +500,27 @@ def _write_split(
 def _tokenized_ahead(
     chunks: Iterator[list[Record]], stream: Any
 ) -> Iterator[tuple[list[Record], list[Record], Any]]:
-    """Each chunk, its text records and their tokens, read from the spool and tokenized on a helper
-    thread one chunk ahead, so packing and writing the chunk before (this thread) overlap them."""
+    """Each chunk, its text records and their tokens: one thread reads the spool a chunk ahead of
+    another that tokenizes, which is a chunk ahead of packing and writing (this thread), so the
+    tokenizer's threads never wait for the spool, nor the spool for them."""
 
-    def next_chunk() -> tuple[list[Record], list[Record], Any] | None:
-        chunk = next(chunks, None)
-        if chunk is None:
-            return None
+    def tokenized(chunk: list[Record]) -> tuple[list[Record], list[Record], Any]:
         texts = [record for record in chunk if record.messages is None]
         return chunk, texts, stream.tokenize(texts) if texts else None
 
-    with ThreadPoolExecutor(1, thread_name_prefix="dharma-tokenize") as helper:
-        ahead = helper.submit(next_chunk)
-        while (done := ahead.result()) is not None:
-            ahead = helper.submit(next_chunk)
-            yield done
+    pending: deque[Future[tuple[list[Record], list[Record], Any]]] = deque()
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="dharma-spool") as reader,
+        ThreadPoolExecutor(1, thread_name_prefix="dharma-tokenize") as tokenizer,
+    ):
+        read = reader.submit(next, chunks, None)
+        while (chunk := read.result()) is not None:
+            read = reader.submit(next, chunks, None)
+            pending.append(tokenizer.submit(tokenized, chunk))
+            if len(pending) > 1:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
