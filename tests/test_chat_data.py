@@ -354,3 +354,25 @@ def test_conversations_given_a_part_at_a_time_pack_as_all_at_once(tokenizer):
     for name in ("input_ids", "labels", "attention_mask", "concept_labels"):
         assert torch.equal(getattr(joined, name), getattr(whole, name)), name
     assert parts_report.summary() == whole_report.summary() and parts_report.conversations == 8
+
+
+def test_our_template_written_out_renders_and_spans_as_its_jinja(tokenizer, monkeypatch):
+    import random
+
+    from dharma_kernel.data import chat
+
+    rng = random.Random(0)
+    pieces = ["karma", " ", "\n", "{{ x }}", "{% if %}", "'", '"', "ā", "  ", "\t", "\\n", "}}", "धर्म"]
+
+    def said(role):
+        return {"role": role, "content": "".join(rng.choices(pieces, k=rng.randint(0, 6)))}
+
+    conversations = [
+        [said("system")] * (n % 3 == 0) + [said(role) for _ in range(1 + n % 3) for role in ("user", "assistant")]
+        + [said("user")] * (n % 4 == 0)
+        for n in range(60)
+    ]  # fmt: skip
+    written = [chat.assistant_spans(tokenizer, turns) for turns in conversations]
+    monkeypatch.setattr(chat, "CHAT_TEMPLATE", "not ours")  # every conversation through the Jinja template
+    assert [chat.assistant_spans(tokenizer, turns) for turns in conversations] == written
+    assert written[0][1] and all(text.endswith(("\n", tokenizer.eos_token)) for text, _ in written)
