@@ -367,10 +367,10 @@ def test_our_template_written_out_renders_and_spans_as_its_jinja(tokenizer, monk
     def said(role):
         return {"role": role, "content": "".join(rng.choices(pieces, k=rng.randint(0, 6)))}
 
-    exchanges = [[said("user"), said("assistant")] * (1 + n % 3) for n in range(60)]
-    conversations = [
-        [said("system")] * (n % 3 == 0) + turns + [said("user")] * (n % 4 == 0) for n, turns in enumerate(exchanges)
-    ]
+    conversations = []
+    for n in range(60):
+        turns = [said(role) for _ in range(1 + n % 3) for role in ("user", "assistant")]
+        conversations.append([said("system")] * (n % 3 == 0) + turns + [said("user")] * (n % 4 == 0))
     written = [chat.assistant_spans(tokenizer, turns) for turns in conversations]
     monkeypatch.setattr(chat, "CHAT_TEMPLATE", "not ours")  # every conversation through the Jinja template
     assert [chat.assistant_spans(tokenizer, turns) for turns in conversations] == written
