@@ -46,6 +46,13 @@ def assert_same_ids(tokenizer, texts: list[str]) -> None:
     fast = encoder.encode(texts)
     wrong = [text for text, a, b in zip(texts, fast, expected["input_ids"], strict=True) if a != b]
     assert not wrong, f"{len(wrong)} of {len(texts)} texts differ, e.g. {wrong[0][:200]!r}"
+    # End to end too: stripped texts take the joined path (one string per thread, cut at newlines).
+    stripped = [text.strip() for text in texts if text.strip()]
+    expected_stripped = hf_encoded(tokenizer, stripped)["input_ids"]
+    for some, ids in ((texts, expected["input_ids"]), (stripped, expected_stripped)):
+        flat = encoder.encode_flat(some)
+        assert flat.lengths.tolist() == [len(each) for each in ids]
+        assert flat.ids.tolist() == [token for each in ids for token in each]
     if encoder.byte_lengths is None:  # trimmed offsets: the tokenizer gives them
         return
     ids, offsets = encoder.encode_with_offsets(texts)
