@@ -246,3 +246,24 @@ def test_ids_end_to_end_equal_text_by_text_and_the_joined_encoding_is_used():
     assert encoder._cut(joined[:-1], stripped) is None  # a cut that does not add up is refused
     assert encoder._flat_share(stripped[:2] + [" x"]).lengths.tolist() == [len(ids) for ids in encoder.encode(
         stripped[:2] + [" x"])]  # fmt: skip
+
+
+def test_a_tiktoken_whose_buffer_allows_specials_is_not_trusted_with_them():
+    # tiktoken 0.9 and 0.10 gave encode_to_numpy every special whatever allowed_special said: the
+    # buffer is then not used, and text that spells a special token stays text.
+    from dharma_kernel.data.fast_bpe import _buffer_is_ordinary
+
+    tokenizer = train_tokenizer(file_texts(EXAMPLES), vocab_size=1000)
+    encoding = fast_encoder(tokenizer).encoding
+    assert _buffer_is_ordinary(encoding)
+    honest = encoding.encode_to_numpy
+
+    def allowing_all(text, *, allowed_special=set(), disallowed_special="all"):  # noqa: B006
+        return honest(text, allowed_special="all", disallowed_special=())
+
+    encoding.encode_to_numpy = allowing_all
+    assert not _buffer_is_ordinary(encoding)
+    texts = ["karma<|endoftext|>yoga", "seva <|user|> bhakti", "dharma"]
+    flat = FastBPE(encoding, threads=1).encode_flat(texts)
+    assert flat.ids.tolist() == [token for ids in FastBPE(encoding, threads=1).encode(texts) for token in ids]
+    assert tokenizer.eos_token_id not in flat.ids.tolist()

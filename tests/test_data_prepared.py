@@ -274,3 +274,53 @@ def test_a_preparation_killed_halfway_leaves_nothing_the_next_one_keeps(tmp_path
 
     assert not abandoned.exists()
     assert not list(data.directory.parent.glob(f"{data.directory.name}.tmp-*"))
+
+
+def test_the_tokenizer_is_used_from_one_thread_while_preparing(tmp_path, monkeypatch):
+    # A Rust tokenizer's settings are shared (encode_special_tokens): texts and conversations
+    # encoded on two threads at once could read role markers as text.
+    import threading
+
+    from dharma_kernel.data.chat import ChatRows
+    from dharma_kernel.data.packing import TextStream
+
+    used: dict[str, set[int]] = {"texts": set(), "conversations": set()}
+
+    def on_thread(kind, method):
+        def call(self, *args, **kwargs):
+            used[kind].add(threading.get_ident())
+            return method(self, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(TextStream, "tokenize", on_thread("texts", TextStream.tokenize))
+    monkeypatch.setattr(ChatRows, "add", on_thread("conversations", ChatRows.add))
+    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 200)  # texts and conversations in many chunks
+    manifest = load_manifest(write_corpus(tmp_path))
+    prepare(manifest, tmp_path / "prepared", refs=REFS)
+
+    assert len(used["texts"] | used["conversations"]) == 1 and used["conversations"]
+
+
+def test_spilled_pieces_come_back_as_they_went_in(tmp_path):
+    from dharma_kernel.data.packing import Piece
+    from dharma_kernel.data.shards import SpilledPieces
+
+    rng = np.random.default_rng(0)
+    pieces = [
+        Piece(rng.integers(0, 400, size), rng.random(size) < 0.5, rng.random(size) < 0.9,
+              rng.integers(-1, 2, (size, 3)).astype(np.int8))  # fmt: skip
+        for size in (5, 0, 13, 8)
+    ]
+    with SpilledPieces(tmp_path / "x.chats", id_dtype(400)) as spilled:
+        for piece in pieces:
+            spilled.add(piece)
+        back = list(spilled.pieces())
+        with pytest.raises(ValueError, match="token ids outside"):
+            spilled.add(Piece(np.array([70_000]), np.ones(1, bool), np.ones(1, bool), None))
+    kept = [piece for piece in pieces if len(piece.ids)]
+    assert len(back) == 3 and not (tmp_path / "x.chats").exists()
+    for a, b in zip(kept, back, strict=True):
+        assert [x.tolist() for x in (a.ids, a.trained, a.real, a.concepts)] == [
+            x.tolist() for x in (b.ids, b.trained, b.real, b.concepts)
+        ]

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import DharmaError
 from ..padding import pad_id
+from .fields import ROLES
 from .records import Record
 from .report import DataReport
 
@@ -49,7 +50,6 @@ __all__ = [
 ]
 
 MARKERS = ("<|system|>", "<|user|>", "<|assistant|>")
-ROLES = ("system", "user", "assistant")
 IGNORE = -100  # the label the LM loss skips (as concepts.IGNORE; not imported: that imports torch)
 
 # `{% generation %}` marks what the assistant writes, so transformers'
@@ -100,10 +100,13 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str
     An assistant turn's span is what the template adds for it after the generation
     prompt: with our template, its content and the end marker.
     """
-    if getattr(tokenizer, "chat_template", None) == CHAT_TEMPLATE and all(
-        turn["role"] in ROLES for turn in messages
-    ):
-        return _our_spans(str(tokenizer.eos_token), messages)
+    eos = getattr(tokenizer, "eos_token", None)
+    if (
+        getattr(tokenizer, "chat_template", None) == CHAT_TEMPLATE
+        and isinstance(eos, str)
+        and all(turn["role"] in ROLES and isinstance(turn["content"], str) for turn in messages)
+    ):  # else Jinja, which also says what is wrong with an unknown role or a content not text
+        return _our_spans(eos, messages)
     text = _render(tokenizer, messages)
     spans = []
     for number, turn in enumerate(messages):
@@ -129,7 +132,7 @@ def _our_spans(eos: str, messages: list[dict[str, Any]]) -> tuple[str, list[tupl
     spans = []
     length = 0
     for number, turn in enumerate(messages):
-        role, content = turn["role"], str(turn["content"])
+        role, content = turn["role"], turn["content"]
         if role == "assistant":
             head, part = "<|assistant|>\n", f"<|assistant|>\n{content}{eos}"
             if number:
@@ -251,7 +254,7 @@ def pack_conversations(
     tokens and padding. :class:`ChatRows` does the same a part of the records at a time.
     """
     rows = ChatRows(tokenizer, max_length, report, refs, lexicons)
-    return rows.packed(rows.rows(records) + rows.last())
+    return rows._packed(rows._rows(records) + rows._last())
 
 
 class ChatRows:
@@ -281,13 +284,14 @@ class ChatRows:
 
     def add(self, records: Sequence[Record]) -> PackedData:
         """The rows these records complete (the last row stays open for the next ones)."""
-        return self.packed(self.rows(records))
+        return self._packed(self._rows(records))
 
     def close(self) -> PackedData:
         """The last row, if any."""
-        return self.packed(self.last())
+        return self._packed(self._last())
 
-    def rows(self, records: Sequence[Record]) -> list[list[tuple[Record, ChatTokens]]]:
+    def _rows(self, records: Sequence[Record]) -> list[list[tuple[Record, ChatTokens]]]:
+        """The rows these records complete, each a list of (record, its tokens)."""
         done: list[list[tuple[Record, ChatTokens]]] = []
         for item in self._encoded(records):
             if self.used + len(item[1]) > self.max_length:
@@ -298,7 +302,8 @@ class ChatRows:
             self.used += len(item[1])
         return done
 
-    def last(self) -> list[list[tuple[Record, ChatTokens]]]:
+    def _last(self) -> list[list[tuple[Record, ChatTokens]]]:
+        """The open row (none when empty), closed."""
         row, self.open, self.used = self.open, [], self.max_length
         return [row] if row else []
 
@@ -318,7 +323,7 @@ class ChatRows:
                 continue
             yield record, encoded
 
-    def packed(self, rows: list[list[tuple[Record, ChatTokens]]]) -> PackedData:
+    def _packed(self, rows: list[list[tuple[Record, ChatTokens]]]) -> PackedData:
         import numpy as np
         import torch
 

@@ -76,6 +76,7 @@ class FastBPE:
         self._pool: ThreadPoolExecutor | None = None
         self._token_bytes: np.ndarray | None = byte_lengths
         self._newline: int = encoding.encode_ordinary(SEPARATOR)[0]
+        self._buffer = _buffer_is_ordinary(encoding)
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids of each text, no special tokens added or recognised; slices of the batch run on threads."""
@@ -131,15 +132,14 @@ class FastBPE:
         return Flat(ids[keep], lengths)
 
     def _array(self, text: str) -> np.ndarray:
-        """``encode_ordinary(text)`` as an array: tiktoken's own buffer when the encoding has a special
-        token (none allowed, so text that spells one is text), which spares a Python int per token;
-        without any, tiktoken's ``encode`` tries a match at every character, so the list is converted."""
-        if self.encoding.special_tokens_set:
+        """``encode_ordinary(text)`` as an array: tiktoken's own buffer where it gives the same (see
+        :func:`_buffer_is_ordinary`), which spares a Python int per token; else the list, converted."""
+        if self._buffer:
             return self.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
         return np.array(self.encoding.encode_ordinary(text), dtype=np.int64)
 
     def _bytes_of(self) -> np.ndarray:
-        """Each token's length in bytes, by id (0 for ids tiktoken does not know: the specials)."""
+        """Each token's length in bytes, by id (0 for ids tiktoken does not know)."""
         if self._token_bytes is None:
             size = self.encoding.max_token_value + 1
             lengths = np.zeros(size, dtype=np.int64)
@@ -400,3 +400,18 @@ def _spaced_edge(text: str) -> bool:
 
 def _utf8_size(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _buffer_is_ordinary(encoding: Any) -> bool:
+    """Whether ``encode_to_numpy`` with no special allowed gives ``encode_ordinary``'s ids: it needs a
+    special token registered (without one, tiktoken's ``encode`` tries a match at every character)
+    and a tiktoken that honours ``allowed_special`` there (0.11 on; 0.9 and 0.10 allowed them all,
+    and before 0.9 there is no such method). Checked on each special's own text."""
+    specials = sorted(encoding.special_tokens_set)
+    if not specials or not hasattr(encoding, "encode_to_numpy"):
+        return False
+    return all(
+        encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=()).tolist()
+        == encoding.encode_ordinary(text)
+        for text in specials
+    )

@@ -27,7 +27,7 @@ import torch
 from ..concepts import IGNORE, Lexicon, concept_hits, lexicons_for
 from ..errors import DharmaError
 from ..padding import pad_id
-from .fast_bpe import Flat
+from .fast_bpe import Flat, fast_encoder, reference_ids
 from .packed import PackedData
 from .records import Record
 from .report import DataReport
@@ -116,8 +116,6 @@ class TextStream:
         on another thread, and hand the result to :meth:`encode`."""
         texts = [record.text for record in records]
         if not self.refs:  # no offsets needed: tiktoken's ids end to end, when it can give them
-            from .fast_bpe import fast_encoder
-
             encoder = fast_encoder(self.tokenizer, texts)
             if encoder is not None:
                 return encoder.encode_flat(texts), []
@@ -212,8 +210,6 @@ def _tokenize(
     """Token ids (and character offsets: ``(start, end)`` pairs or ``[T, 2]`` arrays) of each text,
     no special tokens added; on every core (tiktoken's threads for a GPT-2-shaped BPE, see
     :mod:`~dharma_kernel.data.fast_bpe`, else the Rust tokenizer's batches)."""
-    from .fast_bpe import fast_encoder, reference_ids
-
     encoder = fast_encoder(tokenizer, texts)
     if encoder is not None and not with_offsets:
         return encoder.encode(texts), []

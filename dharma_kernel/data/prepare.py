@@ -482,11 +482,10 @@ def _write_split(
     # Conversation rows come after the text rows, as in-memory packing puts them; each chunk's
     # completed rows wait on disk, so no split's conversations are held in memory.
     chats = ChatRows(tokenizer, max_length, report, refs, lexicons)
-    with SpilledPieces(staging / f"{split}.chats") as spilled:
-        for chunk, texts, tokenized in _tokenized_ahead(chunks, stream):
-            conversations = [record for record in chunk if record.messages is not None]
-            if conversations:
-                spilled.add(pieces_of(chats.add(conversations)))
+    with SpilledPieces(staging / f"{split}.chats", dtype) as spilled:
+        for chunk, texts, tokenized, conversations in _tokenized_ahead(chunks, stream, chats):
+            if conversations is not None:
+                spilled.add(pieces_of(conversations))
             if texts:
                 writer.write(stream.encode(texts, tokenized))
             meter.add(sum(len(record.text) for record in chunk))
@@ -498,17 +497,30 @@ def _write_split(
 
 
 def _tokenized_ahead(
-    chunks: Iterator[list[Record]], stream: Any
-) -> Iterator[tuple[list[Record], list[Record], Any]]:
-    """Each chunk, its text records and their tokens: one thread reads the spool a chunk ahead of
-    another that tokenizes, which is a chunk ahead of packing and writing (this thread), so the
-    tokenizer's threads never wait for the spool, nor the spool for them."""
+    chunks: Iterator[list[Record]], stream: Any, chats: Any
+) -> Iterator[tuple[list[Record], list[Record], Any, Any]]:
+    """Each chunk, its text records, their tokens, and the conversation rows it completes (or None):
+    one thread reads the spool a chunk ahead of another that tokenizes, which is a chunk ahead of
+    packing and writing (this thread), so the tokenizer's threads never wait for the spool, nor
+    the spool for them. At most four chunks are held: one read, one queued, one tokenized, one
+    written.
 
-    def tokenized(chunk: list[Record]) -> tuple[list[Record], list[Record], Any]:
+    Everything that calls the tokenizer runs on the tokenizing thread: a Rust tokenizer's
+    settings are shared (``encode_special_tokens``, which text-as-text encoding turns on for a
+    call), so a conversation encoded on another thread meanwhile could read its role markers
+    as text."""
+
+    def tokenized(chunk: list[Record]) -> tuple[list[Record], list[Record], Any, Any]:
         texts = [record for record in chunk if record.messages is None]
-        return chunk, texts, stream.tokenize(texts) if texts else None
+        conversations = [record for record in chunk if record.messages is not None]
+        return (
+            chunk,
+            texts,
+            stream.tokenize(texts) if texts else None,
+            chats.add(conversations) if conversations else None,
+        )
 
-    pending: deque[Future[tuple[list[Record], list[Record], Any]]] = deque()
+    pending: deque[Future[tuple[list[Record], list[Record], Any, Any]]] = deque()
     with (
         ThreadPoolExecutor(1, thread_name_prefix="dharma-spool") as reader,
         ThreadPoolExecutor(1, thread_name_prefix="dharma-tokenize") as tokenizer,

@@ -58,9 +58,7 @@ class ShardWriter:
         size = len(piece.ids)
         if size == 0:
             return
-        if int(piece.ids.max()) > np.iinfo(self.dtype).max or int(piece.ids.min()) < 0:
-            raise ValueError(f"token ids outside {self.dtype}")
-        self.files["ids"].write(piece.ids.astype(self.dtype).tobytes())
+        self.files["ids"].write(_as_ids(piece.ids, self.dtype).tobytes())
         columns = (np.arange(self.position, self.position + size) % self.max_length) != 0
         self.tokens += int((piece.trained & columns).sum())
         if self.modules:
@@ -99,10 +97,11 @@ class ShardWriter:
 
 class SpilledPieces:
     """Pieces of the stream kept in a file until they are written in their place, then removed
-    (with the block): memory holds one piece at a time."""
+    (with the block): memory holds one piece at a time. Ids are kept in ``dtype`` (the shards'),
+    the flags as bits."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, dtype: np.dtype) -> None:
+        self.path, self.dtype = path, dtype
         self.count = 0
         self._file: BinaryIO | None = None
 
@@ -118,7 +117,9 @@ class SpilledPieces:
         if len(piece.ids):
             if self._file is None:
                 self._file = self.path.open("wb")
-            pickle.dump(piece, self._file, protocol=pickle.HIGHEST_PROTOCOL)
+            kept = (len(piece.ids), _as_ids(piece.ids, self.dtype), np.packbits(piece.trained),
+                    np.packbits(piece.real), piece.concepts)  # fmt: skip
+            pickle.dump(kept, self._file, protocol=pickle.HIGHEST_PROTOCOL)
             self.count += 1
 
     def pieces(self) -> Iterator[Piece]:
@@ -129,7 +130,15 @@ class SpilledPieces:
         self._file = None
         with self.path.open("rb") as file:
             for _ in range(self.count):
-                yield pickle.load(file)
+                size, ids, trained, real, concepts = pickle.load(file)
+                flags = [np.unpackbits(bits, count=size).astype(bool) for bits in (trained, real)]
+                yield Piece(ids.astype(np.int64), *flags, concepts)
+
+
+def _as_ids(ids: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if int(ids.max()) > np.iinfo(dtype).max or int(ids.min()) < 0:
+        raise ValueError(f"token ids outside {dtype}")
+    return ids.astype(dtype)
 
 
 def pieces_of(packed: PackedData) -> Piece:
