@@ -278,17 +278,19 @@ def test_a_preparation_killed_halfway_leaves_nothing_the_next_one_keeps(tmp_path
 
 def test_the_tokenizer_is_used_from_one_thread_while_preparing(tmp_path, monkeypatch):
     # A Rust tokenizer's settings are shared (encode_special_tokens): texts and conversations
-    # encoded on two threads at once could read role markers as text.
+    # encoded on two threads at once could read role markers as text. Each split gets its own
+    # tokenizing thread; the Thread objects are kept, since an ident can be reused by the next.
+    import itertools
     import threading
 
     from dharma_kernel.data.chat import ChatRows
     from dharma_kernel.data.packing import TextStream
 
-    used: dict[str, set[int]] = {"texts": set(), "conversations": set()}
+    calls: list[tuple[str, threading.Thread]] = []
 
     def on_thread(kind, method):
         def call(self, *args, **kwargs):
-            used[kind].add(threading.get_ident())
+            calls.append((kind, threading.current_thread()))
             return method(self, *args, **kwargs)
 
         return call
@@ -299,7 +301,13 @@ def test_the_tokenizer_is_used_from_one_thread_while_preparing(tmp_path, monkeyp
     manifest = load_manifest(write_corpus(tmp_path))
     prepare(manifest, tmp_path / "prepared", refs=REFS)
 
-    assert len(used["texts"] | used["conversations"]) == 1 and used["conversations"]
+    threads = [thread for _, thread in calls]
+    runs = [thread for thread, _ in itertools.groupby(threads)]
+    assert {kind for kind, _ in calls} == {"texts", "conversations"}
+    assert all(thread.name.startswith("dharma-tokenize") for thread in threads)
+    assert len(runs) == len(set(runs)) <= 2  # one thread per split, never two interleaved
+    kinds_by_thread = [{kind for kind, thread in calls if thread is run} for run in runs]
+    assert {"texts", "conversations"} in kinds_by_thread
 
 
 def test_spilled_pieces_come_back_as_they_went_in(tmp_path):
