@@ -57,19 +57,25 @@ SPEED = (
     ("seed", "routed", None, None, False, True),
 )
 # --compile: these again through torch.compile as `[train] compile = true` runs them, against the
-# bare backbone compiled alike (the same targets)
-COMPILED = (("lite", "routed", 0.9, 0.7), ("seed", "routed", 0.8, 0.5))
+# bare backbone compiled alike (the same targets), then lite again with fixed capacity (one graph)
+COMPILED = (
+    ("lite", "routed", 0.9, 0.7, None),
+    ("seed", "routed", 0.8, 0.5, None),
+    ("lite", "routed", None, None, 1.25),
+)
 SHAPE = {"cpu": (4, 128), "cuda": (8, 256)}  # batch x tokens per step
 WARMUP, COMPILE_WARMUP = 2, 4  # compiled: the first steps compile (and a routed model recompiles once)
 # Op counts: a 6-layer 128-wide GPT-2 at batch 4 x 64 (the shapes of issue #14), lite routed target.
 OPS_BACKBONE, OPS_BATCH, OPS_LENGTH, OPS_TARGET = {"n_layer": 6, "n_embd": 128, "n_head": 4}, 4, 64, 2.0
-# (preset, composition, with concept labels): labels are what `dharma train` passes when modules
-# have lexicons (the concept and routing losses); the target row is without, as issue #14 counted.
+# (preset, composition, with concept labels, capacity factor): labels are what `dharma train` passes
+# when modules have lexicons (the concept and routing losses); the target row is without, as issue
+# #14 counted; capacity: `[modules] capacity_factor` (dharma_kernel.capacity), shown, not judged.
 OPS = (
-    ("lite", "routed", False),
-    ("lite", "routed", True),
-    ("seed", "routed", False),
-    ("seed", "sequential", False),
+    ("lite", "routed", False, None),
+    ("lite", "routed", True, None),
+    ("lite", "routed", False, 1.25),
+    ("seed", "routed", False, None),
+    ("seed", "sequential", False, None),
 )
 
 
@@ -210,6 +216,17 @@ def set_grouped(model: torch.nn.Module, grouped: bool | None) -> torch.nn.Module
     return model
 
 
+def set_capacity(model: torch.nn.Module, factor: float | None) -> torch.nn.Module:
+    for stack in getattr(model, "stacks", {}).values():
+        stack.capacity_factor = factor
+    return model
+
+
+def row_name(preset: str, composition: str, factor: float | None = None) -> str:
+    name = f"{preset} {composition}" + (" top_k 2" if composition == "routed" else "")
+    return name + (f", capacity {factor}" if factor else "")
+
+
 PHASES = ("forward", "backward", "optimizer")
 
 
@@ -247,17 +264,17 @@ def op_counts(folder: Path, refs: list[str], complete: bool, grouped: bool) -> b
     split = "".join(f"{phases[phase]:>10}" for phase in PHASES)
     print(f"{'bare backbone':<28} {bare:>8} {1:>6.2f} {bare_top:>10}{split} {'-':>7}  -")
     ok = True
-    for preset, composition, labelled in OPS:
+    for preset, composition, labelled, factor in OPS:
         path = manifest_path(folder, refs, preset, composition, OPS_BACKBONE)
-        model = set_grouped(build(plan(load_manifest(path))), grouped)
+        model = set_capacity(set_grouped(build(plan(load_manifest(path))), grouped), factor)
         ops, top, phases = aten_ops(Trainer(model, cpu, labelled), ids)
         split = "".join(f"{phases[phase]:>10}" for phase in PHASES)
-        target = OPS_TARGET if (preset, composition, labelled) == ("lite", "routed", False) else None
+        judged = (preset, composition, labelled, factor) == ("lite", "routed", False, None)
+        target = OPS_TARGET if judged else None
         passed = target is None or ops / bare <= target
         ok &= passed
         shown, result = ("-", "report") if target is None else (f"<={target}", judge(passed, complete))
-        name = f"{preset} {composition}" + (" top_k 2" if composition == "routed" else "")
-        name += ", labels" if labelled else ""
+        name = row_name(preset, composition, factor) + (", labels" if labelled else "")
         print(f"{name:<28} {ops:>8} {ops / bare:>6.2f} {top:>10}{split} {shown:>7}  {result}", flush=True)
         del model
         gc.collect()
@@ -336,7 +353,7 @@ def eager_rows(
             continue  # sgemm or oneDNN: a CPU matter
         path = manifest_path(folder, refs, preset, composition)
         model = set_grouped(build(plan(load_manifest(path))), (not together) if other else grouped)
-        name = f"{preset} {composition}" + (" top_k 2" if composition == "routed" else "")
+        name = row_name(preset, composition)
         name += ", sgemm" if sgemm else ""
         name += (", one by one" if together else ", grouped") if other else ""
         with sgemm_only() if sgemm else contextlib.nullcontext():
@@ -360,12 +377,12 @@ def compiled_rows(
     print(f"\ncompiled (torch.compile as `[train] compile = true`; {COMPILE_WARMUP} warm-up steps)")
     bare = bare_row(device, ids, compile=True)
     ok = True
-    for preset, composition, cpu_target, gpu_target in COMPILED:
+    for preset, composition, cpu_target, gpu_target, factor in COMPILED:
         path = manifest_path(folder, refs, preset, composition)
-        model = set_grouped(build(plan(load_manifest(path))), grouped)
+        model = set_capacity(set_grouped(build(plan(load_manifest(path))), grouped), factor)
         trainer = Trainer(model, device, compile=True)
         target = gpu_target if device.type == "cuda" else cpu_target
-        name = f"{preset} {composition} top_k 2, compiled"
+        name = f"{row_name(preset, composition, factor)}, compiled"
         ok &= speed_row(name, bare, trainer, ids, budget, COMPILE_WARMUP, target, complete)
         del model, trainer
         gc.collect()

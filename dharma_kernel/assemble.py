@@ -86,6 +86,11 @@ def resolve_layout(manifest: Manifest, depth: int) -> dict[str, Any]:
             )
     if section.composition == "routed" and refs and section.top_k > len(refs):
         raise DharmaError(f"modules.top_k: {section.top_k} is larger than the stack of {len(refs)} module(s)")
+    if section.capacity_factor is not None and section.composition != "routed":
+        raise DharmaError(
+            f"modules.capacity_factor applies to routed stacks; this one is {section.composition}",
+            hint='Set composition = "routed", or remove capacity_factor.',
+        )
     overrides = _resolve_overrides(section.override, refs)
     modules = []
     for ref in refs:
@@ -103,6 +108,7 @@ def resolve_layout(manifest: Manifest, depth: int) -> dict[str, Any]:
         "at_layers": sorted(section.at_layers) if refs else [],
         "composition": section.composition,
         "top_k": section.top_k,
+        "capacity_factor": section.capacity_factor,
         "preset": section.preset,
         "modules": modules,
         "heads": heads,

@@ -88,6 +88,9 @@ class GroupInput:
     ctx: ModuleContext
     rows: torch.Tensor
     groups: Groups
+    # Fixed-capacity slots (dharma_kernel.capacity): every module has as many tokens, some of them
+    # empty slots, and no block may read a count back to the host.
+    fixed: bool = False
 
     def pick(self, values: torch.Tensor) -> torch.Tensor:
         """``values [B, T, ...]`` at the group's tokens, padded ``[M, most, ...]``."""
@@ -165,6 +168,8 @@ def attention(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) -
     batch, total, _ = full.shape
     length = where.hidden.shape[1]
     normed = layer_norm([b.norm for b in blocks], full.flatten(0, 1))  # [M, B * S, H]
+    if where.fixed:
+        return _attention_over_every_key(blocks, x, where, normed, total)
     kv = linear([b.key_value for b in blocks], normed).view(count * batch, total, 2, kv_heads, head_dim)
     k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [M * B, kv_heads, S, D]
     q = where.groups.unpad(linear([b.query for b in blocks], layer_norm([b.norm for b in blocks], x)))
@@ -178,6 +183,31 @@ def attention(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) -
     allowed = allowed_keys(at, None if real is None else real.repeat(count, 1)[:, None, :], total)
     y = attend(q, k, v, allowed[:, None]).transpose(1, 2).reshape(count * batch, pairs.most, heads * head_dim)
     return linear([b.out for b in blocks], where.groups.pad(pairs.unpad(y)))
+
+
+def _attention_over_every_key(
+    blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput, normed: torch.Tensor, total: int
+) -> torch.Tensor:
+    """:func:`attention` with fixed shapes: each module's queries ``x [M, C, H]`` over the keys of
+    every sequence, those of other sequences masked out (weight exactly zero), where grouping by
+    (module, sequence) pair needs each pair's query count on the host."""
+    first, (count, slots, _) = blocks[0], x.shape
+    heads, kv_heads, head_dim = first.heads, first.kv_heads, first.head_dim
+    length = where.hidden.shape[1]
+    batch = normed.shape[1] // total
+    kv = linear([b.key_value for b in blocks], normed).view(count, batch * total, 2, kv_heads, head_dim)
+    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [M, kv_heads, B * S, D]
+    q = linear([b.query for b in blocks], layer_norm([b.norm for b in blocks], x))
+    q = q.view(count, slots, heads, head_dim).transpose(1, 2)  # [M, heads, C, D]
+    sequence = (where.rows // length)[:, None]  # [M * C, 1]
+    position = (where.rows % length + (total - length))[:, None]
+    key = torch.arange(batch * total, device=x.device)
+    same, key_position = key // total == sequence, key % total  # [M * C, B * S], [B * S]
+    real = where.ctx.key_mask(length)  # [B, S]
+    seen = key_position <= position if real is None else (key_position <= position) & real.flatten()
+    allowed = same & (seen | (key_position == position))  # causal, real keys, and always itself
+    y = attend(q, k, v, allowed.view(count, 1, slots, batch * total))
+    return linear([b.out for b in blocks], y.transpose(1, 2).reshape(count, slots, heads * head_dim))
 
 
 def multi_view(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) -> torch.Tensor:

@@ -127,6 +127,7 @@ class ModulesSection(_Section):
     at_layers: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, validate_default=True)
     composition: Literal["sequential", "parallel", "routed"] = "sequential"
     top_k: int = Field(2, ge=1)
+    capacity_factor: float | None = Field(None, gt=0)  # routed training: fixed slots per module
     override: dict[str, dict[str, Any]] = {}
 
     @field_validator("at_layers")

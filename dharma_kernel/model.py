@@ -84,21 +84,30 @@ class _ForwardState:
 _CURRENT: ContextVar[_ForwardState | None] = ContextVar("dharma_forward", default=None)
 
 
+class _Traced:
+    """The forward in progress while torch.compile traces it: dynamo cannot trace a context
+    variable (each ``get`` and ``set`` broke the graph), but follows a plain attribute. One per
+    model; a compiled forward is the training loop's, never run by two threads at once."""
+
+    state: _ForwardState | None = None
+
+
 class DharmaSlot(nn.Module):
     """Runs one backbone block, then the module stack that sits after it."""
 
-    def __init__(self, block: nn.Module, stack: ModuleStack, layer: int) -> None:
+    def __init__(self, block: nn.Module, stack: ModuleStack, layer: int, traced: _Traced) -> None:
         super().__init__()
         self.block = block
         self.layer = layer
         # Registered under DharmaModel.stacks, not here: keeps module weights out of
         # the backbone's parameter names and out of the `backbone` freeze group.
         object.__setattr__(self, "stack", stack)
+        self.traced = traced
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.block(*args, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
-        state = _CURRENT.get()
+        state = self.traced.state if torch.compiler.is_compiling() else _CURRENT.get()
         mask = state.attention_mask if state is not None else None
         cache = state.cache if state is not None else None
         stack = self.stack
@@ -161,15 +170,17 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
         width, depth = hidden_size(text), num_layers(text)
         blocks = find_blocks(self.backbone, depth)
         self.stacks = nn.ModuleDict()
+        self._traced = _Traced()
         stream = depth  # module cache streams follow the backbone's own cache layers
         for layer in layout.get("at_layers", []):
             modules = [build_module(spec, width) for spec in layout.get("modules", [])]
             vocab = getattr(text, "vocab_size", 0) or 0
             share = (layout.get("loss") or {}).get("routing_backbone", 0.25)
-            stack = ModuleStack(modules, layout["composition"], layout.get("top_k", 2), width, vocab, share)
+            top_k, factor = layout.get("top_k", 2), layout.get("capacity_factor")
+            stack = ModuleStack(modules, layout["composition"], top_k, width, vocab, share, factor)
             stack.stream_base, stream = stream, stream + stack.streams
             self.stacks[str(layer)] = stack
-            blocks[layer] = DharmaSlot(blocks[layer], stack, layer)
+            blocks[layer] = DharmaSlot(blocks[layer], stack, layer, self._traced)
         self.heads = nn.ModuleDict(
             {spec["plugin"]: build_head(spec, width) for spec in layout.get("heads", [])}
         )
@@ -280,7 +291,11 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
         starts = document_starts(input_ids, getattr(self.config.text_config, "eos_token_id", None))
         state = _ForwardState(attention_mask, cache if use_cache else None, {}, starts, input_ids)
         want_hidden = bool(output_hidden_states) or len(self.heads) > 0
-        token = _CURRENT.set(state)
+        compiling = torch.compiler.is_compiling()
+        if compiling:
+            self._traced.state = state
+        else:
+            token = _CURRENT.set(state)
         try:
             out = self.backbone(
                 input_ids=input_ids,
@@ -293,7 +308,10 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
                 **kwargs,
             )
         finally:
-            _CURRENT.reset(token)
+            if compiling:
+                self._traced.state = None
+            else:
+                _CURRENT.reset(token)
 
         losses: dict[str, torch.Tensor] = {}
         lm_tokens = None

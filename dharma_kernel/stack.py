@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
+from . import capacity
 from .columns import Columns
 from .cpu_linear import Linear
-from .grouped import on_device, plan_runs, run_group, run_groups, token_places
+from .grouped import GroupInput, Groups, group_key, on_device, plan_runs, run_group, run_groups, token_places
 from .module_cache import extend_stream, peek_stream
 from .protocol import DharmaModule, ModuleContext, ModuleOutput, TokenOutput, computes_tokens
 from .routing import concept_evidence
@@ -68,6 +69,7 @@ class ModuleStack(nn.Module):
         hidden_size: int,
         vocab_size: int = 0,
         backbone_gradient: float = 0.25,
+        capacity_factor: float | None = None,
     ) -> None:
         super().__init__()
         if composition not in COMPOSITIONS:
@@ -75,6 +77,8 @@ class ModuleStack(nn.Module):
         self.refs = [m.ref() for m in modules]
         self.composition = composition
         self.top_k = top_k
+        # Routed, in training: each module computes a fixed number of token slots (dharma_kernel.capacity).
+        self.capacity_factor = capacity_factor
         self.members = nn.ModuleDict({module_key(m.ref()): m for m in modules})
         self.router = Linear(hidden_size, len(modules), bias=False) if composition == "routed" else None
         # Routed, with input ids: a per-token table the router adds to its scores. A concept's terms
@@ -237,9 +241,13 @@ class ModuleStack(nn.Module):
             on = [ref not in self.disabled for ref in self.refs]
             runs = active & torch.tensor(on, device=active.device)
         members = list(self.members.values())
-        rows, module, delta, score, unused = self._run_modules(
-            members, hidden, runs, active, attention_mask, past, result
-        )
+        if self.capacity_factor and self.training:
+            run = self._run_fixed(members, hidden, runs, attention_mask, past, result)
+            rows, module, delta, score, unused, active = run
+        else:
+            rows, module, delta, score, unused = self._run_modules(
+                members, hidden, runs, active, attention_mask, past, result
+            )
         # scores: a module's own where it ran, zero elsewhere (and where it did not run at all)
         tokens = hidden.shape[0] * hidden.shape[1]
         placed = hidden.new_zeros(len(members) * tokens)
@@ -247,7 +255,8 @@ class ModuleStack(nn.Module):
             weights = top_weight.new_zeros(probs.shape).scatter(-1, top_index, top_weight).flatten(0, 1)
             delta = _as(delta, hidden.dtype) * _as(weights[rows, module], hidden.dtype)[:, None]
             result.hidden = hidden.flatten(0, 1).index_add(0, rows, delta).view_as(hidden)
-            placed = score.new_zeros(len(members) * tokens).index_copy(0, module * tokens + rows, score)
+            # an add, not a copy: an empty capacity slot adds its zero to a real token's score
+            placed = score.new_zeros(len(members) * tokens).index_add(0, module * tokens + rows, score)
         result.scores = Columns(self.refs, placed.view(len(members), *hidden.shape[:2]), dim=0)
         result.active = Columns(self.refs, active)
         result.losses["router_balance"] = _balance_loss(probs, chosen, real, self.top_k)
@@ -304,6 +313,50 @@ class ModuleStack(nn.Module):
         if not deltas:
             return rows, module, None, None, unused
         return rows, module, torch.cat(deltas), torch.cat(scores), unused
+
+    def _run_fixed(self, members, hidden, runs, attention_mask, past, result):
+        """``_run_modules`` with fixed capacity (:mod:`.capacity`): every module computes its
+        ``[capacity]`` slots, a groupable one with its group (alone, as a group of one), so no
+        shape depends on the routing. Empty slots are weighted zero. Also returns where each
+        module ran, ``[B, T, M]``: the tokens that got a slot. A module that is not groupable
+        runs on its kept tokens, as in exact routing."""
+        order, ranked = self._runs[True], self._ranked(True, hidden.device)
+        tokens = hidden.shape[0] * hidden.shape[1]
+        size = capacity.capacity(tokens, len(members), self.top_k, self.capacity_factor)
+        table = capacity.slots(runs.flatten(0, 1).index_select(1, ranked), size)
+        flat = hidden.flatten(0, 1)
+        x = flat.index_select(0, table.rows.flatten()).view(len(members), size, -1)
+        stack_ctx = ModuleContext(attention_mask, past)
+        deltas, scores, unused, start = [], [], [], 0
+        for indices in order:
+            at = slice(start, start + len(indices))
+            start += len(indices)
+            group = [members[m] for m in indices]
+            if group_key(group[0]) is not None:
+                rows = table.rows[at].flatten()
+                where = GroupInput(hidden, stack_ctx, rows, Groups([size] * len(group), hidden.device), True)
+                out = type(group[0]).grouped_tokens(group, x[at], where)
+                deltas.append(out.delta)
+                scores.append(out.score)
+                continue
+            (m,) = indices  # not groupable: alone in its run
+            kept = table.kept[:, at.start]
+            ctx = ModuleContext(attention_mask, past, kept.view(hidden.shape[:2]), shared=stack_ctx.shared)
+            if len(ctx.rows) == 0:
+                unused.append(members[m])
+            out = _at_tokens(members[m], ctx.pick(hidden), hidden, ctx)
+            _record_extras(result, self.refs[m], out)
+            # its kept tokens fill its first slots, in the same (ascending) order
+            room = size - len(ctx.rows)
+            deltas.append(F.pad(out.delta, (0, 0, 0, room))[None])
+            scores.append(F.pad(out.score, (0, room))[None])
+        filled = table.filled.flatten()
+        rows = table.rows.flatten()
+        module = ranked.repeat_interleave(size)
+        delta = torch.cat(deltas).flatten(0, 1) * filled[:, None].to(hidden.dtype)
+        score = torch.cat(scores).flatten() * filled.to(scores[0].dtype)
+        ran = torch.zeros_like(table.kept).index_copy(1, ranked, table.kept)
+        return rows, module, delta, score, unused, ran.view(*hidden.shape[:2], -1)
 
     def _routed_dense(self, result, attention_mask, past, top_index, top_weight, active) -> StackResult:
         """``_routed``'s hidden states and scores (no balance loss), from full forwards of every module."""
