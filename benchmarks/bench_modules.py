@@ -8,7 +8,9 @@ compare like with like.
 measured there, under bf16 autocast where the card supports it (what ``precision = "auto"`` picks);
 DHARMA_BENCH_DEVICE=cpu measures on the CPU anyway. A later row is seed routed again with
 the module linears on sgemm instead of oneDNN (``dharma_kernel.cpu_linear``), shown, not judged;
-then seed routed on the other path (grouped on the CPU), also shown.
+then seed routed on the other path (grouped on the CPU), also shown; then lite routed with fixed
+capacity (``[modules] capacity_factor = 1.25``, dharma_kernel.capacity), shown, in every table.
+``DHARMA_BENCH_COMPILE_MODE`` sets the compiled rows' torch.compile mode ("reduce-overhead": CUDA graphs).
 Before the speeds: aten ops per training step (torch.profiler's count of every aten op, nested
 ones included, on the CPU: the same on any machine) of a small backbone bare and assembled.
 Op counts are of the grouped path (what a GPU runs; ``--per-module`` runs every module alone).
@@ -45,16 +47,18 @@ from dharma_kernel.train.heap import keep_freed_memory
 LAYERS = {"tiny": [2, 4], "lite": [2, 4], "seed": [3]}
 LITE_SHARE_MAX = 0.05
 SEED_MODULES, SEED_TOTAL, TOLERANCE = 174e6, 262e6, 0.03
-# (preset, composition, target on the CPU, target on a GPU, module linears by sgemm, the other path):
-# the sgemm row shows what oneDNN gives; the last row runs seed routed on the path the device does
-# not choose by default (grouped on the CPU, one by one on a GPU), shown, not judged. The GPU
-# targets are issue #14's (bf16, batch 8 x 256).
+# (preset, composition, target on the CPU, target on a GPU, module linears by sgemm, the other path,
+# capacity factor): the sgemm row shows what oneDNN gives; the "other path" row runs seed routed on
+# the path the device does not choose by default (grouped on the CPU, one by one on a GPU), and the
+# last lite with fixed capacity (always grouped), shown, not judged. The GPU targets are issue
+# #14's (bf16, batch 8 x 256).
 SPEED = (
-    ("lite", "routed", 0.9, 0.7, False, False),
-    ("seed", "routed", 0.8, 0.5, False, False),
-    ("seed", "sequential", None, None, False, False),
-    ("seed", "routed", None, None, True, False),
-    ("seed", "routed", None, None, False, True),
+    ("lite", "routed", 0.9, 0.7, False, False, None),
+    ("seed", "routed", 0.8, 0.5, False, False, None),
+    ("seed", "sequential", None, None, False, False, None),
+    ("seed", "routed", None, None, True, False, None),
+    ("seed", "routed", None, None, False, True, None),
+    ("lite", "routed", None, None, False, False, 1.25),
 )
 # --compile: these again through torch.compile as `[train] compile = true` runs them, against the
 # bare backbone compiled alike (the same targets), then lite again with fixed capacity (one graph)
@@ -64,6 +68,8 @@ COMPILED = (
     ("lite", "routed", None, None, 1.25),
 )
 SHAPE = {"cpu": (4, 128), "cuda": (8, 256)}  # batch x tokens per step
+# torch.compile's mode for the compiled rows, as `[train] compile_mode` ("reduce-overhead": CUDA graphs)
+COMPILE_MODE = os.environ.get("DHARMA_BENCH_COMPILE_MODE", "default")
 WARMUP, COMPILE_WARMUP = 2, 4  # compiled: the first steps compile (and a routed model recompiles once)
 # Op counts: a 6-layer 128-wide GPT-2 at batch 4 x 64 (the shapes of issue #14), lite routed target.
 OPS_BACKBONE, OPS_BATCH, OPS_LENGTH, OPS_TARGET = {"n_layer": 6, "n_embd": 128, "n_head": 4}, 4, 64, 2.0
@@ -175,7 +181,8 @@ class Trainer:
         self, model: torch.nn.Module, device: torch.device, labels: bool = False, compile: bool = False
     ) -> None:
         self.model = model.to(device).train()
-        self.forward = compiled(self.model) if compile else self.model  # the optimizer keeps the model's
+        # the optimizer keeps the model's parameters either way
+        self.forward = compiled(self.model, COMPILE_MODE) if compile else self.model
         self.concept_labels = labels
         self.device = device
         self.params = sum(p.numel() for p in model.parameters())
@@ -253,7 +260,7 @@ def op_counts(folder: Path, refs: list[str], complete: bool, grouped: bool) -> b
     shape = ", ".join(f"{key} {value}" for key, value in OPS_BACKBONE.items())
     print(f"aten ops per training step, CPU: GPT-2 {shape}, batch {OPS_BATCH} x {OPS_LENGTH}, fused AdamW")
     print(
-        f"{'config':<28} {'ops':>8} {'ratio':>6} {'top-level':>10} "
+        f"{'config':<36} {'ops':>8} {'ratio':>6} {'top-level':>10} "
         + "".join(f"{phase:>10}" for phase in PHASES)
         + f" {'target':>7}  result"
     )
@@ -262,7 +269,7 @@ def op_counts(folder: Path, refs: list[str], complete: bool, grouped: bool) -> b
     torch.manual_seed(0)
     bare, bare_top, phases = aten_ops(Trainer(fresh_backbone(backbone_config(None, OPS_BACKBONE)), cpu), ids)
     split = "".join(f"{phases[phase]:>10}" for phase in PHASES)
-    print(f"{'bare backbone':<28} {bare:>8} {1:>6.2f} {bare_top:>10}{split} {'-':>7}  -")
+    print(f"{'bare backbone':<36} {bare:>8} {1:>6.2f} {bare_top:>10}{split} {'-':>7}  -")
     ok = True
     for preset, composition, labelled, factor in OPS:
         path = manifest_path(folder, refs, preset, composition, OPS_BACKBONE)
@@ -275,7 +282,7 @@ def op_counts(folder: Path, refs: list[str], complete: bool, grouped: bool) -> b
         ok &= passed
         shown, result = ("-", "report") if target is None else (f"<={target}", judge(passed, complete))
         name = row_name(preset, composition, factor) + (", labels" if labelled else "")
-        print(f"{name:<28} {ops:>8} {ops / bare:>6.2f} {top:>10}{split} {shown:>7}  {result}", flush=True)
+        print(f"{name:<36} {ops:>8} {ops / bare:>6.2f} {top:>10}{split} {shown:>7}  {result}", flush=True)
         del model
         gc.collect()
     return ok
@@ -346,14 +353,15 @@ def eager_rows(
     bare = bare_row(device, ids, compile=False)
     cuda = device.type == "cuda"
     ok = True
-    for preset, composition, cpu_target, gpu_target, sgemm, other in SPEED:
+    for preset, composition, cpu_target, gpu_target, sgemm, other, factor in SPEED:
         if other and grouped is not None:
             continue  # a path was forced: there is no other one to show
         if sgemm and cuda:
             continue  # sgemm or oneDNN: a CPU matter
         path = manifest_path(folder, refs, preset, composition)
         model = set_grouped(build(plan(load_manifest(path))), (not together) if other else grouped)
-        name = row_name(preset, composition)
+        set_capacity(model, factor)
+        name = row_name(preset, composition, factor)
         name += ", sgemm" if sgemm else ""
         name += (", one by one" if together else ", grouped") if other else ""
         with sgemm_only() if sgemm else contextlib.nullcontext():
@@ -374,7 +382,10 @@ def compiled_rows(
     ids: torch.Tensor,
 ) -> bool:
     """lite and seed routed through torch.compile, against the bare backbone compiled alike."""
-    print(f"\ncompiled (torch.compile as `[train] compile = true`; {COMPILE_WARMUP} warm-up steps)")
+    print(
+        f"\ncompiled (torch.compile as `[train] compile = true`, mode {COMPILE_MODE}; "
+        f"{COMPILE_WARMUP} warm-up steps)"
+    )
     bare = bare_row(device, ids, compile=True)
     ok = True
     for preset, composition, cpu_target, gpu_target, factor in COMPILED:

@@ -4,10 +4,11 @@
 #   here:   make device-wheels              the project's wheels, and the packages the GPU image
 #                                           lacks or has too old, for its Python 3.12, into .device/
 #   there:  bash benchmarks/device_check.sh (the device tool's `run`, with `carry: [".device"]`)
+#           bash benchmarks/device_check.sh graphs   (then, time left: compiled with CUDA graphs)
 #
 # It installs the wheels into /tmp (no network there), prints the card, then times the module
 # stacks against the bare backbone in bf16 at batch 8 x 256: eager rows first, then compiled
-# ones. Each part writes to $OUT (or ./device-out) as it goes, so a run cut off at its time
+# ones; with `graphs`, the compiled rows in mode reduce-overhead (CUDA graphs) instead. Each part writes to $OUT (or ./device-out) as it goes, so a run cut off at its time
 # limit still returns what it measured.
 set -uo pipefail
 out=${OUT:-device-out}
@@ -29,6 +30,12 @@ print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transforme
 print('dharma_kernel', dharma_kernel.__file__, len(registry.discover('module')), 'module plugins')
 " 2>&1 | tee -a "$out/device.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
+if [ "${1:-}" = graphs ]; then
+    # A second call: CUDA graphs over the whole step (the fixed-capacity row traces as one graph).
+    DHARMA_BENCH_COMPILE_MODE=reduce-overhead timeout "${GRAPHS_SECONDS:-500}" "$python" \
+        benchmarks/bench_modules.py --quick --speed-only --compiled-only 2>&1 | tee "$out/cuda-graphs.txt"
+    exit
+fi
 timeout "${EAGER_SECONDS:-200}" "$python" benchmarks/bench_modules.py --quick --speed-only 2>&1 \
     | tee "$out/eager.txt"
 timeout "${COMPILED_SECONDS:-330}" "$python" benchmarks/bench_modules.py --quick --speed-only --compile \

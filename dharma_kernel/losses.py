@@ -77,7 +77,7 @@ def routing_loss(
     if per_sequence:
         labels = labels[:, None, :].expand_as(evidence)
     keep = real[..., None] & (labels != IGNORE)
-    if not bool(keep.any()):
+    if not torch.compiler.is_compiling() and not bool(keep.any()):  # traced: no host read, a zero loss
         return None
     with torch.autocast(evidence.device.type, enabled=False):
         terms = [_balanced_bce(evidence.float(), labels == 1, keep)]
@@ -99,7 +99,7 @@ def _balanced_bce(logits: torch.Tensor, positive: torch.Tensor, keep: torch.Tens
         has.append(count > 0)
     # weighted, not indexed by ``has``: boolean indexing waits for the device (twice, with backward)
     mean, present = torch.cat(means), torch.cat(has)
-    return (mean * present).sum() / present.sum()
+    return (mean * present).sum() / present.sum().clamp_min(1)
 
 
 def total_loss(components: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:

@@ -389,9 +389,10 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
             losses.append(loss)
             has.append(present)
         loss, present = torch.cat(losses), torch.cat(has)
-        if not bool(present.any()):  # one host sync a step, not one per module
+        # one host sync a step, not one per module; none while traced (a zero loss instead)
+        if not torch.compiler.is_compiling() and not bool(present.any()):
             return scores, None
-        return scores, (loss * present).sum() / present.sum()
+        return scores, (loss * present).sum() / present.sum().clamp_min(1)
 
     @staticmethod
     def _routing_loss(

@@ -27,6 +27,16 @@ def set_capacity(model, factor):
         stack.capacity_factor = factor
 
 
+def labelled_step(model, ids, mask, labels):
+    """``loss_and_grads`` with concept labels: also the names of the loss components."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # the same dropout both times
+    out = model(input_ids=ids, attention_mask=mask, labels=ids, concept_labels=labels)
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.loss.detach(), grads, set(out.losses)
+
+
 def test_slots_keep_each_modules_first_tokens_in_order():
     runs = torch.tensor([[1, 0, 1], [1, 1, 0], [0, 1, 0], [1, 1, 0], [1, 0, 0]], dtype=torch.bool)
     table = slots(runs, 2)
@@ -168,16 +178,20 @@ def test_capacity_factor_reaches_the_stacks_and_the_saved_config(tmp_path):
 
 
 def test_a_routed_model_with_capacity_traces_as_one_graph(batch):
-    """No graph break anywhere in the forward (fullgraph=True raises at the first): torch.compile
-    can compile the whole step, and on CUDA capture it as a graph (mode="reduce-overhead")."""
+    """No graph break anywhere in the forward with concept labels (fullgraph=True raises at the
+    first): torch.compile can compile the whole step, and on CUDA capture it as a graph
+    (mode="reduce-overhead")."""
     import torch._dynamo
 
     model = all_modules("routed").train()
     set_capacity(model, 1.25)
-    eager = loss_and_grads(model, *batch)
+    draw = torch.rand(*batch[0].shape, len(model.module_refs), generator=torch.Generator().manual_seed(1))
+    labels = (draw < 0.1).to(torch.int8)
+    eager = labelled_step(model, *batch, labels)
+    assert {"concept", "routing@0"} <= eager[3]  # the label losses are in the traced forward too
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=True)
-    traced = loss_and_grads(compiled, *batch)
+    traced = labelled_step(compiled, *batch, labels)
     torch.testing.assert_close(traced[1], eager[1], rtol=1e-5, atol=1e-6)
     for name, grad in eager[2].items():
         torch.testing.assert_close(traced[2][f"_orig_mod.{name}"], grad, rtol=1e-5, atol=1e-6)
