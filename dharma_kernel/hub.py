@@ -137,6 +137,7 @@ def _summary(text: dict[str, Any], layout: dict[str, Any], version: str) -> str:
     if modules:
         composition = layout.get("composition", "?")
         routed = f", top_k {layout.get('top_k')}" if composition == "routed" else ""
+        routed += f", capacity factor {layout['capacity_factor']}" if layout.get("capacity_factor") else ""
         line += f" with {len(modules)} modules after blocks {layout.get('at_layers')}, {composition}{routed}"
     heads = [h["plugin"] for h in layout.get("heads") or []]
     if heads:

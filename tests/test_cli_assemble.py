@@ -173,3 +173,14 @@ def test_pretrained_backbone_brings_its_tokenizer(tmp_path):
     assert "with its tokenizer" in result.stdout
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert tokenizer("dharma धर्म karma")["input_ids"] == [1, 3, 2]
+
+
+def test_validate_shows_the_capacity_and_refuses_it_off_a_routed_stack(tmp_path):
+    result = run_dharma(None, "validate", str(write(tmp_path, MODULES + "capacity_factor = 1.25\n")))
+    assert result.returncode == 0, result.stderr
+    assert "routed top_k 2, capacity 1.25, preset tiny" in result.stdout
+    parallel = MODULES.replace('"routed"', '"parallel"') + "capacity_factor = 1.25\n"
+    result = run_dharma(None, "validate", str(write(tmp_path, parallel)))
+    assert_user_error(result, "capacity_factor applies to routed stacks", 'composition = "routed"')
+    result = run_dharma(None, "validate", str(write(tmp_path, MODULES + "capacity_factor = 0\n")))
+    assert_user_error(result, "capacity_factor")

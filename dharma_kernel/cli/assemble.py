@@ -95,6 +95,7 @@ def _report(model: Any, plan: Any, as_json: bool) -> None:
     out.print(
         f"modules: {len(layout['modules'])} at layers {layout['at_layers']}, {layout['composition']}"
         + (f" top_k {layout['top_k']}" if layout["composition"] == "routed" else "")
+        + (f", capacity {layout['capacity_factor']}" if layout.get("capacity_factor") else "")
         + f", preset {layout['preset']}; heads: {', '.join(h['plugin'] for h in layout['heads']) or 'none'}"
     )
     total = rows[-1].parameters

@@ -42,7 +42,9 @@ def for_training(model: nn.Module, cfg: Any) -> nn.Module:
 
     With a routed stack, the tokens each module gets change from step to step, so the graphs
     are compiled with dynamic shapes from the start (``dynamic=True``); otherwise the second
-    step would compile every graph again (about twice the compile time on the CPU).
+    step would compile every graph again (about twice the compile time on the CPU). With fixed
+    capacity (``modules.capacity_factor``, :mod:`dharma_kernel.capacity`) no shape depends on
+    the routing, and torch.compile decides (static shapes first).
     """
     return compiled(model, cfg.compile_mode) if cfg.compile else model
 
@@ -51,5 +53,9 @@ def compiled(model: nn.Module, mode: str = "default") -> nn.Module:
     """``torch.compile(model)`` as training runs it (see :func:`for_training`); also what
     ``benchmarks/bench_modules.py --compile`` times."""
     stacks = getattr(model, "stacks", {}).values()
-    routed = any(getattr(stack, "composition", None) == "routed" for stack in stacks)
-    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=True if routed else None)
+    # token counts change every step under exact routing; fixed capacity keeps every shape
+    varying = any(
+        getattr(stack, "composition", None) == "routed" and not getattr(stack, "capacity_factor", None)
+        for stack in stacks
+    )
+    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=True if varying else None)
