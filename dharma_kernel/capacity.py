@@ -33,7 +33,7 @@ class Slots:
     """The ``[M, C]`` slot table of one routed forward, modules in the order of the runs.
 
     rows: each slot's token (a row of ``hidden.flatten(0, 1)``); an empty slot holds the last
-    token, so that each module's rows stay ascending (grouped attention relies on it).
+    token (a real row, so every gather stays in range; its output is weighted zero).
     filled: ``[M, C]`` bool, the slots a token filled (the first ones of each module).
     kept: ``[N, M]`` bool, the (token, module) pairs that got a slot.
     """

@@ -107,7 +107,10 @@ class DharmaSlot(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.block(*args, **kwargs)
         hidden = out[0] if isinstance(out, tuple) else out
-        state = self.traced.state if torch.compiler.is_compiling() else _CURRENT.get()
+        # traced: the state a traced model forward left (None: the model's forward ran eagerly)
+        state = self.traced.state if torch.compiler.is_compiling() else None
+        if state is None:
+            state = _CURRENT.get()
         mask = state.attention_mask if state is not None else None
         cache = state.cache if state is not None else None
         stack = self.stack

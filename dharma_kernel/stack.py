@@ -243,7 +243,9 @@ class ModuleStack(nn.Module):
         members = list(self.members.values())
         if self.capacity_factor and self.training:
             run = self._run_fixed(members, hidden, runs, attention_mask, past, result)
-            rows, module, delta, score, unused, active = run
+            rows, module, delta, score, unused, ran = run
+            # where modules ran; a switched-off one keeps the router's choice, as in exact routing
+            active = ran | (active & ~runs) if self.disabled else ran
         else:
             rows, module, delta, score, unused = self._run_modules(
                 members, hidden, runs, active, attention_mask, past, result
@@ -333,23 +335,31 @@ class ModuleStack(nn.Module):
             start += len(indices)
             group = [members[m] for m in indices]
             if group_key(group[0]) is not None:
-                rows = table.rows[at].flatten()
-                where = GroupInput(hidden, stack_ctx, rows, Groups([size] * len(group), hidden.device), True)
-                out = type(group[0]).grouped_tokens(group, x[at], where)
+                out = type(group[0]).grouped_tokens(group, x[at], _fixed_input(hidden, stack_ctx, table, at))
                 deltas.append(out.delta)
                 scores.append(out.score)
                 continue
-            (m,) = indices  # not groupable: alone in its run
+            (m,) = indices  # not groupable: alone in its run, on its kept tokens (a host read)
             kept = table.kept[:, at.start]
             ctx = ModuleContext(attention_mask, past, kept.view(hidden.shape[:2]), shared=stack_ctx.shared)
             if len(ctx.rows) == 0:
                 unused.append(members[m])
+                deltas.append(x.new_zeros(1, size, x.shape[-1]))
+                scores.append(x.new_zeros(1, size))
+                continue
             out = _at_tokens(members[m], ctx.pick(hidden), hidden, ctx)
             _record_extras(result, self.refs[m], out)
             # its kept tokens fill its first slots, in the same (ascending) order
             room = size - len(ctx.rows)
             deltas.append(F.pad(out.delta, (0, 0, 0, room))[None])
             scores.append(F.pad(out.score, (0, room))[None])
+        if self.touch_unused and torch.is_grad_enabled():
+            # FSDP (never compiled): a groupable module whose slots all stayed empty is idle too,
+            # so drop_idle_gradients drops its zero gradient as under exact routing
+            empty = (~table.filled.any(1)).tolist()
+            skipped = {id(module) for module in unused}
+            place = [m for indices in order for m in indices]
+            unused += [members[m] for p, m in enumerate(place) if empty[p] and id(members[m]) not in skipped]
         filled = table.filled.flatten()
         rows = table.rows.flatten()
         module = ranked.repeat_interleave(size)
@@ -372,6 +382,16 @@ class ModuleStack(nn.Module):
             _record(result, ref, out, out.score * active[..., m], active[..., m])
         result.hidden = hidden + delta
         return result
+
+
+def _fixed_input(hidden: torch.Tensor, ctx: ModuleContext, table: capacity.Slots, at: slice) -> GroupInput:
+    """What a group reads besides its slots ``table.rows[at]`` (``[Mg, C]``), its layout built on the
+    device: every member has ``C`` slots."""
+    count, size = table.rows[at].shape
+    module = torch.arange(count, device=hidden.device).repeat_interleave(size)
+    within = torch.arange(size, device=hidden.device).repeat(count)
+    groups = Groups([size] * count, hidden.device, module, within)
+    return GroupInput(hidden, ctx, table.rows[at].flatten(), groups, fixed=True)
 
 
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
