@@ -329,7 +329,7 @@ def training_speed(
     )
     # Other processes may share the CPU: the fastest step is the one least disturbed (as timeit does).
     print("tokens/s: from the fastest step; ratio: fastest bare step / fastest assembled step, same rounds")
-    print(f"{'config':<28} {'params':>9} {'tokens/s':>9} {'ratio':>6} {'target':>7} {'rounds':>6}  result")
+    print(f"{'config':<36} {'params':>9} {'tokens/s':>9} {'ratio':>6} {'target':>7} {'rounds':>6}  result")
     if device.type == "cpu":
         keep_freed_memory()  # as dharma train does on the CPU, for both sides
     ok = True
@@ -411,7 +411,7 @@ def bare_row(device: torch.device, ids: torch.Tensor, compile: bool) -> Trainer:
     took = f" (first steps {time.perf_counter() - start:.0f} s)" if compile else ""
     name = "bare backbone, compiled" if compile else "bare backbone"
     print(
-        f"{name:<28} {bare.params / 1e6:>8.1f}M {speed:>9.1f} {1:>6.2f} {'-':>7} {'-':>6}  -{took}",
+        f"{name:<36} {bare.params / 1e6:>8.1f}M {speed:>9.1f} {1:>6.2f} {'-':>7} {'-':>6}  -{took}",
         flush=True,
     )
     return bare
@@ -439,7 +439,7 @@ def speed_row(
     shown, result = ("-", "report") if target is None else (f">={target}", judge(passed, complete))
     warmed = f" (warm-up {took:.0f} s)" if trainer.forward is not trainer.model else ""
     print(
-        f"{name:<28} {trainer.params / 1e6:>8.1f}M {speed:>9.1f} {ratio:>6.2f} {shown:>7} "
+        f"{name:<36} {trainer.params / 1e6:>8.1f}M {speed:>9.1f} {ratio:>6.2f} {shown:>7} "
         f"{len(pairs):>6}  {result}{warmed}",
         flush=True,
     )
