@@ -13,17 +13,27 @@ from dharma_kernel.errors import DharmaError
 BATCH = (3, 12)
 
 
-@pytest.fixture(params=["last token padding", "last token real"])
-def batch(request):
-    """Empty slots point at the last token: once padding, once a real token with its own score."""
+def make_batch(last_token_real: bool):
     ids = torch.randint(1, 97, BATCH, generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # left padding
-    if request.param == "last token padding":
-        mask[2, 9:] = 0  # right padding
-    else:
+    if last_token_real:
         mask[2, :2] = 0
+    else:
+        mask[2, 9:] = 0  # right padding
     return ids, mask
+
+
+@pytest.fixture(params=[False, True], ids=["last token padding", "last token real"])
+def batch(request):
+    """Empty slots point at the last token: once padding, once a real token with its own score."""
+    return make_batch(request.param)
+
+
+@pytest.fixture
+def one_batch():
+    """For the tracing tests (each about 10 to 25 s): one layout is enough."""
+    return make_batch(True)
 
 
 def concept_labels(model, ids):
@@ -201,15 +211,15 @@ def test_modules_no_token_chose_are_idle_for_fsdp(batch):
     assert idle[1.25] == idle[None] and 0 < sum(idle[None]) < len(idle[None])
 
 
-def test_evaluation_routes_exactly(batch):
+def test_evaluation_routes_exactly(one_batch):
     model = all_modules("routed").eval()
     with torch.no_grad():
-        exact = model(input_ids=batch[0], attention_mask=batch[1]).logits
+        exact = model(input_ids=one_batch[0], attention_mask=one_batch[1]).logits
         set_capacity(model, 0.3)
-        assert torch.equal(model(input_ids=batch[0], attention_mask=batch[1]).logits, exact)
+        assert torch.equal(model(input_ids=one_batch[0], attention_mask=one_batch[1]).logits, exact)
 
 
-def test_a_routed_training_step_reads_nothing_back_in_the_stacks(batch, monkeypatch):
+def test_a_routed_training_step_reads_nothing_back_in_the_stacks(one_batch, monkeypatch):
     """No nonzero, tolist or item inside a stack with grouped families: on a GPU each would wait
     for the device."""
     import traceback
@@ -232,7 +242,7 @@ def test_a_routed_training_step_reads_nothing_back_in_the_stacks(batch, monkeypa
 
     for name in ("nonzero", "tolist", "item", "__bool__"):
         monkeypatch.setattr(torch.Tensor, name, counted(name))
-    model(input_ids=batch[0], attention_mask=batch[1], labels=batch[0]).loss.backward()
+    model(input_ids=one_batch[0], attention_mask=one_batch[1], labels=one_batch[0]).loss.backward()
     assert calls == []
 
 
@@ -268,7 +278,7 @@ def test_capacity_factor_reaches_the_stacks_and_the_saved_config(tmp_path):
     assert DharmaModel.from_pretrained(tmp_path / "saved").stacks["0"].capacity_factor == 1.5
 
 
-def test_a_routed_model_with_capacity_traces_as_one_graph(batch):
+def test_a_routed_model_with_capacity_traces_as_one_graph(one_batch):
     """No graph break anywhere in the forward with concept labels (fullgraph=True raises at the
     first): torch.compile can compile the whole step, and on CUDA capture it as a graph
     (mode="reduce-overhead")."""
@@ -276,19 +286,19 @@ def test_a_routed_model_with_capacity_traces_as_one_graph(batch):
 
     model = all_modules("routed").train()
     set_capacity(model, 1.25)
-    labels = concept_labels(model, batch[0])
-    eager = labelled_step(model, *batch, labels)
+    labels = concept_labels(model, one_batch[0])
+    eager = labelled_step(model, *one_batch, labels)
     assert {"concept", "routing@0"} <= eager[3].keys()  # the label losses are in the traced forward too
     torch._dynamo.reset()
     # aot_eager traces the backward too; dynamic=None as compiled() leaves it with capacity
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-    traced = labelled_step(compiled, *batch, labels)
+    traced = labelled_step(compiled, *one_batch, labels)
     torch.testing.assert_close(traced[1], eager[1], rtol=1e-5, atol=1e-6)
     for name, grad in eager[2].items():
         torch.testing.assert_close(traced[2][f"_orig_mod.{name}"], grad, rtol=1e-5, atol=1e-6)
 
 
-def test_blocks_compiled_alone_still_see_the_forward_state(batch):
+def test_blocks_compiled_alone_still_see_the_forward_state(one_batch):
     """Compiling the slots but not the model (as compiling the backbone's blocks does): the traced
     slots read the eager forward's state, so no loss goes missing."""
     import torch._dynamo
@@ -296,12 +306,12 @@ def test_blocks_compiled_alone_still_see_the_forward_state(batch):
     from dharma_kernel.model import DharmaSlot
 
     model = all_modules("routed").train()
-    labels = concept_labels(model, batch[0])
-    eager = labelled_step(model, *batch, labels)
+    labels = concept_labels(model, one_batch[0])
+    eager = labelled_step(model, *one_batch, labels)
     torch._dynamo.reset()
     for block in model.modules():
         if isinstance(block, DharmaSlot):
             block.compile(backend="eager")
-    traced = labelled_step(model, *batch, labels)
+    traced = labelled_step(model, *one_batch, labels)
     assert traced[3].keys() == eager[3].keys()
     torch.testing.assert_close(traced[1], eager[1], rtol=1e-5, atol=1e-6)
