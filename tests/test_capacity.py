@@ -315,3 +315,21 @@ def test_blocks_compiled_alone_still_see_the_forward_state(one_batch):
     traced = labelled_step(model, *one_batch, labels)
     assert traced[3].keys() == eager[3].keys()
     torch.testing.assert_close(traced[1], eager[1], rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_graphs_without_capacity_are_warned_about():
+    """compile_mode = "reduce-overhead" (CUDA graphs) over exact routing covers only the parts
+    between the stacks: said, with the setting that makes one graph."""
+    import types
+    import warnings
+
+    from dharma_kernel.train.compiled import for_training
+
+    model = all_modules("routed")
+    cfg = types.SimpleNamespace(compile=True, compile_mode="reduce-overhead")
+    with pytest.warns(UserWarning, match="set modules.capacity_factor"):
+        for_training(model, cfg)
+    set_capacity(model, 1.25)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for_training(model, cfg)  # torch.compile is lazy: nothing compiles until a call

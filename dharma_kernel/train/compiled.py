@@ -7,10 +7,13 @@ eager: its batches have other shapes, and compiling them too would only add comp
 
 Routed stacks run a data-dependent set of modules on a data-dependent number of tokens, so
 the graph breaks there (README, "torch.compile"); what lies between the breaks is compiled.
+With ``modules.capacity_factor`` (fixed capacity, :mod:`dharma_kernel.capacity`) the whole
+training forward and backward is one graph.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -46,16 +49,29 @@ def for_training(model: nn.Module, cfg: Any) -> nn.Module:
     capacity (``modules.capacity_factor``, :mod:`dharma_kernel.capacity`) no shape depends on
     the routing, and torch.compile decides (static shapes first).
     """
-    return compiled(model, cfg.compile_mode) if cfg.compile else model
+    if not cfg.compile:
+        return model
+    if cfg.compile_mode == "reduce-overhead" and _routing_varies(model):
+        warnings.warn(
+            "train.compile_mode = 'reduce-overhead': the routed stacks' token counts change every "
+            "step, so CUDA graphs cover only the parts between them; set modules.capacity_factor "
+            "(e.g. 1.25) for one graph over the whole step",
+            stacklevel=2,
+        )
+    return compiled(model, cfg.compile_mode)
 
 
 def compiled(model: nn.Module, mode: str = "default") -> nn.Module:
     """``torch.compile(model)`` as training runs it (see :func:`for_training`); also what
     ``benchmarks/bench_modules.py --compile`` times."""
-    stacks = getattr(model, "stacks", {}).values()
-    # token counts change every step under exact routing; fixed capacity keeps every shape
-    varying = any(
-        getattr(stack, "composition", None) == "routed" and not getattr(stack, "capacity_factor", None)
-        for stack in stacks
-    )
+    varying = _routing_varies(model)
     return torch.compile(model, mode=None if mode == "default" else mode, dynamic=True if varying else None)
+
+
+def _routing_varies(model: nn.Module) -> bool:
+    """Whether token counts change every step: a routed stack with exact routing (fixed
+    capacity keeps every shape)."""
+    return any(
+        getattr(stack, "composition", None) == "routed" and not getattr(stack, "capacity_factor", None)
+        for stack in getattr(model, "stacks", {}).values()
+    )
