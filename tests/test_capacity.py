@@ -333,3 +333,13 @@ def test_cuda_graphs_without_capacity_are_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for_training(model, cfg)  # torch.compile is lazy: nothing compiles until a call
+
+
+def test_the_model_card_says_the_capacity():
+    from dharma_kernel.hub import model_card
+
+    layout = {"at_layers": [0], "composition": "routed", "top_k": 2, "modules": [{"ref": "paths.karma"}]}
+    config = {"layout": layout, "text_config": {"model_type": "gpt2"}}
+    assert "routed, top_k 2." in model_card(config)
+    layout["capacity_factor"] = 1.25
+    assert "routed, top_k 2, capacity factor 1.25." in model_card(config)
