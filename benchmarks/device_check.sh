@@ -8,8 +8,9 @@
 #
 # It installs the wheels into /tmp (no network there), prints the card, then times the module
 # stacks against the bare backbone in bf16 at batch 8 x 256: eager rows first, then compiled
-# ones; with `graphs`, the compiled rows in mode reduce-overhead (CUDA graphs) instead. Each part writes to $OUT (or ./device-out) as it goes, so a run cut off at its time
-# limit still returns what it measured.
+# ones; with `graphs`, the compiled rows in mode reduce-overhead (CUDA graphs) instead. Each
+# part writes to $OUT (or ./device-out) as it goes, so a run cut off at its time limit still
+# returns what it measured.
 set -uo pipefail
 out=${OUT:-device-out}
 mkdir -p "$out"

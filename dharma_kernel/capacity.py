@@ -53,7 +53,7 @@ def slots(runs: torch.Tensor, size: int) -> Slots:
     trash = modules * size  # every pair without a slot writes here; the row is dropped
     target = torch.where(kept, first_slot + place, trash).flatten()
     token = torch.arange(tokens, device=runs.device).repeat_interleave(modules)
-    table = torch.full((trash + 1,), tokens - 1, dtype=torch.long, device=runs.device)
-    table = table.index_put((target,), token)[:trash]  # kept pairs write distinct slots
-    filled = torch.zeros(trash + 1, dtype=torch.bool, device=runs.device).index_put((target,), kept.flatten())
-    return Slots(table.view(modules, size), filled[:trash].view(modules, size), kept)
+    table = torch.full((trash + 1,), tokens, dtype=torch.long, device=runs.device)  # `tokens`: empty
+    table = table.index_put((target,), token)[:trash].view(modules, size)  # kept pairs: distinct slots
+    filled = table < tokens
+    return Slots(table.clamp(max=tokens - 1), filled, kept)
