@@ -5,6 +5,7 @@
 #                                           lacks or has too old, for its Python 3.12, into .device/
 #   there:  bash benchmarks/device_check.sh (the device tool's `run`, with `carry: [".device"]`)
 #           bash benchmarks/device_check.sh graphs   (then, time left: compiled with CUDA graphs)
+#           bash benchmarks/device_check.sh decode   (time left still: `dharma generate --compile`)
 #
 # It installs the wheels into /tmp (no network there), prints the card, then times the module
 # stacks against the bare backbone in bf16 at batch 8 x 256: eager rows first, then compiled
@@ -31,6 +32,11 @@ print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transforme
 print('dharma_kernel', dharma_kernel.__file__, len(registry.discover('module')), 'module plugins')
 " 2>&1 | tee -a "$out/device.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
+if [ "${1:-}" = decode ]; then
+    # Decoding eager against compiled (benchmarks/bench_decode.py), bf16.
+    timeout "${DECODE_SECONDS:-500}" "$python" benchmarks/bench_decode.py 2>&1 | tee "$out/decode.txt"
+    exit
+fi
 if [ "${1:-}" = graphs ]; then
     # A second call: CUDA graphs over the whole step (the fixed-capacity row traces as one graph).
     DHARMA_BENCH_COMPILE_MODE=reduce-overhead timeout "${GRAPHS_SECONDS:-500}" "$python" \

@@ -79,6 +79,10 @@ class ModuleStack(nn.Module):
         self.top_k = top_k
         # Routed, in training: each module computes a fixed number of token slots (dharma_kernel.capacity).
         self.capacity_factor = capacity_factor
+        # Routed, outside training: every module computes a slot for every token (fixed capacity with
+        # room for all, so the result is exact routing's): no shape depends on the routing, and a
+        # compiled decoder traces the stacks whole (`dharma generate --compile`, dharma_kernel.decoding).
+        self.every_token_slots = False
         self.members = nn.ModuleDict({module_key(m.ref()): m for m in modules})
         self.router = Linear(hidden_size, len(modules), bias=False) if composition == "routed" else None
         # Routed, with input ids: a per-token table the router adds to its scores. A concept's terms
@@ -125,6 +129,12 @@ class ModuleStack(nn.Module):
             order = self._runs[grouped]
             self._ranked_on[key] = on_device([m for indices in order for m in indices], device)
         return self._ranked_on[key]
+
+    def ready_for_compile(self, device: torch.device) -> None:
+        """Fill what forwards cache (the run orders on ``device``) before torch.compile traces one:
+        filled while tracing, the cache fails a guard and the next call compiles again."""
+        for grouped in (True, False):
+            self._ranked(grouped, device)
 
     def _grouping(self, hidden: torch.Tensor) -> bool:
         return hidden.is_cuda if self.grouped is None else self.grouped
@@ -241,8 +251,9 @@ class ModuleStack(nn.Module):
             on = [ref not in self.disabled for ref in self.refs]
             runs = active & torch.tensor(on, device=active.device)
         members = list(self.members.values())
-        if self.capacity_factor and self.training:
-            run = self._run_fixed(members, hidden, runs, attention_mask, past, result)
+        size = self._slots_per_module(hidden)
+        if size:
+            run = self._run_fixed(members, hidden, runs, attention_mask, past, result, size)
             rows, module, delta, score, unused, ran = run
             # where modules ran; a switched-off one keeps the router's choice, as in exact routing
             active = ran | (active & ~runs) if self.disabled else ran
@@ -316,15 +327,20 @@ class ModuleStack(nn.Module):
             return rows, module, None, None, unused
         return rows, module, torch.cat(deltas), torch.cat(scores), unused
 
-    def _run_fixed(self, members, hidden, runs, attention_mask, past, result):
-        """``_run_modules`` with fixed capacity (:mod:`.capacity`): every module computes its
-        ``[capacity]`` slots, a groupable one with its group (alone, as a group of one), so no
-        shape depends on the routing. Empty slots are weighted zero. Also returns where each
-        module ran, ``[B, T, M]``: the tokens that got a slot. A module that is not groupable
-        runs on its kept tokens, as in exact routing."""
-        order, ranked = self._runs[True], self._ranked(True, hidden.device)
+    def _slots_per_module(self, hidden: torch.Tensor) -> int | None:
+        """The fixed slot count of every module (see ``_run_fixed``), or None for exact routing."""
         tokens = hidden.shape[0] * hidden.shape[1]
-        size = capacity.capacity(tokens, len(members), self.top_k, self.capacity_factor)
+        if self.capacity_factor and self.training:
+            return capacity.capacity(tokens, len(self.refs), self.top_k, self.capacity_factor)
+        return tokens if self.every_token_slots and not self.training else None
+
+    def _run_fixed(self, members, hidden, runs, attention_mask, past, result, size):
+        """``_run_modules`` with fixed capacity (:mod:`.capacity`): every module computes its
+        ``size`` slots, a groupable one with its group (alone, as a group of one), so no shape
+        depends on the routing. Empty slots are weighted zero. Also returns where each module
+        ran, ``[B, T, M]``: the tokens that got a slot. A module that is not groupable runs on its
+        kept tokens, as in exact routing."""
+        order, ranked = self._runs[True], self._ranked(True, hidden.device)
         table = capacity.slots(runs.flatten(0, 1).index_select(1, ranked), size)
         flat = hidden.flatten(0, 1)
         x = flat.index_select(0, table.rows.flatten()).view(len(members), size, -1)

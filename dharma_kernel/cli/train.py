@@ -237,12 +237,21 @@ def generate(
     explain: Annotated[
         bool, typer.Option("--explain", help="Then list each generated token's top and routed modules.")
     ] = False,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="Decode through torch.compile: the same tokens; the first call compiles (minutes). "
+            "For GPUs: on a CPU it measured slower than eager (README, Compiled decoding).",
+        ),
+    ] = False,
 ) -> None:
     """Continue a prompt with a saved model (KV-cached, modules included)."""
     import torch
 
     from ..application import load_application
     from ..backbone import context_length
+    from ..decoding import compile_for_decoding, compiling
     from ..explain import require_modules
     from ..padding import pad_id
 
@@ -261,13 +270,17 @@ def generate(
         if temperature > 0
         else {"do_sample": False}
     )
+    if compile:
+        compile_for_decoding(model)
     with torch.no_grad():
-        result = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id(tokenizer),
-            **sampling,
+        result = compiling(
+            lambda: model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id(tokenizer),
+                **sampling,
+            )
         )
     typer.echo(prompt + tokenizer.decode(result[0, ids.shape[1] :], skip_special_tokens=True))
     if explain:
