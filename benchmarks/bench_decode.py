@@ -11,6 +11,7 @@ Compiling takes minutes on a CPU (the row's warm-up). Shown, not judged: the iss
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import statistics
@@ -24,7 +25,7 @@ from bench_modules import bench_device, installed_standard, manifest_path
 
 from dharma_kernel.assemble import build, plan
 from dharma_kernel.backbone import backbone_config, fresh_backbone
-from dharma_kernel.decoding import compile_for_decoding
+from dharma_kernel.decoding import compiled_decoding
 from dharma_kernel.manifest import load_manifest
 
 PROMPT, NEW_TOKENS = 32, {"cpu": 48, "cuda": 128}
@@ -72,7 +73,8 @@ def main() -> bool:
     slots = copy.deepcopy(lite)
     for stack in slots.stacks.values():
         stack.every_token_slots = True
-    compiled = compile_for_decoding(copy.deepcopy(lite))
+    held = contextlib.ExitStack()
+    compiled = held.enter_context(compiled_decoding(copy.deepcopy(lite)))
     rows = {
         "bare backbone, eager": bare,
         f"lite routed ({len(refs)} modules), eager": lite,
@@ -96,6 +98,7 @@ def main() -> bool:
         print(f"{name:<40} {speed:>9.1f} {speed / base:>6.2f}  {warm_up[name][1]:.1f} s")
     # under bf16 fused kernels may round differently, and greedy decoding can part from there
     print(f"compiled tokens equal eager's: the first {agree} of {new}")
+    held.close()
     return True
 
 

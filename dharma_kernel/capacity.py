@@ -12,7 +12,9 @@ a fixed ``[M, capacity]`` table instead, as mixture-of-experts layers do:
   that gets nothing from that module (its other choices still apply, weighted as before);
 - slots no token filled point at a real token and are weighted zero.
 
-Every shape then depends on the batch shape only. Evaluation and generation route exactly.
+Every shape then depends on the batch shape only. Evaluation and generation route exactly
+(``dharma generate --compile`` uses slots with room for every token, the same result:
+:mod:`dharma_kernel.decoding`).
 """
 
 from __future__ import annotations

@@ -262,6 +262,13 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
         for stack in self.stacks.values():
             stack.gradient_checkpointing = enabled
 
+    def ready_for_compile(self) -> None:
+        """Fill what the stacks cache per device before torch.compile traces a forward (see
+        :meth:`ModuleStack.ready_for_compile`)."""
+        device = next(self.parameters()).device
+        for stack in self.stacks.values():
+            stack.ready_for_compile(device)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -379,8 +379,10 @@ class ModuleStack(nn.Module):
         filled = table.filled.flatten()
         rows = table.rows.flatten()
         module = ranked.repeat_interleave(size)
-        delta = torch.cat(deltas).flatten(0, 1) * filled[:, None].to(hidden.dtype)
-        score = torch.cat(scores).flatten() * filled.to(scores[0].dtype)
+        # where, not a product: an empty slot's output (its last token, never chosen) cannot turn
+        # the sum into NaN even if it overflows
+        delta = torch.where(filled[:, None], torch.cat(deltas).flatten(0, 1), 0.0)
+        score = torch.where(filled, torch.cat(scores).flatten(), 0.0)
         ran = torch.zeros_like(table.kept).index_copy(1, ranked, table.kept)
         return rows, module, delta, score, unused, ran.view(*hidden.shape[:2], -1)
 

@@ -503,10 +503,10 @@ SERVING_MODULES = ("darshanas.vedanta", "darshanas.yoga", "darshanas.nyaya")
 
 def tiny_serving_model(directory: str | Path, positions: int = 512, width: int = 64, layers: int = 2) -> Path:
     """A saved GPT-2 (2 layers, 64 wide unless told) with the :data:`SERVING_MODULES` routed (top 1)
-    after layers 0 and 1, for `dharma serve` tests and benchmarks. Random weights large enough that
-    greedy decoding varies from token to token; tokens that decode to no whole character (and
-    end-of-text) get a zero output row, so replies are readable text that runs to max_tokens.
-    No download."""
+    after layers 0 and 1 (layer 0 alone if it has one), for `dharma serve` tests and benchmarks.
+    Random weights large enough that greedy decoding varies from token to token; tokens that
+    decode to no whole character (and end-of-text) get a zero output row, so replies are readable
+    text that runs to max_tokens. No download."""
     from . import registry
     from .assemble import build_model
     from .checkpoint import save
@@ -518,9 +518,10 @@ def tiny_serving_model(directory: str | Path, positions: int = 512, width: int =
         {"ref": ref, "config": registry.load(registry.resolve(ref)).make_config("tiny").model_dump()}
         for ref in SERVING_MODULES
     ]
-    layout = {"at_layers": [0, 1], "preset": "tiny", "composition": "routed", "top_k": 1, "modules": specs}
+    at = list(range(min(2, layers)))
+    layout = {"at_layers": at, "preset": "tiny", "composition": "routed", "top_k": 1, "modules": specs}
     backbone = tiny_backbone_config(
-        vocab_size=len(tokenizer), n_embd=64, n_positions=positions, pad_token_id=0
+        vocab_size=len(tokenizer), n_embd=width, n_layer=layers, n_positions=positions, pad_token_id=0
     )
     model = build_model(backbone=backbone, layout=layout, seed=0)
     perturb(model, seed=1, std=1.0)

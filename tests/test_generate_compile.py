@@ -1,8 +1,9 @@
 """`dharma generate --compile` (dharma_kernel.decoding): the routed stacks compute a slot for every
 (module, token) pair, so a compiled decoder traces them whole, and decodes exact routing's tokens.
 
-Compiled here with the "aot_eager" backend (dynamo's graph capture and AOT autograd, what our code
-has to survive); inductor's code generation is torch's own and takes a minute or more on a CPU.
+Compiled here with dynamo's "eager" backend: dynamo's capture (with fake-tensor propagation) is
+where graph breaks and recompiles are decided; inductor's code generation is torch's own and
+takes a minute or more on a CPU.
 """
 
 from __future__ import annotations
@@ -10,25 +11,25 @@ from __future__ import annotations
 import pytest
 import torch
 import torch._dynamo
-from test_capacity import make_batch
+from test_capacity import make_batch, make_ungroupable
 from test_grouped import all_modules
 
 from dharma_kernel import decoding
 from dharma_kernel.application import load_application
-from dharma_kernel.decoding import compile_for_decoding
+from dharma_kernel.decoding import compiled_decoding
 from dharma_kernel.stack import ModuleStack
 from dharma_kernel.testing import run_cli, tiny_serving_model
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return tiny_serving_model(tmp_path_factory.mktemp("decode") / "sage", layers=1)
+    return tiny_serving_model(tmp_path_factory.mktemp("decode") / "sage", layers=1)  # one layer: fewer graphs
 
 
 @pytest.fixture
 def traced(monkeypatch):
-    """aot_eager for compile_for_decoding, and dynamo's caches and counters fresh."""
-    monkeypatch.setattr(decoding, "BACKEND", "aot_eager")
+    """dynamo alone for compiled_decoding, and dynamo's caches and counters fresh."""
+    monkeypatch.setattr(decoding, "BACKEND", "eager")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     yield torch._dynamo.utils.counters
@@ -54,17 +55,16 @@ def every_token_slots(model, on: bool) -> None:
         stack.every_token_slots = on
 
 
-@pytest.mark.parametrize("composition", ["routed", "parallel"])
-def test_every_token_slots_decode_exact_routings_tokens(composition, monkeypatch):
-    """All 37 modules at two layers, left and right padding, greedy, sampled and beam search: the
-    same tokens, logits within 1e-5; and no routed stack reads its module choices back (no
-    `_run_modules`)."""
-    model = all_modules(composition).eval()
-    ids, mask = make_batch(True)
+@pytest.mark.parametrize("last_token_real", [False, True], ids=["right padding", "left padding"])
+def test_every_token_slots_decode_exact_routings_tokens(last_token_real, monkeypatch):
+    """All 37 modules routed at two layers, greedy, sampled and beam search: the same tokens,
+    logits within 1e-5; and no routed stack reads its module choices back (no `_run_modules`)."""
+    model = all_modules("routed").eval()
+    ids, mask = make_batch(last_token_real)
     outputs = {}
     for on in (False, True):
         every_token_slots(model, on)
-        if on and composition == "routed":
+        if on:
             monkeypatch.setattr(ModuleStack, "_run_modules", None)  # called: a TypeError
         torch.manual_seed(5)
         outputs[on] = [decode(model, ids, mask, do_sample=sample) for sample in (False, True)]
@@ -94,21 +94,35 @@ def test_compiled_decoding_has_no_graph_break_and_compiles_once(model_dir, trace
     model.eval()
     ids = tokenizer(["dharma is duty and", "moksha"], return_tensors="pt", padding=True)
     expected = decode(model, ids["input_ids"], ids["attention_mask"], do_sample=False)
-    compile_for_decoding(model)
     graphs = []
-    for _ in range(2):  # the second call compiles nothing new
-        got = decode(model, ids["input_ids"], ids["attention_mask"], do_sample=False)
-        assert torch.equal(got[0], expected[0])
-        torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
-        graphs.append(traced["stats"]["unique_graphs"])
+    with compiled_decoding(model):
+        for _ in range(2):  # the second call compiles nothing new
+            got = decode(model, ids["input_ids"], ids["attention_mask"], do_sample=False)
+            assert torch.equal(got[0], expected[0])
+            torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
+            graphs.append(traced["stats"]["unique_graphs"])
     assert sum(traced["graph_break"].values()) == 0, dict(traced["graph_break"])
     assert graphs[1] == graphs[0]
     assert 0 < graphs[0] <= 4  # the prompt, the first steps, then one dynamic step for every cache length
+    # afterwards the model is eager again: a new shape compiles nothing, and stacks route exactly
+    with torch.no_grad():
+        model(input_ids=ids["input_ids"][:, :3])
+    assert traced["stats"]["unique_graphs"] == graphs[1]
+    assert not any(stack.every_token_slots for stack in model.stacks.values())
 
 
-def test_generate_compile_writes_the_eager_text(model_dir, traced, monkeypatch, capsys):
-    monkeypatch.setattr(decoding, "BACKEND", "eager")  # the wiring, not the backend: dynamo alone
-    args = ["generate", str(model_dir), "dharma is", "--max-new-tokens", "8", "--seed", "3"]
+def test_a_module_that_cannot_group_is_named_in_a_warning(monkeypatch):
+    model = all_modules("routed").eval()
+    make_ungroupable(model, ["paths.karma"])
+    monkeypatch.setattr(decoding, "BACKEND", "eager")
+    with pytest.warns(UserWarning, match=r"paths\.karma cannot run grouped .* the graph breaks there"):
+        with compiled_decoding(model):
+            pass
+
+
+def test_generate_compile_writes_the_eager_text_and_table(model_dir, traced, monkeypatch, capsys):
+    """Sampled, with --explain, whose forward after the generation runs eagerly."""
+    args = ["generate", str(model_dir), "dharma is", "--max-new-tokens", "8", "--seed", "3", "--explain"]
     code, eager, _ = run_cli(capsys, *args)
     assert code == 0
     code, compiled, err = run_cli(capsys, *args, "--compile")

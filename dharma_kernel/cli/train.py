@@ -5,6 +5,7 @@ Registered on :data:`dharma_kernel.cli.app`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -237,12 +238,12 @@ def generate(
     explain: Annotated[
         bool, typer.Option("--explain", help="Then list each generated token's top and routed modules.")
     ] = False,
-    compile: Annotated[
+    compile_: Annotated[
         bool,
         typer.Option(
             "--compile",
-            help="Decode through torch.compile: the same tokens; the first call compiles (minutes). "
-            "For GPUs: on a CPU it measured slower than eager (README, Compiled decoding).",
+            help="Decode through torch.compile: the same tokens up to float rounding; the first call "
+            "compiles (minutes). For GPUs: on a CPU it measured slower than eager (README).",
         ),
     ] = False,
 ) -> None:
@@ -251,7 +252,7 @@ def generate(
 
     from ..application import load_application
     from ..backbone import context_length
-    from ..decoding import compile_for_decoding, compiling
+    from ..decoding import compiled_decoding
     from ..explain import require_modules
     from ..padding import pad_id
 
@@ -270,17 +271,14 @@ def generate(
         if temperature > 0
         else {"do_sample": False}
     )
-    if compile:
-        compile_for_decoding(model)
-    with torch.no_grad():
-        result = compiling(
-            lambda: model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad_id(tokenizer),
-                **sampling,
-            )
+    decoding = compiled_decoding(model) if compile_ else contextlib.nullcontext()
+    with torch.no_grad(), decoding:
+        result = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_id(tokenizer),
+            **sampling,
         )
     typer.echo(prompt + tokenizer.decode(result[0, ids.shape[1] :], skip_special_tokens=True))
     if explain:

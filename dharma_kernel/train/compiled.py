@@ -65,9 +65,8 @@ def compiled(model: nn.Module, mode: str = "default") -> nn.Module:
     """``torch.compile(model)`` as training runs it (see :func:`for_training`); also what
     ``benchmarks/bench_modules.py --compile`` times."""
     varying = _routing_varies(model)
-    device = next(model.parameters()).device
-    for stack in getattr(model, "stacks", {}).values():
-        stack.ready_for_compile(device)
+    if hasattr(model, "ready_for_compile"):  # a DharmaModel (the benchmark compiles bare backbones too)
+        model.ready_for_compile()
     return torch.compile(model, mode=None if mode == "default" else mode, dynamic=True if varying else None)
 
 
