@@ -26,7 +26,7 @@ from torch import nn
 from .errors import DharmaError
 from .grouped import group_key
 
-# torch.compile's backend for decoding; the tests trace with "aot_eager" (inductor's code
+# torch.compile's backend for decoding; the tests trace with dynamo's "eager" (inductor's code
 # generation is torch's own, and takes a minute or more per model on a CPU).
 BACKEND = "inductor"
 
