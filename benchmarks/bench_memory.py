@@ -87,9 +87,9 @@ def child(config: str) -> None:
         del out
         times.append(time.perf_counter() - start)
     stepped = optimizer.state_dict()["state"]
-    held = sum(optimizer.trainable[i].numel() for i in stepped)
+    held = sum(optimizer.params[i].numel() for i in stepped)  # the state is by the model's parameters
     result = {
-        "held": held / sum(p.numel() for p in optimizer.trainable),
+        "held": held / sum(p.numel() for p in optimizer.params),
         "estimate": estimated.total,
         "parts": dict(estimated.parts()),
         "losses": losses,

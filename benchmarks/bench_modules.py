@@ -14,6 +14,9 @@ capacity (``[modules] capacity_factor = 1.25``, dharma_kernel.capacity), shown, 
 Before the speeds: aten ops per training step (torch.profiler's count of every aten op, nested
 ones included, on the CPU: the same on any machine) of a small backbone bare and assembled.
 Op counts are of the grouped path (what a GPU runs; ``--per-module`` runs every module alone).
+With ``--compile`` also compiled op counts: the bare backbone and ``lite`` with fixed capacity, as
+``[train] compile = true`` trains them (modules trained as flat tensors, and once not), counting
+aten ops and the kernels inductor generated.
 Speeds run what the model runs by default: grouped on a GPU, every module alone on the CPU;
 ``--per-module`` or ``--grouped`` forces one path, to compare the two.
 """
@@ -42,6 +45,7 @@ from dharma_kernel.cpu_linear import sgemm_only
 from dharma_kernel.freeze import parameter_table
 from dharma_kernel.manifest import load_manifest
 from dharma_kernel.train.compiled import compiled
+from dharma_kernel.train.flat import flatten_modules
 from dharma_kernel.train.heap import keep_freed_memory
 
 LAYERS = {"tiny": [2, 4], "lite": [2, 4], "seed": [3]}
@@ -178,16 +182,23 @@ class Trainer:
     labels, backward, update."""
 
     def __init__(
-        self, model: torch.nn.Module, device: torch.device, labels: bool = False, compile: bool = False
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        labels: bool = False,
+        compile: bool = False,
+        flat: bool = True,
     ) -> None:
         self.model = model.to(device).train()
-        # the optimizer keeps the model's parameters either way
-        self.forward = compiled(self.model, COMPILE_MODE) if compile else self.model
+        self.params = sum(p.numel() for p in model.parameters())
+        # compiled, as `[train] compile = true` trains: modules that compute at every step (fixed
+        # capacity) trained as flat tensors (dharma_kernel.train.flat); the optimizer steps those
+        flat = flatten_modules(self.model, set()) if compile and flat else None  # one decay, as below
+        self.forward = compiled(self.model, COMPILE_MODE, flat) if compile else self.model
         self.concept_labels = labels
         self.device = device
-        self.params = sum(p.numel() for p in model.parameters())
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=1e-4, fused=True)
+        trainable = [p for p in model.parameters() if p.requires_grad and not (flat and flat.holds(p))]
+        self.optimizer = torch.optim.AdamW(trainable + (flat.leaves if flat else []), lr=1e-4, fused=True)
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=bf16)
 
@@ -237,16 +248,19 @@ def row_name(preset: str, composition: str, factor: float | None = None) -> str:
 PHASES = ("forward", "backward", "optimizer")
 
 
-def aten_ops(trainer: Trainer, ids: torch.Tensor) -> tuple[int, int, dict[str, int]]:
-    """(all, top-level, all per phase) aten ops of one training step, after one step that creates the
-    optimizer state; the phases are forward (with the loss), backward, optimizer step and zero_grad."""
+def aten_ops(trainer: Trainer, ids: torch.Tensor, warmup: int = 1) -> tuple[int, int, dict[str, int]]:
+    """(all, top-level, all per phase) aten ops of one training step, after ``warmup`` steps (the
+    first creates the optimizer state; compiled, the first ones compile); the phases are forward
+    (with the loss), backward, optimizer step and zero_grad."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    trainer.step(ids)
+    for _ in range(warmup):
+        trainer.step(ids)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         trainer.step(ids, lambda phase: record_function(f"step/{phase}"))
     events = prof.events()
-    ops = [event for event in events if event.name.startswith("aten::")]
+    # compiled: each kernel inductor generated counts as one op (named only with kernel profiling on)
+    ops = [event for event in events if event.name.startswith("aten::") or "cpp_fused" in event.name]
     top = [e for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
     ranges = {e.name.removeprefix("step/"): e.time_range for e in events if e.name.startswith("step/")}
     phases = {
@@ -286,6 +300,45 @@ def op_counts(folder: Path, refs: list[str], complete: bool, grouped: bool) -> b
         del model
         gc.collect()
     return ok
+
+
+# --compile: op counts compiled as `[train] compile = true` trains, with fixed capacity (one graph):
+# (name, capacity factor, modules trained flat); the bare backbone compiled alike is the reference.
+COMPILED_OPS = (("lite routed top_k 2, capacity 1.25", 1.25, True), ("  the same, not flat", 1.25, False))
+
+
+def compiled_op_counts(folder: Path, refs: list[str]) -> None:
+    """Ops per training step compiled: aten ops plus inductor's generated kernels, one each."""
+    import torch._inductor.config as inductor
+
+    print(
+        f"\ncompiled (torch.compile as `[train] compile = true`, mode default; aten ops and inductor's "
+        f"kernels per step, after {COMPILE_WARMUP} warm-up steps), CPU, same shapes"
+    )
+    print(f"{'config':<36} {'ops':>8} {'ratio':>6} {'top-level':>10} " + "".join(f"{p:>10}" for p in PHASES))
+    ids = torch.randint(0, 50257, (OPS_BATCH, OPS_LENGTH), generator=torch.Generator().manual_seed(0))
+    cpu = torch.device("cpu")
+    with inductor.patch({"cpp.enable_kernel_profile": True}):  # names each kernel in the profile
+        torch.manual_seed(0)
+        backbone = fresh_backbone(backbone_config(None, OPS_BACKBONE))
+        start = time.perf_counter()
+        bare, top, phases = aten_ops(Trainer(backbone, cpu, compile=True), ids, COMPILE_WARMUP)
+        split = "".join(f"{phases[phase]:>10}" for phase in PHASES)
+        took = time.perf_counter() - start
+        print(
+            f"{'bare backbone, compiled':<36} {bare:>8} {1:>6.2f} {top:>10}{split}  ({took:.0f} s)",
+            flush=True,
+        )
+        for name, factor, flat in COMPILED_OPS:
+            path = manifest_path(folder, refs, "lite", "routed", OPS_BACKBONE)
+            model = set_capacity(set_grouped(build(plan(load_manifest(path))), True), factor)
+            start = time.perf_counter()
+            ops, top, phases = aten_ops(Trainer(model, cpu, compile=True, flat=flat), ids, COMPILE_WARMUP)
+            split = "".join(f"{phases[phase]:>10}" for phase in PHASES)
+            took = time.perf_counter() - start
+            print(f"{name:<36} {ops:>8} {ops / bare:>6.2f} {top:>10}{split}  ({took:.0f} s)", flush=True)
+            del model
+            gc.collect()
 
 
 def paired_rounds(
@@ -475,6 +528,8 @@ def main(
             counted = grouped is not False
             print(f"\nmodules run {'grouped by family' if counted else 'one by one (--per-module)'}")
             ops_ok = op_counts(Path(folder), refs, complete, counted)
+            if compile:
+                compiled_op_counts(Path(folder), refs)
             print()
         budget = QUICK if quick else FULL
         speed_ok = training_speed(Path(folder), refs, complete, budget, grouped, compile, eager)

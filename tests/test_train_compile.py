@@ -97,3 +97,45 @@ def test_compile_refuses_what_it_is_not_tested_with(tmp_path):
     with pytest.raises(DharmaError, match="one process only, not under torchrun"):
         check_compile(Settings(), Dist(world=2))
     check_compile(Settings(), Dist())  # one process: accepted
+
+
+def test_a_compiled_run_with_capacity_trains_its_modules_flat(tmp_path, monkeypatch):
+    """With fixed capacity every module computes at every step, so train.compile trains the
+    modules' parameters as flat tensors (dharma_kernel.train.flat): the eager run's losses, a
+    checkpoint with the eager run's weights, a state that resumes eagerly, and parameters that
+    own their storage again afterwards. Dynamo and AOT autograd trace the flat forward and its
+    backward here (aot_eager); inductor's code generation is the first test's."""
+    from dharma_kernel.train import session
+
+    real, flat, made = torch.compile, session.for_compiled_training, []
+    monkeypatch.setattr(torch, "compile", lambda target, **kw: real(target, **kw, backend="aot_eager"))
+    monkeypatch.setattr(session, "for_compiled_training", lambda *a: made.append(flat(*a)) or made[-1])
+
+    def capacity(folder, **settings):
+        path = tiny(folder, **settings)
+        path.write_text(path.read_text().replace("top_k = 1\n", "top_k = 1\ncapacity_factor = 1.25\n"))
+        return path
+
+    train(capacity(tmp_path / "eager", max_steps=3), TrainOptions(), QUIET)
+    train(capacity(tmp_path / "compiled", compile=True), TrainOptions(), QUIET)
+    eager, compiled = tmp_path / "eager" / "run", tmp_path / "compiled" / "run"
+    held = made[-1]
+    assert made[0] is None and held is not None  # eager: nothing flat; compiled: the 2 modules' parameters
+    assert {name.split(".")[3] for f in held.flats for name in f.names} == {
+        "paths__dharma",
+        "darshanas__vedanta",
+    }
+    first, second = held.flats[0].params[:2]
+    assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()  # released
+    for step, loss in losses(compiled).items():
+        assert loss == pytest.approx(losses(eager)[step], rel=1e-5)
+    step_two = [root / "checkpoints" / "step-00000002" for root in (eager, compiled)]
+    saved = [weights(directory) for directory in step_two]
+    assert sorted(saved[1]) == sorted(saved[0])
+    for name, value in saved[0].items():
+        torch.testing.assert_close(saved[1][name], value, rtol=1e-5, atol=1e-5, msg=name)
+    copy = shutil.copytree(compiled.parent, tmp_path / "copy", symlinks=True)
+    manifest = copy / "m.toml"
+    manifest.write_text(manifest.read_text().replace("compile = true", "compile = false"))
+    train(manifest, TrainOptions(resume=True, max_steps=3), QUIET)
+    assert losses(copy / "run")[3] == pytest.approx(losses(eager)[3], rel=1e-5)

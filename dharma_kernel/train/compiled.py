@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import DharmaError
 from .distributed import Dist
+from .flat import FlatForward, FlatParameters
 
 
 def check_compile(cfg: Any, dist: Dist) -> None:
@@ -39,9 +40,9 @@ def check_compile(cfg: Any, dist: Dist) -> None:
         )
 
 
-def for_training(model: nn.Module, cfg: Any) -> nn.Module:
+def for_training(model: nn.Module, cfg: Any, flat: FlatParameters | None = None) -> nn.Module:
     """What the loop calls: the model, or (``train.compile``) a compiled wrapper around it that
-    shares its parameters.
+    shares its parameters (``flat``: those it reads from flat tensors, :mod:`.flat`).
 
     With a routed stack, the tokens each module gets change from step to step, so the graphs
     are compiled with dynamic shapes from the start (``dynamic=True``); otherwise the second
@@ -58,16 +59,17 @@ def for_training(model: nn.Module, cfg: Any) -> nn.Module:
             "(e.g. 1.25) for one graph over the whole step",
             stacklevel=2,
         )
-    return compiled(model, cfg.compile_mode)
+    return compiled(model, cfg.compile_mode, flat)
 
 
-def compiled(model: nn.Module, mode: str = "default") -> nn.Module:
+def compiled(model: nn.Module, mode: str = "default", flat: FlatParameters | None = None) -> nn.Module:
     """``torch.compile(model)`` as training runs it (see :func:`for_training`); also what
     ``benchmarks/bench_modules.py --compile`` times."""
     varying = _routing_varies(model)
     if hasattr(model, "ready_for_compile"):  # a DharmaModel (the benchmark compiles bare backbones too)
         model.ready_for_compile()
-    return torch.compile(model, mode=None if mode == "default" else mode, dynamic=True if varying else None)
+    target = model if flat is None else FlatForward(model, flat)
+    return torch.compile(target, mode=None if mode == "default" else mode, dynamic=True if varying else None)
 
 
 def _routing_varies(model: nn.Module) -> bool:

@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -46,6 +46,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from ..errors import DharmaError
 from ..manifest import TrainSection
 from .distributed import full
+
+if TYPE_CHECKING:
+    from .flat import FlatParameters
 
 __all__ = ["BF16AdamW", "Optimizer", "build_optimizer", "decay_split", "lr_factor"]
 
@@ -221,7 +224,9 @@ class Optimizer:
     """AdamW over the trainable parameters with a schedule and the memory switches.
 
     ``in_backward``: steps happen inside ``backward()``; ``step()`` is then a no-op.
-    ``trainable``: the parameters it updates (``requires_grad``), in ``model.parameters()`` order.
+    ``params``: the model's trainable parameters (``requires_grad``), in ``model.parameters()`` order.
+    ``trainable``: the tensors it updates, whose gradients the loop clips: ``params``, or with
+    ``flat`` (:mod:`.flat`) those it does not hold, then its flat tensors.
     ``lr``: the learning rate the next optimizer step uses.
     ``skipped_last``: under ``in_backward``, a gradient since the last ``zero_grad()`` was not
     finite and that parameter was not updated (always False otherwise).
@@ -229,21 +234,39 @@ class Optimizer:
     ``zero_grad()``, before per-parameter clipping (None otherwise: clip as usual).
     """
 
-    def __init__(self, model: nn.Module, train: TrainSection, total_steps: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        train: TrainSection,
+        total_steps: int,
+        device: torch.device,
+        flat: FlatParameters | None = None,
+    ) -> None:
         if total_steps < 1:
             raise ValueError(f"total_steps must be at least 1, got {total_steps}")
+        if flat is not None and train.optimizer_in_backward:
+            raise ValueError("flattened parameters cannot be stepped in backward (clipped per parameter)")
         self.train = train
         self.total_steps = total_steps
         self.in_backward = train.optimizer_in_backward
-        self.trainable: list[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
-        if not self.trainable:
+        # the model's own trainable parameters: the layout of the saved state
+        self.params: list[nn.Parameter] = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
             raise DharmaError("nothing to train: every parameter is frozen", hint="Freeze fewer groups.")
+        self._flat = flat
+        held = [p for p in self.params if flat is not None and flat.holds(p)]
+        self.trainable = [p for p in self.params if flat is None or not flat.holds(p)]
+        decay, _ = decay_split(model, self.trainable)
+        decayed = {id(p) for p in decay}
+        if flat is not None:
+            if len(held) != sum(len(f.params) for f in flat.flats):
+                raise ValueError("the flattened parameters must all be trainable parameters of the model")
+            self.trainable += flat.leaves
+            decayed |= {id(f.leaf) for f, decays in zip(flat.flats, flat.decayed, strict=True) if decays}
         self._step = 0  # schedule position: optimizer steps taken (or skipped) so far
         self._generator: torch.Generator | None = None
         if train.optimizer_state == "bf16":
             self._generator = torch.Generator(device=device).manual_seed(train.seed)
-        decay, _ = decay_split(model, self.trainable)
-        decayed = {id(p) for p in decay}
         self._fused = train.optimizer_state == "fp32" and all(
             fused_adamw_runs(str(p.device), p.dtype) for p in self.trainable
         )
@@ -356,27 +379,47 @@ class Optimizer:
     def state_dict(self) -> dict[str, Any]:
         """Moments and step counts per trainable parameter (by index), schedule position, rounding RNG.
 
-        The same layout whatever the switches, so a run can resume with them changed.
+        The same layout whatever the switches (a flat tensor's state is given per parameter it
+        holds), so a run can resume with them changed.
         Only tensors, numbers and strings: loads with ``torch.load(weights_only=True)``.
         """
-        index = {id(p): i for i, p in enumerate(self.trainable)}
+        index = {id(p): i for i, p in enumerate(self.params)}
         state: dict[int, dict[str, torch.Tensor]] = {}
         for optimizer in self._optimizers:
             for p, values in optimizer.state.items():
-                if values:  # sharded moments are gathered whole: every process must call this
-                    state[index[id(p)]] = {k: full(values[k]) for k in ("step", "exp_avg", "exp_avg_sq")}
+                if not values:
+                    continue
+                # sharded moments are gathered whole: every process must call this
+                whole = {k: full(values[k]) for k in ("step", "exp_avg", "exp_avg_sq")}
+                held = self._held_by(p)
+                if held is None:
+                    state[index[id(p)]] = whole
+                    continue
+                for param, at in held:  # views: torch.save writes the flat tensor's storage once
+                    state[index[id(param)]] = {
+                        "step": whole["step"],
+                        "exp_avg": whole["exp_avg"][at].view(param.shape),
+                        "exp_avg_sq": whole["exp_avg_sq"][at].view(param.shape),
+                    }
         return {
             "format": STATE_FORMAT,
             "schedule_step": self._step,
-            "shapes": [list(p.shape) for p in self.trainable],
+            "shapes": [list(p.shape) for p in self.params],
             "state": state,
             "rng": None if self._generator is None else self._generator.get_state(),
         }
 
+    def _held_by(self, p: torch.Tensor) -> list[tuple[nn.Parameter, slice]] | None:
+        """The parameters a flat tensor ``p`` holds, each with its elements; None if ``p`` is not one."""
+        for flat in self._flat.flats if self._flat is not None else ():
+            if flat.leaf is p:
+                return flat.slices()
+        return None
+
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         if saved.get("format") != STATE_FORMAT:
             raise DharmaError(f"optimizer state format {saved.get('format')!r}, expected {STATE_FORMAT}")
-        shapes = [list(p.shape) for p in self.trainable]
+        shapes = [list(p.shape) for p in self.params]
         if saved["shapes"] != shapes:
             raise DharmaError(
                 f"the optimizer state is for {len(saved['shapes'])} trainable parameters of other shapes "
@@ -386,18 +429,53 @@ class Optimizer:
         moments = torch.bfloat16 if self.train.optimizer_state == "bf16" else None
         for optimizer in self._optimizers:
             optimizer.state.clear()
-        for i, values in saved["state"].items():
-            p = self.trainable[int(i)]
-            optimizer = self._owner[id(p)]
-            on_device = isinstance(optimizer, BF16AdamW) or self._fused
-            self._owner[id(p)].state[p] = {
-                "step": values["step"].to(p.device if on_device else "cpu", torch.float32, copy=True),
-                "exp_avg": _like(values["exp_avg"], p, moments),
-                "exp_avg_sq": _like(values["exp_avg_sq"], p, moments),
-            }
+        flats = self._flat.flats if self._flat is not None else []
+        leaves = {id(flat.leaf) for flat in flats}
+        index = {id(p): i for i, p in enumerate(self.params)}
+        for p in (p for p in self.trainable if id(p) not in leaves):
+            values = saved["state"].get(index[id(p)])
+            if values is not None:
+                self._set_state(p, values["step"], values["exp_avg"], values["exp_avg_sq"], moments)
+        for flat in flats:
+            self._load_flat(flat, saved["state"], index, moments)
         self._step = int(saved["schedule_step"])
         if self._generator is not None and saved.get("rng") is not None:
             self._generator.set_state(saved["rng"])
+
+    def _set_state(
+        self,
+        p: torch.Tensor,
+        step: torch.Tensor,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+        moments: Any,
+    ) -> None:
+        optimizer = self._owner[id(p)]
+        on_device = isinstance(optimizer, BF16AdamW) or self._fused
+        optimizer.state[p] = {
+            "step": step.to(p.device if on_device else "cpu", torch.float32, copy=True),
+            "exp_avg": _like(exp_avg, p, moments),
+            "exp_avg_sq": _like(exp_avg_sq, p, moments),
+        }
+
+    def _load_flat(self, flat: Any, saved: dict, index: dict[int, int], moments: Any) -> None:
+        """A flat tensor's state from its parameters' saved states: one step count for all of them,
+        so they must all have the same (a run whose modules all computed at every step)."""
+        values = [saved.get(index[id(p)]) for p in flat.params]
+        steps = {None if v is None else float(v["step"]) for v in values}
+        if steps == {None}:
+            return
+        if len(steps) > 1:
+            raise DharmaError(
+                "the optimizer state has different step counts for modules that are now trained as one "
+                "flat tensor (train.compile with modules that compute at every step): the run was "
+                "trained with exact routing",
+                hint="Resume without train.compile, keep the run's modules.capacity_factor, "
+                "or pass --reset-optimizer to start the optimizer afresh.",
+            )
+        exp_avg = torch.cat([v["exp_avg"].reshape(-1) for v in values])
+        exp_avg_sq = torch.cat([v["exp_avg_sq"].reshape(-1) for v in values])
+        self._set_state(flat.leaf, values[0]["step"], exp_avg, exp_avg_sq, moments)
 
 
 def _like(saved: torch.Tensor, p: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -407,15 +485,18 @@ def _like(saved: torch.Tensor, p: torch.Tensor, dtype: torch.dtype | None) -> to
     return saved.to(p.device, dtype or p.dtype, copy=True)
 
 
-def build_optimizer(model: nn.Module, train: TrainSection, total_steps: int, device: Any) -> Optimizer:
+def build_optimizer(
+    model: nn.Module, train: TrainSection, total_steps: int, device: Any, flat: FlatParameters | None = None
+) -> Optimizer:
     """AdamW for ``model``'s trainable parameters, already on ``device``, as ``train`` configures it.
 
-    ``total_steps``: optimizer steps of the whole run, which the schedule spans.
+    ``total_steps``: optimizer steps of the whole run, which the schedule spans. ``flat``: parameters
+    trained as flat tensors (:mod:`.flat`), stepped as such.
     """
     device = torch.device(device)
     if train.optimizer_in_backward:
         _check_in_backward(train, device)
-    return Optimizer(model, train, total_steps, device)
+    return Optimizer(model, train, total_steps, device, flat)
 
 
 def _check_in_backward(train: TrainSection, device: torch.device) -> None:

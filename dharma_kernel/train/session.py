@@ -24,6 +24,7 @@ from ..errors import DharmaError
 from ..manifest import Manifest
 from .compiled import check_compile, for_training
 from .distributed import Dist, is_sharded, wrap
+from .flat import for_compiled_training
 from .heap import keep_freed_memory
 from .loop import Loop, Progress, check_finite_weights
 from .precision import LossScale, resolve_precision
@@ -161,9 +162,10 @@ class _Session:
                           self.dist.world, self.dist.rank, self.cfg.seed)  # fmt: skip
         total = self._total_steps(windows)
         wrapped = wrap(model, self.dist, self.device, self.cfg.distributed)
-        optimizer = build_optimizer(model, self.cfg, total, self.device)  # after sharding
+        flat = for_compiled_training(model, self.cfg)  # train.compile: modules trained as flat tensors
+        optimizer = build_optimizer(model, self.cfg, total, self.device, flat)  # after sharding
         loop = Loop(
-            model=for_training(wrapped, self.cfg),
+            model=for_training(wrapped, self.cfg, flat),
             raw=model,
             optimizer=optimizer,
             train_data=train_data,
@@ -176,13 +178,19 @@ class _Session:
             max_grad_norm=self.cfg.max_grad_norm,
             scale=LossScale(enabled=self.precision == "fp16"),
         )
-        if state is not None:
-            self._restore(loop, state, model)
-        elif self.dist.main:
-            self.run_dir.root.mkdir(parents=True, exist_ok=True)
-            self.run_dir.metrics.unlink(missing_ok=True)
-            (self.run_dir.root / "manifest.json").write_text(json.dumps(self.manifest.to_dict(), indent=2))
-        return self._loop(loop, total)
+        try:
+            if state is not None:
+                self._restore(loop, state, model)
+            elif self.dist.main:
+                self.run_dir.root.mkdir(parents=True, exist_ok=True)
+                self.run_dir.metrics.unlink(missing_ok=True)
+                (self.run_dir.root / "manifest.json").write_text(
+                    json.dumps(self.manifest.to_dict(), indent=2)
+                )
+            return self._loop(loop, total)
+        finally:
+            if flat is not None:
+                flat.release()  # the model's parameters own their storage again
 
     def _total_steps(self, windows: Windows) -> int:
         return self.options.max_steps or self.cfg.max_steps or self.cfg.epochs * windows.steps_per_epoch
