@@ -43,9 +43,9 @@ def losses(root):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """An eager run of 3 steps; a compiled run of 2, then resumed eagerly for its 3rd."""
+    """An eager run of 4 steps; a compiled run of 2, then resumed eagerly for its 3rd and 4th."""
     root = tmp_path_factory.mktemp("compile")
-    train(tiny(root / "eager", max_steps=3), TrainOptions(), QUIET)
+    train(tiny(root / "eager", max_steps=4, keep_last=4), TrainOptions(), QUIET)
     train(tiny(root / "compiled", compile=True), TrainOptions(), QUIET)
     return root / "eager" / "run", root / "compiled" / "run"
 
@@ -73,16 +73,18 @@ def test_a_compiled_checkpoint_loads_into_an_eager_model_with_equal_logits(runs)
 
 
 def test_a_compiled_run_resumes_its_optimizer_and_schedule(runs, tmp_path):
-    """The compiled run's step-2 checkpoint, resumed for a 3rd step (eagerly: compiling
-    again would double the test's time), takes the eager run's 3rd step."""
+    """The compiled run's step-2 checkpoint, resumed for a 3rd and 4th step (eagerly: compiling
+    again would double the test's time), takes the eager run's steps. The 4th loss is the one
+    the resumed optimizer state decides (the 3rd is the checkpoint's weights')."""
     eager, compiled = runs
     copy = shutil.copytree(compiled.parent, tmp_path / "copy", symlinks=True)  # latest/ is a relative link
     manifest = copy / "m.toml"
     manifest.write_text(manifest.read_text().replace("compile = true", "compile = false"))
-    train(manifest, TrainOptions(resume=True, max_steps=3), QUIET)
+    train(manifest, TrainOptions(resume=True, max_steps=4), QUIET)
     resumed = losses(copy / "run")
-    assert sorted(resumed) == [1, 2, 3]
-    assert resumed[3] == pytest.approx(losses(eager)[3], rel=1e-5)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(losses(eager)[step], rel=1e-5)
 
 
 def test_compile_refuses_what_it_is_not_tested_with(tmp_path):
@@ -116,7 +118,7 @@ def test_a_compiled_run_with_capacity_trains_its_modules_flat(tmp_path, monkeypa
         path.write_text(path.read_text().replace("top_k = 1\n", "top_k = 1\ncapacity_factor = 1.25\n"))
         return path
 
-    train(capacity(tmp_path / "eager", max_steps=3), TrainOptions(), QUIET)
+    train(capacity(tmp_path / "eager", max_steps=4, keep_last=4), TrainOptions(), QUIET)
     train(capacity(tmp_path / "compiled", compile=True), TrainOptions(), QUIET)
     eager, compiled = tmp_path / "eager" / "run", tmp_path / "compiled" / "run"
     held = made[-1]
@@ -137,5 +139,6 @@ def test_a_compiled_run_with_capacity_trains_its_modules_flat(tmp_path, monkeypa
     copy = shutil.copytree(compiled.parent, tmp_path / "copy", symlinks=True)
     manifest = copy / "m.toml"
     manifest.write_text(manifest.read_text().replace("compile = true", "compile = false"))
-    train(manifest, TrainOptions(resume=True, max_steps=3), QUIET)
-    assert losses(copy / "run")[3] == pytest.approx(losses(eager)[3], rel=1e-5)
+    train(manifest, TrainOptions(resume=True, max_steps=4), QUIET)
+    for step in (3, 4):  # the 4th: after a step with the resumed optimizer state
+        assert losses(copy / "run")[step] == pytest.approx(losses(eager)[step], rel=1e-5)

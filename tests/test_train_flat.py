@@ -15,8 +15,8 @@ from test_grouped import all_modules
 
 from dharma_kernel.errors import DharmaError
 from dharma_kernel.manifest import TrainSection
-from dharma_kernel.train.flat import FlatForward, always_computing, flatten_modules, for_compiled_training
-from dharma_kernel.train.optim import build_optimizer, decay_split
+from dharma_kernel.train.flat import ALIGN_BYTES, FlatForward, always_computing, for_compiled_training
+from dharma_kernel.train.optim import build_optimizer
 
 BATCH = (3, 12)
 SETTINGS = TrainSection(learning_rate=1e-3, weight_decay=0.1, schedule="constant", warmup_fraction=0.0)
@@ -49,9 +49,9 @@ def assert_same_weights(model, reference):
         assert float((q - p).detach().norm()) <= 1e-5 * max(float(p.detach().norm()), 1.0), name
 
 
-def flat_of(model):
-    decay, _ = decay_split(model, [p for p in model.parameters() if p.requires_grad])
-    return flatten_modules(model, {id(p) for p in decay})
+def flat_of(model, saved=None):
+    """What a compiled run of ``SETTINGS`` (weight decay 0.1) trains flat."""
+    return for_compiled_training(model, SETTINGS.model_copy(update={"compile": True}), saved)
 
 
 def train_steps(model, optimizer, forward, steps, limit=0.05):
@@ -119,17 +119,20 @@ def test_the_saved_state_has_the_parameters_layout_and_resumes_either_way(traine
     assert_same_weights(b, model)
 
 
-def test_state_with_unequal_step_counts_does_not_load_flat(trained):
-    """One step count per flat tensor: a run under exact routing (modules skipped on steps no token
-    chose them) cannot resume flat; the message says what to do."""
+def test_state_with_unequal_step_counts_is_resumed_per_tensor(trained):
+    """One step count per flat tensor: a state in which some of those parameters were skipped (under
+    FSDP, or optimizer_in_backward after a non-finite gradient) resumes with every parameter on its
+    own, and says so; an optimizer already flat refuses it, saying what to do."""
     _, reference, twin, _, _, _, _, _ = trained
     saved = reference.state_dict()
     first = next(i for i, p in enumerate(reference.params) if ".members." in _name(twin, i))
-    saved["state"][first]["step"] = saved["state"][first]["step"] - 1
+    assert flat_of(copy.deepcopy(twin), saved) is not None  # equal counts: flat
+    saved["state"][first] = {**saved["state"][first], "step": saved["state"][first]["step"] - 1}
     b = copy.deepcopy(twin)
-    optimizer = build_optimizer(b, SETTINGS, 10, "cpu", flat_of(b))
+    with pytest.warns(UserWarning, match="different step counts.*--reset-optimizer"):
+        assert flat_of(b, saved) is None
     with pytest.raises(DharmaError, match="different step counts") as caught:
-        optimizer.load_state_dict(saved)
+        build_optimizer(b, SETTINGS, 10, "cpu", flat_of(b)).load_state_dict(saved)
     assert "--reset-optimizer" in caught.value.hint
 
 
@@ -143,6 +146,8 @@ def test_parameters_share_the_flat_storage_until_released(trained, tmp_path):
     model_flat = flat_of(model)
     first, second = model_flat.flats[0].params[:2]
     assert first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+    for f in model_flat.flats:  # each starts where a tensor of its own would: 64-byte aligned
+        assert all(p.data_ptr() % ALIGN_BYTES == 0 for p in f.params)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     model_flat.release()
     assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
@@ -181,3 +186,23 @@ def test_only_modules_that_compute_at_every_step_are_flattened():
     in_backward = SETTINGS.model_copy(update={"compile": True, "optimizer_in_backward": True})
     assert for_compiled_training(routed_with_capacity(), in_backward) is None
     assert for_compiled_training(routed_with_capacity(), SETTINGS.model_copy(update={"compile": True}))
+
+
+def test_parallel_stacks_train_flat_too():
+    """Every module of a parallel stack computes at every token: all flat, the same steps."""
+    model = all_modules("parallel").train()
+    twin = copy.deepcopy(model)
+    reference = build_optimizer(model, SETTINGS, 10, "cpu")
+    flat = flat_of(twin)
+    assert sum(len(f.params) for f in flat.flats) == sum(
+        1 for m in always_computing(twin) for p in m.parameters()
+    )
+    steps = batches(2)
+    before = train_steps(model, reference, model, steps)
+    after = train_steps(
+        twin, build_optimizer(twin, SETTINGS, 10, "cpu", flat), FlatForward(twin, flat), steps
+    )
+    for (loss, norm), (flat_loss, flat_norm) in zip(before, after, strict=True):
+        assert flat_loss == pytest.approx(loss, rel=1e-5)
+        assert flat_norm == pytest.approx(norm, rel=1e-5)
+    assert_same_weights(twin, model)

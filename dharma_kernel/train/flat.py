@@ -15,11 +15,14 @@ modules that compute at every step, whatever the routing (parallel and sequentia
 the groupable modules of routed stacks with fixed capacity, which compute all their slots).
 Under exact routing a module no token chose gets no gradient and AdamW leaves it as it was;
 flattened it would still move by momentum and weight decay. Those stay as they are, and so
-does everything under ``optimizer_in_backward`` (clipped per parameter).
+does everything under ``optimizer_in_backward`` (clipped per parameter). A plugin parameter
+that its module's training forward never reads is the one case left: per tensor AdamW skips
+it, flat it decays (by ``lr * weight_decay`` a step, if it is a matrix).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,26 +32,34 @@ from torch.func import functional_call
 
 from ..grouped import group_key
 
+# Each parameter starts on a 64-byte boundary of its flat tensor, as a tensor of its own would:
+# kernels take other (vectorised) paths, and sum in another order, on unaligned data.
+ALIGN_BYTES = 64
+
 
 @dataclass
 class Flat:
-    """One flat tensor (``leaf``) and the module parameters that are views of it, in order."""
+    """One flat tensor (``leaf``) and the module parameters that are views of it, in order, each
+    from an aligned offset (the gaps hold zeros: no gradient, no update, nothing in a norm)."""
 
     leaf: nn.Parameter
     names: list[str] = field(default_factory=list)
     params: list[nn.Parameter] = field(default_factory=list)
-
-    @property
-    def sizes(self) -> list[int]:
-        return [p.numel() for p in self.params]
+    starts: list[int] = field(default_factory=list)
 
     def slices(self) -> list[tuple[nn.Parameter, slice]]:
         """Each parameter and the elements of ``leaf`` it holds."""
-        out, start = [], 0
-        for p in self.params:
-            out.append((p, slice(start, start + p.numel())))
-            start += p.numel()
-        return out
+        return [(p, slice(at, at + p.numel())) for p, at in zip(self.params, self.starts, strict=True)]
+
+
+def _starts(params: list[nn.Parameter]) -> tuple[list[int], int]:
+    """Each parameter's aligned first element in a flat tensor of them, and the tensor's length."""
+    step = max(1, ALIGN_BYTES // params[0].element_size())
+    starts, end = [], 0
+    for p in params:
+        starts.append(end)
+        end = -(-(end + p.numel()) // step) * step
+    return starts, end
 
 
 class FlatParameters:
@@ -64,12 +75,17 @@ class FlatParameters:
             buckets.setdefault((p.device, p.dtype, id(p) in decayed), []).append((name, p))
         self.flats: list[Flat] = []
         self.decayed: list[bool] = []
-        for (_, _, decay), members in buckets.items():
+        for (device, dtype, decay), members in buckets.items():
+            params = [p for _, p in members]
+            starts, length = _starts(params)
+            flat = Flat(
+                nn.Parameter(torch.zeros(length, device=device, dtype=dtype)), [n for n, _ in members]
+            )
+            flat.params, flat.starts = params, starts
             with torch.no_grad():
-                data = torch.cat([p.detach().reshape(-1) for _, p in members])
-            flat = Flat(nn.Parameter(data), [n for n, _ in members], [p for _, p in members])
-            for p, at in flat.slices():
-                p.data = flat.leaf.detach()[at].view(p.shape)  # shares the flat tensor's storage
+                for p, at in flat.slices():
+                    flat.leaf[at].copy_(p.detach().reshape(-1))
+                    p.data = flat.leaf.detach()[at].view(p.shape)  # shares the flat tensor's storage
             self.flats.append(flat)
             self.decayed.append(decay)
         self._held = {id(p) for flat in self.flats for p in flat.params}
@@ -86,9 +102,8 @@ class FlatParameters:
         backward reaches the flat tensor through."""
         out: dict[str, torch.Tensor] = {}
         for flat in self.flats:
-            pieces = flat.leaf.split(flat.sizes)
-            for name, p, piece in zip(flat.names, flat.params, pieces, strict=True):
-                out[name] = piece.view(p.shape)
+            for name, (p, at) in zip(flat.names, flat.slices(), strict=True):
+                out[name] = flat.leaf[at].view(p.shape)
         return out
 
     def release(self) -> None:
@@ -127,21 +142,40 @@ def always_computing(model: nn.Module) -> list[nn.Module]:
     return out
 
 
-def flatten_modules(model: nn.Module, decayed: set[int]) -> FlatParameters | None:
-    """The trainable parameters of ``model``'s always-computing modules, flattened; None if there are none.
-    ``decayed``: ids of the parameters with weight decay (one flat tensor never mixes the two)."""
+def flatten_modules(
+    model: nn.Module, decayed: set[int], steps: dict[str, float] | None = None
+) -> FlatParameters | None:
+    """The trainable parameters of ``model``'s always-computing modules, flattened; None if there are
+    none. ``decayed``: ids of the parameters with weight decay (one flat tensor never mixes the two).
+    ``steps``: AdamW's step count per parameter name in an optimizer state the run resumes from;
+    None (and a warning) if those parameters' counts differ, as one flat tensor has one count."""
     chosen = {id(p) for m in always_computing(model) for p in m.parameters() if p.requires_grad}
     named = [(n, p) for n, p in model.named_parameters() if id(p) in chosen]
+    if steps is not None and len({steps.get(n) for n, _ in named}) > 1:
+        warnings.warn(
+            "the optimizer state resumed from has different step counts for modules that a compiled "
+            "run trains as one flat tensor (a run under FSDP, or with optimizer_in_backward, skips "
+            "some): this run steps every parameter on its own (more per-step overhead, same result); "
+            "--reset-optimizer would let it train them flat",
+            stacklevel=2,
+        )
+        return None
     return FlatParameters(named, decayed) if named else None
 
 
-def for_compiled_training(model: nn.Module, train: Any) -> FlatParameters | None:
+def for_compiled_training(model: nn.Module, train: Any, saved: dict | None = None) -> FlatParameters | None:
     """What ``train`` (a ``[train]`` section) trains flat: with ``compile`` (and not
     ``optimizer_in_backward``), the always-computing modules' trainable parameters, each flat
-    tensor of one weight-decay kind (:func:`~.optim.decay_split`); else None."""
+    tensor of one weight-decay kind (:func:`~.optim.decay_split`); else None. ``saved``: the
+    optimizer state (:meth:`.optim.Optimizer.state_dict`) the run resumes from, if any."""
     from .optim import decay_split
 
     if not train.compile or train.optimizer_in_backward:
         return None
-    decay, _ = decay_split(model, [p for p in model.parameters() if p.requires_grad])
-    return flatten_modules(model, {id(p) for p in decay})
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay, _ = decay_split(model, [p for _, p in trainable])
+    steps = None
+    # by trainable index, as the optimizer saves it; another layout is refused when it loads
+    if saved is not None and saved.get("shapes") == [list(p.shape) for _, p in trainable]:
+        steps = {trainable[int(i)][0]: float(v["step"]) for i, v in saved["state"].items()}
+    return flatten_modules(model, {id(p) for p in decay}, steps)

@@ -460,21 +460,21 @@ class Optimizer:
 
     def _load_flat(self, flat: Any, saved: dict, index: dict[int, int], moments: Any) -> None:
         """A flat tensor's state from its parameters' saved states: one step count for all of them,
-        so they must all have the same (a run whose modules all computed at every step)."""
+        so they must all have the same (:func:`.flat.for_compiled_training` checks before flattening)."""
         values = [saved.get(index[id(p)]) for p in flat.params]
         steps = {None if v is None else float(v["step"]) for v in values}
         if steps == {None}:
             return
         if len(steps) > 1:
             raise DharmaError(
-                "the optimizer state has different step counts for modules that are now trained as one "
-                "flat tensor (train.compile with modules that compute at every step): the run was "
-                "trained with exact routing",
-                hint="Resume without train.compile, keep the run's modules.capacity_factor, "
-                "or pass --reset-optimizer to start the optimizer afresh.",
+                "the optimizer state has different step counts for parameters that are now trained as "
+                "one flat tensor (a run under FSDP, or with optimizer_in_backward, skips some)",
+                hint="Resume with train.compile = false, or pass --reset-optimizer to start afresh.",
             )
-        exp_avg = torch.cat([v["exp_avg"].reshape(-1) for v in values])
-        exp_avg_sq = torch.cat([v["exp_avg_sq"].reshape(-1) for v in values])
+        exp_avg, exp_avg_sq = (torch.zeros(flat.leaf.shape, dtype=torch.float32) for _ in range(2))
+        for (_, at), value in zip(flat.slices(), values, strict=True):
+            exp_avg[at] = value["exp_avg"].reshape(-1)
+            exp_avg_sq[at] = value["exp_avg_sq"].reshape(-1)
         self._set_state(flat.leaf, values[0]["step"], exp_avg, exp_avg_sq, moments)
 
 

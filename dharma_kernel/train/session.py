@@ -162,7 +162,9 @@ class _Session:
                           self.dist.world, self.dist.rank, self.cfg.seed)  # fmt: skip
         total = self._total_steps(windows)
         wrapped = wrap(model, self.dist, self.device, self.cfg.distributed)
-        flat = for_compiled_training(model, self.cfg)  # train.compile: modules trained as flat tensors
+        # train.compile: modules trained as flat tensors (not when resuming unequal step counts)
+        saved = (state or {}).get("optimizer") if not self.options.reset_optimizer else None
+        flat = for_compiled_training(model, self.cfg, saved)
         optimizer = build_optimizer(model, self.cfg, total, self.device, flat)  # after sharding
         loop = Loop(
             model=for_training(wrapped, self.cfg, flat),
