@@ -206,3 +206,24 @@ def test_parallel_stacks_train_flat_too():
         assert flat_loss == pytest.approx(loss, rel=1e-5)
         assert flat_norm == pytest.approx(norm, rel=1e-5)
     assert_same_weights(twin, model)
+
+
+def test_backward_joins_the_gradients_in_one_op_per_flat_tensor():
+    """The views come from one split, so backward concatenates their gradients once. (Sliced one
+    by one, each view's gradient would be a zero tensor the size of the whole flat tensor, summed:
+    a compiled lite step ran at 0.46 of the bare backbone that way, 0.94 split.)"""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = routed_with_capacity()
+    flat = flat_of(model)
+    views = flat.views()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        sum(view.sum() for view in views.values()).backward()
+    names = [event.name for event in prof.events()]
+    assert names.count("aten::slice_backward") == 0
+    assert names.count("aten::cat") == len(flat.flats)
+    for f in flat.flats:  # ones at the parameters, zeros in the gaps
+        expected = torch.zeros_like(f.leaf)
+        for _, at in f.slices():
+            expected[at] = 1.0
+        assert torch.equal(f.leaf.grad, expected)

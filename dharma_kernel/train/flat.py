@@ -51,6 +51,16 @@ class Flat:
         """Each parameter and the elements of ``leaf`` it holds."""
         return [(p, slice(at, at + p.numel())) for p, at in zip(self.params, self.starts, strict=True)]
 
+    @property
+    def pieces(self) -> list[int]:
+        """The lengths ``leaf`` splits into: each parameter, then the gap after it (maybe 0)."""
+        ends = [*self.starts[1:], len(self.leaf)]
+        return [
+            n
+            for p, at, end in zip(self.params, self.starts, ends, strict=True)
+            for n in (p.numel(), end - at - p.numel())
+        ]
+
 
 def _starts(params: list[nn.Parameter]) -> tuple[list[int], int]:
     """Each parameter's aligned first element in a flat tensor of them, and the tensor's length."""
@@ -99,11 +109,14 @@ class FlatParameters:
 
     def views(self) -> dict[str, torch.Tensor]:
         """Every flattened parameter by its name in the model, as a view of its flat tensor that
-        backward reaches the flat tensor through."""
+        backward reaches the flat tensor through. One split per flat tensor (gaps included), so
+        backward joins the gradients with one concatenation: a slice per parameter would give
+        each its own gradient the size of the whole flat tensor."""
         out: dict[str, torch.Tensor] = {}
         for flat in self.flats:
-            for name, (p, at) in zip(flat.names, flat.slices(), strict=True):
-                out[name] = flat.leaf[at].view(p.shape)
+            pieces = flat.leaf.split(flat.pieces)
+            for name, p, piece in zip(flat.names, flat.params, pieces[::2], strict=True):
+                out[name] = piece.view(p.shape)
         return out
 
     def release(self) -> None:
