@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,9 +46,6 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from ..errors import DharmaError
 from ..manifest import TrainSection
 from .distributed import full
-
-if TYPE_CHECKING:
-    from .flat import FlatParameters
 
 __all__ = ["BF16AdamW", "Optimizer", "build_optimizer", "decay_split", "lr_factor"]
 
@@ -240,7 +237,7 @@ class Optimizer:
         train: TrainSection,
         total_steps: int,
         device: torch.device,
-        flat: FlatParameters | None = None,
+        flat: Any = None,
     ) -> None:
         if total_steps < 1:
             raise ValueError(f"total_steps must be at least 1, got {total_steps}")
@@ -486,12 +483,12 @@ def _like(saved: torch.Tensor, p: torch.Tensor, dtype: torch.dtype | None) -> to
 
 
 def build_optimizer(
-    model: nn.Module, train: TrainSection, total_steps: int, device: Any, flat: FlatParameters | None = None
+    model: nn.Module, train: TrainSection, total_steps: int, device: Any, flat: Any = None
 ) -> Optimizer:
     """AdamW for ``model``'s trainable parameters, already on ``device``, as ``train`` configures it.
 
     ``total_steps``: optimizer steps of the whole run, which the schedule spans. ``flat``: parameters
-    trained as flat tensors (:mod:`.flat`), stepped as such.
+    trained as flat tensors (a :class:`.flat.FlatParameters`; it imports this module), stepped as such.
     """
     device = torch.device(device)
     if train.optimizer_in_backward:
