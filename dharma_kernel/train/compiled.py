@@ -1,8 +1,9 @@
 """``[train] compile = true``: the training forward through ``torch.compile``.
 
 The loop drives a compiled wrapper of the model; everything else (evaluation, checkpoints,
-the optimizer, freezing) sees the model itself, so saved state-dict names never carry
-``_orig_mod.`` and a compiled run resumes, loads and exports like any other. Evaluation stays
+freezing) sees the model itself, so saved state-dict names never carry ``_orig_mod.`` and a
+compiled run resumes, loads and exports like any other. The optimizer steps the model's
+parameters, those of modules that compute at every step as flat tensors (:mod:`.flat`). Evaluation stays
 eager: its batches have other shapes, and compiling them too would only add compile time.
 
 Routed stacks run a data-dependent set of modules on a data-dependent number of tokens, so
