@@ -318,25 +318,24 @@ def compiled_op_counts(folder: Path, refs: list[str]) -> None:
     print(f"{'config':<36} {'ops':>8} {'ratio':>6} {'top-level':>10} " + "".join(f"{p:>10}" for p in PHASES))
     ids = torch.randint(0, 50257, (OPS_BATCH, OPS_LENGTH), generator=torch.Generator().manual_seed(0))
     cpu = torch.device("cpu")
+
+    def row(name: str, trainer: Trainer, bare: int | None) -> int:
+        start = time.perf_counter()
+        ops, top, phases = aten_ops(trainer, ids, COMPILE_WARMUP)
+        split = "".join(f"{phases[phase]:>10}" for phase in PHASES)
+        ratio = ops / bare if bare else 1.0
+        took = time.perf_counter() - start
+        print(f"{name:<36} {ops:>8} {ratio:>6.2f} {top:>10}{split}  ({took:.0f} s)", flush=True)
+        return ops
+
     with inductor.patch({"cpp.enable_kernel_profile": True}):  # names each kernel in the profile
         torch.manual_seed(0)
         backbone = fresh_backbone(backbone_config(None, OPS_BACKBONE))
-        start = time.perf_counter()
-        bare, top, phases = aten_ops(Trainer(backbone, cpu, compile=True), ids, COMPILE_WARMUP)
-        split = "".join(f"{phases[phase]:>10}" for phase in PHASES)
-        took = time.perf_counter() - start
-        print(
-            f"{'bare backbone, compiled':<36} {bare:>8} {1:>6.2f} {top:>10}{split}  ({took:.0f} s)",
-            flush=True,
-        )
+        bare = row("bare backbone, compiled", Trainer(backbone, cpu, compile=True), None)
         for name, factor, flat in COMPILED_OPS:
             path = manifest_path(folder, refs, "lite", "routed", OPS_BACKBONE)
             model = set_capacity(set_grouped(build(plan(load_manifest(path))), True), factor)
-            start = time.perf_counter()
-            ops, top, phases = aten_ops(Trainer(model, cpu, compile=True, flat=flat), ids, COMPILE_WARMUP)
-            split = "".join(f"{phases[phase]:>10}" for phase in PHASES)
-            took = time.perf_counter() - start
-            print(f"{name:<36} {ops:>8} {ops / bare:>6.2f} {top:>10}{split}  ({took:.0f} s)", flush=True)
+            row(name, Trainer(model, cpu, compile=True, flat=flat), bare)
             del model
             gc.collect()
 

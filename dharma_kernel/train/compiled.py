@@ -3,8 +3,9 @@
 The loop drives a compiled wrapper of the model; everything else (evaluation, checkpoints,
 freezing) sees the model itself, so saved state-dict names never carry ``_orig_mod.`` and a
 compiled run resumes, loads and exports like any other. The optimizer steps the model's
-parameters, those of modules that compute at every step as flat tensors (:mod:`.flat`). Evaluation stays
-eager: its batches have other shapes, and compiling them too would only add compile time.
+parameters, those of modules that compute at every step as flat tensors (:mod:`.flat`).
+Evaluation stays eager: its batches have other shapes, and compiling them too would only add
+compile time.
 
 Routed stacks run a data-dependent set of modules on a data-dependent number of tokens, so
 the graph breaks there (README, "torch.compile"); what lies between the breaks is compiled.

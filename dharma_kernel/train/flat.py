@@ -23,7 +23,7 @@ it, flat it decays (by ``lr * weight_decay`` a step, if it is a matrix).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,9 +43,9 @@ class Flat:
     from an aligned offset (the gaps hold zeros: no gradient, no update, nothing in a norm)."""
 
     leaf: nn.Parameter
-    names: list[str] = field(default_factory=list)
-    params: list[nn.Parameter] = field(default_factory=list)
-    starts: list[int] = field(default_factory=list)
+    names: list[str]
+    params: list[nn.Parameter]
+    starts: list[int]
 
     def slices(self) -> list[tuple[nn.Parameter, slice]]:
         """Each parameter and the elements of ``leaf`` it holds."""
@@ -88,10 +88,8 @@ class FlatParameters:
         for (device, dtype, decay), members in buckets.items():
             params = [p for _, p in members]
             starts, length = _starts(params)
-            flat = Flat(
-                nn.Parameter(torch.zeros(length, device=device, dtype=dtype)), [n for n, _ in members]
-            )
-            flat.params, flat.starts = params, starts
+            leaf = nn.Parameter(torch.zeros(length, device=device, dtype=dtype))
+            flat = Flat(leaf, [n for n, _ in members], params, starts)
             with torch.no_grad():
                 for p, at in flat.slices():
                     flat.leaf[at].copy_(p.detach().reshape(-1))
