@@ -13,7 +13,8 @@ capacity (``[modules] capacity_factor = 1.25``, dharma_kernel.capacity), shown, 
 ``DHARMA_BENCH_COMPILE_MODE`` sets the compiled rows' torch.compile mode ("reduce-overhead": CUDA graphs).
 Before the speeds: aten ops per training step (torch.profiler's count of every aten op, nested
 ones included, on the CPU: the same on any machine) of a small backbone bare and assembled.
-Op counts are of the grouped path (what a GPU runs; ``--per-module`` runs every module alone).
+Op counts are of the grouped path (what a GPU runs; ``--per-module`` runs every module alone), with
+the groups' weights held stacked as ``dharma train`` holds them there (dharma_kernel.train.stacked).
 With ``--compile`` also compiled op counts: the bare backbone and ``lite`` with fixed capacity, as
 ``[train] compile = true`` trains them (modules trained as flat tensors, and once not), counting
 aten ops and the kernels inductor generated.
@@ -47,6 +48,7 @@ from dharma_kernel.manifest import load_manifest
 from dharma_kernel.train.compiled import compiled
 from dharma_kernel.train.flat import flatten_modules
 from dharma_kernel.train.heap import keep_freed_memory
+from dharma_kernel.train.stacked import stack_modules
 
 LAYERS = {"tiny": [2, 4], "lite": [2, 4], "seed": [3]}
 LITE_SHARE_MAX = 0.05
@@ -195,9 +197,14 @@ class Trainer:
         # capacity) trained as flat tensors (dharma_kernel.train.flat); the optimizer steps those
         flat = flatten_modules(self.model, set()) if compile and flat else None  # one decay, as below
         self.forward = compiled(self.model, COMPILE_MODE, flat) if compile else self.model
+        # eager, as `dharma train` trains: the groups' parameters held stacked where the stacks run
+        # grouped (dharma_kernel.train.stacked), stepped by it with AdamW's default weight decay
+        everything = {id(p) for p in model.parameters()}
+        self.stacked = None if compile else stack_modules(self.model, device, everything)
         self.concept_labels = labels
         self.device = device
-        trainable = [p for p in model.parameters() if p.requires_grad and not (flat and flat.holds(p))]
+        held = [h.holds for h in (flat, self.stacked) if h is not None]
+        trainable = [p for p in model.parameters() if p.requires_grad and not any(h(p) for h in held)]
         self.optimizer = torch.optim.AdamW(trainable + (flat.leaves if flat else []), lr=1e-4, fused=True)
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.autocast = torch.autocast("cuda", torch.bfloat16, enabled=bf16)
@@ -223,6 +230,10 @@ class Trainer:
         with phase("optimizer"):
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if self.stacked is not None:
+                group = self.optimizer.param_groups[0]
+                self.stacked.step(group["lr"], group["weight_decay"], group["betas"], group["eps"])
+                self.stacked.zero_grad()
         if cuda:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - start

@@ -17,6 +17,7 @@ Attention (:func:`attention`) runs as one call over every (module, sequence) pai
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -97,9 +98,19 @@ class GroupInput:
         return self.groups.pad(values.flatten(0, 1).index_select(0, self.rows))
 
 
+# Where a block's parameter is held stacked with its group's (dharma_kernel.train.stacked): the
+# attribute maps the parameter's name to the stacked tensor and the blocks of its rows, in order.
+STACKED = "_dharma_stacked"
+
+
 def stacked(blocks: Sequence[nn.Module], name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The parameter ``name`` of every block, stacked ``[M, ...]`` (in ``dtype`` if given)."""
-    weights = torch.stack([getattr(block, name) for block in blocks])
+    """The parameter ``name`` of every block, stacked ``[M, ...]`` (in ``dtype`` if given): the
+    tensor that holds them stacked, if one holds exactly these blocks' in this order, else a copy."""
+    held = getattr(blocks[0], STACKED, {}).get(name)
+    if held is not None and len(held[1]) == len(blocks) and all(map(operator.is_, held[1], blocks)):
+        weights = held[0]
+    else:
+        weights = torch.stack([getattr(block, name) for block in blocks])
     return weights if dtype is None or weights.dtype == dtype else weights.to(dtype)
 
 
@@ -232,11 +243,12 @@ def plan_runs(members: Sequence[DharmaModule], grouped: bool = True) -> list[lis
 
 
 def token_places(
-    runs: Sequence[Sequence[int]], counts: Sequence[int], position: torch.Tensor
+    runs: Sequence[Sequence[int]], counts: Sequence[int], position: torch.Tensor, whole: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For tokens laid out module after module in the order of ``runs`` (``counts`` per module, some
     zero; ``position [N]``: each token's module as its place in that order): each token's index
-    among the members with tokens of its run, and its index among its module's tokens.
+    among the members with tokens of its run (``whole``: among all its members), and its index
+    among its module's tokens.
 
     One small table goes to the device for all the runs, where building each group's layout
     apart costs a transfer (on a GPU, a wait) and a dozen ops per group.
@@ -248,7 +260,7 @@ def token_places(
         for m in indices:
             local.append(rank)
             first.append(start)
-            rank += counts[m] > 0
+            rank += whole or counts[m] > 0
             start += counts[m]
     per_token = on_device([local, first], position.device).index_select(1, position)
     return per_token[0], torch.arange(len(position), device=position.device) - per_token[1]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -116,6 +116,12 @@ class ModuleStack(nn.Module):
         # alone on the CPU, where ops are cheap and a group's padding is real compute: seed
         # routed trained at 0.60 of the bare backbone grouped, 0.76 alone (benchmarks/bench_modules.py).
         self.grouped: bool | None = None
+        # Set while the members' parameters are held stacked (dharma_kernel.train.stacked):
+        # whole_groups, under exact routing a group computes all its members when any has tokens
+        # (those without on no rows), so their stacked weights are read whole, not gathered;
+        # on_ran, told in every forward with autograd on which members computed (got a gradient).
+        self.whole_groups = False
+        self.on_ran: Callable[[list[DharmaModule]], None] | None = None
         # plan_runs depends on the members only: worked out once here, not in every forward
         # (where torch.compile could not trace it and broke the graph).
         self._runs = {grouped: plan_runs(modules, grouped) for grouped in (True, False)}
@@ -137,7 +143,11 @@ class ModuleStack(nn.Module):
             self._ranked(grouped, device)
 
     def _grouping(self, hidden: torch.Tensor) -> bool:
-        return hidden.is_cuda if self.grouped is None else self.grouped
+        return self.groups_on(hidden.device)
+
+    def groups_on(self, device: torch.device) -> bool:
+        """Whether the stack runs its groups together on ``device`` (see ``grouped``)."""
+        return device.type == "cuda" if self.grouped is None else self.grouped
 
     def router_parameters(self) -> list[nn.Parameter]:
         """The stack's own parameters, not its modules': the router and its token table."""
@@ -234,6 +244,8 @@ class ModuleStack(nn.Module):
                 delta = delta + (out.hidden - hidden)
             _record(result, ref, out, out.score, torch.ones_like(out.score, dtype=torch.bool))
         result.hidden = hidden + delta / len(self.refs)
+        if self.on_ran is not None and torch.is_grad_enabled():
+            self.on_ran(members)
         return result
 
     def _routed(self, hidden, attention_mask, past, logits) -> StackResult:
@@ -273,6 +285,9 @@ class ModuleStack(nn.Module):
         result.scores = Columns(self.refs, placed.view(len(members), *hidden.shape[:2]), dim=0)
         result.active = Columns(self.refs, active)
         result.losses["router_balance"] = _balance_loss(probs, chosen, real, self.top_k)
+        if self.on_ran is not None and torch.is_grad_enabled():
+            idle = {id(m) for m in unused}
+            self.on_ran([m for m in members if id(m) not in idle])
         if self.touch_unused and torch.is_grad_enabled():
             skipped = {id(m) for m in unused}
             self.idle = [idle and id(m) in skipped for idle, m in zip(self.idle, members, strict=True)]
@@ -300,13 +315,15 @@ class ModuleStack(nn.Module):
         module = ranked.index_select(0, pairs[:, 0])
         rows = pairs[:, 1]
         counts = torch.bincount(module, minlength=len(members)).tolist()
-        local, within = token_places(order, counts, pairs[:, 0])
+        local, within = token_places(order, counts, pairs[:, 0], whole=self.whole_groups)
         x = hidden.flatten(0, 1).index_select(0, rows)
         deltas, scores, unused = [], [], []
         stack_ctx = ModuleContext(attention_mask, past)  # its shared results serve every module
         start = 0
         for indices in order:
             running = [m for m in indices if counts[m]]
+            if self.whole_groups and running and len(indices) > 1:
+                running = list(indices)  # the idle ones on no rows: the group's stacked weights read whole
             unused += [members[m] for m in indices if not counts[m]]
             size = sum(counts[m] for m in running)
             at = slice(start, start + size)

@@ -7,12 +7,20 @@ import math
 
 import pytest
 import torch
+from test_grouped import all_modules, set_grouped
 from tiny import tiny_model
 
 from dharma_kernel.errors import DharmaError
 from dharma_kernel.freeze import freeze_groups
 from dharma_kernel.manifest import TrainSection
-from dharma_kernel.train.optim import BF16AdamW, build_optimizer, decay_split, fused_adamw_runs, lr_factor
+from dharma_kernel.train.optim import (
+    BF16AdamW,
+    build_optimizer,
+    decay_split,
+    fused_adamw_runs,
+    lr_factor,
+    separate_gradients,
+)
 
 VOCAB = 97  # tiny_backbone_config's
 MODES = {
@@ -331,3 +339,23 @@ def test_state_of_another_model_is_refused():
     freeze_groups(other, ["spiritual"])
     with pytest.raises(DharmaError, match="freeze groups or the model changed"):
         build_optimizer(other, train_section(), 20, "cpu").load_state_dict(state)
+
+
+def test_gradients_that_share_memory_are_clipped_once_each():
+    """On the grouped path, when every module of a group has at most one token (here a parallel
+    stack and a one-token batch), backward hands a path module's direction and its adapter's
+    output bias the very same gradient tensor; the loop separates them, so clipping scales each
+    once (not the shared memory twice)."""
+    model = all_modules("parallel").train()
+    set_grouped(model, True)
+    ids = torch.tensor([[5]])
+    model(input_ids=ids).logits.square().mean().backward()
+    params = [p for p in model.parameters() if p.grad is not None]
+    assert len({p.grad.data_ptr() for p in params}) < len(params)  # what backward leaves
+    before = [p.grad.clone() for p in params]
+    separate_gradients(params)
+    assert len({p.grad.data_ptr() for p in params}) == len(params)
+    torch.nn.utils.clip_grad_norm_(params, 1e-3)
+    factor = 1e-3 / float(torch.linalg.vector_norm(torch.stack([g.norm() for g in before])))
+    for p, g in zip(params, before, strict=True):
+        torch.testing.assert_close(p.grad, g * factor, rtol=1e-4, atol=1e-12)

@@ -25,6 +25,7 @@ from torch import nn
 from ..errors import DharmaError
 from ..head_data import to_device
 from .distributed import Dist, drop_idle_gradients, full, is_sharded, no_sync
+from .optim import separate_gradients
 from .precision import LossScale, autocast
 from .windows import Windows
 
@@ -92,6 +93,7 @@ class Loop:
             finite = not getattr(self.optimizer, "skipped_last", False)
         else:
             trainable = self.optimizer.trainable
+            separate_gradients(trainable)  # before anything scales gradients in place
             self.scale.unscale(trainable)
             limit = self.max_grad_norm if self.max_grad_norm > 0 else math.inf
             norm = full(torch.nn.utils.clip_grad_norm_(trainable, limit))

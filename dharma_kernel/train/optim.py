@@ -47,7 +47,7 @@ from ..errors import DharmaError
 from ..manifest import TrainSection
 from .distributed import full
 
-__all__ = ["BF16AdamW", "Optimizer", "build_optimizer", "decay_split", "lr_factor"]
+__all__ = ["BF16AdamW", "Optimizer", "build_optimizer", "decay_split", "lr_factor", "separate_gradients"]
 
 BETAS = (0.9, 0.999)
 EPS = 1e-8
@@ -121,6 +121,25 @@ def fused_adamw_runs(device: str, dtype: torch.dtype) -> bool:
         return bool((p.detach() != 0).all())
     except (RuntimeError, ValueError, TypeError, NotImplementedError, AssertionError):
         return False
+
+
+def separate_gradients(params: Iterable[nn.Parameter]) -> None:
+    """Give each parameter a gradient of its own where backward left two holding the same memory.
+
+    Autograd hands a gradient tensor to a parameter without copying it, and one tensor can reach
+    two parameters: on the grouped path, when every module of a group has at most one token, a
+    path module's ``direction`` and its adapter's output bias get the very same gradient. Clipping
+    then scales that memory twice, and the two parameters step by the square of the factor.
+    """
+    seen: set[int] = set()
+    for p in params:
+        grad = p.grad
+        if grad is None or grad.numel() == 0 or isinstance(grad, DTensor):  # sharded: gradients of its own
+            continue
+        if grad.data_ptr() in seen:
+            p.grad = grad.clone()
+        else:
+            seen.add(grad.data_ptr())
 
 
 # -- AdamW with bf16 moments ---------------------------------------------------------------
@@ -223,7 +242,8 @@ class Optimizer:
     ``in_backward``: steps happen inside ``backward()``; ``step()`` is then a no-op.
     ``params``: the model's trainable parameters (``requires_grad``), in ``model.parameters()`` order.
     ``trainable``: the tensors it updates, whose gradients the loop clips: ``params``, or with
-    ``flat`` (:mod:`.flat`) those it does not hold, then its flat tensors.
+    ``flat`` (:mod:`.flat`) or ``stacked`` (:mod:`.stacked`) those they do not hold, then their
+    flat tensors.
     ``lr``: the learning rate the next optimizer step uses.
     ``skipped_last``: under ``in_backward``, a gradient since the last ``zero_grad()`` was not
     finite and that parameter was not updated (always False otherwise).
@@ -238,11 +258,14 @@ class Optimizer:
         total_steps: int,
         device: torch.device,
         flat: Any = None,
+        stacked: Any = None,
     ) -> None:
         if total_steps < 1:
             raise ValueError(f"total_steps must be at least 1, got {total_steps}")
-        if flat is not None and train.optimizer_in_backward:
+        if (flat is not None or stacked is not None) and train.optimizer_in_backward:
             raise ValueError("flattened parameters cannot be stepped in backward (clipped per parameter)")
+        if stacked is not None and (flat is not None or train.optimizer_state != "fp32"):
+            raise ValueError("stacked parameters are stepped alone, with fp32 moments")
         self.train = train
         self.total_steps = total_steps
         self.in_backward = train.optimizer_in_backward
@@ -251,8 +274,13 @@ class Optimizer:
         if not self.params:
             raise DharmaError("nothing to train: every parameter is frozen", hint="Freeze fewer groups.")
         self._flat = flat
+        self._stacked = stacked
         held = [p for p in self.params if flat is not None and flat.holds(p)]
-        self.trainable = [p for p in self.params if flat is None or not flat.holds(p)]
+        self.trainable = [
+            p
+            for p in self.params
+            if (flat is None or not flat.holds(p)) and (stacked is None or not stacked.holds(p))
+        ]
         decay, _ = decay_split(model, self.trainable)
         decayed = {id(p) for p in decay}
         if flat is not None:
@@ -284,9 +312,14 @@ class Optimizer:
                 },
                 {"params": [p for p in self.trainable if id(p) not in decayed], "weight_decay": 0.0},
             ]
-            optimizer = self._adamw([g for g in groups if g["params"]])
+            groups = [g for g in groups if g["params"]]
+            optimizer = self._adamw(groups) if groups else None  # None: the stacked ones are all
             self._owner = {id(p): optimizer for p in self.trainable}
-            self._optimizers = [optimizer]
+            self._optimizers = [optimizer] if groups else []
+        # the torch optimizer's parameters; the stacked ones' flat tensors are clipped, then stepped apart
+        self._stepped = list(self.trainable)
+        if stacked is not None:
+            self.trainable += stacked.holders
 
     def _decay(self, p: nn.Parameter, decayed: set[int]) -> float:
         return self.train.weight_decay if id(p) in decayed else 0.0
@@ -315,16 +348,20 @@ class Optimizer:
         """Update every parameter that has a gradient (after backward and clipping); no-op in backward."""
         if self.in_backward:
             return
-        optimizer = self._optimizers[0]
         lr = self.lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
+        for optimizer in self._optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
+        if self._stacked is not None:
+            self._stacked.step(lr, self.train.weight_decay, BETAS, EPS)
 
     def zero_grad(self) -> None:
         """Drop the gradients (set to None); under ``in_backward``, also forget the last backward's record."""
-        for p in self.trainable:
+        for p in self._stepped:
             p.grad = None
+        if self._stacked is not None:
+            self._stacked.zero_grad()  # zeroed in place: the stacked tensors' gradients are views of it
         self._sq_norm = None
         self._bad = None
 
@@ -398,6 +435,9 @@ class Optimizer:
                         "exp_avg": whole["exp_avg"][at].view(param.shape),
                         "exp_avg_sq": whole["exp_avg_sq"][at].view(param.shape),
                     }
+        if self._stacked is not None:
+            for key, values in self._stacked.member_state().items():
+                state[index[key]] = values
         return {
             "format": STATE_FORMAT,
             "schedule_step": self._step,
@@ -429,12 +469,17 @@ class Optimizer:
         flats = self._flat.flats if self._flat is not None else []
         leaves = {id(flat.leaf) for flat in flats}
         index = {id(p): i for i, p in enumerate(self.params)}
-        for p in (p for p in self.trainable if id(p) not in leaves):
+        for p in (p for p in self._stepped if id(p) not in leaves):
             values = saved["state"].get(index[id(p)])
             if values is not None:
                 self._set_state(p, values["step"], values["exp_avg"], values["exp_avg_sq"], moments)
         for flat in flats:
             self._load_flat(flat, saved["state"], index, moments)
+        if self._stacked is not None:
+            held = [p for p in self.params if self._stacked.holds(p)]
+            self._stacked.load_member_state(
+                {id(p): saved["state"][index[id(p)]] for p in held if index[id(p)] in saved["state"]}
+            )
         self._step = int(saved["schedule_step"])
         if self._generator is not None and saved.get("rng") is not None:
             self._generator.set_state(saved["rng"])
@@ -483,17 +528,23 @@ def _like(saved: torch.Tensor, p: torch.Tensor, dtype: torch.dtype | None) -> to
 
 
 def build_optimizer(
-    model: nn.Module, train: TrainSection, total_steps: int, device: Any, flat: Any = None
+    model: nn.Module,
+    train: TrainSection,
+    total_steps: int,
+    device: Any,
+    flat: Any = None,
+    stacked: Any = None,
 ) -> Optimizer:
     """AdamW for ``model``'s trainable parameters, already on ``device``, as ``train`` configures it.
 
     ``total_steps``: optimizer steps of the whole run, which the schedule spans. ``flat``: parameters
-    trained as flat tensors (a :class:`.flat.FlatParameters`; it imports this module), stepped as such.
+    trained as flat tensors (a :class:`.flat.FlatParameters`; it imports this module), stepped as such;
+    ``stacked``: parameters held stacked (a :class:`.stacked.StackedParameters`), stepped by it.
     """
     device = torch.device(device)
     if train.optimizer_in_backward:
         _check_in_backward(train, device)
-    return Optimizer(model, train, total_steps, device, flat)
+    return Optimizer(model, train, total_steps, device, flat, stacked)
 
 
 def _check_in_backward(train: TrainSection, device: torch.device) -> None:

@@ -30,6 +30,7 @@ from .loop import Loop, Progress, check_finite_weights
 from .precision import LossScale, resolve_precision
 from .progress import Reporter
 from .rundir import RunDir
+from .stacked import for_eager_training
 from .state import capture_rng, load_state, restore_rng, save_state
 from .windows import Windows
 
@@ -165,7 +166,9 @@ class _Session:
         # train.compile: modules trained as flat tensors (not when resuming unequal step counts)
         saved = (state or {}).get("optimizer") if not self.options.reset_optimizer else None
         flat = for_compiled_training(model, self.cfg, saved)
-        optimizer = build_optimizer(model, self.cfg, total, self.device, flat)  # after sharding
+        # eagerly, on the grouped path: the groups' parameters held stacked (train.stacked)
+        stacked = for_eager_training(model, self.cfg, self.device, self.dist.enabled)
+        optimizer = build_optimizer(model, self.cfg, total, self.device, flat, stacked)  # after sharding
         loop = Loop(
             model=for_training(wrapped, self.cfg, flat),
             raw=model,
@@ -191,8 +194,9 @@ class _Session:
                 )
             return self._loop(loop, total)
         finally:
-            if flat is not None:
-                flat.release()  # the model's parameters own their storage again
+            for held in (flat, stacked):
+                if held is not None:
+                    held.release()  # the model's parameters own their storage again
 
     def _total_steps(self, windows: Windows) -> int:
         return self.options.max_steps or self.cfg.max_steps or self.cfg.epochs * windows.steps_per_epoch

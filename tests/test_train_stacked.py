@@ -1,0 +1,289 @@
+"""Grouped modules' parameters held stacked (dharma_kernel.train.stacked): the same steps as torch's
+AdamW on the parameters themselves (members no token chose left as they are), the same saved
+optimizer state, and a model that saves like any other."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_model, save_model
+from test_grouped import all_modules, set_grouped
+from test_train_flat import BATCH, SETTINGS, assert_same_weights, batches
+
+from dharma_kernel.grouped import STACKED
+from dharma_kernel.train.optim import build_optimizer, separate_gradients
+from dharma_kernel.train.stacked import ALIGN_BYTES, for_eager_training, stack_modules
+
+
+def grouped_model(composition: str, capacity: float | None = None):
+    model = all_modules(composition).train()
+    set_grouped(model, True)  # the grouped path, as on a GPU
+    for stack in model.stacks.values():
+        stack.capacity_factor = capacity
+    return model
+
+
+def assert_near_weights(model, reference):
+    """Every element within a tenth of a step (``lr``). Under exact routing the stacked run computes
+    its groups with their idle members (on no rows), so its products have other shapes and its
+    gradients differ in the last bits; where a gradient is within rounding of zero, AdamW's
+    division turns that into a few percent of a step. A member stepped when it should not be,
+    or not stepped when it should, moves by most of a step."""
+    for (name, p), q in zip(reference.named_parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=0.1 * SETTINGS.learning_rate, msg=name)
+
+
+def stacked_of(model):
+    return for_eager_training(model, SETTINGS, torch.device("cpu"), distributed=False)
+
+
+def train_steps(model, optimizer, steps, limit=0.05, extra=None):
+    """The loop's step (as test_train_flat's), recording which members each step left idle."""
+    record, idle = [], []
+    for ids, mask in steps:
+        torch.manual_seed(0)
+        out = model(input_ids=ids, attention_mask=mask, labels=ids)
+        loss = out.loss + (extra(model) if extra else 0.0)
+        loss.backward()
+        separate_gradients(optimizer.trainable)
+        norm = torch.nn.utils.clip_grad_norm_(optimizer.trainable, limit)
+        idle.append({ref for ref, where in out.module_active.items() if not bool(where.any())})
+        optimizer.step()
+        optimizer.zero_grad()
+        optimizer.schedule_step()
+        record.append((float(loss.detach()), float(norm)))
+    return record, idle
+
+
+def pair(model):
+    """``model`` with its optimizer on its parameters, and a copy with its own on them held stacked."""
+    twin = copy.deepcopy(model)
+    reference = build_optimizer(model, SETTINGS, 10, "cpu")
+    stacked = stacked_of(twin)
+    optimizer = build_optimizer(twin, SETTINGS, 10, "cpu", stacked=stacked)
+    return model, reference, twin, optimizer, stacked
+
+
+def grouped_start():
+    model = all_modules("routed", top_k=1).train()
+    set_grouped(model, True)
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """Exact routing, top-1 (so members go idle): 3 steps on the parameters, 3 held stacked."""
+    model, reference, twin, optimizer, stacked = pair(grouped_start())
+    steps = batches(4)
+    before, idle = train_steps(model, reference, steps[:3])
+    after, _ = train_steps(twin, optimizer, steps[:3])
+    return model, reference, twin, optimizer, stacked, before, after, idle, steps
+
+
+def test_exact_routing_takes_the_same_steps_and_leaves_idle_members_alone(trained):
+    model, reference, twin, optimizer, stacked, before, after, idle, _ = trained
+    assert len(optimizer.trainable) < len(reference.trainable) / 4
+    assert any(idle) and idle[0] != idle[1]  # members went idle, not always the same ones
+    for (loss, norm), (stacked_loss, stacked_norm) in zip(before, after, strict=True):
+        assert stacked_loss == pytest.approx(loss, rel=1e-5)
+        assert stacked_norm == pytest.approx(norm, rel=1e-5)
+    assert before[2][0] != before[0][0]
+    assert_near_weights(twin, model)
+    for p in twin.parameters():  # gradients go to the stacked tensors, never to the members
+        assert p.grad is None
+    # the same parameters stepped as often; one idle at every step is where it started
+    state = reference.state_dict()["state"]
+    stacked_state = optimizer.state_dict()["state"]
+    assert sorted(stacked_state) == sorted(state)
+    for i in state:
+        assert float(stacked_state[i]["step"]) == float(state[i]["step"])
+    start = dict(grouped_start().named_parameters())
+    never = [n for i, (n, _) in enumerate(twin.named_parameters()) if i not in state]
+    assert any(stacked.holds(dict(twin.named_parameters())[n]) for n in never)
+    for name in never:
+        assert torch.equal(dict(twin.named_parameters())[name], start[name]), name
+
+
+@pytest.mark.parametrize(("composition", "capacity"), [("routed", 1.25), ("parallel", None)])
+def test_fixed_capacity_and_parallel_take_the_same_steps(composition, capacity):
+    model, reference, twin, optimizer, stacked = pair(grouped_model(composition, capacity))
+    steps = batches(2)
+    before, _ = train_steps(model, reference, steps)
+    after, _ = train_steps(twin, optimizer, steps)
+    for (loss, norm), (stacked_loss, stacked_norm) in zip(before, after, strict=True):
+        assert stacked_loss == pytest.approx(loss, rel=1e-5)
+        assert stacked_norm == pytest.approx(norm, rel=1e-5)
+    assert_same_weights(twin, model)
+
+
+def test_a_member_read_on_its_own_gets_its_gradient(trained):
+    """A member parameter used outside its group (here an extra loss term on one detector): its
+    gradient joins its row, and the row steps as torch's AdamW steps that parameter."""
+    model, reference, twin, optimizer, stacked, _, _, _, steps = trained
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    a_optimizer = build_optimizer(a, SETTINGS, 10, "cpu")
+    b_stacked = stacked_of(b)
+    b_optimizer = build_optimizer(b, SETTINGS, 10, "cpu", stacked=b_stacked)
+    name = next(n for n, _ in a.named_parameters() if n.endswith("detector.proj.weight") and ".members." in n)
+
+    def extra(m):
+        return dict(m.named_parameters())[name].square().sum()
+
+    expected, _ = train_steps(a, a_optimizer, steps[:2], extra=extra)
+    got, _ = train_steps(b, b_optimizer, steps[:2], extra=extra)
+    for (loss, norm), (b_loss, b_norm) in zip(expected, got, strict=True):
+        assert b_loss == pytest.approx(loss, rel=1e-5)
+        assert b_norm == pytest.approx(norm, rel=1e-5)
+    assert_near_weights(b, a)
+    assert b_stacked.holds(dict(b.named_parameters())[name])
+
+
+def test_the_saved_state_resumes_either_way(trained):
+    """Per parameter, as torch's AdamW saves it (step counts differ: idle members skipped steps);
+    the parameters' state resumes stacked and the stacked state on the parameters."""
+    model, reference, twin, optimizer, stacked, _, _, _, steps = trained
+    saved, stacked_saved = reference.state_dict(), optimizer.state_dict()
+    assert stacked_saved["shapes"] == saved["shapes"]
+    assert len({float(v["step"]) for v in saved["state"].values()}) > 1
+    for i, values in saved["state"].items():
+        for key, value in values.items():
+            torch.testing.assert_close(stacked_saved["state"][i][key], value, rtol=1e-5, atol=1e-7)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    a_stacked = stacked_of(a)
+    a_optimizer = build_optimizer(a, SETTINGS, 10, "cpu", stacked=a_stacked)
+    a_optimizer.load_state_dict(saved)
+    with torch.no_grad():  # b: the stacked run's weights, on its own parameters
+        for p, q in zip(b.parameters(), twin.parameters(), strict=True):
+            p.copy_(q)
+    b_optimizer = build_optimizer(b, SETTINGS, 10, "cpu")
+    b_optimizer.load_state_dict(stacked_saved)
+    fourth = steps[3:]
+    expected, _ = train_steps(model, reference, fourth)
+    assert train_steps(a, a_optimizer, fourth)[0][0][0] == pytest.approx(expected[0][0])
+    assert train_steps(b, b_optimizer, fourth)[0][0][0] == pytest.approx(expected[0][0])
+    assert_near_weights(a, model)
+    assert_near_weights(b, model)
+
+
+def test_storage_is_shared_until_released_and_the_model_saves(tmp_path):
+    model = grouped_model("routed")
+    stacked = stacked_of(model)
+    bucket = stacked.buckets[0]
+    first = bucket.stacked[0]
+    base = bucket.holder.untyped_storage().data_ptr()
+    for held in bucket.stacked:
+        assert held.leaf.untyped_storage().data_ptr() == base
+        assert (held.leaf.data_ptr() - base) % ALIGN_BYTES == 0
+        for i, p in enumerate(held.params):
+            assert p.data_ptr() == held.leaf[i].data_ptr()
+    assert getattr(first.owners[0], STACKED)[first.name][0] is first.leaf
+    stacked.release()
+    assert all(p.untyped_storage().data_ptr() != base for p in first.params)
+    assert not any(hasattr(o, STACKED) for o in first.owners)
+    assert not any(s.whole_groups or s.on_ran for s in model.stacks.values())
+    save_model(model.stacks, str(tmp_path / "stacks.safetensors"))
+    fresh = grouped_model("routed")
+    load_model(fresh.stacks, str(tmp_path / "stacks.safetensors"))
+    for p, q in zip(fresh.stacks.parameters(), model.stacks.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_the_grouped_forward_stacks_nothing():
+    """The point: no per-forward copy of the members' weights (torch.stack) and its split backward."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = grouped_model("routed")
+    ids = torch.randint(1, 97, BATCH, generator=torch.Generator().manual_seed(0))
+
+    def stacks_called():
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(input_ids=ids, labels=ids).loss.backward()
+        model.zero_grad(set_to_none=True)
+        return sum(1 for e in prof.events() if e.name == "aten::stack")
+
+    before = stacks_called()
+    stacked = stacked_of(model)
+    after = stacks_called()
+    stacked.release()
+    assert before > 20
+    assert after < before / 10
+
+
+def test_when_parameters_are_held_stacked():
+    model = grouped_model("routed")
+    assert stacked_of(model) is not None
+    set_grouped(model, False)  # every module alone (the CPU's default): nothing to hold
+    assert stacked_of(model) is None
+    model = grouped_model("routed")
+    for change in ({"compile": True}, {"optimizer_in_backward": True}, {"optimizer_state": "bf16"}):
+        assert (
+            for_eager_training(model, SETTINGS.model_copy(update=change), torch.device("cpu"), False) is None
+        )
+    assert for_eager_training(model, SETTINGS, torch.device("cpu"), distributed=True) is None
+    assert stack_modules(grouped_model("sequential"), torch.device("cpu"), set()) is None
+    frozen = grouped_model("routed")
+    for p in frozen.stacks.parameters():
+        p.requires_grad_(False)
+    assert stacked_of(frozen) is None
+
+
+def test_dharma_train_holds_grouped_parameters_stacked_and_resumes_either_way(tmp_path, monkeypatch):
+    """`dharma train` where the stacks group (a GPU; here forced): the members' parameters held
+    stacked, the losses and checkpoints of a run without, a checkpoint that resumes without, and
+    members that own their storage again afterwards."""
+    from test_train_compile import QUIET, losses
+    from trainkit import weights, write_manifest
+
+    from dharma_kernel.stack import ModuleStack
+    from dharma_kernel.train import session
+    from dharma_kernel.train.run import TrainOptions, train
+
+    monkeypatch.setattr(ModuleStack, "groups_on", lambda self, device: True)
+    real, made = session.for_eager_training, []
+    monkeypatch.setattr(session, "for_eager_training", lambda *a: made.append(real(*a)) or made[-1])
+
+    def manifest(folder, **settings):
+        path = write_manifest(
+            folder,
+            dropout=0.0,
+            train={
+                "max_steps": 4,
+                "keep_last": 4,
+                "save_every": 1,
+                "schedule": "constant",
+                "warmup_fraction": 0.0,
+                **settings,
+            },
+        )
+        text = path.read_text().replace(
+            'include = ["dharma", "vedanta"]', 'include = ["dharma", "ahimsa", "seva", "vedanta", "nyaya"]'
+        )
+        path.write_text(text)
+        return path
+
+    train(manifest(tmp_path / "stacked"), TrainOptions(), QUIET)
+    held = made[-1]
+    monkeypatch.setattr(session, "for_eager_training", lambda *a: None)
+    train(manifest(tmp_path / "plain"), TrainOptions(), QUIET)
+    stacked, plain = tmp_path / "stacked" / "run", tmp_path / "plain" / "run"
+    assert held is not None and {h.name for b in held.buckets for h in b.stacked} >= {"weight", "bias"}
+    first, second = held.buckets[0].stacked[0].params[:2]
+    assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()  # released
+    for step, loss in losses(plain).items():
+        assert losses(stacked)[step] == pytest.approx(loss, rel=1e-4)
+    saved = [weights(root / "checkpoints" / "step-00000002") for root in (plain, stacked)]
+    assert sorted(saved[1]) == sorted(saved[0])
+    for name, value in saved[0].items():
+        torch.testing.assert_close(saved[1][name], value, rtol=0, atol=3e-4, msg=name)  # 0.1 of a step
+    # each run's step-2 checkpoint resumes the other way, and takes the run's own steps 3 and 4
+    for source, stacking in ((stacked, False), (plain, True)):
+        copy = shutil.copytree(source.parent, tmp_path / f"resumed-{stacking}", symlinks=True)
+        (copy / "run" / "latest").unlink()
+        (copy / "run" / "latest").symlink_to("checkpoints/step-00000002")
+        monkeypatch.setattr(session, "for_eager_training", real if stacking else lambda *a: None)
+        train(copy / "m.toml", TrainOptions(resume=True, max_steps=4), QUIET)
+        for step in (3, 4):
+            assert losses(copy / "run")[step] == pytest.approx(losses(source)[step], rel=1e-4)
