@@ -11,6 +11,7 @@ the module linears on sgemm instead of oneDNN (``dharma_kernel.cpu_linear``), sh
 then seed routed on the other path (grouped on the CPU), also shown; then lite routed with fixed
 capacity (``[modules] capacity_factor = 1.25``, dharma_kernel.capacity), shown, in every table.
 ``DHARMA_BENCH_COMPILE_MODE`` sets the compiled rows' torch.compile mode ("reduce-overhead": CUDA graphs).
+``DHARMA_BENCH_STACKED=0`` times the grouped eager rows with their weights stacked in every forward.
 Before the speeds: aten ops per training step (torch.profiler's count of every aten op, nested
 ones included, on the CPU: the same on any machine) of a small backbone bare and assembled.
 Op counts are of the grouped path (what a GPU runs; ``--per-module`` runs every module alone), with
@@ -76,6 +77,9 @@ COMPILED = (
 SHAPE = {"cpu": (4, 128), "cuda": (8, 256)}  # batch x tokens per step
 # torch.compile's mode for the compiled rows, as `[train] compile_mode` ("reduce-overhead": CUDA graphs)
 COMPILE_MODE = os.environ.get("DHARMA_BENCH_COMPILE_MODE", "default")
+# DHARMA_BENCH_STACKED=0: the eager rows stack the groups' weights in every forward and step each
+# module tensor on its own, as before dharma_kernel.train.stacked (to compare the two)
+HOLD_STACKED = os.environ.get("DHARMA_BENCH_STACKED", "1") != "0"
 WARMUP, COMPILE_WARMUP = 2, 4  # compiled: the first steps compile (and a routed model recompiles once)
 # Op counts: a 6-layer 128-wide GPT-2 at batch 4 x 64 (the shapes of issue #14), lite routed target.
 OPS_BACKBONE, OPS_BATCH, OPS_LENGTH, OPS_TARGET = {"n_layer": 6, "n_embd": 128, "n_head": 4}, 4, 64, 2.0
@@ -190,6 +194,7 @@ class Trainer:
         labels: bool = False,
         compile: bool = False,
         flat: bool = True,
+        stacked: bool = HOLD_STACKED,
     ) -> None:
         self.model = model.to(device).train()
         self.params = sum(p.numel() for p in model.parameters())
@@ -200,7 +205,7 @@ class Trainer:
         # eager, as `dharma train` trains: the groups' parameters held stacked where the stacks run
         # grouped (dharma_kernel.train.stacked), stepped by it with AdamW's default weight decay
         everything = {id(p) for p in model.parameters()}
-        self.stacked = None if compile else stack_modules(self.model, device, everything)
+        self.stacked = stack_modules(self.model, device, everything) if stacked and not compile else None
         self.concept_labels = labels
         self.device = device
         held = [h.holds for h in (flat, self.stacked) if h is not None]

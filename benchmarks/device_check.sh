@@ -6,6 +6,8 @@
 #   there:  bash benchmarks/device_check.sh (the device tool's `run`, with `carry: [".device"]`)
 #           bash benchmarks/device_check.sh graphs   (then, time left: compiled with CUDA graphs)
 #           bash benchmarks/device_check.sh decode   (time left still: `dharma generate --compile`)
+#           bash benchmarks/device_check.sh unstacked (the eager rows with the groups' weights
+#                                           stacked in every forward, as before train/stacked.py)
 #
 # It installs the wheels into /tmp (no network there), prints the card, then times the module
 # stacks against the bare backbone in bf16 at batch 8 x 256: eager rows first, then compiled
@@ -35,6 +37,11 @@ print('dharma_kernel', dharma_kernel.__file__, len(registry.discover('module')),
 if [ "${1:-}" = decode ]; then
     # Decoding eager against compiled (benchmarks/bench_decode.py), bf16.
     timeout "${DECODE_SECONDS:-500}" "$python" benchmarks/bench_decode.py 2>&1 | tee "$out/decode.txt"
+    exit
+fi
+if [ "${1:-}" = unstacked ]; then
+    DHARMA_BENCH_STACKED=0 timeout "${EAGER_SECONDS:-200}" "$python" benchmarks/bench_modules.py --quick \
+        --speed-only 2>&1 | tee "$out/eager-unstacked.txt"
     exit
 fi
 if [ "${1:-}" = graphs ]; then

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -97,21 +97,60 @@ class GroupInput:
         """``values [B, T, ...]`` at the group's tokens, padded ``[M, most, ...]``."""
         return self.groups.pad(values.flatten(0, 1).index_select(0, self.rows))
 
+    def repeated(self, times: int) -> GroupInput:
+        """The same tokens for ``times`` copies of the group's modules, copy after copy: how the
+        views of multi-view modules attend in one call (:func:`multi_view`)."""
+        groups, count = self.groups, len(self.groups.counts)
+        within = groups.slots - groups.module * groups.most
+        copy = torch.arange(times, device=within.device).repeat_interleave(len(within))
+        module = groups.module.repeat(times) + copy * count
+        repeated = Groups(groups.counts * times, within.device, module, within.repeat(times))
+        return GroupInput(self.hidden, self.ctx, self.rows.repeat(times), repeated, self.fixed)
 
-# Where a block's parameter is held stacked with its group's (dharma_kernel.train.stacked): the
-# attribute maps the parameter's name to the stacked tensor and the blocks of its rows, in order.
-STACKED = "_dharma_stacked"
+
+@dataclass
+class Held:
+    """A parameter of a group's blocks held stacked (dharma_kernel.train.stacked): the stacked
+    tensor, the blocks of its rows in order, and what to tell when training reads it."""
+
+    leaf: torch.Tensor
+    owners: tuple[nn.Module, ...]
+    read: Callable[[], None]
+
+
+# The parameters held stacked, by (id of the first block, parameter name). The blocks are kept, so
+# an id cannot be reused while it is held; a copy of the model (copy.deepcopy) has other blocks,
+# finds nothing here, and stacks its own parameters in every forward.
+HELD: dict[tuple[int, str], Held] = {}
 
 
 def stacked(blocks: Sequence[nn.Module], name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The parameter ``name`` of every block, stacked ``[M, ...]`` (in ``dtype`` if given): the
     tensor that holds them stacked, if one holds exactly these blocks' in this order, else a copy."""
-    held = getattr(blocks[0], STACKED, {}).get(name)
-    if held is not None and len(held[1]) == len(blocks) and all(map(operator.is_, held[1], blocks)):
-        weights = held[0]
-    else:
+    held = _held(blocks, name) if HELD else None
+    if held is None:
         weights = torch.stack([getattr(block, name) for block in blocks])
+    else:
+        weights = held[0] if len(held) == 1 else torch.cat(held)
     return weights if dtype is None or weights.dtype == dtype else weights.to(dtype)
+
+
+def _held(blocks: Sequence[nn.Module], name: str) -> list[torch.Tensor] | None:
+    """The stacked tensors that hold the parameter ``name`` of ``blocks``, one after another
+    (several: the views of multi-view modules); None unless they hold exactly these blocks'."""
+    found, at = [], 0
+    while at < len(blocks):
+        held = HELD.get((id(blocks[at]), name))
+        if held is None or len(held.owners) > len(blocks) - at:
+            return None
+        if not all(map(operator.is_, held.owners, blocks[at : at + len(held.owners)])):
+            return None
+        found.append(held)
+        at += len(held.owners)
+    if torch.is_grad_enabled():
+        for held in found:
+            held.read()
+    return [held.leaf for held in found]
 
 
 def along_tokens(blocks: Sequence[nn.Module], name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -224,8 +263,12 @@ def _attention_over_every_key(
 def multi_view(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) -> torch.Tensor:
     """:class:`~dharma_kernel.blocks.MultiViewAttention` of each module."""
     weights = torch.softmax(linear([b.mix for b in blocks], layer_norm([b.norm for b in blocks], x)), dim=-1)
-    views = [attention([b.views[i] for b in blocks], x, where) for i in range(len(blocks[0].views))]
-    return (torch.stack(views, dim=-1) * weights[:, :, None, :]).sum(-1)
+    count, views = len(blocks), len(blocks[0].views)
+    # every module's every view as one group of count * views, view after view: one attention call
+    every = [b.views[i] for i in range(views) for b in blocks]
+    out = attention(every, x.repeat(views, 1, 1), where.repeated(views))  # [views * M, most, H]
+    out = out.view(views, count, *x.shape[1:]).permute(1, 2, 3, 0)  # [M, most, H, views]
+    return (out * weights[:, :, None, :]).sum(-1)
 
 
 def plan_runs(members: Sequence[DharmaModule], grouped: bool = True) -> list[list[int]]:
@@ -243,12 +286,15 @@ def plan_runs(members: Sequence[DharmaModule], grouped: bool = True) -> list[lis
 
 
 def token_places(
-    runs: Sequence[Sequence[int]], counts: Sequence[int], position: torch.Tensor, whole: bool = False
+    runs: Sequence[Sequence[int]],
+    counts: Sequence[int],
+    position: torch.Tensor,
+    whole: Collection[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For tokens laid out module after module in the order of ``runs`` (``counts`` per module, some
     zero; ``position [N]``: each token's module as its place in that order): each token's index
-    among the members with tokens of its run (``whole``: among all its members), and its index
-    among its module's tokens.
+    among the members with tokens of its run (among all its members, for the runs whose first
+    member is in ``whole``), and its index among its module's tokens.
 
     One small table goes to the device for all the runs, where building each group's layout
     apart costs a transfer (on a GPU, a wait) and a dozen ops per group.
@@ -256,11 +302,11 @@ def token_places(
     local, first = [], []
     start = 0
     for indices in runs:
-        rank = 0
+        rank, every = 0, indices[0] in whole
         for m in indices:
             local.append(rank)
             first.append(start)
-            rank += whole or counts[m] > 0
+            rank += every or counts[m] > 0
             start += counts[m]
     per_token = on_device([local, first], position.device).index_select(1, position)
     return per_token[0], torch.arange(len(position), device=position.device) - per_token[1]
@@ -297,17 +343,19 @@ def run_groups(
     ctx: ModuleContext,
     rows: Sequence[torch.Tensor],
     order: Sequence[Sequence[int]] | None = None,
+    alone: Collection[int] = (),
 ) -> dict[int, TokenOutput]:
     """The output of each groupable module (by index) at its tokens ``hidden.flatten(0, 1)[rows[i]]``,
     computed group by group.
 
     Modules without tokens, and groups of one, are left out: they run alone (the reference path).
-    ``order``: ``plan_runs(members)``, if the caller has it already.
+    ``order``: ``plan_runs(members)``, if the caller has it already. ``alone``: the runs (by first
+    member) that compute here even with one module, as a group of one (groupable ones only).
     """
     outputs: dict[int, TokenOutput] = {}
     for indices in plan_runs(members) if order is None else order:
         running = [i for i in indices if len(rows[i])]
-        if len(running) < 2:
+        if not running or (len(running) == 1 and indices[0] not in alone):
             continue
         counts = [len(rows[i]) for i in running]
         at = torch.cat([rows[i] for i in running])

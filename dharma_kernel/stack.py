@@ -117,10 +117,11 @@ class ModuleStack(nn.Module):
         # routed trained at 0.60 of the bare backbone grouped, 0.76 alone (benchmarks/bench_modules.py).
         self.grouped: bool | None = None
         # Set while the members' parameters are held stacked (dharma_kernel.train.stacked):
-        # whole_groups, under exact routing a group computes all its members when any has tokens
-        # (those without on no rows), so their stacked weights are read whole, not gathered;
+        # held_runs, the runs (by first member) held: each computes on the grouped path (a group of
+        # one too), and under exact routing with all its members when any has tokens (those without
+        # on no rows), so their stacked weights are read whole, not gathered;
         # on_ran, told in every forward with autograd on which members computed (got a gradient).
-        self.whole_groups = False
+        self.held_runs: frozenset[int] = frozenset()
         self.on_ran: Callable[[list[DharmaModule]], None] | None = None
         # plan_runs depends on the members only: worked out once here, not in every forward
         # (where torch.compile could not trace it and broke the graph).
@@ -234,7 +235,10 @@ class ModuleStack(nn.Module):
         members = list(self.members.values())
         every = torch.arange(hidden.shape[0] * hidden.shape[1], device=hidden.device)
         rows = [every] * len(members)
-        together = run_groups(members, hidden, ctx, rows, self._runs[True]) if self._grouping(hidden) else {}
+        grouping = self._grouping(hidden)
+        together = (
+            run_groups(members, hidden, ctx, rows, self._runs[True], self.held_runs) if grouping else {}
+        )
         for index, (ref, module) in enumerate(zip(self.refs, members, strict=True)):
             if index in together:
                 out = _placed(together[index], hidden)
@@ -315,29 +319,30 @@ class ModuleStack(nn.Module):
         module = ranked.index_select(0, pairs[:, 0])
         rows = pairs[:, 1]
         counts = torch.bincount(module, minlength=len(members)).tolist()
-        local, within = token_places(order, counts, pairs[:, 0], whole=self.whole_groups)
+        local, within = token_places(order, counts, pairs[:, 0], whole=self.held_runs)
         x = hidden.flatten(0, 1).index_select(0, rows)
         deltas, scores, unused = [], [], []
         stack_ctx = ModuleContext(attention_mask, past)  # its shared results serve every module
         start = 0
         for indices in order:
             running = [m for m in indices if counts[m]]
-            if self.whole_groups and running and len(indices) > 1:
+            held = indices[0] in self.held_runs
+            if held and running:
                 running = list(indices)  # the idle ones on no rows: the group's stacked weights read whole
             unused += [members[m] for m in indices if not counts[m]]
             size = sum(counts[m] for m in running)
             at = slice(start, start + size)
             start += size
-            if len(running) > 1:
+            if not running:
+                continue
+            if len(running) > 1 or held:
                 group, sizes = [members[m] for m in running], [counts[m] for m in running]
                 out = run_group(group, x[at], sizes, hidden, stack_ctx, rows[at], (local[at], within[at]))
-            elif running:
+            else:
                 m = running[0]
                 ctx = ModuleContext(attention_mask, past, active[..., m], rows[at], stack_ctx.shared)
                 out = _at_tokens(members[m], x[at], hidden, ctx)
                 _record_extras(result, self.refs[m], out)
-            else:
-                continue
             deltas.append(out.delta)
             scores.append(out.score)
         if not deltas:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -359,3 +360,48 @@ def test_gradients_that_share_memory_are_clipped_once_each():
     factor = 1e-3 / float(torch.linalg.vector_norm(torch.stack([g.norm() for g in before])))
     for p, g in zip(params, before, strict=True):
         torch.testing.assert_close(p.grad, g * factor, rtol=1e-4, atol=1e-12)
+
+
+def test_the_loop_separates_gradients_before_it_clips(tmp_path, monkeypatch):
+    """`dharma train` calls separate_gradients on what it clips, before clipping."""
+    from rich.console import Console
+    from trainkit import write_manifest
+
+    from dharma_kernel.train import loop
+    from dharma_kernel.train.run import TrainOptions, train
+
+    calls = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(loop, "separate_gradients", lambda params: calls.append(("separate", params)))
+    monkeypatch.setattr(
+        torch.nn.utils,
+        "clip_grad_norm_",
+        lambda params, limit: calls.append(("clip", params)) or real_clip(params, limit),
+    )
+    train(
+        write_manifest(tmp_path, train={"max_steps": 1, "grad_accum": 1}), TrainOptions(), Console(quiet=True)
+    )
+    assert [name for name, _ in calls] == ["separate", "clip"]
+    assert calls[0][1] is calls[1][1]
+
+
+def test_optimizer_in_backward_clips_a_shared_gradient_once_for_each_parameter():
+    """Stepping in backward, each parameter's hook clips its gradient: out of place, as the same
+    tensor may be another parameter's gradient still to come (the one-token group above), whose
+    norm the reported global norm then counts unclipped."""
+    model = all_modules("parallel").train()
+    set_grouped(model, True)
+    ids = torch.tensor([[5]])
+    reference = copy.deepcopy(model)
+    torch.manual_seed(1)  # the same dropout both times
+    reference(input_ids=ids).logits.square().mean().backward()
+    params = [p for p in reference.parameters() if p.grad is not None]
+    separate_gradients(params)
+    true = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+    settings = TrainSection(
+        learning_rate=1e-2, max_grad_norm=1e-4, warmup_fraction=0.0, optimizer_in_backward=True
+    )
+    optimizer = build_optimizer(model, settings, 10, "cpu")
+    torch.manual_seed(1)
+    model(input_ids=ids).logits.square().mean().backward()
+    assert optimizer.grad_norm == pytest.approx(true, rel=1e-6)

@@ -13,7 +13,9 @@ from safetensors.torch import load_model, save_model
 from test_grouped import all_modules, set_grouped
 from test_train_flat import BATCH, SETTINGS, assert_same_weights, batches
 
-from dharma_kernel.grouped import STACKED
+from dharma_kernel.freeze import freeze_groups
+from dharma_kernel.grouped import HELD
+from dharma_kernel.train import stacked as stacked_module
 from dharma_kernel.train.optim import build_optimizer, separate_gradients
 from dharma_kernel.train.stacked import ALIGN_BYTES, for_eager_training, stack_modules
 
@@ -179,11 +181,11 @@ def test_storage_is_shared_until_released_and_the_model_saves(tmp_path):
         assert (held.leaf.data_ptr() - base) % ALIGN_BYTES == 0
         for i, p in enumerate(held.params):
             assert p.data_ptr() == held.leaf[i].data_ptr()
-    assert getattr(first.owners[0], STACKED)[first.name][0] is first.leaf
+    assert HELD[(id(first.owners[0]), first.name)].leaf is first.leaf
     stacked.release()
     assert all(p.untyped_storage().data_ptr() != base for p in first.params)
-    assert not any(hasattr(o, STACKED) for o in first.owners)
-    assert not any(s.whole_groups or s.on_ran for s in model.stacks.values())
+    assert (id(first.owners[0]), first.name) not in HELD
+    assert not any(s.held_runs or s.on_ran for s in model.stacks.values())
     save_model(model.stacks, str(tmp_path / "stacks.safetensors"))
     fresh = grouped_model("routed")
     load_model(fresh.stacks, str(tmp_path / "stacks.safetensors"))
@@ -287,3 +289,55 @@ def test_dharma_train_holds_grouped_parameters_stacked_and_resumes_either_way(tm
         train(copy / "m.toml", TrainOptions(resume=True, max_steps=4), QUIET)
         for step in (3, 4):
             assert losses(copy / "run")[step] == pytest.approx(losses(source)[step], rel=1e-4)
+
+
+def test_a_group_with_a_frozen_member_is_not_held_and_its_idle_members_stay():
+    """Freezing one module (a ref) leaves its group as it was: not held, not run with its idle
+    members, so none of them gets a zero gradient and a step that torch's AdamW would not take."""
+    model = grouped_start()
+    frozen = "paths.dharma"
+    freeze_groups(model, [frozen])
+    model, reference, twin, optimizer, stacked = pair(model)
+    held = [n for n, p in twin.named_parameters() if stacked.holds(p)]
+    plain_paths = ("dharma", "moksha", "bhakti", "ahimsa", "seva")  # the frozen module's group
+    assert not any(f".paths__{path}." in n for n in held for path in plain_paths)
+    assert any(".consciousness__" in n for n in held)  # the other groups are held
+    train_steps(model, reference, batches(3))
+    train_steps(twin, optimizer, batches(3))
+    state, stacked_state = reference.state_dict()["state"], optimizer.state_dict()["state"]
+    assert sorted(stacked_state) == sorted(state)
+    for i in state:
+        assert float(stacked_state[i]["step"]) == float(state[i]["step"])
+    assert_near_weights(twin, model)
+
+
+def test_a_copy_of_a_held_model_computes_with_its_own_parameters():
+    """copy.deepcopy while held (an EMA, a snapshot): the copy finds nothing held and stacks its own
+    parameters, so loading other weights into it changes what it computes."""
+    model = grouped_model("routed")
+    stacked = stacked_of(model)
+    copied = copy.deepcopy(model)
+    fresh = grouped_model("routed")
+    with torch.no_grad():
+        for p in fresh.stacks.parameters():
+            p.mul_(0.5)
+    copied.load_state_dict(fresh.state_dict())
+    ids = torch.randint(1, 97, BATCH, generator=torch.Generator().manual_seed(0))
+    copied.eval(), fresh.eval()  # no dropout
+    torch.testing.assert_close(copied(input_ids=ids).logits, fresh(input_ids=ids).logits)
+    stacked.release()
+
+
+def test_stepping_in_chunks_takes_the_same_steps(monkeypatch):
+    """AdamW steps a flat tensor a few rows at a time (bounded temporaries): the same result."""
+    steps = batches(2)
+    whole = grouped_model("routed", 1.25)
+    model, reference, twin, optimizer, _ = pair(whole)
+    train_steps(twin, optimizer, steps)
+    monkeypatch.setattr(stacked_module, "CHUNK", 100)
+    chunked = grouped_model("routed", 1.25)
+    small = stacked_of(chunked)
+    assert max(len(b.chunks) for b in small.buckets) > 10
+    train_steps(chunked, build_optimizer(chunked, SETTINGS, 10, "cpu", stacked=small), steps)
+    for (name, p), q in zip(twin.named_parameters(), chunked.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-7, msg=name)

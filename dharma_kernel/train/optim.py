@@ -398,7 +398,9 @@ class Optimizer:
         bad = ~torch.isfinite(norm)
         self._bad = bad if self._bad is None else self._bad | bad
         if self.train.max_grad_norm > 0:
-            grad.mul_((self.train.max_grad_norm / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype))
+            # not in place: backward may have handed this gradient tensor to another parameter too
+            # (see separate_gradients), whose hook has yet to read it
+            p.grad = grad * (self.train.max_grad_norm / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype)
         optimizer = self._owner[id(p)]
         optimizer.param_groups[0]["lr"] = self.lr
         if self._fused or isinstance(optimizer, BF16AdamW):

@@ -165,25 +165,26 @@ class _Session:
         wrapped = wrap(model, self.dist, self.device, self.cfg.distributed)
         # train.compile: modules trained as flat tensors (not when resuming unequal step counts)
         saved = (state or {}).get("optimizer") if not self.options.reset_optimizer else None
-        flat = for_compiled_training(model, self.cfg, saved)
-        # eagerly, on the grouped path: the groups' parameters held stacked (train.stacked)
-        stacked = for_eager_training(model, self.cfg, self.device, self.dist.enabled)
-        optimizer = build_optimizer(model, self.cfg, total, self.device, flat, stacked)  # after sharding
-        loop = Loop(
-            model=for_training(wrapped, self.cfg, flat),
-            raw=model,
-            optimizer=optimizer,
-            train_data=train_data,
-            eval_data=eval_data,
-            windows=windows,
-            dist=self.dist,
-            device=self.device,
-            precision=self.precision,
-            lm_weight=self.manifest.loss.lm,
-            max_grad_norm=self.cfg.max_grad_norm,
-            scale=LossScale(enabled=self.precision == "fp16"),
-        )
-        try:
+        flat = stacked = None
+        try:  # from here on, whatever fails gives the model's parameters their own storage back
+            flat = for_compiled_training(model, self.cfg, saved)
+            # eagerly, on the grouped path: the groups' parameters held stacked (train.stacked)
+            stacked = for_eager_training(model, self.cfg, self.device, self.dist.enabled)
+            optimizer = build_optimizer(model, self.cfg, total, self.device, flat, stacked)  # after sharding
+            loop = Loop(
+                model=for_training(wrapped, self.cfg, flat),
+                raw=model,
+                optimizer=optimizer,
+                train_data=train_data,
+                eval_data=eval_data,
+                windows=windows,
+                dist=self.dist,
+                device=self.device,
+                precision=self.precision,
+                lm_weight=self.manifest.loss.lm,
+                max_grad_norm=self.cfg.max_grad_norm,
+                scale=LossScale(enabled=self.precision == "fp16"),
+            )
             if state is not None:
                 self._restore(loop, state, model)
             elif self.dist.main:

@@ -4,7 +4,7 @@ A group of modules (:mod:`dharma_kernel.grouped`) computes each block with one b
 product over its members' weights stacked ``[M, ...]``. Stacked afresh in every forward, that
 costs a copy forward, a split backward and a gradient per member; and AdamW then steps over
 a thousand small tensors one by one. Here each of a group's parameters is held as one stacked
-tensor that the grouped path reads as it is (:func:`~dharma_kernel.grouped.stacked`); each
+tensor that the grouped path reads as it is (:data:`~dharma_kernel.grouped.HELD`); each
 member's own parameter is a row of it (its storage a view), so the model that is evaluated,
 saved and exported is the one being trained, under its own names. The stacked tensors of
 one weight-decay kind are views of one flat tensor, their gradients of one flat gradient,
@@ -13,76 +13,97 @@ and AdamW steps each flat tensor at once.
 Exact: AdamW is per parameter, so a member that did not compute (under exact routing, one no
 token chose) must be left as it is, moments and step count too, as torch's AdamW leaves a
 parameter without a gradient. The update is masked per member parameter (a row): each row
-has its own step count, and only the rows whose module computed since the last step move
-(the stack says which, :attr:`~dharma_kernel.stack.ModuleStack.on_ran`). A member parameter
-read outside its group (a module run alone) gets its gradient as any parameter does; a hook
-moves it into its row and marks the row.
+has its own step count, and a row moves only if its module computed since the last step (the
+stack says which, :attr:`~dharma_kernel.stack.ModuleStack.on_ran`) and the grouped path read
+its stacked tensor. A member parameter read outside its group (a module run alone) gets its
+gradient as any parameter does; a hook moves it into its row and marks the row.
+
+A group is held whole or not at all: a parameter trainable in some of its members and frozen
+in others (one module's ref frozen) leaves the group as it was, stacked in every forward.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..grouped import STACKED, group_key
+from ..grouped import HELD, Held, group_key
 from .optim import decay_split
 
 # Each stacked tensor starts on a 64-byte boundary of its flat tensor, as a tensor of its own
 # would: kernels take other (vectorised) paths, and sum in another order, on unaligned data.
 ALIGN_BYTES = 64
+# AdamW steps a flat tensor this many elements at a time (whole rows): its temporaries, a few
+# per element, stay bounded (about 200 MB) however many parameters are held.
+CHUNK = 1 << 24
 
 
 @dataclass
 class Stacked:
     """One parameter of a group's members held stacked: ``leaf [M, ...]`` (what the grouped path
     reads and autograd accumulates into), the member parameters (row views of it), the blocks
-    that own them, and the parameter name."""
+    that own them, the members (modules) they belong to, and the parameter name."""
 
     leaf: nn.Parameter
     params: list[nn.Parameter]
     owners: list[nn.Module]
+    modules: list[nn.Module]
     name: str
     start: int  # first element in its bucket's flat tensor
     rows: list[int]  # each member parameter's row (its step count) in the bucket
 
 
 @dataclass
+class Chunk:
+    """A run of whole rows of a flat tensor: its elements, and its rows as (row, length) segments
+    in element order (the gaps between stacked tensors are the bucket's last row, never stepped)."""
+
+    span: slice
+    rows: torch.Tensor
+    lengths: torch.Tensor
+
+
+@dataclass
 class Bucket:
     """The stacked tensors of one (device, dtype, weight decay): ``holder`` wraps the flat tensor
     (its ``grad``: the flat gradient), so clipping sees one tensor; ``steps``: AdamW's step count
-    per row, one more for the gaps (never stepped); ``row_of``: each element's row."""
+    per row, one more for the gaps."""
 
     holder: nn.Parameter
     decay: bool
     stacked: list[Stacked] = field(default_factory=list)
+    chunks: list[Chunk] = field(default_factory=list)
     steps: torch.Tensor | None = None
-    row_of: torch.Tensor | None = None
     exp_avg: torch.Tensor | None = None
     exp_avg_sq: torch.Tensor | None = None
 
-    @property
-    def rows(self) -> int:
-        return len(self.steps) - 1
 
-
-def _stackable(members: list[nn.Module]) -> list[tuple[list[nn.Module], str, list[nn.Parameter]]]:
-    """Each parameter of a group's members as (owning blocks, name, parameters), those that can be
-    stacked: trainable in every member, of one shape, dtype and device."""
+def _group_parameters(
+    members: list[nn.Module],
+) -> list[tuple[list[nn.Module], str, list[nn.Parameter]]] | None:
+    """Each trainable parameter of a group's members as (owning blocks, name, parameters); None if
+    the group cannot be held: a parameter trainable in some members and frozen in others, or of
+    other shapes, dtypes or devices. Parameters frozen in every member are left out."""
     subs = [dict(m.named_modules()) for m in members]
     out = []
-    for path in subs[0]:
+    for path, first in subs[0].items():
         owners = [s.get(path) for s in subs]
         if any(o is None for o in owners):
-            continue
-        for name, _ in owners[0].named_parameters(recurse=False):
+            return None
+        for name, _ in first.named_parameters(recurse=False):
             params = [getattr(o, name, None) for o in owners]
-            if not all(isinstance(p, nn.Parameter) and p.requires_grad for p in params):
+            if not all(isinstance(p, nn.Parameter) for p in params):
+                return None
+            trainable = {p.requires_grad for p in params}
+            if trainable == {False}:
                 continue
-            if len({(tuple(p.shape), p.dtype, p.device) for p in params}) == 1:
-                out.append((owners, name, params))
+            if len(trainable) > 1 or len({(tuple(p.shape), p.dtype, p.device) for p in params}) > 1:
+                return None
+            out.append((owners, name, params))
     return out
 
 
@@ -91,41 +112,43 @@ class StackedParameters:
 
     def __init__(self, stacks: list[nn.Module], decayed: set[int]) -> None:
         self.stacks = stacks
-        self._row_of_module: dict[int, list[tuple[Bucket, int]]] = {}
-        self._marked: dict[int, set[int]] = {}
         self._hooks: list = []
-        found: dict[tuple, list[tuple[list[nn.Module], str, list[nn.Parameter]]]] = {}
-        self._modules_of: dict[int, list[nn.Module]] = {}
+        self._keys: list[tuple[int, str]] = []
+        self._ran: set[int] = set()  # modules that computed since the last step
+        self._read: set[int] = set()  # stacked tensors the grouped path read
+        self._hooked: dict[int, set[int]] = {}  # rows marked by a member read on its own, per bucket
+        found: dict[tuple, list] = {}
         for stack in stacks:
             members = list(stack.members.values())
+            held_runs = set()
             for run in stack._runs[True]:
                 group = [members[i] for i in run]
-                if len(group) < 2 or group_key(group[0]) is None:
+                entries = _group_parameters(group) if group_key(group[0]) is not None else None
+                if not entries:
                     continue
-                for owners, name, params in _stackable(group):
-                    p = params[0]
-                    found.setdefault((p.device, p.dtype, id(p) in decayed), []).append((owners, name, params))
-                    self._modules_of[id(params[0])] = group
+                held_runs.add(run[0])
+                for owners, name, params in entries:
+                    key = (params[0].device, params[0].dtype, id(params[0]) in decayed)
+                    found.setdefault(key, []).append((owners, name, params, group))
+            stack.held_runs = frozenset(held_runs)
+            stack.on_ran = self._modules_ran
         self.buckets = [self._bucket(key, entries) for key, entries in found.items()]
         self.held = {id(p) for b in self.buckets for s in b.stacked for p in s.params}
-        for stack in stacks:
-            stack.whole_groups = stack.composition == "routed"
-            stack.on_ran = self._ran
 
     def _bucket(self, key: tuple, entries: list) -> Bucket:
         device, dtype, decay = key
         step = max(1, ALIGN_BYTES // torch.tensor([], dtype=dtype).element_size())
         starts, end = [], 0
-        for _, _, params in entries:
+        for _, _, params, _ in entries:
             starts.append(end)
             end = -(-(end + len(params) * params[0].numel()) // step) * step
         flat = torch.zeros(end, device=device, dtype=dtype)
         grad = torch.zeros_like(flat)
         bucket = Bucket(holder=nn.Parameter(flat), decay=decay)
         bucket.holder.grad = grad
-        row_index = torch.full((end,), -1, dtype=torch.long)
+        segments: list[tuple[int, int]] = []  # (row, length) in element order; row -1: a gap
         rows = 0
-        for (owners, name, params), start in zip(entries, starts, strict=True):
+        for (owners, name, params, group), start in zip(entries, starts, strict=True):
             shape, n = params[0].shape, params[0].numel()
             span = slice(start, start + len(params) * n)
             leaf = nn.Parameter(flat[span].view(len(params), *shape))
@@ -134,37 +157,51 @@ class StackedParameters:
                 for i, p in enumerate(params):
                     leaf[i].copy_(p)
                     p.data = leaf.detach()[i]  # shares the stacked tensor's storage
-            held = Stacked(leaf, params, owners, name, start, list(range(rows, rows + len(params))))
-            for i, (owner, p) in enumerate(zip(owners, params, strict=True)):
-                vars(owner).setdefault(STACKED, {})[name] = (leaf, owners)
-                row_index[start + i * n : start + (i + 1) * n] = rows + i
+            held = Stacked(leaf, params, owners, group, name, start, list(range(rows, rows + len(params))))
+            key = (id(owners[0]), name)
+            HELD[key] = Held(leaf, tuple(owners), self._reader(leaf))
+            self._keys.append(key)
+            for i, p in enumerate(params):
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._moved(bucket, held, i)))
-            group = self._modules_of[id(params[0])]
-            for module, row in zip(group, held.rows, strict=True):
-                self._row_of_module.setdefault(id(module), []).append((bucket, row))
+            segments += [(row, n) for row in held.rows]
+            gap = (
+                starts[len(bucket.stacked) + 1] if len(bucket.stacked) + 1 < len(starts) else end
+            ) - span.stop
+            if gap:
+                segments.append((-1, gap))
             rows += len(params)
             bucket.stacked.append(held)
-        bucket.row_of = torch.where(row_index < 0, rows, row_index).to(device)  # gaps: the last row
         bucket.steps = torch.zeros(rows + 1, device=device, dtype=torch.float32)
+        bucket.chunks = _chunks([(rows if row < 0 else row, n) for row, n in segments], device)
         return bucket
 
     # -- which rows step -------------------------------------------------------------------
 
-    def _ran(self, modules: list[nn.Module]) -> None:
-        for module in modules:
-            for bucket, row in self._row_of_module.get(id(module), ()):
-                self._marked.setdefault(id(bucket), set()).add(row)
+    def _modules_ran(self, modules: list[nn.Module]) -> None:
+        self._ran.update(id(m) for m in modules)
 
-    def _moved(self, bucket: Bucket, held: Stacked, i: int):
+    def _reader(self, leaf: torch.Tensor) -> Callable[[], None]:
+        return lambda: self._read.add(id(leaf))
+
+    def _moved(self, bucket: Bucket, held: Stacked, i: int) -> Callable[[nn.Parameter], None]:
         """The hook of a member parameter read on its own: its gradient joins its row's."""
 
         def hook(p: nn.Parameter) -> None:
             with torch.no_grad():
                 held.leaf.grad[i].add_(p.grad)
             p.grad = None
-            self._marked.setdefault(id(bucket), set()).add(held.rows[i])
+            self._hooked.setdefault(id(bucket), set()).add(held.rows[i])
 
         return hook
+
+    def _used_rows(self, bucket: Bucket) -> list[int]:
+        """The rows that step: of modules that computed, where the grouped path read the stacked
+        tensor, and those a member parameter read on its own marked."""
+        used = set(self._hooked.get(id(bucket), ()))
+        for held in bucket.stacked:
+            if id(held.leaf) in self._read:
+                used.update(row for row, m in zip(held.rows, held.modules, strict=True) if id(m) in self._ran)
+        return sorted(used)
 
     @property
     def holders(self) -> list[nn.Parameter]:
@@ -177,35 +214,47 @@ class StackedParameters:
     def zero_grad(self) -> None:
         for bucket in self.buckets:
             bucket.holder.grad.zero_()
-        self._marked.clear()
+        self._ran.clear()
+        self._read.clear()
+        self._hooked.clear()
 
     # -- AdamW, masked per row -------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, lr: float, weight_decay: float, betas: tuple[float, float], eps: float) -> None:
-        """AdamW on the rows whose module computed since the last ``zero_grad`` (torch's update,
-        element for element); the other rows, moments and step counts stay as they are."""
+        """AdamW on the rows that computed since the last ``zero_grad`` (torch's update, element
+        for element); the other rows, their moments and step counts stay as they are."""
         beta1, beta2 = betas
         for bucket in self.buckets:
-            marked = self._marked.get(id(bucket))
-            if not marked:
+            rows = self._used_rows(bucket)
+            if not rows:
                 continue
-            p, g = bucket.holder.detach(), bucket.holder.grad
             if bucket.exp_avg is None:
-                bucket.exp_avg, bucket.exp_avg_sq = torch.zeros_like(p), torch.zeros_like(p)
-            used = torch.zeros(bucket.rows + 1, dtype=torch.bool)
-            used[sorted(marked)] = True
-            used = used.to(p.device)
+                bucket.exp_avg = torch.zeros_like(bucket.holder.detach())
+                bucket.exp_avg_sq = torch.zeros_like(bucket.holder.detach())
+            used = torch.zeros(len(bucket.steps), dtype=torch.bool)
+            used[rows] = True
+            used = used.to(bucket.steps.device)
             bucket.steps += used
-            mask = used[bucket.row_of]
-            step = bucket.steps[bucket.row_of].clamp(min=1)  # an unused row's update is zeroed below
-            if bucket.decay and weight_decay:
-                p.mul_(torch.where(mask, 1 - lr * weight_decay, 1.0))
-            bucket.exp_avg.lerp_(g, torch.where(mask, 1 - beta1, 0.0))
-            bucket.exp_avg_sq.mul_(torch.where(mask, beta2, 1.0)).addcmul_(g, g, value=1 - beta2)
-            step_size = torch.where(mask, lr / (1 - beta1**step), 0.0)
-            denom = (bucket.exp_avg_sq.sqrt() / (1 - beta2**step).sqrt()).add_(eps)
-            p.addcdiv_(bucket.exp_avg * step_size, denom, value=-1)
+            step = bucket.steps.clamp(min=1)  # an unused row's update is zeroed below
+            # per row: what multiplies each of its elements (1 or 0 where it does not step)
+            decay = torch.where(used, 1 - lr * weight_decay, 1.0) if bucket.decay and weight_decay else None
+            first = torch.where(used, 1 - beta1, 0.0)
+            second = torch.where(used, beta2, 1.0)
+            size = torch.where(used, lr / (1 - beta1**step), 0.0)
+            root = (1 - beta2**step).sqrt()
+            for chunk in bucket.chunks:
+                p, g = bucket.holder.detach()[chunk.span], bucket.holder.grad[chunk.span]
+                m, v = bucket.exp_avg[chunk.span], bucket.exp_avg_sq[chunk.span]
+
+                def each(per_row: torch.Tensor, chunk: Chunk = chunk, n: int = len(p)) -> torch.Tensor:
+                    return per_row[chunk.rows].repeat_interleave(chunk.lengths, output_size=n)
+
+                if decay is not None:
+                    p.mul_(each(decay))
+                m.lerp_(g, each(first))
+                v.mul_(each(second)).addcmul_(g, g, value=1 - beta2)
+                p.addcdiv_(m * each(size), (v.sqrt() / each(root)).add_(eps), value=-1)
 
     # -- state per member parameter ----------------------------------------------------------
 
@@ -235,10 +284,8 @@ class StackedParameters:
         """The inverse of :meth:`member_state`; a member without a saved state starts afresh."""
         for bucket in self.buckets:
             bucket.steps.zero_()
-            bucket.exp_avg, bucket.exp_avg_sq = (
-                torch.zeros_like(bucket.holder),
-                torch.zeros_like(bucket.holder),
-            )
+            bucket.exp_avg = torch.zeros_like(bucket.holder.detach())
+            bucket.exp_avg_sq = torch.zeros_like(bucket.holder.detach())
             for held in bucket.stacked:
                 n = held.params[0].numel()
                 for i, (p, row) in enumerate(zip(held.params, held.rows, strict=True)):
@@ -255,15 +302,33 @@ class StackedParameters:
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        for key in self._keys:
+            HELD.pop(key, None)
+        self._keys.clear()
         with torch.no_grad():
             for bucket in self.buckets:
                 for held in bucket.stacked:
-                    for owner, p in zip(held.owners, held.params, strict=True):
+                    for p in held.params:
                         p.data = p.data.clone()
-                        vars(owner).pop(STACKED, None)
         for stack in self.stacks:
-            stack.whole_groups = False
+            stack.held_runs = frozenset()
             stack.on_ran = None
+
+
+def _chunks(segments: list[tuple[int, int]], device: torch.device) -> list[Chunk]:
+    """``segments`` (row, length), in element order, cut into chunks of whole segments of at most
+    :data:`CHUNK` elements (a longer segment is a chunk of its own)."""
+    chunks, start, current = [], 0, []
+    for row, n in [*segments, (None, 0)]:
+        size = sum(length for _, length in current)
+        if current and (row is None or size + n > CHUNK):
+            rows = torch.tensor([r for r, _ in current], dtype=torch.long, device=device)
+            lengths = torch.tensor([length for _, length in current], dtype=torch.long, device=device)
+            chunks.append(Chunk(slice(start, start + size), rows, lengths))
+            start, current = start + size, []
+        if row is not None:
+            current.append((row, n))
+    return chunks
 
 
 def stacks_grouped_on(model: nn.Module, device: torch.device) -> list[nn.Module]:
