@@ -329,12 +329,13 @@ def run_group(
     places: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> TokenOutput:
     """The output of modules of one group at their tokens ``x [N, H] = hidden.flatten(0, 1)[rows]``,
-    module after module (``counts`` each, every one above zero), in that order. ``ctx``: the stack's
-    context (mask, past, shared), without rows. ``places``: the tokens' (module, index within it), from
-    :func:`token_places`, if the caller has them."""
+    module after module (``counts`` each; zero for a module computed on no rows), in that order, with
+    the group's losses and metrics (a module's own when it is the only one with tokens). ``ctx``: the
+    stack's context (mask, past, shared), without rows. ``places``: the tokens' (module, index within
+    it), from :func:`token_places`, if the caller has them."""
     groups = Groups(counts, x.device, *(places or (None, None)))
     out = type(members[0]).grouped_tokens(members, groups.pad(x), GroupInput(hidden, ctx, rows, groups))
-    return TokenOutput(groups.unpad(out.delta), groups.unpad(out.score))
+    return TokenOutput(groups.unpad(out.delta), groups.unpad(out.score), out.losses, out.metrics)
 
 
 def run_groups(
@@ -350,7 +351,8 @@ def run_groups(
 
     Modules without tokens, and groups of one, are left out: they run alone (the reference path).
     ``order``: ``plan_runs(members)``, if the caller has it already. ``alone``: the runs (by first
-    member) that compute here even with one module, as a group of one (groupable ones only).
+    member) that compute here even with one module, as a group of one (groupable ones only), its
+    losses and metrics kept as they are when it runs alone.
     """
     outputs: dict[int, TokenOutput] = {}
     for indices in plan_runs(members) if order is None else order:
@@ -364,4 +366,6 @@ def run_groups(
         parts = zip(out.delta.split(counts), out.score.split(counts), strict=True)
         for index, (delta, score) in zip(running, parts, strict=True):
             outputs[index] = TokenOutput(delta, score)
+        if len(running) == 1:
+            outputs[running[0]] = TokenOutput(out.delta, out.score, out.losses, out.metrics)
     return outputs

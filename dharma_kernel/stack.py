@@ -319,14 +319,16 @@ class ModuleStack(nn.Module):
         module = ranked.index_select(0, pairs[:, 0])
         rows = pairs[:, 1]
         counts = torch.bincount(module, minlength=len(members)).tolist()
-        local, within = token_places(order, counts, pairs[:, 0], whole=self.held_runs)
+        held_runs = self.held_runs if grouped else frozenset()  # held runs are the grouped order's
+        local, within = token_places(order, counts, pairs[:, 0], whole=held_runs)
         x = hidden.flatten(0, 1).index_select(0, rows)
         deltas, scores, unused = [], [], []
         stack_ctx = ModuleContext(attention_mask, past)  # its shared results serve every module
         start = 0
         for indices in order:
             running = [m for m in indices if counts[m]]
-            held = indices[0] in self.held_runs
+            lone = running[0] if len(running) == 1 else None
+            held = indices[0] in held_runs
             if held and running:
                 running = list(indices)  # the idle ones on no rows: the group's stacked weights read whole
             unused += [members[m] for m in indices if not counts[m]]
@@ -338,6 +340,8 @@ class ModuleStack(nn.Module):
             if len(running) > 1 or held:
                 group, sizes = [members[m] for m in running], [counts[m] for m in running]
                 out = run_group(group, x[at], sizes, hidden, stack_ctx, rows[at], (local[at], within[at]))
+                if lone is not None:  # its losses and metrics kept, as when it runs alone
+                    _record_extras(result, self.refs[lone], out)
             else:
                 m = running[0]
                 ctx = ModuleContext(attention_mask, past, active[..., m], rows[at], stack_ctx.shared)

@@ -328,6 +328,128 @@ def test_a_copy_of_a_held_model_computes_with_its_own_parameters():
     stacked.release()
 
 
+@pytest.mark.parametrize(
+    ("chunk", "dtype"),
+    [(stacked_module.CHUNK, torch.float32), (7, torch.float32), (stacked_module.CHUNK, torch.bfloat16)],
+)
+def test_the_masked_step_is_torchs_adamw_on_each_parameter(chunk, dtype, monkeypatch):
+    """The step alone, fed the same random gradients as torch's AdamW on the parameters (some modules
+    idle at each step): the same weights and step counts, in one chunk or in chunks of 7 elements
+    (rows larger than a chunk), in float32 and bfloat16."""
+    monkeypatch.setattr(stacked_module, "CHUNK", chunk)
+    model = grouped_start().to(dtype)
+    twin = copy.deepcopy(model)
+    held = stack_modules(twin, torch.device("cpu"), {id(p) for p in twin.parameters() if p.ndim >= 2})
+    names = {id(p): n for n, p in twin.named_parameters()}
+    reference = dict(model.named_parameters())
+    rows = [(s, i) for b in held.buckets for s in b.stacked for i in range(len(s.params))]
+    bucket_of = {id(s): b for b in held.buckets for s in b.stacked}
+    ran_twice = [reference[names[id(s.params[i])]] for s, i in rows]
+    decayed = [p for p in ran_twice if p.ndim >= 2]
+    plain = [p for p in ran_twice if p.ndim < 2]
+    torch_adamw = torch.optim.AdamW(
+        [{"params": decayed, "weight_decay": 0.1}, {"params": plain, "weight_decay": 0.0}],
+        lr=1e-3,
+        foreach=False,
+    )
+    generator = torch.Generator().manual_seed(0)
+    modules = list({id(m): m for s, _ in rows for m in s.modules}.values())
+    for _ in range(4):
+        ran = {
+            id(m)
+            for m, keep in zip(modules, torch.rand(len(modules), generator=generator) < 0.6, strict=True)
+            if keep
+        }
+        held.zero_grad()
+        for p in ran_twice:
+            p.grad = None
+        for s, i in rows:
+            if id(s.modules[i]) in ran:
+                grad = torch.randn(s.params[i].shape, generator=generator).to(dtype)
+                s.leaf.grad[i].copy_(grad)
+                reference[names[id(s.params[i])]].grad = grad.clone()
+        held._modules_ran([m for m in modules if id(m) in ran])
+        held._read.update(id(s.leaf) for s, _ in rows)
+        torch_adamw.step()
+        held.step(1e-3, 0.1, (0.9, 0.999), 1e-8)
+    # float32: to rounding (the bias corrections are computed in float32, torch's in float64);
+    # bfloat16: to a few units in the last place (moments in bfloat16 too), 5% of a step near 0; a row
+    # stepped when it should not be, or not stepped, also shows in its step count
+    rtol, atol = (0.0, 1e-7) if dtype == torch.float32 else (2**-5, 5e-5)
+    for s, i in rows:
+        p = reference[names[id(s.params[i])]]
+        torch.testing.assert_close(s.params[i].float(), p.float(), rtol=rtol, atol=atol)
+        steps = float(torch_adamw.state[p]["step"]) if p in torch_adamw.state else 0.0
+        assert float(bucket_of[id(s)].steps[s.rows[i]]) == steps
+    held.release()
+
+
+def test_a_module_alone_in_its_run_keeps_its_losses_and_metrics():
+    """Held, a module alone in its run computes as a group of one: the losses and metrics its
+    grouped computation reports are kept, as they are when it runs alone."""
+    from dharma_kernel.families import ConsciousnessModule
+    from dharma_kernel.grouped import plan_runs
+    from dharma_kernel.protocol import TokenOutput
+
+    class Aux(ConsciousnessModule):
+        def forward_tokens(self, x, hidden, ctx):
+            out = super().forward_tokens(x, hidden, ctx)
+            return TokenOutput(
+                out.delta, out.score, {"aux": out.score.mean()}, {"rate": out.score.mean().detach()}
+            )
+
+        @classmethod
+        def grouped_tokens(cls, members, x, where):
+            out = ConsciousnessModule.grouped_tokens.__func__(cls, members, x, where)
+            return TokenOutput(
+                out.delta, out.score, {"aux": out.score.mean()}, {"rate": out.score.mean().detach()}
+            )
+
+    ids = torch.randint(1, 97, BATCH, generator=torch.Generator().manual_seed(3))
+    for composition in ("routed", "parallel"):
+        model = grouped_model(composition)
+        for stack in model.stacks.values():
+            name = next(n for n in stack.members if "consciousness" in n)
+            alone = Aux(stack.members[name].hidden_size, stack.members[name].config)
+            alone.load_state_dict(stack.members[name].state_dict())
+            stack.members[name] = alone  # another class: a run of its own
+            stack._runs = {g: plan_runs(list(stack.members.values()), g) for g in (True, False)}
+            stack._ranked_on.clear()
+
+        def losses(model=model):
+            torch.manual_seed(0)
+            out = model(input_ids=ids, labels=ids)
+            return {k: float(v) for k, v in out.losses.items() if "aux" in k}, float(out.loss)
+
+        before = losses()
+        held = stacked_of(model)
+        assert before[0] and losses() == pytest.approx(before)
+        held.release()
+
+
+def test_a_held_model_on_the_per_module_path_computes_as_before():
+    """Held, then switched to running every module alone (``grouped = False``): the reference path,
+    the same logits as a model not held."""
+    ids = torch.randint(1, 97, BATCH, generator=torch.Generator().manual_seed(0))
+    model = grouped_model("routed").eval()
+    set_grouped(model, False)
+    expected = model(input_ids=ids).logits
+    set_grouped(model, True)
+    held = stacked_of(model)
+    set_grouped(model, False)
+    torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=0, atol=0)
+    held.release()
+
+
+def test_holding_twice_is_refused():
+    model = grouped_model("routed")
+    held = stacked_of(model)
+    with pytest.raises(ValueError, match="release"):
+        stacked_of(model)
+    held.release()
+    stacked_of(model).release()  # released, it can be held again
+
+
 def test_stepping_in_chunks_takes_the_same_steps(monkeypatch):
     """AdamW steps a flat tensor a few rows at a time (bounded temporaries): the same result."""
     steps = batches(2)

@@ -111,13 +111,26 @@ class StackedParameters:
     """The grouped members' trainable parameters held stacked (see the module docstring)."""
 
     def __init__(self, stacks: list[nn.Module], decayed: set[int]) -> None:
+        if any(stack.on_ran is not None for stack in stacks):
+            raise ValueError("these stacks' parameters are held stacked already: release() that first")
         self.stacks = stacks
+        self.buckets: list[Bucket] = []
+        self.held: set[int] = set()  # ids of the member parameters held
         self._hooks: list = []
         self._keys: list[tuple[int, str]] = []
+        self._repointed: list[nn.Parameter] = []  # member parameters whose storage is a stacked tensor's
         self._ran: set[int] = set()  # modules that computed since the last step
         self._read: set[int] = set()  # stacked tensors the grouped path read
         self._hooked: dict[int, set[int]] = {}  # rows marked by a member read on its own, per bucket
+        try:
+            self._hold(decayed)
+        except BaseException:  # out of memory part way: the parameters get their storage back
+            self.release()
+            raise
+
+    def _hold(self, decayed: set[int]) -> None:
         found: dict[tuple, list] = {}
+        stacks = self.stacks
         for stack in stacks:
             members = list(stack.members.values())
             held_runs = set()
@@ -132,7 +145,8 @@ class StackedParameters:
                     found.setdefault(key, []).append((owners, name, params, group))
             stack.held_runs = frozenset(held_runs)
             stack.on_ran = self._modules_ran
-        self.buckets = [self._bucket(key, entries) for key, entries in found.items()]
+        for key, entries in found.items():
+            self.buckets.append(self._bucket(key, entries))
         self.held = {id(p) for b in self.buckets for s in b.stacked for p in s.params}
 
     def _bucket(self, key: tuple, entries: list) -> Bucket:
@@ -157,6 +171,7 @@ class StackedParameters:
                 for i, p in enumerate(params):
                     leaf[i].copy_(p)
                     p.data = leaf.detach()[i]  # shares the stacked tensor's storage
+                    self._repointed.append(p)
             held = Stacked(leaf, params, owners, group, name, start, list(range(rows, rows + len(params))))
             key = (id(owners[0]), name)
             HELD[key] = Held(leaf, tuple(owners), self._reader(leaf))
@@ -247,8 +262,11 @@ class StackedParameters:
                 p, g = bucket.holder.detach()[chunk.span], bucket.holder.grad[chunk.span]
                 m, v = bucket.exp_avg[chunk.span], bucket.exp_avg_sq[chunk.span]
 
-                def each(per_row: torch.Tensor, chunk: Chunk = chunk, n: int = len(p)) -> torch.Tensor:
-                    return per_row[chunk.rows].repeat_interleave(chunk.lengths, output_size=n)
+                def each(
+                    per_row: torch.Tensor, chunk: Chunk = chunk, n: int = len(p), dtype: torch.dtype = p.dtype
+                ) -> torch.Tensor:
+                    expanded = per_row[chunk.rows].repeat_interleave(chunk.lengths, output_size=n)
+                    return expanded if expanded.dtype == dtype else expanded.to(dtype)  # bf16 weights
 
                 if decay is not None:
                     p.mul_(each(decay))
@@ -306,10 +324,9 @@ class StackedParameters:
             HELD.pop(key, None)
         self._keys.clear()
         with torch.no_grad():
-            for bucket in self.buckets:
-                for held in bucket.stacked:
-                    for p in held.params:
-                        p.data = p.data.clone()
+            for p in self._repointed:
+                p.data = p.data.clone()
+        self._repointed.clear()
         for stack in self.stacks:
             stack.held_runs = frozenset()
             stack.on_ran = None
