@@ -344,9 +344,9 @@ def test_the_masked_step_is_torchs_adamw_on_each_parameter(chunk, dtype, monkeyp
     reference = dict(model.named_parameters())
     rows = [(s, i) for b in held.buckets for s in b.stacked for i in range(len(s.params))]
     bucket_of = {id(s): b for b in held.buckets for s in b.stacked}
-    ran_twice = [reference[names[id(s.params[i])]] for s, i in rows]
-    decayed = [p for p in ran_twice if p.ndim >= 2]
-    plain = [p for p in ran_twice if p.ndim < 2]
+    torch_params = [reference[names[id(s.params[i])]] for s, i in rows]
+    decayed = [p for p in torch_params if p.ndim >= 2]
+    plain = [p for p in torch_params if p.ndim < 2]
     torch_adamw = torch.optim.AdamW(
         [{"params": decayed, "weight_decay": 0.1}, {"params": plain, "weight_decay": 0.0}],
         lr=1e-3,
@@ -361,7 +361,7 @@ def test_the_masked_step_is_torchs_adamw_on_each_parameter(chunk, dtype, monkeyp
             if keep
         }
         held.zero_grad()
-        for p in ran_twice:
+        for p in torch_params:
             p.grad = None
         for s, i in rows:
             if id(s.modules[i]) in ran:
