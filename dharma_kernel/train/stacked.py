@@ -38,7 +38,7 @@ from .optim import decay_split
 # would: kernels take other (vectorised) paths, and sum in another order, on unaligned data.
 ALIGN_BYTES = 64
 # AdamW steps a flat tensor this many elements at a time (whole rows): its temporaries, a few
-# per element, stay bounded (about 200 MB) however many parameters are held.
+# per element, stay bounded (under about 300 MB in float32) however many parameters are held.
 CHUNK = 1 << 24
 
 
