@@ -16,8 +16,9 @@ from test_train_flat import BATCH, SETTINGS, assert_same_weights, batches
 from dharma_kernel.freeze import freeze_groups
 from dharma_kernel.grouped import HELD
 from dharma_kernel.train import stacked as stacked_module
+from dharma_kernel.train.flat import ALIGN_BYTES
 from dharma_kernel.train.optim import build_optimizer, separate_gradients
-from dharma_kernel.train.stacked import ALIGN_BYTES, for_eager_training, stack_modules
+from dharma_kernel.train.stacked import for_eager_training, stack_modules
 
 
 def grouped_model(composition: str, capacity: float | None = None):

@@ -62,13 +62,14 @@ class Flat:
         ]
 
 
-def _starts(params: list[nn.Parameter]) -> tuple[list[int], int]:
-    """Each parameter's aligned first element in a flat tensor of them, and the tensor's length."""
-    step = max(1, ALIGN_BYTES // params[0].element_size())
+def aligned_starts(sizes: list[int], element_size: int) -> tuple[list[int], int]:
+    """Where each of ``sizes`` elements starts in a flat tensor of them, each on an
+    :data:`ALIGN_BYTES` boundary, and the tensor's length (also :mod:`.stacked`'s layout)."""
+    step = max(1, ALIGN_BYTES // element_size)
     starts, end = [], 0
-    for p in params:
+    for size in sizes:
         starts.append(end)
-        end = -(-(end + p.numel()) // step) * step
+        end = -(-(end + size) // step) * step
     return starts, end
 
 
@@ -87,7 +88,7 @@ class FlatParameters:
         self.decayed: list[bool] = []
         for (device, dtype, decay), members in buckets.items():
             params = [p for _, p in members]
-            starts, length = _starts(params)
+            starts, length = aligned_starts([p.numel() for p in params], params[0].element_size())
             leaf = nn.Parameter(torch.zeros(length, device=device, dtype=dtype))
             flat = Flat(leaf, [n for n, _ in members], params, starts)
             with torch.no_grad():

@@ -32,11 +32,9 @@ import torch
 from torch import nn
 
 from ..grouped import HELD, Held, group_key
+from .flat import aligned_starts
 from .optim import decay_split
 
-# Each stacked tensor starts on a 64-byte boundary of its flat tensor, as a tensor of its own
-# would: kernels take other (vectorised) paths, and sum in another order, on unaligned data.
-ALIGN_BYTES = 64
 # AdamW steps a flat tensor this many elements at a time (whole rows): its temporaries, a few
 # per element, stay bounded (under about 300 MB in float32) however many parameters are held.
 CHUNK = 1 << 24
@@ -151,18 +149,18 @@ class StackedParameters:
 
     def _bucket(self, key: tuple, entries: list) -> Bucket:
         device, dtype, decay = key
-        step = max(1, ALIGN_BYTES // torch.tensor([], dtype=dtype).element_size())
-        starts, end = [], 0
-        for _, _, params, _ in entries:
-            starts.append(end)
-            end = -(-(end + len(params) * params[0].numel()) // step) * step
+        # each stacked tensor 64-byte aligned, as a tensor of its own would be (see .flat)
+        sizes = [len(params) * params[0].numel() for _, _, params, _ in entries]
+        starts, end = aligned_starts(sizes, entries[0][2][0].element_size())
         flat = torch.zeros(end, device=device, dtype=dtype)
         grad = torch.zeros_like(flat)
         bucket = Bucket(holder=nn.Parameter(flat), decay=decay)
         bucket.holder.grad = grad
         segments: list[tuple[int, int]] = []  # (row, length) in element order; row -1: a gap
         rows = 0
-        for (owners, name, params, group), start in zip(entries, starts, strict=True):
+        for (owners, name, params, group), start, stop in zip(
+            entries, starts, [*starts[1:], end], strict=True
+        ):
             shape, n = params[0].shape, params[0].numel()
             span = slice(start, start + len(params) * n)
             leaf = nn.Parameter(flat[span].view(len(params), *shape))
@@ -179,11 +177,8 @@ class StackedParameters:
             for i, p in enumerate(params):
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._moved(bucket, held, i)))
             segments += [(row, n) for row in held.rows]
-            gap = (
-                starts[len(bucket.stacked) + 1] if len(bucket.stacked) + 1 < len(starts) else end
-            ) - span.stop
-            if gap:
-                segments.append((-1, gap))
+            if stop > span.stop:
+                segments.append((-1, stop - span.stop))  # the gap to the next aligned start
             rows += len(params)
             bucket.stacked.append(held)
         bucket.steps = torch.zeros(rows + 1, device=device, dtype=torch.float32)
