@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import allowed_keys, attend, with_past
+from .blocks import attend, with_past
 from .protocol import DharmaModule, ModuleContext, TokenOutput
 
 # What a module's own computation is defined by: the first class in its MRO that defines one.
@@ -48,26 +48,15 @@ class Groups:
     laid out padded ``[M, most, ...]``: every block is then one batched product (``torch.bmm``)
     over the modules, their stacked parameters broadcast along the tokens."""
 
-    def __init__(
-        self,
-        counts: Sequence[int],
-        device: torch.device,
-        module: torch.Tensor | None = None,
-        within: torch.Tensor | None = None,
-    ) -> None:
-        """``module`` and ``within``, if the caller has them (see :func:`token_places`): each token's
-        module (its index among the counts) and its index among that module's tokens."""
+    def __init__(self, counts: Sequence[int], device: torch.device) -> None:
         self.counts = list(counts)
         self.most = max(self.counts)
-        if module is None or within is None:
-            sizes = on_device(self.counts, device)
-            every = torch.arange(len(self.counts), device=device)
-            module = torch.repeat_interleave(every, sizes, output_size=sum(self.counts))  # no wait for a size
-            first = (torch.cumsum(sizes, 0) - sizes)[module]  # its module's first token
-            within = torch.arange(len(module), device=device) - first
-        self.module = module
+        sizes = on_device(self.counts, device)
+        every = torch.arange(len(self.counts), device=device)
+        module = torch.repeat_interleave(every, sizes, output_size=sum(self.counts))  # no wait for a size
+        first = (torch.cumsum(sizes, 0) - sizes)[module]  # its module's first token
         # each token's row in the padded [M * most] layout
-        self.slots = within + module * self.most
+        self.slots = torch.arange(len(module), device=device) - first + module * self.most
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """``[N, ...]`` module after module -> ``[M, most, ...]``, zeros after each module's tokens."""
@@ -81,37 +70,33 @@ class Groups:
 
 @dataclass
 class GroupInput:
-    """What a group's modules read besides their tokens: the stack's input ``hidden [B, T, H]``, its
-    context ``ctx`` (mask, cached past, shared results; no rows), and ``rows [N]``, the token of
-    ``hidden.flatten(0, 1)`` each of the group's tokens is, laid out by ``groups``."""
+    """What a group's modules read besides their tokens ``x [M, C, H]``: the stack's input
+    ``hidden [B, T, H]``, its context ``ctx`` (mask, cached past, shared results; no rows), and
+    ``rows [M * C]``, the token of ``hidden.flatten(0, 1)`` at each of the group's slots, row after
+    row. An empty slot (past a module's tokens) has some token's row, and its output is dropped."""
 
     hidden: torch.Tensor
     ctx: ModuleContext
     rows: torch.Tensor
-    groups: Groups
-    # Fixed-capacity slots (dharma_kernel.capacity): every module has as many tokens, some of them
-    # empty slots, and no block may read a count back to the host.
-    fixed: bool = False
+    slots: int  # C
 
     def pick(self, values: torch.Tensor) -> torch.Tensor:
-        """``values [B, T, ...]`` at the group's tokens, padded ``[M, most, ...]``."""
-        return self.groups.pad(values.flatten(0, 1).index_select(0, self.rows))
+        """``values [B, T, ...]`` at the group's slots: ``[M, C, ...]``."""
+        picked = values.flatten(0, 1).index_select(0, self.rows)
+        return picked.view(-1, self.slots, *picked.shape[1:])
 
     def repeated(self, times: int) -> GroupInput:
-        """The same tokens for ``times`` copies of the group's modules, copy after copy: how the
+        """The same slots for ``times`` copies of the group's modules, copy after copy: how the
         views of multi-view modules attend in one call (:func:`multi_view`)."""
-        groups, count = self.groups, len(self.groups.counts)
-        within = groups.slots - groups.module * groups.most
-        copy = torch.arange(times, device=within.device).repeat_interleave(len(within))
-        module = groups.module.repeat(times) + copy * count
-        repeated = Groups(groups.counts * times, within.device, module, within.repeat(times))
-        return GroupInput(self.hidden, self.ctx, self.rows.repeat(times), repeated, self.fixed)
+        return GroupInput(self.hidden, self.ctx, self.rows.repeat(times), self.slots)
 
 
 @dataclass
 class Held:
     """A parameter of a group's blocks held stacked (dharma_kernel.train.stacked): the stacked
-    tensor, the blocks of its rows in order, and what to tell when training reads it."""
+    tensor, the blocks of its rows in order, and what to tell when training reads it. A vector
+    parameter (one axis) is held ``[M, 1, n]``, the way :func:`along_tokens` reads it, so that
+    read is no op (and no op backward)."""
 
     leaf: torch.Tensor
     owners: tuple[nn.Module, ...]
@@ -124,14 +109,32 @@ class Held:
 HELD: dict[tuple[int, str], Held] = {}
 
 
+def held_shape(shape: torch.Size) -> tuple[int, ...]:
+    """How a member parameter of ``shape`` is laid out in its stacked tensor (after the member axis)."""
+    return (1, *shape) if len(shape) == 1 else tuple(shape)
+
+
 def stacked(blocks: Sequence[nn.Module], name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The parameter ``name`` of every block, stacked ``[M, ...]`` (in ``dtype`` if given): the
     tensor that holds them stacked, if one holds exactly these blocks' in this order, else a copy."""
+    return _stacked(blocks, name, dtype, along=False)
+
+
+def along_tokens(blocks: Sequence[nn.Module], name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``stacked`` with a token axis: ``[M, 1, ...]``, broadcast over a padded group's tokens."""
+    return _stacked(blocks, name, dtype, along=True)
+
+
+def _stacked(blocks: Sequence[nn.Module], name: str, dtype: torch.dtype | None, along: bool) -> torch.Tensor:
     held = _held(blocks, name) if HELD else None
     if held is None:
-        weights = torch.stack([getattr(block, name) for block in blocks])
+        weights = torch.stack([getattr(block, name) for block in blocks], dim=0)
+        weights = weights.unsqueeze(1) if along else weights
     else:
         weights = held[0] if len(held) == 1 else torch.cat(held)
+        vector = getattr(blocks[0], name).dim() == 1  # held [M, 1, n] (held_shape)
+        if vector != along:
+            weights = weights.squeeze(1) if vector else weights.unsqueeze(1)
     return weights if dtype is None or weights.dtype == dtype else weights.to(dtype)
 
 
@@ -151,11 +154,6 @@ def _held(blocks: Sequence[nn.Module], name: str) -> list[torch.Tensor] | None:
         for held in found:
             held.read()
     return [held.leaf for held in found]
-
-
-def along_tokens(blocks: Sequence[nn.Module], name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``stacked`` with a token axis: ``[M, 1, ...]``, broadcast over a padded group's tokens."""
-    return stacked(blocks, name, dtype).unsqueeze(1)
 
 
 def linear(layers: Sequence[nn.Linear], x: torch.Tensor) -> torch.Tensor:
@@ -200,64 +198,44 @@ def detector(blocks: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor
     intensity = torch.sigmoid(linear([b.proj for b in blocks], layer_norm([b.norm for b in blocks], x)))
     if blocks[0].mix is None:
         return intensity[..., 0], intensity
-    mix = torch.softmax(stacked(blocks, "mix"), dim=-1).unsqueeze(1)
+    mix = torch.softmax(along_tokens(blocks, "mix"), dim=-1)
     return (intensity * mix).sum(-1), intensity
 
 
 def attention(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) -> torch.Tensor:
-    """:class:`~dharma_kernel.blocks.CausalAttention` of each module at its tokens ``x [M, most, H]``.
+    """:class:`~dharma_kernel.blocks.CausalAttention` of each module at its slots ``x [M, C, H]``.
 
-    Keys and values at every position (cached ones too) for all modules with one product; then
-    one attention call whose batch is every (module, sequence) pair, each pair's queries padded
-    to the most any pair has. A padded query sees only the first key, so no softmax row is
-    empty; its output is dropped.
+    Keys and values at every position of every sequence (cached ones too) for all modules with
+    one product; then one attention call, each module's queries over all its keys, those of
+    other sequences masked out (weight exactly zero). Grouping the queries by (module, sequence)
+    instead would read each pair's query count back to the host and pad them again: more ops
+    than the extra keys cost (a sequence's keys are ``1 / B`` of them).
     """
-    first, count = blocks[0], len(blocks)
+    first, (count, slots, _) = blocks[0], x.shape
     heads, kv_heads, head_dim = first.heads, first.kv_heads, first.head_dim
     full = with_past(where.hidden, where.ctx)  # [B, S, H]
     batch, total, _ = full.shape
-    length = where.hidden.shape[1]
     normed = layer_norm([b.norm for b in blocks], full.flatten(0, 1))  # [M, B * S, H]
-    if where.fixed:
-        return _attention_over_every_key(blocks, x, where, normed, total)
-    kv = linear([b.key_value for b in blocks], normed).view(count * batch, total, 2, kv_heads, head_dim)
-    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [M * B, kv_heads, S, D]
-    q = where.groups.unpad(linear([b.query for b in blocks], layer_norm([b.norm for b in blocks], x)))
-    sequence = where.rows // length
-    position = where.rows % length + (total - length)
-    pair = where.groups.module * batch + sequence  # ascending: modules in order, rows ascending
-    pairs = Groups(torch.bincount(pair, minlength=count * batch).tolist(), x.device)
-    q = pairs.pad(q).view(count * batch, pairs.most, heads, head_dim).transpose(1, 2)
-    at = pairs.pad(position[:, None])  # [M * B, most, 1]; 0 (the first key) where padded
-    real = where.ctx.key_mask(length)  # [B, S]
-    allowed = allowed_keys(at, None if real is None else real.repeat(count, 1)[:, None, :], total)
-    y = attend(q, k, v, allowed[:, None]).transpose(1, 2).reshape(count * batch, pairs.most, heads * head_dim)
-    return linear([b.out for b in blocks], where.groups.pad(pairs.unpad(y)))
-
-
-def _attention_over_every_key(
-    blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput, normed: torch.Tensor, total: int
-) -> torch.Tensor:
-    """:func:`attention` with fixed shapes: each module's queries ``x [M, C, H]`` over the keys of
-    every sequence, those of other sequences masked out (weight exactly zero), where grouping by
-    (module, sequence) pair needs each pair's query count on the host."""
-    first, (count, slots, _) = blocks[0], x.shape
-    heads, kv_heads, head_dim = first.heads, first.kv_heads, first.head_dim
-    length = where.hidden.shape[1]
-    batch = normed.shape[1] // total
     kv = linear([b.key_value for b in blocks], normed).view(count, batch * total, 2, kv_heads, head_dim)
-    k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # [M, kv_heads, B * S, D]
+    k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # [M, kv_heads, B * S, D] each
     q = linear([b.query for b in blocks], layer_norm([b.norm for b in blocks], x))
     q = q.view(count, slots, heads, head_dim).transpose(1, 2)  # [M, heads, C, D]
+    y = attend(q, k, v, _allowed(where, total).view(count, 1, slots, batch * total))
+    return linear([b.out for b in blocks], y.transpose(1, 2).reshape(count, slots, heads * head_dim))
+
+
+def _allowed(where: GroupInput, total: int) -> torch.Tensor:
+    """``[M * C, B * S]``: the keys each slot's query sees: its own sequence's, causal, real
+    tokens, and always itself (so no row is empty, an empty slot's neither)."""
+    length = where.hidden.shape[1]
+    batch = where.hidden.shape[0]
     sequence = (where.rows // length)[:, None]  # [M * C, 1]
     position = (where.rows % length + (total - length))[:, None]
-    key = torch.arange(batch * total, device=x.device)
+    key = torch.arange(batch * total, device=where.rows.device)
     same, key_position = key // total == sequence, key % total  # [M * C, B * S], [B * S]
     real = where.ctx.key_mask(length)  # [B, S]
     seen = key_position <= position if real is None else (key_position <= position) & real.flatten()
-    allowed = same & (seen | (key_position == position))  # causal, real keys, and always itself
-    y = attend(q, k, v, allowed.view(count, 1, slots, batch * total))
-    return linear([b.out for b in blocks], y.transpose(1, 2).reshape(count, slots, heads * head_dim))
+    return same & (seen | (key_position == position))
 
 
 def multi_view(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) -> torch.Tensor:
@@ -266,8 +244,8 @@ def multi_view(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) 
     count, views = len(blocks), len(blocks[0].views)
     # every module's every view as one group of count * views, view after view: one attention call
     every = [b.views[i] for i in range(views) for b in blocks]
-    out = attention(every, x.repeat(views, 1, 1), where.repeated(views))  # [views * M, most, H]
-    out = out.view(views, count, *x.shape[1:]).permute(1, 2, 3, 0)  # [M, most, H, views]
+    out = attention(every, x.repeat(views, 1, 1), where.repeated(views))  # [views * M, C, H]
+    out = out.view(views, count, *x.shape[1:]).permute(1, 2, 3, 0)  # [M, C, H, views]
     return (out * weights[:, :, None, :]).sum(-1)
 
 
@@ -285,31 +263,67 @@ def plan_runs(members: Sequence[DharmaModule], grouped: bool = True) -> list[lis
     return sorted(runs + singles, key=lambda indices: indices[0])
 
 
-def token_places(
+@dataclass
+class Segment:
+    """A run's place among a routed stack's slots (see :func:`layout`): the members that compute
+    (by index), the slots it spans, its (module, token) pairs (a span of them), and ``most``: the
+    most tokens any of its members has, each member's padded to it (0: one module alone, its
+    tokens as they are)."""
+
+    members: list[int]
+    slots: slice
+    pairs: slice
+    most: int
+
+
+@dataclass
+class Layout:
+    """Where each (module, token) pair of a routed stack computes: its slot ``[P]``, the runs'
+    segments in order, and the slots in all. A group's slots are ``[Mg, most]``, row after row,
+    those past a member's tokens empty."""
+
+    slot: torch.Tensor
+    segments: list[Segment]
+    size: int
+
+
+def layout(
     runs: Sequence[Sequence[int]],
     counts: Sequence[int],
     position: torch.Tensor,
     whole: Collection[int] = (),
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """For tokens laid out module after module in the order of ``runs`` (``counts`` per module, some
-    zero; ``position [N]``: each token's module as its place in that order): each token's index
-    among the members with tokens of its run (among all its members, for the runs whose first
-    member is in ``whole``), and its index among its module's tokens.
+) -> Layout:
+    """The :class:`Layout` of the (module, token) pairs laid out module after module in the order of
+    ``runs`` (``counts`` per module, some zero; ``position [P]``: each pair's module as its place in
+    that order). A run computes as a group when two or more of its members have tokens, or when
+    its first member is in ``whole`` (then with all its members, those without tokens on empty
+    slots); else its one member with tokens computes alone.
 
-    One small table goes to the device for all the runs, where building each group's layout
-    apart costs a transfer (on a GPU, a wait) and a dozen ops per group.
+    The pairs' inputs are then gathered straight into the padded rows, where padding each group's
+    apart costs a dozen ops forward and backward per group; one small table goes to the device for
+    all the runs, where building each group's layout apart costs a transfer (on a GPU, a wait).
     """
-    local, first = [], []
-    start = 0
+    offset, segments = [], []  # a pair's slot is its place's offset + its own index among all pairs
+    pair = slot = 0
     for indices in runs:
-        rank, every = 0, indices[0] in whole
+        running = [m for m in indices if counts[m]]
+        if running and indices[0] in whole:
+            running = list(indices)
+        together = len(running) > 1 or (len(running) == 1 and indices[0] in whole)
+        most = max(counts[m] for m in running) if together else 0
+        rank = {m: r for r, m in enumerate(running)}
         for m in indices:
-            local.append(rank)
-            first.append(start)
-            rank += every or counts[m] > 0
-            start += counts[m]
-    per_token = on_device([local, first], position.device).index_select(1, position)
-    return per_token[0], torch.arange(len(position), device=position.device) - per_token[1]
+            offset.append(slot + (rank.get(m, 0) * most if together else 0) - pair)
+            if not together and counts[m]:
+                segments.append(Segment([m], slice(slot, slot + counts[m]), slice(pair, pair + counts[m]), 0))
+                slot += counts[m]
+            pair += counts[m]
+        if together:
+            start, size = pair - sum(counts[m] for m in indices), len(running) * most
+            segments.append(Segment(running, slice(slot, slot + size), slice(start, pair), most))
+            slot += size
+    index = torch.arange(len(position), device=position.device)
+    return Layout(index + on_device(offset, position.device).index_select(0, position), segments, slot)
 
 
 def on_device(values: list, device: torch.device) -> torch.Tensor:
@@ -326,15 +340,14 @@ def run_group(
     hidden: torch.Tensor,
     ctx: ModuleContext,
     rows: torch.Tensor,
-    places: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> TokenOutput:
     """The output of modules of one group at their tokens ``x [N, H] = hidden.flatten(0, 1)[rows]``,
     module after module (``counts`` each; zero for a module computed on no rows), in that order, with
     the group's losses and metrics (a module's own when it is the only one with tokens). ``ctx``: the
-    stack's context (mask, past, shared), without rows. ``places``: the tokens' (module, index within
-    it), from :func:`token_places`, if the caller has them."""
-    groups = Groups(counts, x.device, *(places or (None, None)))
-    out = type(members[0]).grouped_tokens(members, groups.pad(x), GroupInput(hidden, ctx, rows, groups))
+    stack's context (mask, past, shared), without rows."""
+    groups = Groups(counts, x.device)
+    where = GroupInput(hidden, ctx, groups.pad(rows[:, None]).flatten(), groups.most)  # empty slots: row 0
+    out = type(members[0]).grouped_tokens(members, groups.pad(x), where)
     return TokenOutput(groups.unpad(out.delta), groups.unpad(out.score), out.losses, out.metrics)
 
 

@@ -13,7 +13,7 @@ from transformers.cache_utils import Cache
 from . import capacity
 from .columns import Columns
 from .cpu_linear import Linear
-from .grouped import GroupInput, Groups, group_key, on_device, plan_runs, run_group, run_groups, token_places
+from .grouped import GroupInput, group_key, layout, on_device, plan_runs, run_groups
 from .module_cache import extend_stream, peek_stream
 from .protocol import DharmaModule, ModuleContext, ModuleOutput, TokenOutput, computes_tokens
 from .routing import concept_evidence
@@ -271,10 +271,11 @@ class ModuleStack(nn.Module):
         if size:
             run = self._run_fixed(members, hidden, runs, attention_mask, past, result, size)
             rows, module, delta, score, unused, ran = run
+            filled = None  # empty slots weighed zero already
             # where modules ran; a switched-off one keeps the router's choice, as in exact routing
             active = ran | (active & ~runs) if self.disabled else ran
         else:
-            rows, module, delta, score, unused = self._run_modules(
+            rows, module, delta, score, unused, filled = self._run_modules(
                 members, hidden, runs, active, attention_mask, past, result
             )
         # scores: a module's own where it ran, zero elsewhere (and where it did not run at all)
@@ -282,7 +283,9 @@ class ModuleStack(nn.Module):
         placed = hidden.new_zeros(len(members) * tokens)
         if delta is not None:
             weights = top_weight.new_zeros(probs.shape).scatter(-1, top_index, top_weight).flatten(0, 1)
-            delta = _as(delta, hidden.dtype) * _as(weights[rows, module], hidden.dtype)[:, None]
+            weight = weights[rows, module]
+            weight = weight if filled is None else torch.where(filled, weight, 0.0)
+            delta = _as(delta, hidden.dtype) * _as(weight, hidden.dtype)[:, None]
             result.hidden = hidden.flatten(0, 1).index_add(0, rows, delta).view_as(hidden)
             # an add, not a copy: an empty capacity slot adds its zero to a real token's score
             placed = score.new_zeros(len(members) * tokens).index_add(0, module * tokens + rows, score)
@@ -306,13 +309,16 @@ class ModuleStack(nn.Module):
     # after minutes of compiling (37 `lite` modules at two layers).
     @torch.compiler.disable
     def _run_modules(self, members, hidden, runs, active, attention_mask, past, result):
-        """Every module with tokens, at its tokens: ``(rows, module, delta, score, unused)``: each
-        (module, token) pair that ran as its row of ``hidden.flatten(0, 1)`` and its module, the
-        deltas ``[N, H]`` and scores ``[N]`` there (None when no module ran), and the modules
-        that had no token. Modules' own losses and metrics go to ``result``."""
+        """Every module with tokens, at its tokens: ``(rows, module, delta, score, unused, filled)``:
+        per slot (see :func:`~dharma_kernel.grouped.layout`) the row of ``hidden.flatten(0, 1)``
+        and the module, the deltas ``[S, H]`` and scores ``[S]`` there (None when no module ran),
+        the modules that had no token, and which slots hold a (module, token) pair that ran
+        (None: all do). An empty slot (a group's padding) computed on zeros; its score is zero and
+        its delta is for the caller to weigh zero. Modules' own losses and metrics go to ``result``."""
         # Every (module, token) pair that runs, from one nonzero: module after module, a group's
         # members next to each other (dharma_kernel.grouped), each module's tokens ascending. One
-        # gather of all their inputs and one scatter of all the deltas, so backward has one of each.
+        # gather of all their inputs, straight into each group's padded rows, and one scatter of
+        # all the deltas, so backward has one of each.
         grouped = self._grouping(hidden)
         order, ranked = self._runs[grouped], self._ranked(grouped, hidden.device)
         pairs = runs.flatten(0, 1).index_select(1, ranked).t().nonzero()
@@ -320,38 +326,41 @@ class ModuleStack(nn.Module):
         rows = pairs[:, 1]
         counts = torch.bincount(module, minlength=len(members)).tolist()
         held_runs = self.held_runs if grouped else frozenset()  # held runs are the grouped order's
-        local, within = token_places(order, counts, pairs[:, 0], whole=held_runs)
-        x = hidden.flatten(0, 1).index_select(0, rows)
-        deltas, scores, unused = [], [], []
+        places = layout(order, counts, pairs[:, 0], whole=held_runs)
+        flat, filled, slot_rows, slot_module = hidden.flatten(0, 1), None, rows, module
+        if places.size == len(rows):  # no padding: each pair's slot is its own index
+            x = flat.index_select(0, rows)
+        else:
+            filled = rows.new_zeros(places.size, dtype=torch.bool).index_fill(0, places.slot, True)
+            slot_module = module.new_zeros(places.size).index_copy(0, places.slot, module)
+            slot_rows = rows.new_zeros(places.size).index_copy(0, places.slot, rows)
+            x = flat.index_select(0, slot_rows) * filled[:, None].to(flat.dtype)  # empty slots read zeros
         stack_ctx = ModuleContext(attention_mask, past)  # its shared results serve every module
-        start = 0
-        for indices in order:
-            running = [m for m in indices if counts[m]]
-            lone = running[0] if len(running) == 1 else None
-            held = indices[0] in held_runs
-            if held and running:
-                running = list(indices)  # the idle ones on no rows: the group's stacked weights read whole
-            unused += [members[m] for m in indices if not counts[m]]
-            size = sum(counts[m] for m in running)
-            at = slice(start, start + size)
-            start += size
-            if not running:
-                continue
-            if len(running) > 1 or held:
-                group, sizes = [members[m] for m in running], [counts[m] for m in running]
-                out = run_group(group, x[at], sizes, hidden, stack_ctx, rows[at], (local[at], within[at]))
-                if lone is not None:  # its losses and metrics kept, as when it runs alone
-                    _record_extras(result, self.refs[lone], out)
+        pieces = x.split([segment.slots.stop - segment.slots.start for segment in places.segments])
+        deltas, scores = [], []
+        for segment, piece in zip(places.segments, pieces, strict=True):
+            if segment.most:
+                group = [members[m] for m in segment.members]
+                where = GroupInput(hidden, stack_ctx, slot_rows[segment.slots], segment.most)
+                out = type(group[0]).grouped_tokens(group, piece.view(len(group), segment.most, -1), where)
+                out = TokenOutput(out.delta.flatten(0, 1), out.score.flatten(), out.losses, out.metrics)
+                with_tokens = [m for m in segment.members if counts[m]]
+                if len(with_tokens) == 1:  # its losses and metrics kept, as when it runs alone
+                    _record_extras(result, self.refs[with_tokens[0]], out)
             else:
-                m = running[0]
-                ctx = ModuleContext(attention_mask, past, active[..., m], rows[at], stack_ctx.shared)
-                out = _at_tokens(members[m], x[at], hidden, ctx)
+                (m,) = segment.members
+                ctx = ModuleContext(
+                    attention_mask, past, active[..., m], rows[segment.pairs], stack_ctx.shared
+                )
+                out = _at_tokens(members[m], piece, hidden, ctx)
                 _record_extras(result, self.refs[m], out)
             deltas.append(out.delta)
             scores.append(out.score)
+        unused = [members[m] for m in range(len(members)) if not counts[m]]
         if not deltas:
-            return rows, module, None, None, unused
-        return rows, module, torch.cat(deltas), torch.cat(scores), unused
+            return slot_rows, slot_module, None, None, unused, None
+        score = torch.cat(scores) if filled is None else torch.where(filled, torch.cat(scores), 0.0)
+        return slot_rows, slot_module, torch.cat(deltas), score, unused, filled
 
     def _slots_per_module(self, hidden: torch.Tensor) -> int | None:
         """The fixed slot count of every module (see ``_run_fixed``), or None for exact routing."""
@@ -429,13 +438,8 @@ class ModuleStack(nn.Module):
 
 
 def _fixed_input(hidden: torch.Tensor, ctx: ModuleContext, table: capacity.Slots, at: slice) -> GroupInput:
-    """What a group reads besides its slots ``table.rows[at]`` (``[Mg, C]``), its layout built on the
-    device: every member has ``C`` slots."""
-    count, size = table.rows[at].shape
-    module = torch.arange(count, device=hidden.device).repeat_interleave(size)
-    within = torch.arange(size, device=hidden.device).repeat(count)
-    groups = Groups([size] * count, hidden.device, module, within)
-    return GroupInput(hidden, ctx, table.rows[at].flatten(), groups, fixed=True)
+    """What a group reads besides its slots ``table.rows[at]`` (``[Mg, C]``): every member has ``C``."""
+    return GroupInput(hidden, ctx, table.rows[at].flatten(), table.rows.shape[1])
 
 
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

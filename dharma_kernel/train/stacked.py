@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..grouped import HELD, Held, group_key
+from ..grouped import HELD, Held, group_key, held_shape
 from .flat import aligned_starts
 from .optim import decay_split
 
@@ -42,9 +42,10 @@ CHUNK = 1 << 24
 
 @dataclass
 class Stacked:
-    """One parameter of a group's members held stacked: ``leaf [M, ...]`` (what the grouped path
-    reads and autograd accumulates into), the member parameters (row views of it), the blocks
-    that own them, the members (modules) they belong to, and the parameter name."""
+    """One parameter of a group's members held stacked: ``leaf [M, ...]`` (laid out by
+    ``held_shape``; what the grouped path reads and autograd accumulates into), the member
+    parameters (row views of it), the blocks that own them, the members (modules) they belong
+    to, and the parameter name."""
 
     leaf: nn.Parameter
     params: list[nn.Parameter]
@@ -163,12 +164,14 @@ class StackedParameters:
         ):
             shape, n = params[0].shape, params[0].numel()
             span = slice(start, start + len(params) * n)
-            leaf = nn.Parameter(flat[span].view(len(params), *shape))
-            leaf.grad = grad[span].view(len(params), *shape)
+            layout = (len(params), *held_shape(shape))
+            leaf = nn.Parameter(flat[span].view(layout))
+            leaf.grad = grad[span].view(layout)
             with torch.no_grad():
                 for i, p in enumerate(params):
-                    leaf[i].copy_(p)
-                    p.data = leaf.detach()[i]  # shares the stacked tensor's storage
+                    row = leaf.detach()[i].view(shape)
+                    row.copy_(p)
+                    p.data = row  # shares the stacked tensor's storage
                     self._repointed.append(p)
             held = Stacked(leaf, params, owners, group, name, start, list(range(rows, rows + len(params))))
             key = (id(owners[0]), name)
@@ -198,7 +201,7 @@ class StackedParameters:
 
         def hook(p: nn.Parameter) -> None:
             with torch.no_grad():
-                held.leaf.grad[i].add_(p.grad)
+                held.leaf.grad[i].view(p.shape).add_(p.grad)
             p.grad = None
             self._hooked.setdefault(id(bucket), set()).add(held.rows[i])
 
