@@ -81,10 +81,9 @@ class Bucket:
     exp_avg_sq: torch.Tensor | None = None
 
 
-def _group_parameters(
-    members: list[nn.Module],
-) -> list[tuple[list[nn.Module], str, list[nn.Parameter]]] | None:
-    """Each trainable parameter of a group's members as (owning blocks, name, parameters); None if
+def _group_parameters(members: list[nn.Module]) -> list[tuple] | None:
+    """Each trainable parameter of a group's members as (owning blocks, name, parameters, copies:
+    1, or the blocks of a module list merged, see :func:`_lists_merged`); None if
     the group cannot be held: a parameter trainable in some members and frozen in others, or of
     other shapes, dtypes or devices. Parameters frozen in every member are left out."""
     subs = [dict(m.named_modules()) for m in members]
@@ -102,7 +101,25 @@ def _group_parameters(
                 continue
             if len(trainable) > 1 or len({(tuple(p.shape), p.dtype, p.device) for p in params}) > 1:
                 return None
-            out.append((owners, name, params))
+            out.append((path, owners, name, params))
+    return _lists_merged(out)
+
+
+def _lists_merged(entries: list) -> list:
+    """``entries`` (path, owners, name, parameters) with those of one module list's blocks (paths
+    ``a.0.b``, ``a.1.b``, ...; same name and shape) merged into one, index after index: how grouped
+    code reads every block of a list at once (:func:`~dharma_kernel.grouped.multi_view`), then as
+    one tensor, not a cat of one per index. Each as (owners, name, parameters, indices merged)."""
+    lists: dict[tuple, list] = {}
+    for path, owners, name, params in entries:
+        parts = path.split(".")
+        at = max((i for i, part in enumerate(parts) if part.isdigit()), default=None)
+        within = (path,) if at is None else (".".join(parts[:at]), ".".join(parts[at + 1 :]))
+        lists.setdefault((*within, name, tuple(params[0].shape)), []).append((owners, params))
+    out = []
+    for key, same in lists.items():
+        owners = [o for owners, _ in same for o in owners]
+        out.append((owners, key[-2], [p for _, params in same for p in params], len(same)))
     return out
 
 
@@ -139,9 +156,9 @@ class StackedParameters:
                 if not entries:
                     continue
                 held_runs.add(run[0])
-                for owners, name, params in entries:
+                for owners, name, params, copies in entries:
                     key = (params[0].device, params[0].dtype, id(params[0]) in decayed)
-                    found.setdefault(key, []).append((owners, name, params, group))
+                    found.setdefault(key, []).append((owners, name, params, group * copies))
             stack.held_runs = frozenset(held_runs)
             stack.on_ran = self._modules_ran
         for key, entries in found.items():
