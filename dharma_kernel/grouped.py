@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Collection, Sequence
+import threading
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -158,16 +160,40 @@ def _held(blocks: Sequence[nn.Module], name: str) -> list[torch.Tensor] | None:
 
 def linear(layers: Sequence[nn.Linear], x: torch.Tensor) -> torch.Tensor:
     """Each module's linear layer on its tokens ``x [M, most, in]``."""
-    weight = stacked(layers, "weight", x.dtype).transpose(1, 2)
-    if layers[0].bias is None:
-        return torch.bmm(x, weight)
-    return torch.baddbmm(along_tokens(layers, "bias", x.dtype), x, weight)
+    y = torch.bmm(x, stacked(layers, "weight", x.dtype).transpose(1, 2))
+    # an add, not baddbmm: that copies the bias into its output first (two fewer ops, as many kernels)
+    return y if layers[0].bias is None else y + along_tokens(layers, "bias", x.dtype)
 
 
 def layer_norm(norms: Sequence[nn.LayerNorm], x: torch.Tensor) -> torch.Tensor:
     first = norms[0]
-    y = F.layer_norm(x, first.normalized_shape, eps=first.eps)
+    y = _normalized(x, tuple(first.normalized_shape), first.eps)
     return y * along_tokens(norms, "weight") + along_tokens(norms, "bias")
+
+
+_SHARING = threading.local()
+
+
+@contextmanager
+def sharing_normalization() -> Iterator[None]:
+    """Within: each input is normalized once, however many of a group's blocks normalize it (a
+    detector and an adapter read the same tokens); each block applies its own scale and shift.
+    Scoped to one group's forward (eager: not for torch.compile to trace)."""
+    _SHARING.seen = {}
+    try:
+        yield
+    finally:
+        _SHARING.seen = None
+
+
+def _normalized(x: torch.Tensor, shape: tuple[int, ...], eps: float) -> torch.Tensor:
+    seen = getattr(_SHARING, "seen", None)
+    if seen is None:
+        return F.layer_norm(x, shape, eps=eps)
+    key = (id(x), x._version, shape, eps)
+    if key not in seen:  # the tensor is kept with it, so its id is not reused meanwhile
+        seen[key] = (x, F.layer_norm(x, shape, eps=eps))
+    return seen[key][1]
 
 
 def adapter(blocks: Sequence[nn.Module], x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
@@ -347,7 +373,8 @@ def run_group(
     stack's context (mask, past, shared), without rows."""
     groups = Groups(counts, x.device)
     where = GroupInput(hidden, ctx, groups.pad(rows[:, None]).flatten(), groups.most)  # empty slots: row 0
-    out = type(members[0]).grouped_tokens(members, groups.pad(x), where)
+    with sharing_normalization():
+        out = type(members[0]).grouped_tokens(members, groups.pad(x), where)
     return TokenOutput(groups.unpad(out.delta), groups.unpad(out.score), out.losses, out.metrics)
 
 

@@ -13,7 +13,7 @@ from transformers.cache_utils import Cache
 from . import capacity
 from .columns import Columns
 from .cpu_linear import Linear
-from .grouped import GroupInput, group_key, layout, on_device, plan_runs, run_groups
+from .grouped import GroupInput, group_key, layout, on_device, plan_runs, run_groups, sharing_normalization
 from .module_cache import extend_stream, peek_stream
 from .protocol import DharmaModule, ModuleContext, ModuleOutput, TokenOutput, computes_tokens
 from .routing import concept_evidence
@@ -342,7 +342,9 @@ class ModuleStack(nn.Module):
             if segment.most:
                 group = [members[m] for m in segment.members]
                 where = GroupInput(hidden, stack_ctx, slot_rows[segment.slots], segment.most)
-                out = type(group[0]).grouped_tokens(group, piece.view(len(group), segment.most, -1), where)
+                x_group = piece.view(len(group), segment.most, -1)
+                with sharing_normalization():
+                    out = type(group[0]).grouped_tokens(group, x_group, where)
                 out = TokenOutput(out.delta.flatten(0, 1), out.score.flatten(), out.losses, out.metrics)
                 with_tokens = [m for m in segment.members if counts[m]]
                 if len(with_tokens) == 1:  # its losses and metrics kept, as when it runs alone
