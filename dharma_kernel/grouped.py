@@ -90,7 +90,7 @@ class GroupInput:
     def repeated(self, times: int) -> GroupInput:
         """The same slots for ``times`` copies of the group's modules, copy after copy: how the
         views of multi-view modules attend in one call (:func:`multi_view`)."""
-        return GroupInput(self.hidden, self.ctx, self.rows.repeat(times), self.slots)
+        return GroupInput(self.hidden, self.ctx, torch.cat([self.rows] * times), self.slots)  # cat: 1 op, repeat 30
 
 
 @dataclass
@@ -270,7 +270,7 @@ def multi_view(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) 
     count, views = len(blocks), len(blocks[0].views)
     # every module's every view as one group of count * views, view after view: one attention call
     every = [b.views[i] for i in range(views) for b in blocks]
-    out = attention(every, x.repeat(views, 1, 1), where.repeated(views))  # [views * M, C, H]
+    out = attention(every, torch.cat([x] * views), where.repeated(views))  # [views * M, C, H]
     out = out.view(views, count, *x.shape[1:]).permute(1, 2, 3, 0)  # [M, C, H, views]
     return (out * weights[:, :, None, :]).sum(-1)
 

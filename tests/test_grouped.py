@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dharma_kernel import registry
+from dharma_kernel import grouped, registry
 from dharma_kernel.assemble import build_model
 from dharma_kernel.catalogue import standard_refs
 from dharma_kernel.export import dense_routing
-from dharma_kernel.grouped import group_key, run_groups
+from dharma_kernel.grouped import group_key, layout, run_groups, sharing_normalization
 from dharma_kernel.protocol import ModuleContext
 from dharma_kernel.stack import COMPOSITIONS
 from dharma_kernel.testing import perturb, tiny_backbone_config
@@ -195,3 +195,43 @@ def test_cached_generation_and_beam_search_equal_per_module(composition, batch):
     assert torch.equal(outputs[True][0], outputs[False][0])
     torch.testing.assert_close(outputs[True][1], outputs[False][1], rtol=1e-5, atol=1e-5)
     assert torch.equal(outputs[True][2], outputs[False][2])
+
+
+def test_layout_pads_each_group_to_its_largest_share():
+    """A routed stack's slots: a group's members padded to its largest share, a lone module's tokens
+    as they are, a held run (``whole``) with all its members, those without tokens on empty slots."""
+    runs = [[0, 1, 2], [3], [4, 5], [6, 7]]
+    counts = [2, 0, 3, 1, 0, 0, 0, 2]
+    position = torch.repeat_interleave(torch.arange(8), torch.tensor(counts))  # each pair's place
+    placed = layout(runs, counts, position, whole={6})
+    assert placed.slot.tolist() == [0, 1, 3, 4, 5, 6, 9, 10]
+    segments = [(s.members, s.slots, s.pairs, s.most) for s in placed.segments]
+    assert segments == [
+        ([0, 2], slice(0, 6), slice(0, 5), 3),
+        ([3], slice(6, 7), slice(5, 6), 0),
+        ([6, 7], slice(7, 11), slice(6, 8), 2),
+    ]
+    assert placed.size == 11
+
+
+def test_a_group_normalizes_each_input_once(monkeypatch):
+    """Blocks of one group that normalize the same tokens share the normalization (their own scale
+    and shift each); a tensor changed in place is normalized again."""
+    calls = []
+    layer_norm = torch.nn.functional.layer_norm
+    monkeypatch.setattr(grouped.F, "layer_norm", lambda *a, **k: calls.append(1) or layer_norm(*a, **k))
+    first, second = (
+        perturb(torch.nn.ModuleList(torch.nn.LayerNorm(8) for _ in range(2)), seed=s) for s in (1, 2)
+    )
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
+    alone = [grouped.layer_norm(list(norms), x) for norms in (first, second)]
+    calls.clear()
+    with sharing_normalization():
+        shared = [grouped.layer_norm(list(norms), x) for norms in (first, second)]
+        assert len(calls) == 1
+        x.add_(1.0)
+        changed = grouped.layer_norm(list(first), x)
+    assert len(calls) == 2
+    for a, b in zip(alone, shared, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(changed, grouped.layer_norm(list(first), x), rtol=0, atol=0)

@@ -13,6 +13,7 @@ from safetensors.torch import load_model, save_model
 from test_grouped import all_modules, set_grouped
 from test_train_flat import BATCH, SETTINGS, assert_same_weights, batches
 
+from dharma_kernel import grouped
 from dharma_kernel.freeze import freeze_groups
 from dharma_kernel.grouped import HELD
 from dharma_kernel.train import stacked as stacked_module
@@ -213,6 +214,32 @@ def test_the_grouped_forward_stacks_nothing():
     stacked.release()
     assert before > 20
     assert after < before / 10
+
+
+def test_the_grouped_path_reads_the_held_tensors_themselves():
+    """Vectors are held ``[M, 1, n]``, as the blocks broadcast them along the tokens, and the views of
+    multi-view modules as one tensor, view after view, as they attend: read as they are, no
+    unsqueeze, no cat. Each member parameter is the start of its row."""
+    model = grouped_model("routed")
+    stack = next(iter(model.stacks.values()))
+    views = [
+        m
+        for ref, m in zip(stack.refs, stack.members.values(), strict=True)
+        if ref in ("paths.jnana", "paths.yoga")
+    ]
+    every = [m.attention.views[i] for i in range(len(views[0].attention.views)) for m in views]
+    held = stacked_of(model)
+    try:
+        leaves = {id(s.leaf) for b in held.buckets for s in b.stacked}
+        query = grouped.stacked([v.query for v in every], "weight")
+        scale = grouped.along_tokens([v.norm for v in every], "weight")
+        assert id(query) in leaves and id(scale) in leaves
+        assert scale.shape == (len(every), 1, every[0].norm.weight.shape[0])
+        for i, view in enumerate(every):
+            assert view.query.weight.data_ptr() == query[i].data_ptr()
+            assert view.norm.weight.data_ptr() == scale[i].data_ptr()
+    finally:
+        held.release()
 
 
 def test_when_parameters_are_held_stacked():
