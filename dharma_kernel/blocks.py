@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -199,6 +200,10 @@ def allowed_keys(position: torch.Tensor, keys: torch.Tensor | None, total: int) 
 
 class MultiViewAttention(nn.Module):
     """Several independent causal attention views, mixed per token by a learned softmax."""
+
+    # Grouped code reads every view's weights at once (grouped.multi_view): training holds each
+    # of their parameters as one stacked tensor, view after view (dharma_kernel.train.stacked).
+    read_together: ClassVar[tuple[str, ...]] = ("views",)
 
     def __init__(self, hidden_size: int, views: int, heads: int, head_dim: int, kv_heads: int) -> None:
         super().__init__()

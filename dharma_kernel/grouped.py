@@ -11,7 +11,7 @@ A family opts in by defining ``grouped_tokens(members, x, where)`` in the same c
 defines its computation (``forward_tokens``, ``delta``), on ``x [M, most, H]`` (``where``: the
 :class:`GroupInput`, for the blocks that read other positions); a plugin class that overrides
 either without its own ``grouped_tokens`` runs alone, as before (see :func:`group_key`).
-Attention (:func:`attention`) runs as one call over every (module, sequence) pair of the group.
+Attention (:func:`attention`) runs as one call for all the group's modules.
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import math
 import operator
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import attend, with_past
+from .blocks import allowed_keys, attend, with_past
 from .protocol import DharmaModule, ModuleContext, TokenOutput
 
 # What a module's own computation is defined by: the first class in its MRO that defines one.
@@ -75,12 +75,16 @@ class GroupInput:
     """What a group's modules read besides their tokens ``x [M, C, H]``: the stack's input
     ``hidden [B, T, H]``, its context ``ctx`` (mask, cached past, shared results; no rows), and
     ``rows [M * C]``, the token of ``hidden.flatten(0, 1)`` at each of the group's slots, row after
-    row. An empty slot (past a module's tokens) has some token's row, and its output is dropped."""
+    row. ``real [M * C]``: which slots hold a token (None: all do); an empty slot (past a module's
+    tokens) has some token's row, computes on zeros, and its output is dropped. ``fixed``: the
+    slots are fixed capacity's, and no block may read a count back to the host."""
 
     hidden: torch.Tensor
     ctx: ModuleContext
     rows: torch.Tensor
     slots: int  # C
+    real: torch.Tensor | None = None
+    fixed: bool = False
 
     def pick(self, values: torch.Tensor) -> torch.Tensor:
         """``values [B, T, ...]`` at the group's slots: ``[M, C, ...]``."""
@@ -90,7 +94,8 @@ class GroupInput:
     def repeated(self, times: int) -> GroupInput:
         """The same slots for ``times`` copies of the group's modules, copy after copy: how the
         views of multi-view modules attend in one call (:func:`multi_view`)."""
-        return GroupInput(self.hidden, self.ctx, torch.cat([self.rows] * times), self.slots)  # cat: 1 op, repeat 30
+        real = None if self.real is None else torch.cat([self.real] * times)
+        return GroupInput(self.hidden, self.ctx, torch.cat([self.rows] * times), self.slots, real, self.fixed)
 
 
 @dataclass
@@ -178,22 +183,33 @@ _SHARING = threading.local()
 def sharing_normalization() -> Iterator[None]:
     """Within: each input is normalized once, however many of a group's blocks normalize it (a
     detector and an adapter read the same tokens); each block applies its own scale and shift.
-    Scoped to one group's forward (eager: not for torch.compile to trace)."""
+    Scoped to one group's forward, eager only (see :func:`sharing`)."""
+    outer = getattr(_SHARING, "seen", None)
     _SHARING.seen = {}
     try:
         yield
     finally:
-        _SHARING.seen = None
+        _SHARING.seen = outer
+
+
+def sharing() -> AbstractContextManager:
+    """:func:`sharing_normalization`, or nothing while torch.compile traces (a context manager of
+    its own breaks the graph; compiled code fuses the normalizations anyway)."""
+    return nullcontext() if torch.compiler.is_compiling() else sharing_normalization()
 
 
 def _normalized(x: torch.Tensor, shape: tuple[int, ...], eps: float) -> torch.Tensor:
     seen = getattr(_SHARING, "seen", None)
     if seen is None:
         return F.layer_norm(x, shape, eps=eps)
-    key = (id(x), x._version, shape, eps)
-    if key not in seen:  # the tensor is kept with it, so its id is not reused meanwhile
-        seen[key] = (x, F.layer_norm(x, shape, eps=eps))
-    return seen[key][1]
+    # the tensor itself (kept with its result, so its id is not reused meanwhile) and, outside
+    # inference mode (no counter there), its version: changed in place, it is normalized again
+    version = None if x.is_inference() else x._version
+    key = (id(x), shape, eps, torch.is_grad_enabled())
+    kept = seen.get(key)
+    if kept is None or kept[0] is not x or kept[1] != version:
+        kept = seen[key] = (x, version, F.layer_norm(x, shape, eps=eps))
+    return kept[2]
 
 
 def adapter(blocks: Sequence[nn.Module], x: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
@@ -228,26 +244,65 @@ def detector(blocks: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor
     return (intensity * mix).sum(-1), intensity
 
 
+# Up to this many keys (batch x positions, cached ones too), a group attends each module's queries
+# over every sequence's keys, other sequences masked out: no host read, a few ops. Past it, that
+# B-fold attention work and its [queries, B * S] mask cost more than regrouping the queries by
+# (module, sequence) pair, each over its own sequence's keys, which reads each pair's count back
+# to the host. The benchmarks' shapes (4 x 64 on the CPU, 8 x 256 on a GPU) stay under it.
+EVERY_KEY_LIMIT = 2048
+
+
 def attention(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) -> torch.Tensor:
     """:class:`~dharma_kernel.blocks.CausalAttention` of each module at its slots ``x [M, C, H]``.
 
     Keys and values at every position of every sequence (cached ones too) for all modules with
-    one product; then one attention call, each module's queries over all its keys, those of
-    other sequences masked out (weight exactly zero). Grouping the queries by (module, sequence)
-    instead would read each pair's query count back to the host and pad them again: more ops
-    than the extra keys cost (a sequence's keys are ``1 / B`` of them).
+    one product, then one attention call: each module's queries over all its keys, those of other
+    sequences masked out (weight exactly zero), or above :data:`EVERY_KEY_LIMIT` keys, each
+    (module, sequence) pair's queries over its sequence's (fixed capacity never: no host read).
     """
     first, (count, slots, _) = blocks[0], x.shape
     heads, kv_heads, head_dim = first.heads, first.kv_heads, first.head_dim
     full = with_past(where.hidden, where.ctx)  # [B, S, H]
     batch, total, _ = full.shape
     normed = layer_norm([b.norm for b in blocks], full.flatten(0, 1))  # [M, B * S, H]
-    kv = linear([b.key_value for b in blocks], normed).view(count, batch * total, 2, kv_heads, head_dim)
-    k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # [M, kv_heads, B * S, D] each
-    q = linear([b.query for b in blocks], layer_norm([b.norm for b in blocks], x))
-    q = q.view(count, slots, heads, head_dim).transpose(1, 2)  # [M, heads, C, D]
-    y = attend(q, k, v, _allowed(where, total).view(count, 1, slots, batch * total))
-    return linear([b.out for b in blocks], y.transpose(1, 2).reshape(count, slots, heads * head_dim))
+    kv = linear([b.key_value for b in blocks], normed)  # [M, B * S, 2 * kv_heads * D]
+    q = linear([b.query for b in blocks], layer_norm([b.norm for b in blocks], x))  # [M, C, heads * D]
+    if where.fixed or batch * total <= EVERY_KEY_LIMIT:
+        k, v = kv.view(count, batch * total, 2, kv_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q = q.view(count, slots, heads, head_dim).transpose(1, 2)  # [M, heads, C, D]
+        y = attend(q, k, v, _allowed(where, total).view(count, 1, slots, batch * total))
+        y = y.transpose(1, 2).reshape(count, slots, heads * head_dim)
+    else:
+        k, v = kv.view(count * batch, total, 2, kv_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        y = _attention_by_sequence(q, k, v, where, (heads, head_dim), total)
+    return linear([b.out for b in blocks], y)
+
+
+def _attention_by_sequence(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, where: GroupInput, shape: tuple[int, int], total: int
+) -> torch.Tensor:
+    """:func:`attention` as one call whose batch is every (module, sequence) pair: the queries
+    ``q [M, C, heads * D]`` at real slots, regrouped by pair and padded to the most any pair has,
+    over ``k``, ``v [M * B, kv_heads, S, D]``. A padded query sees only the first key, so no
+    softmax row is empty; its output is dropped, as are empty slots' (zeros)."""
+    (count, slots, width), (heads, head_dim) = q.shape, shape
+    batch, length = where.hidden.shape[:2]
+    real = None if where.real is None else where.real.nonzero().squeeze(1)  # a host read
+    every = torch.arange(count * slots, device=q.device) if real is None else real
+    rows = where.rows if real is None else where.rows.index_select(0, real)
+    sequence, position = rows // length, rows % length + (total - length)
+    pair = every // slots * batch + sequence  # ascending: modules in order, each one's rows ascending
+    pairs = Groups(torch.bincount(pair, minlength=count * batch).tolist(), q.device)
+    flat = q.flatten(0, 1) if real is None else q.flatten(0, 1).index_select(0, real)
+    grouped_q = pairs.pad(flat).view(count * batch, pairs.most, heads, head_dim).transpose(1, 2)
+    at = pairs.pad(position[:, None])  # [M * B, most, 1]; 0 (the first key) where padded
+    keys = where.ctx.key_mask(length)  # [B, S]
+    allowed = allowed_keys(at, None if keys is None else keys.repeat(count, 1)[:, None, :], total)
+    y = attend(grouped_q, k, v, allowed[:, None]).transpose(1, 2).reshape(count * batch, pairs.most, width)
+    y = pairs.unpad(y)
+    if real is not None:
+        y = y.new_zeros(count * slots, width).index_copy(0, real, y)
+    return y.view(count, slots, width)
 
 
 def _allowed(where: GroupInput, total: int) -> torch.Tensor:
@@ -372,8 +427,13 @@ def run_group(
     the group's losses and metrics (a module's own when it is the only one with tokens). ``ctx``: the
     stack's context (mask, past, shared), without rows."""
     groups = Groups(counts, x.device)
-    where = GroupInput(hidden, ctx, groups.pad(rows[:, None]).flatten(), groups.most)  # empty slots: row 0
-    with sharing_normalization():
+    real = (
+        None if len(set(counts)) == 1 else groups.pad(rows.new_ones(len(rows), 1, dtype=torch.bool)).flatten()
+    )
+    where = GroupInput(
+        hidden, ctx, groups.pad(rows[:, None]).flatten(), groups.most, real
+    )  # empty slots: row 0
+    with sharing():
         out = type(members[0]).grouped_tokens(members, groups.pad(x), where)
     return TokenOutput(groups.unpad(out.delta), groups.unpad(out.score), out.losses, out.metrics)
 

@@ -271,11 +271,10 @@ class ModuleStack(nn.Module):
         if size:
             run = self._run_fixed(members, hidden, runs, attention_mask, past, result, size)
             rows, module, delta, score, unused, ran = run
-            filled = None  # empty slots weighed zero already
             # where modules ran; a switched-off one keeps the router's choice, as in exact routing
             active = ran | (active & ~runs) if self.disabled else ran
         else:
-            rows, module, delta, score, unused, filled = self._run_modules(
+            rows, module, delta, score, unused = self._run_modules(
                 members, hidden, runs, active, attention_mask, past, result
             )
         # scores: a module's own where it ran, zero elsewhere (and where it did not run at all)
@@ -283,9 +282,7 @@ class ModuleStack(nn.Module):
         placed = hidden.new_zeros(len(members) * tokens)
         if delta is not None:
             weights = top_weight.new_zeros(probs.shape).scatter(-1, top_index, top_weight).flatten(0, 1)
-            weight = weights[rows, module]
-            weight = weight if filled is None else torch.where(filled, weight, 0.0)
-            delta = _as(delta, hidden.dtype) * _as(weight, hidden.dtype)[:, None]
+            delta = _as(delta, hidden.dtype) * _as(weights[rows, module], hidden.dtype)[:, None]
             result.hidden = hidden.flatten(0, 1).index_add(0, rows, delta).view_as(hidden)
             # an add, not a copy: an empty capacity slot adds its zero to a real token's score
             placed = score.new_zeros(len(members) * tokens).index_add(0, module * tokens + rows, score)
@@ -309,12 +306,11 @@ class ModuleStack(nn.Module):
     # after minutes of compiling (37 `lite` modules at two layers).
     @torch.compiler.disable
     def _run_modules(self, members, hidden, runs, active, attention_mask, past, result):
-        """Every module with tokens, at its tokens: ``(rows, module, delta, score, unused, filled)``:
-        per slot (see :func:`~dharma_kernel.grouped.layout`) the row of ``hidden.flatten(0, 1)``
-        and the module, the deltas ``[S, H]`` and scores ``[S]`` there (None when no module ran),
-        the modules that had no token, and which slots hold a (module, token) pair that ran
-        (None: all do). An empty slot (a group's padding) computed on zeros; its score is zero and
-        its delta is for the caller to weigh zero. Modules' own losses and metrics go to ``result``."""
+        """Every module with tokens, at its tokens: ``(rows, module, delta, score, unused)``: per
+        slot (see :func:`~dharma_kernel.grouped.layout`) the row of ``hidden.flatten(0, 1)`` and the
+        module, the deltas ``[S, H]`` and scores ``[S]`` there (None when no module ran), and the
+        modules that had no token. An empty slot (a group's padding) computes on zeros and its
+        delta and score are zero. Modules' own losses and metrics go to ``result``."""
         # Every (module, token) pair that runs, from one nonzero: module after module, a group's
         # members next to each other (dharma_kernel.grouped), each module's tokens ascending. One
         # gather of all their inputs, straight into each group's padded rows, and one scatter of
@@ -334,16 +330,18 @@ class ModuleStack(nn.Module):
             filled = rows.new_zeros(places.size, dtype=torch.bool).index_fill(0, places.slot, True)
             slot_module = module.new_zeros(places.size).index_copy(0, places.slot, module)
             slot_rows = rows.new_zeros(places.size).index_copy(0, places.slot, rows)
-            x = flat.index_select(0, slot_rows) * filled[:, None].to(flat.dtype)  # empty slots read zeros
+            # empty slots read zeros (where, not a product: a non-finite row 0 stays out of them)
+            x = torch.where(filled[:, None], flat.index_select(0, slot_rows), 0.0)
         stack_ctx = ModuleContext(attention_mask, past)  # its shared results serve every module
         pieces = x.split([segment.slots.stop - segment.slots.start for segment in places.segments])
         deltas, scores = [], []
         for segment, piece in zip(places.segments, pieces, strict=True):
             if segment.most:
                 group = [members[m] for m in segment.members]
-                where = GroupInput(hidden, stack_ctx, slot_rows[segment.slots], segment.most)
+                real = None if filled is None else filled[segment.slots]
+                where = GroupInput(hidden, stack_ctx, slot_rows[segment.slots], segment.most, real)
                 x_group = piece.view(len(group), segment.most, -1)
-                with sharing_normalization():
+                with sharing_normalization():  # eager: _run_modules is never traced
                     out = type(group[0]).grouped_tokens(group, x_group, where)
                 out = TokenOutput(out.delta.flatten(0, 1), out.score.flatten(), out.losses, out.metrics)
                 with_tokens = [m for m in segment.members if counts[m]]
@@ -360,9 +358,11 @@ class ModuleStack(nn.Module):
             scores.append(out.score)
         unused = [members[m] for m in range(len(members)) if not counts[m]]
         if not deltas:
-            return slot_rows, slot_module, None, None, unused, None
-        score = torch.cat(scores) if filled is None else torch.where(filled, torch.cat(scores), 0.0)
-        return slot_rows, slot_module, torch.cat(deltas), score, unused, filled
+            return slot_rows, slot_module, None, None, unused
+        delta, score = torch.cat(deltas), torch.cat(scores)
+        if filled is not None:  # where, not a product: an empty slot's output may not be finite
+            delta, score = torch.where(filled[:, None], delta, 0.0), torch.where(filled, score, 0.0)
+        return slot_rows, slot_module, delta, score, unused
 
     def _slots_per_module(self, hidden: torch.Tensor) -> int | None:
         """The fixed slot count of every module (see ``_run_fixed``), or None for exact routing."""
@@ -441,7 +441,7 @@ class ModuleStack(nn.Module):
 
 def _fixed_input(hidden: torch.Tensor, ctx: ModuleContext, table: capacity.Slots, at: slice) -> GroupInput:
     """What a group reads besides its slots ``table.rows[at]`` (``[Mg, C]``): every member has ``C``."""
-    return GroupInput(hidden, ctx, table.rows[at].flatten(), table.rows.shape[1])
+    return GroupInput(hidden, ctx, table.rows[at].flatten(), table.rows.shape[1], fixed=True)
 
 
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -135,9 +135,12 @@ def test_each_family_grouped_equals_forward_tokens_with_uneven_and_empty_shares(
         torch.testing.assert_close(together[index].score, expected.score, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("every_key", [True, False])
 @pytest.mark.parametrize("refs", [["paths.jnana", "paths.yoga", "paths.jnana"], DARSHANAS])
-def test_attention_groups_equal_forward_tokens_with_padding_and_a_cached_past(refs):
-    """Attention families: per (module, sequence) uneven queries, padding keys, and cached positions."""
+def test_attention_groups_equal_forward_tokens_with_padding_and_a_cached_past(refs, every_key, monkeypatch):
+    """Attention families: per (module, sequence) uneven queries, padding keys, and cached positions;
+    queries over every sequence's keys, and (past grouped.EVERY_KEY_LIMIT) regrouped by sequence."""
+    monkeypatch.setattr(grouped, "EVERY_KEY_LIMIT", grouped.EVERY_KEY_LIMIT if every_key else 0)
     members = [
         perturb(module_class(r)(32, module_class(r).make_config("tiny")), seed=i, std=0.3)
         for i, r in enumerate(refs)
@@ -235,3 +238,52 @@ def test_a_group_normalizes_each_input_once(monkeypatch):
     for a, b in zip(alone, shared, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     torch.testing.assert_close(changed, grouped.layer_norm(list(first), x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("composition", ["routed", "parallel"])
+def test_grouped_forward_under_inference_mode_equals_per_module(composition):
+    """What `dharma serve` runs (torch.inference_mode: tensors without a version counter)."""
+    model = all_modules(composition).eval()
+    ids = torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        set_grouped(model, False)
+        expected = model(input_ids=ids).logits
+        set_grouped(model, True)
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_an_empty_slot_adds_nothing_even_where_its_module_is_not_finite():
+    """A group's empty slots (past a member's tokens) compute on zeros; a module that is not finite
+    there (x / |x|) must not reach the hidden states or the input's gradient."""
+    from torch import nn
+
+    from dharma_kernel.protocol import DharmaModule, TokenOutput
+    from dharma_kernel.stack import ModuleStack
+
+    class Direction(DharmaModule):
+        family, name = "thirdparty", "direction"
+
+        def __init__(self, hidden_size, config=None):
+            super().__init__(hidden_size, config)
+            self.proj = nn.Linear(hidden_size, hidden_size)
+
+        def forward_tokens(self, x, hidden, ctx):
+            return TokenOutput(self.proj(x / x.norm(dim=-1, keepdim=True)), x.new_ones(len(x)))
+
+        @classmethod
+        def grouped_tokens(cls, members, x, where):
+            unit = x / x.norm(dim=-1, keepdim=True)
+            return TokenOutput(grouped.linear([m.proj for m in members], unit), x.new_ones(x.shape[:2]))
+
+    torch.manual_seed(0)
+    members = [type(f"D{i}", (Direction,), {"name": f"d{i}"})(8) for i in range(2)]
+    stack = ModuleStack(members, "routed", top_k=1, hidden_size=8).train()
+    stack.grouped = True
+    hidden = torch.randn(1, 6, 8, requires_grad=True)
+    logits = torch.full((1, 6, 2), -5.0)
+    logits[0, :4, 0] = 5.0  # 4 tokens to the first, 2 to the second: 2 empty slots
+    logits[0, 4:, 1] = 5.0
+    out = stack._routed(hidden, None, None, logits)
+    out.hidden.sum().backward()
+    assert torch.isfinite(out.hidden).all() and torch.isfinite(hidden.grad).all()

@@ -242,6 +242,53 @@ def test_the_grouped_path_reads_the_held_tensors_themselves():
         held.release()
 
 
+def test_a_list_read_one_index_at_a_time_leaves_idle_members_alone():
+    """A third-party family whose grouped code reads a module list's blocks one index at a time:
+    each index held on its own (only lists a block names in ``read_together`` are held as one),
+    so a member no token chose is not stepped, as torch's AdamW would not step it."""
+    from torch import nn
+
+    from dharma_kernel.protocol import DharmaModule, TokenOutput
+    from dharma_kernel.stack import ModuleStack
+    from dharma_kernel.train.stacked import StackedParameters
+
+    class Experts(DharmaModule):
+        family, name = "thirdparty", "experts"
+
+        def __init__(self, hidden_size, config=None):
+            super().__init__(hidden_size, config)
+            self.experts = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(2))
+
+        def forward_tokens(self, x, hidden, ctx):
+            return TokenOutput(self.experts[0](x) + torch.tanh(self.experts[1](x)), x.new_ones(len(x)))
+
+        @classmethod
+        def grouped_tokens(cls, members, x, where):
+            first = grouped.linear([m.experts[0] for m in members], x)
+            second = grouped.linear([m.experts[1] for m in members], x)
+            return TokenOutput(first + torch.tanh(second), x.new_ones(x.shape[:2]))
+
+    torch.manual_seed(0)
+    members = [type(f"E{i}", (Experts,), {"name": f"e{i}"})(8) for i in range(3)]
+    stack = ModuleStack(members, "routed", top_k=1, hidden_size=8).train()
+    stack.grouped = True
+    held = StackedParameters([stack], decayed={id(p) for p in stack.parameters()})
+    try:
+        assert all(len(s.params) == 3 for b in held.buckets for s in b.stacked)  # one index each
+        logits = torch.full((1, 6, 3), -5.0)
+        logits[0, :3, 0] = 5.0
+        logits[0, 3:, 1] = 5.0  # the third member: no token
+        stack._routed(torch.randn(1, 6, 8), None, None, logits).hidden.sum().backward()
+        idle = [p.detach().clone() for p in members[2].parameters()]
+        held.step(lr=1e-2, weight_decay=0.1, betas=(0.9, 0.999), eps=1e-8)
+        assert all(torch.equal(p, q) for p, q in zip(members[2].parameters(), idle, strict=True))
+        state = held.member_state()
+        assert not any(id(p) in state for p in members[2].parameters())
+        assert all(id(p) in state for p in members[0].parameters())
+    finally:
+        held.release()
+
+
 def test_when_parameters_are_held_stacked():
     model = grouped_model("routed")
     assert stacked_of(model) is not None

@@ -102,19 +102,24 @@ def _group_parameters(members: list[nn.Module]) -> list[tuple] | None:
             if len(trainable) > 1 or len({(tuple(p.shape), p.dtype, p.device) for p in params}) > 1:
                 return None
             out.append((path, owners, name, params))
-    return _lists_merged(out)
+    return _lists_merged(out, subs[0])
 
 
-def _lists_merged(entries: list) -> list:
-    """``entries`` (path, owners, name, parameters) with those of one module list's blocks (paths
-    ``a.0.b``, ``a.1.b``, ...; same name and shape) merged into one, index after index: how grouped
-    code reads every block of a list at once (:func:`~dharma_kernel.grouped.multi_view`), then as
-    one tensor, not a cat of one per index. Each as (owners, name, parameters, indices merged)."""
+def _lists_merged(entries: list, blocks: dict[str, nn.Module]) -> list:
+    """``entries`` (path, owners, name, parameters) with those of the blocks of a module list that
+    its owner reads together (named in its ``read_together``; paths ``a.views.0.b``,
+    ``a.views.1.b``, ...; same name and shape) merged into one, index after index, as grouped
+    code reads them (:func:`~dharma_kernel.grouped.multi_view`): one tensor, not a cat of one per
+    index. Other lists stay apart: grouped code may read their blocks one index at a time, and a
+    merged tensor would then not be found. ``blocks``: the first member's, by path. Each entry as
+    (owners, name, parameters, indices merged)."""
     lists: dict[tuple, list] = {}
     for path, owners, name, params in entries:
         parts = path.split(".")
-        at = max((i for i, part in enumerate(parts) if part.isdigit()), default=None)
-        within = (path,) if at is None else (".".join(parts[:at]), ".".join(parts[at + 1 :]))
+        at = max((i for i, part in enumerate(parts) if part.isdigit()), default=0)
+        owner = blocks.get(".".join(parts[: at - 1])) if at > 1 else blocks.get("") if at == 1 else None
+        together = at > 0 and parts[at - 1] in getattr(owner, "read_together", ())
+        within = (".".join(parts[:at]), ".".join(parts[at + 1 :])) if together else (path,)
         lists.setdefault((*within, name, tuple(params[0].shape)), []).append((owners, params))
     out = []
     for key, same in lists.items():
