@@ -75,9 +75,10 @@ class GroupInput:
     """What a group's modules read besides their tokens ``x [M, C, H]``: the stack's input
     ``hidden [B, T, H]``, its context ``ctx`` (mask, cached past, shared results; no rows), and
     ``rows [M * C]``, the token of ``hidden.flatten(0, 1)`` at each of the group's slots, row after
-    row. ``real [M * C]``: which slots hold a token (None: all do); an empty slot (past a module's
-    tokens) has some token's row, computes on zeros, and its output is dropped. ``fixed``: the
-    slots are fixed capacity's, and no block may read a count back to the host."""
+    row, each module's ascending (attention regroups them by sequence). ``real [M * C]``: which
+    slots hold a token (None: all do); an empty slot (past a module's tokens) has some token's
+    row, computes on zeros, and its output is dropped. ``fixed``: the slots are fixed capacity's,
+    and no block may read a count back to the host."""
 
     hidden: torch.Tensor
     ctx: ModuleContext
@@ -203,7 +204,9 @@ def _normalized(x: torch.Tensor, shape: tuple[int, ...], eps: float) -> torch.Te
     if seen is None:
         return F.layer_norm(x, shape, eps=eps)
     # the tensor itself (kept with its result, so its id is not reused meanwhile) and, outside
-    # inference mode (no counter there), its version: changed in place, it is normalized again
+    # inference mode (no counter there), its version: changed in place, it is normalized again.
+    # Under inference mode, and across a switch of autocast within one group, it is not: no
+    # grouped block changes its input in place or switches autocast.
     version = None if x.is_inference() else x._version
     key = (id(x), shape, eps, torch.is_grad_enabled())
     kept = seen.get(key)
@@ -267,7 +270,9 @@ def attention(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) -
     normed = layer_norm([b.norm for b in blocks], full.flatten(0, 1))  # [M, B * S, H]
     kv = linear([b.key_value for b in blocks], normed)  # [M, B * S, 2 * kv_heads * D]
     q = linear([b.query for b in blocks], layer_norm([b.norm for b in blocks], x))  # [M, C, heads * D]
-    if where.fixed or batch * total <= EVERY_KEY_LIMIT:
+    if (
+        where.fixed or torch.compiler.is_compiling() or batch * total <= EVERY_KEY_LIMIT
+    ):  # traced: no host read
         k, v = kv.view(count, batch * total, 2, kv_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q = q.view(count, slots, heads, head_dim).transpose(1, 2)  # [M, heads, C, D]
         y = attend(q, k, v, _allowed(where, total).view(count, 1, slots, batch * total))
@@ -446,8 +451,8 @@ def run_groups(
     order: Sequence[Sequence[int]] | None = None,
     alone: Collection[int] = (),
 ) -> dict[int, TokenOutput]:
-    """The output of each groupable module (by index) at its tokens ``hidden.flatten(0, 1)[rows[i]]``,
-    computed group by group.
+    """The output of each groupable module (by index) at its tokens ``hidden.flatten(0, 1)[rows[i]]``
+    (each ascending), computed group by group.
 
     Modules without tokens, and groups of one, are left out: they run alone (the reference path).
     ``order``: ``plan_runs(members)``, if the caller has it already. ``alone``: the runs (by first

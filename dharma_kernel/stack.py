@@ -13,7 +13,16 @@ from transformers.cache_utils import Cache
 from . import capacity
 from .columns import Columns
 from .cpu_linear import Linear
-from .grouped import GroupInput, group_key, layout, on_device, plan_runs, run_groups, sharing_normalization
+from .grouped import (
+    GroupInput,
+    group_key,
+    layout,
+    on_device,
+    plan_runs,
+    run_groups,
+    sharing,
+    sharing_normalization,
+)
 from .module_cache import extend_stream, peek_stream
 from .protocol import DharmaModule, ModuleContext, ModuleOutput, TokenOutput, computes_tokens
 from .routing import concept_evidence
@@ -388,7 +397,9 @@ class ModuleStack(nn.Module):
             start += len(indices)
             group = [members[m] for m in indices]
             if group_key(group[0]) is not None:
-                out = type(group[0]).grouped_tokens(group, x[at], _fixed_input(hidden, stack_ctx, table, at))
+                where = _fixed_input(hidden, stack_ctx, table, at)
+                with sharing():  # nothing while torch.compile traces
+                    out = type(group[0]).grouped_tokens(group, x[at], where)
                 deltas.append(out.delta)
                 scores.append(out.score)
                 continue

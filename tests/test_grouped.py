@@ -287,3 +287,30 @@ def test_an_empty_slot_adds_nothing_even_where_its_module_is_not_finite():
     out = stack._routed(hidden, None, None, logits)
     out.hidden.sum().backward()
     assert torch.isfinite(out.hidden).all() and torch.isfinite(hidden.grad).all()
+
+
+@pytest.mark.parametrize("every_key", [True, False])
+def test_routed_attention_groups_equal_per_module_through_the_stack(every_key, monkeypatch):
+    """Routed at a batch where the attention families form groups, each run computing with all its
+    members (as when held stacked: the idle ones on empty slots), in both attention forms: the
+    same logits, loss and gradients as module by module, and none where no token ran."""
+    monkeypatch.setattr(grouped, "EVERY_KEY_LIMIT", grouped.EVERY_KEY_LIMIT if every_key else 0)
+    calls, attention = [], grouped.attention
+    monkeypatch.setattr(grouped, "attention", lambda *a: calls.append(len(a[0])) or attention(*a))
+    ids = torch.randint(1, 97, (4, 24), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # left padding
+    mask[3, 20:] = 0  # right padding
+    model = all_modules("routed").train()
+    set_grouped(model, False)
+    logits, loss, grads = loss_and_grads(model, ids, mask)
+    set_grouped(model, True)
+    for stack in model.stacks.values():
+        stack.held_runs = frozenset(run[0] for run in stack._runs[True])
+    got_logits, got_loss, got_grads = loss_and_grads(model, ids, mask)
+    assert calls and max(calls) > 2  # attention ran as groups (multi-view: every view of every member)
+    torch.testing.assert_close(got_logits, logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_loss, loss, rtol=1e-5, atol=1e-6)
+    for name, grad in got_grads.items():
+        expected = grads.get(name, torch.zeros_like(grad))
+        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6, msg=name)

@@ -111,8 +111,10 @@ def _lists_merged(entries: list, blocks: dict[str, nn.Module]) -> list:
     ``a.views.1.b``, ...; same name and shape) merged into one, index after index, as grouped
     code reads them (:func:`~dharma_kernel.grouped.multi_view`): one tensor, not a cat of one per
     index. Other lists stay apart: grouped code may read their blocks one index at a time, and a
-    merged tensor would then not be found. ``blocks``: the first member's, by path. Each entry as
-    (owners, name, parameters, indices merged)."""
+    merged tensor would then not be found. The list is the one of a path's last index (a list
+    inside a listed block's own list, or a ParameterList, stays one tensor per index: safe, not
+    merged). ``blocks``: the first member's, by path. Each entry as (owners, name, parameters,
+    indices merged)."""
     lists: dict[tuple, list] = {}
     for path, owners, name, params in entries:
         parts = path.split(".")
