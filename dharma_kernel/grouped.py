@@ -270,9 +270,8 @@ def attention(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) -
     normed = layer_norm([b.norm for b in blocks], full.flatten(0, 1))  # [M, B * S, H]
     kv = linear([b.key_value for b in blocks], normed)  # [M, B * S, 2 * kv_heads * D]
     q = linear([b.query for b in blocks], layer_norm([b.norm for b in blocks], x))  # [M, C, heads * D]
-    if (
-        where.fixed or torch.compiler.is_compiling() or batch * total <= EVERY_KEY_LIMIT
-    ):  # traced: no host read
+    every_key = where.fixed or torch.compiler.is_compiling() or batch * total <= EVERY_KEY_LIMIT
+    if every_key:  # fixed capacity and compiled code: no host read
         k, v = kv.view(count, batch * total, 2, kv_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q = q.view(count, slots, heads, head_dim).transpose(1, 2)  # [M, heads, C, D]
         y = attend(q, k, v, _allowed(where, total).view(count, 1, slots, batch * total))
