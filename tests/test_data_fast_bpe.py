@@ -145,10 +145,9 @@ def test_a_gpt2_tokenizer_from_vocab_and_merges_files_has_the_shape(tmp_path):
     assert fast_encoder(tokenizer).byte_lengths is None
     ids, offsets = _tokenize(tokenizer, texts, with_offsets=True)
     assert offsets == hf_encoded(tokenizer, texts)["offset_mapping"]
-    assert (
-        _tokenize(tokenizer, texts, with_offsets=False)[0]
-        == tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-    )
+    assert _tokenize(tokenizer, texts, with_offsets=False)[0] == tokenizer(
+        texts, add_special_tokens=False, split_special_tokens=True
+    )["input_ids"]
 
 
 def byte_level_bpe(extra=None, merges=None, ids_reversed=False, **byte_level):

@@ -316,12 +316,8 @@ def test_spilled_pieces_come_back_as_they_went_in(tmp_path):
 
     rng = np.random.default_rng(0)
     pieces = [
-        Piece(
-            rng.integers(0, 400, size),
-            rng.random(size) < 0.5,
-            rng.random(size) < 0.9,
-            rng.integers(-1, 2, (size, 3)).astype(np.int8),
-        )  # fmt: skip
+        Piece(rng.integers(0, 400, size), rng.random(size) < 0.5, rng.random(size) < 0.9,
+              rng.integers(-1, 2, (size, 3)).astype(np.int8))  # fmt: skip
         for size in (5, 0, 13, 8)
     ]
     with SpilledPieces(tmp_path / "x.chats", id_dtype(400)) as spilled:

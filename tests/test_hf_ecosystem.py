@@ -89,10 +89,10 @@ def test_a_saved_tokenizer_pads_left_so_a_batch_generates_what_each_prompt_gives
     texts = ["Karma yoga is work offered without", "The river", "Seva means service given freely, a gift"]
     batch = prompts(tokenizer, texts)
     assert batch["attention_mask"][1, 0] == 0  # the short prompt is padded, on the left
-    together = generate(model, batch, max_new_tokens=8, do_sample=False)[:, batch["input_ids"].shape[1] :]
+    together = generate(model, batch, max_new_tokens=8, do_sample=False)[:, batch["input_ids"].shape[1]:]
     for row, text in enumerate(texts):
         alone = prompts(tokenizer, [text])
-        expected = generate(model, alone, max_new_tokens=8, do_sample=False)[0, alone["input_ids"].shape[1] :]
+        expected = generate(model, alone, max_new_tokens=8, do_sample=False)[0, alone["input_ids"].shape[1]:]
         assert together[row].tolist() == expected.tolist(), text
 
     # A tokenizer that pads on the right and has no pad token (a backbone's, say) is saved
