@@ -20,7 +20,7 @@ import math
 import operator
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -184,7 +184,7 @@ _SHARING = threading.local()
 def sharing_normalization() -> Iterator[None]:
     """Within: each input is normalized once, however many of a group's blocks normalize it (a
     detector and an adapter read the same tokens); each block applies its own scale and shift.
-    Scoped to one group's forward, eager only (see :func:`sharing`)."""
+    Scoped to one group's forward, eager only (see :func:`grouped_forward`)."""
     outer = getattr(_SHARING, "seen", None)
     _SHARING.seen = {}
     try:
@@ -193,10 +193,13 @@ def sharing_normalization() -> Iterator[None]:
         _SHARING.seen = outer
 
 
-def sharing() -> AbstractContextManager:
-    """:func:`sharing_normalization`, or nothing while torch.compile traces (a context manager of
-    its own breaks the graph; compiled code fuses the normalizations anyway)."""
-    return nullcontext() if torch.compiler.is_compiling() else sharing_normalization()
+def grouped_forward(members: Sequence[DharmaModule], x: torch.Tensor, where: GroupInput) -> TokenOutput:
+    """The members' family's ``grouped_tokens`` at their slots ``x [M, C, H]``, each input normalized
+    once (:func:`sharing_normalization`; not while torch.compile traces: a context manager of its
+    own breaks the graph, and compiled code fuses the normalizations anyway)."""
+    sharing = nullcontext() if torch.compiler.is_compiling() else sharing_normalization()
+    with sharing:
+        return type(members[0]).grouped_tokens(members, x, where)
 
 
 def _normalized(x: torch.Tensor, shape: tuple[int, ...], eps: float) -> torch.Tensor:
@@ -248,10 +251,12 @@ def detector(blocks: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor
 
 
 # Up to this many keys (batch x positions, cached ones too), a group attends each module's queries
-# over every sequence's keys, other sequences masked out: no host read, a few ops. Past it, that
-# B-fold attention work and its [queries, B * S] mask cost more than regrouping the queries by
-# (module, sequence) pair, each over its own sequence's keys, which reads each pair's count back
-# to the host. The benchmarks' shapes (4 x 64 on the CPU, 8 x 256 on a GPU) stay under it.
+# over every sequence's keys, other sequences masked out: no host read, a few ops. Past it, the
+# queries are regrouped by (module, sequence) pair, each over its own sequence's keys, which
+# reads each pair's count back to the host: the first form's B-fold attention work and its
+# [queries, B * S] mask grow with the batch (a one-off CPU script: 6x and 8x slower forwards at
+# batch 16 and 32 x 128, parallel). 2,048 is not a measured crossover; the benchmarks' shapes
+# (4 x 64 on the CPU, 8 x 256 on a GPU) stay under it.
 EVERY_KEY_LIMIT = 2048
 
 
@@ -431,14 +436,11 @@ def run_group(
     the group's losses and metrics (a module's own when it is the only one with tokens). ``ctx``: the
     stack's context (mask, past, shared), without rows."""
     groups = Groups(counts, x.device)
+    slot_rows = groups.pad(rows[:, None]).flatten()  # an empty slot's: row 0
     real = (
         None if len(set(counts)) == 1 else groups.pad(rows.new_ones(len(rows), 1, dtype=torch.bool)).flatten()
     )
-    where = GroupInput(
-        hidden, ctx, groups.pad(rows[:, None]).flatten(), groups.most, real
-    )  # empty slots: row 0
-    with sharing():
-        out = type(members[0]).grouped_tokens(members, groups.pad(x), where)
+    out = grouped_forward(members, groups.pad(x), GroupInput(hidden, ctx, slot_rows, groups.most, real))
     return TokenOutput(groups.unpad(out.delta), groups.unpad(out.score), out.losses, out.metrics)
 
 

@@ -13,16 +13,7 @@ from transformers.cache_utils import Cache
 from . import capacity
 from .columns import Columns
 from .cpu_linear import Linear
-from .grouped import (
-    GroupInput,
-    group_key,
-    layout,
-    on_device,
-    plan_runs,
-    run_groups,
-    sharing,
-    sharing_normalization,
-)
+from .grouped import GroupInput, group_key, grouped_forward, layout, on_device, plan_runs, run_groups
 from .module_cache import extend_stream, peek_stream
 from .protocol import DharmaModule, ModuleContext, ModuleOutput, TokenOutput, computes_tokens
 from .routing import concept_evidence
@@ -349,9 +340,7 @@ class ModuleStack(nn.Module):
                 group = [members[m] for m in segment.members]
                 real = None if filled is None else filled[segment.slots]
                 where = GroupInput(hidden, stack_ctx, slot_rows[segment.slots], segment.most, real)
-                x_group = piece.view(len(group), segment.most, -1)
-                with sharing_normalization():  # eager: _run_modules is never traced
-                    out = type(group[0]).grouped_tokens(group, x_group, where)
+                out = grouped_forward(group, piece.view(len(group), segment.most, -1), where)
                 out = TokenOutput(out.delta.flatten(0, 1), out.score.flatten(), out.losses, out.metrics)
                 with_tokens = [m for m in segment.members if counts[m]]
                 if len(with_tokens) == 1:  # its losses and metrics kept, as when it runs alone
@@ -398,8 +387,7 @@ class ModuleStack(nn.Module):
             group = [members[m] for m in indices]
             if group_key(group[0]) is not None:
                 where = _fixed_input(hidden, stack_ctx, table, at)
-                with sharing():  # nothing while torch.compile traces
-                    out = type(group[0]).grouped_tokens(group, x[at], where)
+                out = grouped_forward(group, x[at], where)
                 deltas.append(out.delta)
                 scores.append(out.score)
                 continue

@@ -119,7 +119,7 @@ def _lists_merged(entries: list, blocks: dict[str, nn.Module]) -> list:
     for path, owners, name, params in entries:
         parts = path.split(".")
         at = max((i for i, part in enumerate(parts) if part.isdigit()), default=0)
-        owner = blocks.get(".".join(parts[: at - 1])) if at > 1 else blocks.get("") if at == 1 else None
+        owner = blocks.get(".".join(parts[: at - 1])) if at else None  # the list's module ("": the member)
         together = at > 0 and parts[at - 1] in getattr(owner, "read_together", ())
         within = (".".join(parts[:at]), ".".join(parts[at + 1 :])) if together else (path,)
         lists.setdefault((*within, name, tuple(params[0].shape)), []).append((owners, params))
