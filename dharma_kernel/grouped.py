@@ -102,13 +102,16 @@ class GroupInput:
 @dataclass
 class Held:
     """A parameter of a group's blocks held stacked (dharma_kernel.train.stacked): the stacked
-    tensor, the blocks of its rows in order, and what to tell when training reads it. A vector
-    parameter (one axis) is held ``[M, 1, n]``, the way :func:`along_tokens` reads it, so that
-    read is no op (and no op backward)."""
+    tensor, the blocks of its rows in order, what to tell when training reads it, and whether
+    its rows are the members' parameters transposed. Each is held the way the grouped blocks
+    read it, so that read is no op (and no op backward): a vector parameter (one axis)
+    ``[M, 1, n]``, as :func:`along_tokens` reads it; a linear layer's weight ``[out, in]``
+    transposed, ``[M, in, out]``, as :func:`linear` multiplies by it (see :func:`held_shape`)."""
 
     leaf: torch.Tensor
     owners: tuple[nn.Module, ...]
     read: Callable[[], None]
+    transposed: bool = False
 
 
 # The parameters held stacked, by (id of the first block, parameter name). The blocks are kept, so
@@ -117,9 +120,22 @@ class Held:
 HELD: dict[tuple[int, str], Held] = {}
 
 
-def held_shape(shape: torch.Size) -> tuple[int, ...]:
+def held_transposed(owner: nn.Module, name: str) -> bool:
+    """Whether the parameter ``name`` of ``owner`` is held transposed: a linear layer's weight."""
+    return isinstance(owner, nn.Linear) and name == "weight"
+
+
+def held_shape(shape: torch.Size, transposed: bool = False) -> tuple[int, ...]:
     """How a member parameter of ``shape`` is laid out in its stacked tensor (after the member axis)."""
+    if transposed:
+        return shape[1], shape[0]
     return (1, *shape) if len(shape) == 1 else tuple(shape)
+
+
+def as_member(row: torch.Tensor, shape: torch.Size, transposed: bool) -> torch.Tensor:
+    """A row of a stacked tensor (laid out by :func:`held_shape`) as a member parameter of
+    ``shape``: a view of it."""
+    return row.t() if transposed else row.view(shape)
 
 
 def stacked(blocks: Sequence[nn.Module], name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -133,22 +149,32 @@ def along_tokens(blocks: Sequence[nn.Module], name: str, dtype: torch.dtype | No
     return _stacked(blocks, name, dtype, along=True)
 
 
-def _stacked(blocks: Sequence[nn.Module], name: str, dtype: torch.dtype | None, along: bool) -> torch.Tensor:
+def transposed(blocks: Sequence[nn.Module], name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``stacked`` with each matrix transposed: ``[M, in, out]`` of weights ``[out, in]``."""
+    return _stacked(blocks, name, dtype, along=False, flip=True)
+
+
+def _stacked(
+    blocks: Sequence[nn.Module], name: str, dtype: torch.dtype | None, along: bool, flip: bool = False
+) -> torch.Tensor:
     held = _held(blocks, name) if HELD else None
     if held is None:
         weights = torch.stack([getattr(block, name) for block in blocks], dim=0)
         weights = weights.unsqueeze(1) if along else weights
+        weights = weights.transpose(1, 2) if flip else weights
     else:
-        weights = held[0] if len(held) == 1 else torch.cat(held)
+        weights = held[0].leaf if len(held) == 1 else torch.cat([h.leaf for h in held])
         vector = getattr(blocks[0], name).dim() == 1  # held [M, 1, n] (held_shape)
         if vector != along:
             weights = weights.squeeze(1) if vector else weights.unsqueeze(1)
+        if held[0].transposed != flip:
+            weights = weights.transpose(1, 2)
     return weights if dtype is None or weights.dtype == dtype else weights.to(dtype)
 
 
-def _held(blocks: Sequence[nn.Module], name: str) -> list[torch.Tensor] | None:
-    """The stacked tensors that hold the parameter ``name`` of ``blocks``, one after another
-    (several: the views of multi-view modules); None unless they hold exactly these blocks'."""
+def _held(blocks: Sequence[nn.Module], name: str) -> list[Held] | None:
+    """What holds the parameter ``name`` of ``blocks`` stacked, one after another (several: the
+    views of multi-view modules); None unless they hold exactly these blocks'."""
     found, at = [], 0
     while at < len(blocks):
         held = HELD.get((id(blocks[at]), name))
@@ -161,12 +187,12 @@ def _held(blocks: Sequence[nn.Module], name: str) -> list[torch.Tensor] | None:
     if torch.is_grad_enabled():
         for held in found:
             held.read()
-    return [held.leaf for held in found]
+    return found
 
 
 def linear(layers: Sequence[nn.Linear], x: torch.Tensor) -> torch.Tensor:
     """Each module's linear layer on its tokens ``x [M, most, in]``."""
-    y = torch.bmm(x, stacked(layers, "weight", x.dtype).transpose(1, 2))
+    y = torch.bmm(x, transposed(layers, "weight", x.dtype))
     # an add, not baddbmm: that copies the bias into its output first (two fewer ops, as many kernels)
     return y if layers[0].bias is None else y + along_tokens(layers, "bias", x.dtype)
 
@@ -244,8 +270,8 @@ def memory(blocks: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
 def detector(blocks: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:class:`~dharma_kernel.blocks.ConceptDetector` of each module: ``(gate, intensity)``."""
     intensity = torch.sigmoid(linear([b.proj for b in blocks], layer_norm([b.norm for b in blocks], x)))
-    if blocks[0].mix is None:
-        return intensity[..., 0], intensity
+    if blocks[0].mix is None:  # one detector: its own gate (a view: a select's backward is a scatter)
+        return intensity.view(intensity.shape[:-1]), intensity
     mix = torch.softmax(along_tokens(blocks, "mix"), dim=-1)
     return (intensity * mix).sum(-1), intensity
 

@@ -122,10 +122,14 @@ def test_a_compiled_run_with_capacity_trains_its_modules_flat(tmp_path, monkeypa
     train(capacity(tmp_path / "compiled", compile=True), TrainOptions(), QUIET)
     eager, compiled = tmp_path / "eager" / "run", tmp_path / "compiled" / "run"
     held = made[-1]
-    assert made[0] is None and held is not None  # eager: nothing flat; compiled: the 2 modules' parameters
-    assert {name.split(".")[3] for f in held.flats for name in f.names} == {
-        "paths__dharma",
-        "darshanas__vedanta",
+    # eager: nothing flat; compiled: the 2 modules' parameters and the router's
+    assert made[0] is None and held is not None
+    names = [name.split(".") for f in held.flats for name in f.names]
+    assert {name[3] for name in names if name[2] == "members"} == {"paths__dharma", "darshanas__vedanta"}
+    assert {".".join(name[2:]) for name in names if name[2] != "members"} == {
+        "router.weight",
+        "token_prior.weight",
+        "prior_out",
     }
     first, second = held.flats[0].params[:2]
     assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()  # released

@@ -165,7 +165,9 @@ def test_parameters_share_the_flat_storage_until_released(trained, tmp_path):
 
 def test_only_modules_that_compute_at_every_step_are_flattened():
     exact = all_modules("routed")
-    assert always_computing(exact) == [] and flat_of(exact) is None  # exact routing skips modules
+    assert always_computing(exact) == []  # exact routing skips modules; every token is routed
+    routers = {id(p) for s in exact.stacks.values() for p in s.router_parameters()}
+    assert len(routers) == 6 and {id(p) for f in flat_of(exact).flats for p in f.params} == routers
     parallel = all_modules("parallel")
     assert len(always_computing(parallel)) == 2 * len(parallel.module_refs)
     model = routed_with_capacity()

@@ -12,7 +12,8 @@ backward yields one gradient per flat tensor and AdamW steps one tensor.
 
 Exact only where torch's AdamW would step every one of those parameters at every step: the
 modules that compute at every step, whatever the routing (parallel and sequential stacks, and
-the groupable modules of routed stacks with fixed capacity, which compute all their slots).
+the groupable modules of routed stacks with fixed capacity, which compute all their slots),
+and the routers of routed stacks (every token is routed; six tensors at two layers).
 Under exact routing a module no token chose gets no gradient and AdamW leaves it as it was;
 flattened it would still move by momentum and weight decay. Those stay as they are, and so
 does everything under ``optimizer_in_backward`` (clipped per parameter). A plugin parameter
@@ -157,11 +158,19 @@ def always_computing(model: nn.Module) -> list[nn.Module]:
 def flatten_modules(
     model: nn.Module, decayed: set[int], steps: dict[str, float] | None = None
 ) -> FlatParameters | None:
-    """The trainable parameters of ``model``'s always-computing modules, flattened; None if there are
-    none. ``decayed``: ids of the parameters with weight decay (one flat tensor never mixes the two).
-    ``steps``: AdamW's step count per parameter name in an optimizer state the run resumes from;
-    None (and a warning) if those parameters' counts differ, as one flat tensor has one count."""
-    chosen = {id(p) for m in always_computing(model) for p in m.parameters() if p.requires_grad}
+    """The trainable parameters of ``model``'s always-computing modules and routers, flattened; None
+    if there are none. ``decayed``: ids of the parameters with weight decay (one flat tensor never
+    mixes the two). ``steps``: AdamW's step count per parameter name in an optimizer state the run
+    resumes from; None (and a warning) if those parameters' counts differ, as one flat tensor has
+    one count."""
+    routers = [
+        p
+        for s in getattr(model, "stacks", {}).values()
+        if s.composition == "routed"
+        for p in s.router_parameters()
+    ]
+    every = [p for m in always_computing(model) for p in m.parameters()] + routers
+    chosen = {id(p) for p in every if p.requires_grad}
     named = [(n, p) for n, p in model.named_parameters() if id(p) in chosen]
     if steps is not None and len({steps.get(n) for n, _ in named}) > 1:
         warnings.warn(

@@ -526,7 +526,9 @@ def _like(saved: torch.Tensor, p: torch.Tensor, dtype: torch.dtype | None) -> to
     """A saved whole moment as ``p`` holds it: on its device, in ``dtype``, sharded as ``p`` is."""
     if isinstance(p, DTensor):
         return distribute_tensor(saved.to(p.device, dtype or p.dtype), p.device_mesh, p.placements)
-    return saved.to(p.device, dtype or p.dtype, copy=True)
+    # laid out as p is (a saved moment of a parameter held stacked may be a transposed view;
+    # the fused step reads a moment element for element alongside its parameter)
+    return torch.empty_like(p, dtype=dtype or p.dtype).copy_(saved)
 
 
 def build_optimizer(

@@ -7,8 +7,8 @@ a thousand small tensors one by one. Here each of a group's parameters is held a
 tensor that the grouped path reads as it is (:data:`~dharma_kernel.grouped.HELD`); each
 member's own parameter is a row of it (its storage a view), so the model that is evaluated,
 saved and exported is the one being trained, under its own names. The stacked tensors of
-one weight-decay kind are views of one flat tensor, their gradients of one flat gradient,
-and AdamW steps each flat tensor at once.
+one device and dtype are views of one flat tensor, their gradients of one flat gradient,
+and AdamW steps each flat tensor at once (weight decay per row).
 
 Exact: AdamW is per parameter, so a member that did not compute (under exact routing, one no
 token chose) must be left as it is, moments and step count too, as torch's AdamW leaves a
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..grouped import HELD, Held, group_key, held_shape
+from ..grouped import HELD, Held, as_member, group_key, held_shape, held_transposed
 from .flat import aligned_starts
 from .optim import decay_split
 
@@ -54,6 +54,15 @@ class Stacked:
     name: str
     start: int  # first element in its bucket's flat tensor
     rows: list[int]  # each member parameter's row (its step count) in the bucket
+    transposed: bool  # rows hold the member parameters transposed (held_shape)
+
+    def member(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        """Member parameter ``i``'s part of a flat tensor of its bucket (the parameters, their
+        gradient or a moment), in the parameter's shape: a view."""
+        shape = self.params[i].shape
+        n = shape.numel()
+        row = flat[self.start + i * n : self.start + (i + 1) * n]
+        return as_member(row.view(held_shape(shape, self.transposed)), shape, self.transposed)
 
 
 @dataclass
@@ -68,15 +77,15 @@ class Chunk:
 
 @dataclass
 class Bucket:
-    """The stacked tensors of one (device, dtype, weight decay): ``holder`` wraps the flat tensor
-    (its ``grad``: the flat gradient), so clipping sees one tensor; ``steps``: AdamW's step count
-    per row, one more for the gaps."""
+    """The stacked tensors of one (device, dtype): ``holder`` wraps the flat tensor (its ``grad``:
+    the flat gradient), so clipping sees one tensor; ``steps``: AdamW's step count per row, one
+    more for the gaps; ``decays``: whether each row has weight decay (None: none has)."""
 
     holder: nn.Parameter
-    decay: bool
     stacked: list[Stacked] = field(default_factory=list)
     chunks: list[Chunk] = field(default_factory=list)
     steps: torch.Tensor | None = None
+    decays: torch.Tensor | None = None
     exp_avg: torch.Tensor | None = None
     exp_avg_sq: torch.Tensor | None = None
 
@@ -164,42 +173,44 @@ class StackedParameters:
                     continue
                 held_runs.add(run[0])
                 for owners, name, params, copies in entries:
-                    key = (params[0].device, params[0].dtype, id(params[0]) in decayed)
+                    key = (params[0].device, params[0].dtype)
                     found.setdefault(key, []).append((owners, name, params, group * copies))
             stack.held_runs = frozenset(held_runs)
             stack.on_ran = self._modules_ran
         for key, entries in found.items():
-            self.buckets.append(self._bucket(key, entries))
+            self.buckets.append(self._bucket(key, entries, decayed))
         self.held = {id(p) for b in self.buckets for s in b.stacked for p in s.params}
 
-    def _bucket(self, key: tuple, entries: list) -> Bucket:
-        device, dtype, decay = key
+    def _bucket(self, key: tuple, entries: list, decayed: set[int]) -> Bucket:
+        device, dtype = key
         # each stacked tensor 64-byte aligned, as a tensor of its own would be (see .flat)
         sizes = [len(params) * params[0].numel() for _, _, params, _ in entries]
         starts, end = aligned_starts(sizes, entries[0][2][0].element_size())
         flat = torch.zeros(end, device=device, dtype=dtype)
         grad = torch.zeros_like(flat)
-        bucket = Bucket(holder=nn.Parameter(flat), decay=decay)
+        bucket = Bucket(holder=nn.Parameter(flat))
         bucket.holder.grad = grad
         segments: list[tuple[int, int]] = []  # (row, length) in element order; row -1: a gap
-        rows = 0
+        rows, decays = 0, []
         for (owners, name, params, group), start, stop in zip(
             entries, starts, [*starts[1:], end], strict=True
         ):
             shape, n = params[0].shape, params[0].numel()
             span = slice(start, start + len(params) * n)
-            layout = (len(params), *held_shape(shape))
+            flipped = held_transposed(owners[0], name)
+            layout = (len(params), *held_shape(shape, flipped))
             leaf = nn.Parameter(flat[span].view(layout))
             leaf.grad = grad[span].view(layout)
             with torch.no_grad():
                 for i, p in enumerate(params):
-                    row = leaf.detach()[i].view(shape)
+                    row = as_member(leaf.detach()[i], shape, flipped)
                     row.copy_(p)
                     p.data = row  # shares the stacked tensor's storage
                     self._repointed.append(p)
-            held = Stacked(leaf, params, owners, group, name, start, list(range(rows, rows + len(params))))
+            rows_held = list(range(rows, rows + len(params)))
+            held = Stacked(leaf, params, owners, group, name, start, rows_held, flipped)
             key = (id(owners[0]), name)
-            HELD[key] = Held(leaf, tuple(owners), self._reader(leaf))
+            HELD[key] = Held(leaf, tuple(owners), self._reader(leaf), flipped)
             self._keys.append(key)
             for i, p in enumerate(params):
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._moved(bucket, held, i)))
@@ -207,8 +218,10 @@ class StackedParameters:
             if stop > span.stop:
                 segments.append((-1, stop - span.stop))  # the gap to the next aligned start
             rows += len(params)
+            decays += [id(p) in decayed for p in params]
             bucket.stacked.append(held)
         bucket.steps = torch.zeros(rows + 1, device=device, dtype=torch.float32)
+        bucket.decays = torch.tensor([*decays, False], device=device) if any(decays) else None
         bucket.chunks = _chunks([(rows if row < 0 else row, n) for row, n in segments], device)
         return bucket
 
@@ -225,7 +238,7 @@ class StackedParameters:
 
         def hook(p: nn.Parameter) -> None:
             with torch.no_grad():
-                held.leaf.grad[i].view(p.shape).add_(p.grad)
+                as_member(held.leaf.grad[i], p.shape, held.transposed).add_(p.grad)
             p.grad = None
             self._hooked.setdefault(id(bucket), set()).add(held.rows[i])
 
@@ -269,13 +282,15 @@ class StackedParameters:
             if bucket.exp_avg is None:
                 bucket.exp_avg = torch.zeros_like(bucket.holder.detach())
                 bucket.exp_avg_sq = torch.zeros_like(bucket.holder.detach())
-            used = torch.zeros(len(bucket.steps), dtype=torch.bool)
-            used[rows] = True
-            used = used.to(bucket.steps.device)
+            flags = [False] * len(bucket.steps)
+            for row in rows:
+                flags[row] = True
+            used = torch.tensor(flags, device=bucket.steps.device)
             bucket.steps += used
             step = bucket.steps.clamp(min=1)  # an unused row's update is zeroed below
             # per row: what multiplies each of its elements (1 or 0 where it does not step)
-            decay = torch.where(used, 1 - lr * weight_decay, 1.0) if bucket.decay and weight_decay else None
+            decays = None if bucket.decays is None or not weight_decay else used & bucket.decays
+            decay = None if decays is None else torch.where(decays, 1 - lr * weight_decay, 1.0)
             first = torch.where(used, 1 - beta1, 0.0)
             second = torch.where(used, beta2, 1.0)
             size = torch.where(used, lr / (1 - beta1**step), 0.0)
@@ -283,11 +298,12 @@ class StackedParameters:
             for chunk in bucket.chunks:
                 p, g = bucket.holder.detach()[chunk.span], bucket.holder.grad[chunk.span]
                 m, v = bucket.exp_avg[chunk.span], bucket.exp_avg_sq[chunk.span]
+                row = chunk.rows.repeat_interleave(chunk.lengths, output_size=len(p))  # each element's
 
                 def each(
-                    per_row: torch.Tensor, chunk: Chunk = chunk, n: int = len(p), dtype: torch.dtype = p.dtype
+                    per_row: torch.Tensor, row: torch.Tensor = row, dtype: torch.dtype = p.dtype
                 ) -> torch.Tensor:
-                    expanded = per_row[chunk.rows].repeat_interleave(chunk.lengths, output_size=n)
+                    expanded = per_row.index_select(0, row)
                     return expanded if expanded.dtype == dtype else expanded.to(dtype)  # bf16 weights
 
                 if decay is not None:
@@ -307,15 +323,13 @@ class StackedParameters:
                 continue
             steps = bucket.steps.cpu()
             for held in bucket.stacked:
-                n = held.params[0].numel()
                 for i, (p, row) in enumerate(zip(held.params, held.rows, strict=True)):
                     if steps[row] == 0:
                         continue
-                    at = slice(held.start + i * n, held.start + (i + 1) * n)
                     out[id(p)] = {
                         "step": steps[row].clone(),
-                        "exp_avg": bucket.exp_avg[at].view(p.shape),
-                        "exp_avg_sq": bucket.exp_avg_sq[at].view(p.shape),
+                        "exp_avg": held.member(bucket.exp_avg, i),
+                        "exp_avg_sq": held.member(bucket.exp_avg_sq, i),
                     }
         return out
 
@@ -327,15 +341,13 @@ class StackedParameters:
             bucket.exp_avg = torch.zeros_like(bucket.holder.detach())
             bucket.exp_avg_sq = torch.zeros_like(bucket.holder.detach())
             for held in bucket.stacked:
-                n = held.params[0].numel()
                 for i, (p, row) in enumerate(zip(held.params, held.rows, strict=True)):
                     values = state.get(id(p))
                     if values is None:
                         continue
-                    at = slice(held.start + i * n, held.start + (i + 1) * n)
                     bucket.steps[row] = float(values["step"])
-                    bucket.exp_avg[at] = values["exp_avg"].reshape(-1).to(bucket.exp_avg)
-                    bucket.exp_avg_sq[at] = values["exp_avg_sq"].reshape(-1).to(bucket.exp_avg_sq)
+                    held.member(bucket.exp_avg, i).copy_(values["exp_avg"].reshape(p.shape))
+                    held.member(bucket.exp_avg_sq, i).copy_(values["exp_avg_sq"].reshape(p.shape))
 
     def release(self) -> None:
         """Give every member parameter its own storage again and detach from the stacks."""
@@ -346,8 +358,8 @@ class StackedParameters:
             HELD.pop(key, None)
         self._keys.clear()
         with torch.no_grad():
-            for p in self._repointed:
-                p.data = p.data.clone()
+            for p in self._repointed:  # laid out as a parameter of its own (a held row may be transposed)
+                p.data = p.data.clone(memory_format=torch.contiguous_format)
         self._repointed.clear()
         for stack in self.stacks:
             stack.held_runs = frozenset()
@@ -378,7 +390,7 @@ def stacks_grouped_on(model: nn.Module, device: torch.device) -> list[nn.Module]
 
 def stack_modules(model: nn.Module, device: torch.device, decayed: set[int]) -> StackedParameters | None:
     """The grouped members' trainable parameters of ``model`` held stacked (None if there are none).
-    ``decayed``: ids of the parameters with weight decay (one flat tensor never mixes the two)."""
+    ``decayed``: ids of the parameters with weight decay."""
     stacks = stacks_grouped_on(model, torch.device(device))
     held = StackedParameters(stacks, decayed) if stacks else None
     if held is not None and not held.buckets:
