@@ -259,7 +259,7 @@ class ModuleStack(nn.Module):
         top_weight = top_weight / top_weight.sum(-1, keepdim=True)
         chosen = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, top_index, True)
         real = real_tokens(attention_mask, hidden)
-        active = chosen & real[..., None]  # [B, T, M]
+        active = picked = chosen & real[..., None]  # [B, T, M]
         if self.dense_routing:
             return self._routed_dense(result, attention_mask, past, top_index, top_weight, active)
         runs = active
@@ -288,7 +288,7 @@ class ModuleStack(nn.Module):
             placed = score.new_zeros(len(members) * tokens).index_add(0, module * tokens + rows, score)
         result.scores = Columns(self.refs, placed.view(len(members), *hidden.shape[:2]), dim=0)
         result.active = Columns(self.refs, active)
-        result.losses["router_balance"] = _balance_loss(probs, chosen, real, self.top_k)
+        result.losses["router_balance"] = _balance_loss(probs, picked, real, self.top_k)
         if self.on_ran is not None and torch.is_grad_enabled():
             idle = {id(m) for m in unused}
             self.on_ran([m for m in members if id(m) not in idle])
@@ -471,7 +471,21 @@ def _scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
         return x
     if factor == 0.0:
         return x.detach()
-    return x.detach() + factor * (x - x.detach())
+    return _ScaledGradient.apply(x, factor)
+
+
+class _ScaledGradient(torch.autograd.Function):
+    """One op each way (a view forward, a product backward), where ``x.detach() + factor * (x -
+    x.detach())`` took eight forward and a chain backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
 
 
 def real_tokens(attention_mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
@@ -503,13 +517,15 @@ def _record_extras(result: StackResult, ref: str, out: ModuleOutput | TokenOutpu
         result.metrics[f"{ref}/{name}"] = value
 
 
-def _balance_loss(probs: torch.Tensor, chosen: torch.Tensor, real: torch.Tensor, top_k: int) -> torch.Tensor:
+def _balance_loss(probs: torch.Tensor, picked: torch.Tensor, real: torch.Tensor, top_k: int) -> torch.Tensor:
     """Switch-Transformer load balance: M * sum(fraction routed to m * mean router prob of m).
+    ``picked [B, T, M]``: the router's top-k choices at real tokens (``real [B, T]``).
 
     Equals 1 when routing is uniform; grows as the router collapses onto few modules.
     """
-    weight = real[..., None].to(probs.dtype)
+    weight = real.to(probs.dtype)
     tokens = weight.sum().clamp_min(1.0)
-    fraction = (chosen.to(probs.dtype) * weight).sum((0, 1)) / (tokens * top_k)
-    mean_prob = (probs * weight).sum((0, 1)) / tokens
-    return probs.shape[-1] * (fraction * mean_prob).sum()
+    routed = picked.to(probs.dtype).sum((0, 1))  # tokens routed to each module: fraction * tokens * top_k
+    summed = (probs * weight[..., None]).sum((0, 1))  # mean_prob * tokens
+    # one product by a Python number (each is a few ops on the CPU: the number becomes a tensor)
+    return (routed * summed).sum() / tokens.square() * (probs.shape[-1] / top_k)

@@ -128,3 +128,37 @@ def test_routing_loss_is_the_mean_over_modules_and_classes_that_have_tokens():
     ).mean()
     expected = (evidence_term + hit_term) / 2
     torch.testing.assert_close(routing_loss(evidence, hits, labels, real), expected)
+
+
+def test_the_balance_loss_is_one_when_routing_is_uniform_and_counts_real_tokens_only():
+    from dharma_kernel.stack import _balance_loss
+
+    modules, top_k = 4, 2
+    uniform = torch.full((2, 6, modules), 1 / modules)
+    picked = torch.zeros(2, 6, modules, dtype=torch.bool)
+    for t in range(6):  # each module picked equally often: pairs (0, 1), (2, 3), ...
+        picked[:, t, (2 * t) % modules] = picked[:, t, (2 * t + 1) % modules] = True
+    real = torch.ones(2, 6, dtype=torch.bool)
+    assert float(_balance_loss(uniform, picked, real, top_k)) == pytest.approx(1.0)
+    # collapsed on module 0 at the real tokens; padding (the last two positions) counts for nothing
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(2, 6, modules, generator=generator), -1)
+    real[:, 4:] = False
+    collapsed = torch.zeros_like(picked)
+    collapsed[..., 0] = collapsed[..., 1] = True
+    collapsed[:, 4:] = picked[:, 4:]  # whatever padding "picked" is dropped by real
+    loss = _balance_loss(probs, collapsed & real[..., None], real, top_k)
+    kept = probs[:, :4].reshape(-1, modules)
+    fraction = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    assert float(loss) == pytest.approx(modules * float((fraction * kept.mean(0)).sum()))
+
+
+def test_the_routers_read_of_the_backbone_scales_only_its_gradient():
+    from dharma_kernel.stack import _scale_gradient
+
+    x = torch.randn(3, 4, requires_grad=True)
+    y = _scale_gradient(x, 0.25)
+    assert torch.equal(y, x)
+    (y * torch.arange(12.0).view(3, 4)).sum().backward()
+    assert torch.equal(x.grad, 0.25 * torch.arange(12.0).view(3, 4))
+    assert _scale_gradient(x, 1.0) is x and not _scale_gradient(x, 0.0).requires_grad
