@@ -203,25 +203,18 @@ def save(
     model's, gathered).
     """
     target = Path(directory).resolve()
-    weights = state_dict if state_dict is not None else model.state_dict()
-    # row-major, as safetensors writes them: a weight held stacked in training is a transposed view
-    # (dharma_kernel.train.stacked); a copy of it only, tied tensors stay one
-    weights = {name: _row_major(tensor) for name, tensor in weights.items()}
 
     def write(staging: Path) -> None:
-        model.save_pretrained(staging, safe_serialization=True, state_dict=weights)
+        model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             save_tokenizer(tokenizer, staging)
         write_card(staging, model.config, source=target)  # README.md: manifest, plugins, data, metrics
         if extra is not None:
             extra(staging)
 
+    weights = state_dict if state_dict is not None else model.state_dict()
     write_directory(target, write, is_model_directory, "a saved Dharma model", needs=tensor_bytes(weights))
     return target
-
-
-def _row_major(tensor: Any) -> Any:
-    return tensor.contiguous() if hasattr(tensor, "is_contiguous") and not tensor.is_contiguous() else tensor
 
 
 def tensor_bytes(tensors: dict[str, Any]) -> int:

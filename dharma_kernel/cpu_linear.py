@@ -127,12 +127,12 @@ class _OneDNNLinear(torch.autograd.Function):
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
-def _plain(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Plain CPU tensors outside functorch transforms and forward-mode AD (fake, meta and
-    distributed tensors, ``torch.func`` and dual numbers take ``F.linear``)."""
+def plain(*tensors: torch.Tensor) -> bool:
+    """Plain tensors (or parameters) outside functorch transforms and forward-mode AD: what a
+    custom autograd Function without rules for those may take (fake, meta and distributed
+    tensors, ``torch.func`` and dual numbers take plain ops instead)."""
     return (
-        type(x) is torch.Tensor
-        and type(weight) in (torch.Tensor, nn.Parameter)
+        all(type(t) in (torch.Tensor, nn.Parameter) for t in tensors)
         and not _functorch_active()
         and getattr(forward_ad, "_current_level", -1) < 0  # private: absent in a later torch = no dual level
     )
@@ -149,7 +149,8 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and not torch.is_autocast_enabled("cpu")
         and not torch.jit.is_tracing()
         and not torch.compiler.is_compiling()
-        and _plain(x, weight)
+        and type(x) is torch.Tensor
+        and plain(x, weight)
         and onednn_linear_available()
     )
 

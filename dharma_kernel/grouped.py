@@ -164,11 +164,11 @@ def _stacked(
         weights = weights.transpose(1, 2) if flip else weights
     else:
         weights = held[0].leaf if len(held) == 1 else torch.cat([h.leaf for h in held])
-        vector = getattr(blocks[0], name).dim() == 1  # held [M, 1, n] (held_shape)
+        if held[0].transposed != flip:  # a matrix, held [M, in, out] (held_shape)
+            weights = weights.transpose(1, 2)
+        vector = getattr(blocks[0], name).dim() == 1  # held [M, 1, n]
         if vector != along:
             weights = weights.squeeze(1) if vector else weights.unsqueeze(1)
-        if held[0].transposed != flip:
-            weights = weights.transpose(1, 2)
     return weights if dtype is None or weights.dtype == dtype else weights.to(dtype)
 
 

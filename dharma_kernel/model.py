@@ -218,7 +218,20 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
         return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory: Any, *args: Any, **kwargs: Any) -> None:
-        """``PreTrainedModel.save_pretrained``, plus the model card (README.md): every save has one."""
+        """``PreTrainedModel.save_pretrained``, plus the model card (README.md): every save has one.
+
+        Weights held stacked in training (:mod:`dharma_kernel.train.stacked`) are written from
+        row-major copies on the CPU: a linear layer's weight is a transposed view there, which
+        transformers' writer cannot read; only those are copied (tied tensors stay one)."""
+        weights = kwargs.get("state_dict")
+        weights = self.state_dict() if weights is None else weights
+        if any(isinstance(t, torch.Tensor) and not t.is_contiguous() for t in weights.values()):
+            kwargs["state_dict"] = {
+                name: t.detach().cpu().contiguous()
+                if isinstance(t, torch.Tensor) and not t.is_contiguous()
+                else t
+                for name, t in weights.items()
+            }
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             from .hub import write_card

@@ -12,7 +12,7 @@ from transformers.cache_utils import Cache
 
 from . import capacity
 from .columns import Columns
-from .cpu_linear import Linear
+from .cpu_linear import Linear, plain
 from .grouped import GroupInput, group_key, grouped_forward, layout, on_device, plan_runs, run_groups
 from .module_cache import extend_stream, peek_stream
 from .protocol import DharmaModule, ModuleContext, ModuleOutput, TokenOutput, computes_tokens
@@ -471,12 +471,14 @@ def _scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
         return x
     if factor == 0.0:
         return x.detach()
-    return _ScaledGradient.apply(x, factor)
+    if torch.compiler.is_compiling() or plain(x):
+        return _ScaledGradient.apply(x, factor)
+    return x.detach() + factor * (x - x.detach())  # forward-mode AD, torch.func, tensor subclasses
 
 
 class _ScaledGradient(torch.autograd.Function):
     """One op each way (a view forward, a product backward), where ``x.detach() + factor * (x -
-    x.detach())`` took eight forward and a chain backward."""
+    x.detach())`` takes eight forward and a chain backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:

@@ -146,8 +146,8 @@ def test_the_balance_loss_is_one_when_routing_is_uniform_and_counts_real_tokens_
     real[:, 4:] = False
     collapsed = torch.zeros_like(picked)
     collapsed[..., 0] = collapsed[..., 1] = True
-    collapsed[:, 4:] = picked[:, 4:]  # whatever padding "picked" is dropped by real
-    loss = _balance_loss(probs, collapsed & real[..., None], real, top_k)
+    collapsed[:, 4:] = picked[:, 4:]  # chosen at padding too: the stack masks choices by real
+    loss = _balance_loss(probs, collapsed & real[..., None], real, top_k)  # as the stack passes them
     kept = probs[:, :4].reshape(-1, modules)
     fraction = torch.tensor([0.5, 0.5, 0.0, 0.0])
     assert float(loss) == pytest.approx(modules * float((fraction * kept.mean(0)).sum()))
@@ -162,3 +162,9 @@ def test_the_routers_read_of_the_backbone_scales_only_its_gradient():
     (y * torch.arange(12.0).view(3, 4)).sum().backward()
     assert torch.equal(x.grad, 0.25 * torch.arange(12.0).view(3, 4))
     assert _scale_gradient(x, 1.0) is x and not _scale_gradient(x, 0.0).requires_grad
+    # torch.func and forward-mode AD take the plain expression: the same gradient, the scaled tangent
+    weights = torch.arange(12.0).view(3, 4)
+    scaled = torch.func.grad(lambda x: (_scale_gradient(x, 0.25) * weights).sum())(x.detach())
+    assert torch.equal(scaled, 0.25 * weights)
+    _, tangent = torch.func.jvp(lambda x: _scale_gradient(x, 0.25), (x.detach(),), (torch.ones(3, 4),))
+    assert torch.equal(tangent, torch.full((3, 4), 0.25))

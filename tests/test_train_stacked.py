@@ -195,6 +195,35 @@ def test_storage_is_shared_until_released_and_the_model_saves(tmp_path):
         assert torch.equal(p, q)
 
 
+def test_a_held_model_saves_with_save_pretrained_and_reads_its_weights_in_every_layout(tmp_path):
+    """Held, a linear layer's weight is a transposed view of its row (held ``[M, in, out]``, as the
+    product reads it): ``save_pretrained`` writes it row-major, and the grouped reads in the other
+    layouts give the members' own weights."""
+    from dharma_kernel.model import DharmaModel
+
+    model = grouped_model("routed")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    held = stacked_of(model)
+    try:
+        weights = [s for b in held.buckets for s in b.stacked if s.transposed]
+        assert {type(o).__name__ for s in weights for o in s.owners} == {"Linear"}
+        first = weights[0]
+        downs = list(first.owners)
+        names = {id(p): name for name, p in model.named_parameters()}
+        expected = torch.stack([before[names[id(d.weight)]] for d in downs])
+        assert not downs[0].weight.is_contiguous()
+        read = grouped.transposed(downs, "weight")
+        assert read is first.leaf and torch.equal(read, expected.transpose(1, 2))
+        assert torch.equal(grouped.stacked(downs, "weight"), expected)
+        assert torch.equal(grouped.along_tokens(downs, "weight"), expected.unsqueeze(1))
+        model.save_pretrained(tmp_path / "saved")
+        loaded = DharmaModel.from_pretrained(tmp_path / "saved")
+        for (name, p), q in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+            assert torch.equal(p, q), name
+    finally:
+        held.release()
+
+
 def test_the_grouped_forward_stacks_nothing():
     """The point: no per-forward copy of the members' weights (torch.stack) and its split backward."""
     from torch.profiler import ProfilerActivity, profile

@@ -36,7 +36,8 @@ from .flat import aligned_starts
 from .optim import decay_split
 
 # AdamW steps a flat tensor this many elements at a time (whole rows): its temporaries, a few
-# per element, stay bounded (under about 300 MB in float32) however many parameters are held.
+# per element and each element's row index, stay bounded (under about 400 MB in float32) however
+# many parameters are held.
 CHUNK = 1 << 24
 
 
