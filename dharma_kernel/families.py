@@ -69,7 +69,7 @@ class PathModule(DharmaModule):
     @classmethod
     def grouped_tokens(cls, members: list, x: torch.Tensor, where: grouped.GroupInput) -> TokenOutput:
         gate, _ = grouped.detector([m.detector for m in members], x)
-        return _gated(gate, cls.grouped_delta(members, x, where))
+        return grouped.gated(gate, cls.grouped_delta(members, x, where))
 
 
 class MemoryPathModule(PathModule):
@@ -153,7 +153,7 @@ class ConsciousnessModule(DharmaModule):
     @classmethod
     def grouped_tokens(cls, members: list, x: torch.Tensor, where: grouped.GroupInput) -> TokenOutput:
         gate, _ = grouped.detector([m.detector for m in members], x)
-        return _gated(gate, grouped.gated_residual([m.block for m in members], x))
+        return grouped.gated(gate, grouped.gated_residual([m.block for m in members], x))
 
 
 class DetectorModule(DharmaModule):
@@ -180,7 +180,7 @@ class DetectorModule(DharmaModule):
     @classmethod
     def grouped_tokens(cls, members: list, x: torch.Tensor, where: grouped.GroupInput) -> TokenOutput:
         gate, intensity = grouped.detector([m.detector for m in members], x)
-        return _gated(gate, grouped.adapter([m.mlp for m in members], x, extra=intensity))
+        return grouped.gated(gate, grouped.adapter([m.mlp for m in members], x, extra=intensity))
 
 
 class LifeModule(DetectorModule):
@@ -221,7 +221,7 @@ class CrisisModule(DharmaModule):
         gate, distress = grouped.detector([m.detector for m in members], x)
         guidance = grouped.adapter([m.guidance for m in members], x)
         cues = torch.bmm(distress.to(x.dtype), grouped.stacked(members, "cue_directions", x.dtype))
-        return _gated(gate, guidance + cues)
+        return grouped.gated(gate, guidance + cues)
 
 
 class DarshanaModule(DharmaModule):
@@ -262,4 +262,4 @@ class DarshanaModule(DharmaModule):
         summary = where.pick(members[0].summary(where.hidden, where.ctx))  # parameter-free, shared
         attended = grouped.attention([m.attention for m in members], x, where)
         mixed = attended + grouped.adapter([m.summary_proj for m in members], summary)
-        return _gated(gate, mixed + grouped.adapter([m.feed_forward for m in members], x + mixed))
+        return grouped.gated(gate, mixed + grouped.adapter([m.feed_forward for m in members], x + mixed))

@@ -219,10 +219,39 @@ def sharing_normalization() -> Iterator[None]:
         _SHARING.seen = outer
 
 
-def grouped_forward(members: Sequence[DharmaModule], x: torch.Tensor, where: GroupInput) -> TokenOutput:
+class Gated:
+    """A group's output ``delta = score[..., None] * ungated`` (the built-in families', see
+    :func:`gated`), the product not yet taken: a routed stack multiplies each slot's gate (its
+    ``score``) into its routing weight, one product over all its slots where each group's would
+    be one over ``[M, C, H]``, forward and backward. Whoever reads ``delta`` (a family that wraps
+    a built-in one's ``grouped_tokens``) gets it multiplied, as a :class:`TokenOutput` has it."""
+
+    def __init__(self, score: torch.Tensor, ungated: torch.Tensor) -> None:
+        self.score, self.ungated = score, ungated
+        self.losses: dict[str, torch.Tensor] = {}
+        self.metrics: dict[str, torch.Tensor] = {}
+
+    @property
+    def delta(self) -> torch.Tensor:
+        return self.score[..., None] * self.ungated
+
+
+def gated(gate: torch.Tensor, delta: torch.Tensor) -> Gated:
+    """The output ``gate[..., None] * delta`` with gate ``gate`` (:class:`Gated`)."""
+    return Gated(gate, delta)
+
+
+def applied(out: TokenOutput | Gated) -> TokenOutput:
+    """``out`` as a :class:`TokenOutput`, its gate multiplied in if it is :class:`Gated`."""
+    return TokenOutput(out.delta, out.score, out.losses, out.metrics) if isinstance(out, Gated) else out
+
+
+def grouped_forward(
+    members: Sequence[DharmaModule], x: torch.Tensor, where: GroupInput
+) -> TokenOutput | Gated:
     """The members' family's ``grouped_tokens`` at their slots ``x [M, C, H]``, each input normalized
     once (:func:`sharing_normalization`; not while torch.compile traces: a context manager of its
-    own breaks the graph, and compiled code fuses the normalizations anyway)."""
+    own breaks the graph, and compiled code fuses the normalizations anyway). Maybe :class:`Gated`."""
     sharing = nullcontext() if torch.compiler.is_compiling() else sharing_normalization()
     with sharing:
         return type(members[0]).grouped_tokens(members, x, where)
@@ -466,7 +495,8 @@ def run_group(
     real = (
         None if len(set(counts)) == 1 else groups.pad(rows.new_ones(len(rows), 1, dtype=torch.bool)).flatten()
     )
-    out = grouped_forward(members, groups.pad(x), GroupInput(hidden, ctx, slot_rows, groups.most, real))
+    where = GroupInput(hidden, ctx, slot_rows, groups.most, real)
+    out = applied(grouped_forward(members, groups.pad(x), where))
     return TokenOutput(groups.unpad(out.delta), groups.unpad(out.score), out.losses, out.metrics)
 
 

@@ -13,7 +13,7 @@ from transformers.cache_utils import Cache
 from . import capacity
 from .columns import Columns
 from .cpu_linear import Linear, plain
-from .grouped import GroupInput, group_key, grouped_forward, layout, on_device, plan_runs, run_groups
+from .grouped import Gated, GroupInput, group_key, grouped_forward, layout, on_device, plan_runs, run_groups
 from .module_cache import extend_stream, peek_stream
 from .protocol import DharmaModule, ModuleContext, ModuleOutput, TokenOutput, computes_tokens
 from .routing import concept_evidence
@@ -270,11 +270,11 @@ class ModuleStack(nn.Module):
         size = self._slots_per_module(hidden)
         if size:
             run = self._run_fixed(members, hidden, runs, attention_mask, past, result, size)
-            rows, module, delta, score, unused, ran = run
+            rows, module, delta, score, unused, gated, ran = run
             # where modules ran; a switched-off one keeps the router's choice, as in exact routing
             active = ran | (active & ~runs) if self.disabled else ran
         else:
-            rows, module, delta, score, unused = self._run_modules(
+            rows, module, delta, score, unused, gated = self._run_modules(
                 members, hidden, runs, active, attention_mask, past, result
             )
         # scores: a module's own where it ran, zero elsewhere (and where it did not run at all)
@@ -282,7 +282,9 @@ class ModuleStack(nn.Module):
         placed = hidden.new_zeros(len(members) * tokens)
         if delta is not None:
             weights = top_weight.new_zeros(probs.shape).scatter(-1, top_index, top_weight).flatten(0, 1)
-            delta = _as(delta, hidden.dtype) * _as(weights[rows, module], hidden.dtype)[:, None]
+            weight = _as(weights[rows, module], hidden.dtype)
+            weight = weight * _as(score, hidden.dtype) if gated else weight  # each slot's gate (Gated)
+            delta = _as(delta, hidden.dtype) * weight[:, None]
             result.hidden = hidden.flatten(0, 1).index_add(0, rows, delta).view_as(hidden)
             # an add, not a copy: an empty capacity slot adds its zero to a real token's score
             placed = score.new_zeros(len(members) * tokens).index_add(0, module * tokens + rows, score)
@@ -306,11 +308,13 @@ class ModuleStack(nn.Module):
     # after minutes of compiling (37 `lite` modules at two layers).
     @torch.compiler.disable
     def _run_modules(self, members, hidden, runs, active, attention_mask, past, result):
-        """Every module with tokens, at its tokens: ``(rows, module, delta, score, unused)``: per
-        slot (see :func:`~dharma_kernel.grouped.layout`) the row of ``hidden.flatten(0, 1)`` and the
-        module, the deltas ``[S, H]`` and scores ``[S]`` there (None when no module ran), and the
-        modules that had no token. An empty slot (a group's padding) computes on zeros and its
-        delta and score are zero. Modules' own losses and metrics go to ``result``."""
+        """Every module with tokens, at its tokens: ``(rows, module, delta, score, unused, gated)``:
+        per slot (see :func:`~dharma_kernel.grouped.layout`) the row of ``hidden.flatten(0, 1)`` and
+        the module, the deltas ``[S, H]`` and scores ``[S]`` there (None when no module ran), the
+        modules that had no token, and whether each delta is still to be multiplied by its score
+        (every group's output :class:`~dharma_kernel.grouped.Gated`; else each is multiplied
+        here). An empty slot (a group's padding) computes on zeros and its delta and score are
+        zero. Modules' own losses and metrics go to ``result``."""
         # Every (module, token) pair that runs, from one nonzero: module after module, a group's
         # members next to each other (dharma_kernel.grouped), each module's tokens ascending. One
         # gather of all their inputs, straight into each group's padded rows, and one scatter of
@@ -334,14 +338,16 @@ class ModuleStack(nn.Module):
             x = torch.where(filled[:, None], flat.index_select(0, slot_rows), 0.0)
         stack_ctx = ModuleContext(attention_mask, past)  # its shared results serve every module
         pieces = x.split([segment.slots.stop - segment.slots.start for segment in places.segments])
-        deltas, scores = [], []
+        deltas, scores, gates = [], [], []
         for segment, piece in zip(places.segments, pieces, strict=True):
             if segment.most:
                 group = [members[m] for m in segment.members]
                 real = None if filled is None else filled[segment.slots]
                 where = GroupInput(hidden, stack_ctx, slot_rows[segment.slots], segment.most, real)
                 out = grouped_forward(group, piece.view(len(group), segment.most, -1), where)
-                out = TokenOutput(out.delta.flatten(0, 1), out.score.flatten(), out.losses, out.metrics)
+                gates.append(isinstance(out, Gated))
+                delta = out.ungated if gates[-1] else out.delta
+                out = TokenOutput(delta.flatten(0, 1), out.score.flatten(), out.losses, out.metrics)
                 with_tokens = [m for m in segment.members if counts[m]]
                 if len(with_tokens) == 1:  # its losses and metrics kept, as when it runs alone
                     _record_extras(result, self.refs[with_tokens[0]], out)
@@ -351,16 +357,18 @@ class ModuleStack(nn.Module):
                     attention_mask, past, active[..., m], rows[segment.pairs], stack_ctx.shared
                 )
                 out = _at_tokens(members[m], piece, hidden, ctx)
+                gates.append(False)
                 _record_extras(result, self.refs[m], out)
             deltas.append(out.delta)
             scores.append(out.score)
         unused = [members[m] for m in range(len(members)) if not counts[m]]
         if not deltas:
-            return slot_rows, slot_module, None, None, unused
+            return slot_rows, slot_module, None, None, unused, False
+        gated = _gates_applied(deltas, scores, gates)
         delta, score = torch.cat(deltas), torch.cat(scores)
         if filled is not None:  # where, not a product: an empty slot's output may not be finite
             delta, score = torch.where(filled[:, None], delta, 0.0), torch.where(filled, score, 0.0)
-        return slot_rows, slot_module, delta, score, unused
+        return slot_rows, slot_module, delta, score, unused, gated
 
     def _slots_per_module(self, hidden: torch.Tensor) -> int | None:
         """The fixed slot count of every module (see ``_run_fixed``), or None for exact routing."""
@@ -373,14 +381,15 @@ class ModuleStack(nn.Module):
         """``_run_modules`` with fixed capacity (:mod:`.capacity`): every module computes its
         ``size`` slots, a groupable one with its group (alone, as a group of one), so no shape
         depends on the routing. Empty slots are weighted zero. Also returns where each module
-        ran, ``[B, T, M]``: the tokens that got a slot. A module that is not groupable runs on its
-        kept tokens, as in exact routing."""
+        ran, ``[B, T, M]``: the tokens that got a slot (after whether the deltas are still to be
+        multiplied by their scores, as ``_run_modules``). A module that is not groupable runs on
+        its kept tokens, as in exact routing."""
         order, ranked = self._runs[True], self._ranked(True, hidden.device)
         table = capacity.slots(runs.flatten(0, 1).index_select(1, ranked), size)
         flat = hidden.flatten(0, 1)
         x = flat.index_select(0, table.rows.flatten()).view(len(members), size, -1)
         stack_ctx = ModuleContext(attention_mask, past)
-        deltas, scores, unused, start = [], [], [], 0
+        deltas, scores, gates, unused, start = [], [], [], [], 0
         for indices in order:
             at = slice(start, start + len(indices))
             start += len(indices)
@@ -388,12 +397,14 @@ class ModuleStack(nn.Module):
             if group_key(group[0]) is not None:
                 where = _fixed_input(hidden, stack_ctx, table, at)
                 out = grouped_forward(group, x[at], where)
-                deltas.append(out.delta)
+                gates.append(isinstance(out, Gated))
+                deltas.append(out.ungated if gates[-1] else out.delta)
                 scores.append(out.score)
                 continue
             (m,) = indices  # not groupable: alone in its run, on its kept tokens (a host read)
             kept = table.kept[:, at.start]
             ctx = ModuleContext(attention_mask, past, kept.view(hidden.shape[:2]), shared=stack_ctx.shared)
+            gates.append(False)
             if len(ctx.rows) == 0:
                 unused.append(members[m])
                 deltas.append(x.new_zeros(1, size, x.shape[-1]))
@@ -412,6 +423,7 @@ class ModuleStack(nn.Module):
             skipped = {id(module) for module in unused}
             place = [m for indices in order for m in indices]
             unused += [members[m] for p, m in enumerate(place) if empty[p] and id(members[m]) not in skipped]
+        gated = _gates_applied(deltas, scores, gates)
         filled = table.filled.flatten()
         rows = table.rows.flatten()
         module = ranked.repeat_interleave(size)
@@ -420,7 +432,7 @@ class ModuleStack(nn.Module):
         delta = torch.where(filled[:, None], torch.cat(deltas).flatten(0, 1), 0.0)
         score = torch.where(filled, torch.cat(scores).flatten(), 0.0)
         ran = torch.zeros_like(table.kept).index_copy(1, ranked, table.kept)
-        return rows, module, delta, score, unused, ran.view(*hidden.shape[:2], -1)
+        return rows, module, delta, score, unused, gated, ran.view(*hidden.shape[:2], -1)
 
     def _routed_dense(self, result, attention_mask, past, top_index, top_weight, active) -> StackResult:
         """``_routed``'s hidden states and scores (no balance loss), from full forwards of every module."""
@@ -436,6 +448,18 @@ class ModuleStack(nn.Module):
             _record(result, ref, out, out.score * active[..., m], active[..., m])
         result.hidden = hidden + delta
         return result
+
+
+def _gates_applied(deltas: list[torch.Tensor], scores: list[torch.Tensor], gates: list[bool]) -> bool:
+    """Whether every one of ``deltas`` is still to be multiplied by its score (each group's output
+    :class:`~dharma_kernel.grouped.Gated`): the routing weight then takes the gates, one product
+    for all. Otherwise the gated ones are multiplied here, in place in the lists."""
+    if all(gates):
+        return True
+    for i, gate in enumerate(gates):
+        if gate:
+            deltas[i] = scores[i][..., None] * deltas[i]
+    return False
 
 
 def _fixed_input(hidden: torch.Tensor, ctx: ModuleContext, table: capacity.Slots, at: slice) -> GroupInput:
