@@ -155,8 +155,9 @@ class DharmaModule(_Plugin):
     blocks that read other positions). A module written token-wise gets ``forward`` from
     it, and under routed composition computes nothing at the tokens not routed to it.
     A family may also define ``grouped_tokens(members, x, where)``, its computation for several
-    modules at once (see :mod:`dharma_kernel.grouped`); a subclass that overrides its
-    family's computation without one runs alone.
+    modules at once (see :mod:`dharma_kernel.grouped`), returning a :class:`TokenOutput` or, for
+    a gated delta, ``grouped.gated(gate, delta)``; a subclass that overrides its family's
+    computation without one runs alone.
     """
 
     family: ClassVar[str]
