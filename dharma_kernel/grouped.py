@@ -224,7 +224,9 @@ class Gated:
     :func:`gated`), the product not yet taken: a routed stack multiplies each slot's gate (its
     ``score``) into its routing weight, one product over all its slots where each group's would
     be one over ``[M, C, H]``, forward and backward. Whoever reads ``delta`` (a family that wraps
-    a built-in one's ``grouped_tokens``) gets it multiplied, as a :class:`TokenOutput` has it."""
+    a built-in one's ``grouped_tokens``) gets it multiplied, as a :class:`TokenOutput` has it; not
+    a dataclass: to change the output, take :func:`applied` first (setting ``score`` here would
+    rescale the delta too)."""
 
     def __init__(self, score: torch.Tensor, ungated: torch.Tensor) -> None:
         self.score, self.ungated = score, ungated

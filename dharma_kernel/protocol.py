@@ -156,8 +156,9 @@ class DharmaModule(_Plugin):
     it, and under routed composition computes nothing at the tokens not routed to it.
     A family may also define ``grouped_tokens(members, x, where)``, its computation for several
     modules at once (see :mod:`dharma_kernel.grouped`), returning a :class:`TokenOutput` or, for
-    a gated delta, ``grouped.gated(gate, delta)``; a subclass that overrides its family's
-    computation without one runs alone.
+    a gated delta, ``grouped.gated(gate, delta)`` (a subclass that wraps its family's and changes
+    the output takes ``grouped.applied(out)``, a TokenOutput, first); a subclass that overrides
+    its family's computation without one runs alone.
     """
 
     family: ClassVar[str]
