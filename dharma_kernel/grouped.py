@@ -248,6 +248,14 @@ def applied(out: TokenOutput | Gated) -> TokenOutput:
     return TokenOutput(out.delta, out.score, out.losses, out.metrics) if isinstance(out, Gated) else out
 
 
+def collected(outs: Sequence[TokenOutput | Gated]) -> tuple[list[torch.Tensor], bool]:
+    """The deltas of a stack's ``outs`` and whether they are still to be multiplied by their
+    scores: every one :class:`Gated`, their unmultiplied deltas (the stack multiplies the gates
+    into its routing weight, one product for all); else each delta as a TokenOutput has it."""
+    gated = all(isinstance(out, Gated) for out in outs)
+    return [out.ungated if gated else out.delta for out in outs], gated
+
+
 def grouped_forward(
     members: Sequence[DharmaModule], x: torch.Tensor, where: GroupInput
 ) -> TokenOutput | Gated:

@@ -13,7 +13,16 @@ from transformers.cache_utils import Cache
 from . import capacity
 from .columns import Columns
 from .cpu_linear import Linear, plain
-from .grouped import Gated, GroupInput, group_key, grouped_forward, layout, on_device, plan_runs, run_groups
+from .grouped import (
+    GroupInput,
+    collected,
+    group_key,
+    grouped_forward,
+    layout,
+    on_device,
+    plan_runs,
+    run_groups,
+)
 from .module_cache import extend_stream, peek_stream
 from .protocol import DharmaModule, ModuleContext, ModuleOutput, TokenOutput, computes_tokens
 from .routing import concept_evidence
@@ -338,16 +347,13 @@ class ModuleStack(nn.Module):
             x = torch.where(filled[:, None], flat.index_select(0, slot_rows), 0.0)
         stack_ctx = ModuleContext(attention_mask, past)  # its shared results serve every module
         pieces = x.split([segment.slots.stop - segment.slots.start for segment in places.segments])
-        deltas, scores, gates = [], [], []
+        outs = []  # a group's [Mg, most, ...], a module alone's [n, ...]
         for segment, piece in zip(places.segments, pieces, strict=True):
             if segment.most:
                 group = [members[m] for m in segment.members]
                 real = None if filled is None else filled[segment.slots]
                 where = GroupInput(hidden, stack_ctx, slot_rows[segment.slots], segment.most, real)
                 out = grouped_forward(group, piece.view(len(group), segment.most, -1), where)
-                gates.append(isinstance(out, Gated))
-                delta = out.ungated if gates[-1] else out.delta
-                out = TokenOutput(delta.flatten(0, 1), out.score.flatten(), out.losses, out.metrics)
                 with_tokens = [m for m in segment.members if counts[m]]
                 if len(with_tokens) == 1:  # its losses and metrics kept, as when it runs alone
                     _record_extras(result, self.refs[with_tokens[0]], out)
@@ -357,15 +363,14 @@ class ModuleStack(nn.Module):
                     attention_mask, past, active[..., m], rows[segment.pairs], stack_ctx.shared
                 )
                 out = _at_tokens(members[m], piece, hidden, ctx)
-                gates.append(False)
                 _record_extras(result, self.refs[m], out)
-            deltas.append(out.delta)
-            scores.append(out.score)
+            outs.append(out)
         unused = [members[m] for m in range(len(members)) if not counts[m]]
-        if not deltas:
+        if not outs:
             return slot_rows, slot_module, None, None, unused, False
-        gated = _gates_applied(deltas, scores, gates)
-        delta, score = torch.cat(deltas), torch.cat(scores)
+        deltas, gated = collected(outs)
+        delta = torch.cat([d.flatten(0, 1) if d.dim() > 2 else d for d in deltas])
+        score = torch.cat([out.score.flatten() if out.score.dim() > 1 else out.score for out in outs])
         if filled is not None:  # where, not a product: an empty slot's output may not be finite
             delta, score = torch.where(filled[:, None], delta, 0.0), torch.where(filled, score, 0.0)
         return slot_rows, slot_module, delta, score, unused, gated
@@ -389,33 +394,29 @@ class ModuleStack(nn.Module):
         flat = hidden.flatten(0, 1)
         x = flat.index_select(0, table.rows.flatten()).view(len(members), size, -1)
         stack_ctx = ModuleContext(attention_mask, past)
-        deltas, scores, gates, unused, start = [], [], [], [], 0
+        outs, unused, start = [], [], 0  # each run's [Mg, size, ...]
         for indices in order:
             at = slice(start, start + len(indices))
             start += len(indices)
             group = [members[m] for m in indices]
             if group_key(group[0]) is not None:
                 where = _fixed_input(hidden, stack_ctx, table, at)
-                out = grouped_forward(group, x[at], where)
-                gates.append(isinstance(out, Gated))
-                deltas.append(out.ungated if gates[-1] else out.delta)
-                scores.append(out.score)
+                outs.append(grouped_forward(group, x[at], where))
                 continue
             (m,) = indices  # not groupable: alone in its run, on its kept tokens (a host read)
             kept = table.kept[:, at.start]
             ctx = ModuleContext(attention_mask, past, kept.view(hidden.shape[:2]), shared=stack_ctx.shared)
-            gates.append(False)
             if len(ctx.rows) == 0:
                 unused.append(members[m])
-                deltas.append(x.new_zeros(1, size, x.shape[-1]))
-                scores.append(x.new_zeros(1, size))
+                outs.append(TokenOutput(x.new_zeros(1, size, x.shape[-1]), x.new_zeros(1, size)))
                 continue
             out = _at_tokens(members[m], ctx.pick(hidden), hidden, ctx)
             _record_extras(result, self.refs[m], out)
             # its kept tokens fill its first slots, in the same (ascending) order
             room = size - len(ctx.rows)
-            deltas.append(F.pad(out.delta, (0, 0, 0, room))[None])
-            scores.append(F.pad(out.score, (0, room))[None])
+            outs.append(
+                TokenOutput(F.pad(out.delta, (0, 0, 0, room))[None], F.pad(out.score, (0, room))[None])
+            )
         if self.touch_unused and torch.is_grad_enabled():
             # FSDP (never compiled): a groupable module whose slots all stayed empty is idle too,
             # so drop_idle_gradients drops its zero gradient as under exact routing
@@ -423,14 +424,14 @@ class ModuleStack(nn.Module):
             skipped = {id(module) for module in unused}
             place = [m for indices in order for m in indices]
             unused += [members[m] for p, m in enumerate(place) if empty[p] and id(members[m]) not in skipped]
-        gated = _gates_applied(deltas, scores, gates)
+        deltas, gated = collected(outs)
         filled = table.filled.flatten()
         rows = table.rows.flatten()
         module = ranked.repeat_interleave(size)
         # where, not a product: an empty slot's output (its last token, never chosen) cannot turn
         # the sum into NaN even if it overflows
         delta = torch.where(filled[:, None], torch.cat(deltas).flatten(0, 1), 0.0)
-        score = torch.where(filled, torch.cat(scores).flatten(), 0.0)
+        score = torch.where(filled, torch.cat([out.score for out in outs]).flatten(), 0.0)
         ran = torch.zeros_like(table.kept).index_copy(1, ranked, table.kept)
         return rows, module, delta, score, unused, gated, ran.view(*hidden.shape[:2], -1)
 
@@ -448,18 +449,6 @@ class ModuleStack(nn.Module):
             _record(result, ref, out, out.score * active[..., m], active[..., m])
         result.hidden = hidden + delta
         return result
-
-
-def _gates_applied(deltas: list[torch.Tensor], scores: list[torch.Tensor], gates: list[bool]) -> bool:
-    """Whether every one of ``deltas`` is still to be multiplied by its score (each group's output
-    :class:`~dharma_kernel.grouped.Gated`): the routing weight then takes the gates, one product
-    for all. Otherwise the gated ones are multiplied here, in place in the lists."""
-    if all(gates):
-        return True
-    for i, gate in enumerate(gates):
-        if gate:
-            deltas[i] = scores[i][..., None] * deltas[i]
-    return False
 
 
 def _fixed_input(hidden: torch.Tensor, ctx: ModuleContext, table: capacity.Slots, at: slice) -> GroupInput:

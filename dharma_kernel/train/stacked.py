@@ -239,7 +239,7 @@ class StackedParameters:
 
         def hook(p: nn.Parameter) -> None:
             with torch.no_grad():
-                as_member(held.leaf.grad[i], p.shape, held.transposed).add_(p.grad)
+                held.member(bucket.holder.grad, i).add_(p.grad)
             p.grad = None
             self._hooked.setdefault(id(bucket), set()).add(held.rows[i])
 
