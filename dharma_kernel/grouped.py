@@ -70,6 +70,16 @@ class Groups:
         return y.flatten(0, 1).index_select(0, self.slots)
 
 
+def flattened(x: torch.Tensor, dims: int = 2) -> torch.Tensor:
+    """``x`` with its leading axes flattened into one, ``dims`` axes left: ``[B, T, H] -> [B * T, H]``
+    (``dims=1``: ``[B, T] -> [B * T]``); a view in one op where it can be (``flatten`` takes two),
+    else a copy."""
+    if x.dim() == dims:
+        return x
+    shape = (-1, *x.shape[x.dim() - dims + 1 :])
+    return x.view(shape) if x.is_contiguous() else x.reshape(shape)
+
+
 @dataclass
 class GroupInput:
     """What a group's modules read besides their tokens ``x [M, C, H]``: the stack's input
@@ -89,7 +99,7 @@ class GroupInput:
 
     def pick(self, values: torch.Tensor) -> torch.Tensor:
         """``values [B, T, ...]`` at the group's slots: ``[M, C, ...]``."""
-        picked = values.flatten(0, 1).index_select(0, self.rows)
+        picked = flattened(values, values.dim() - 1).index_select(0, self.rows)
         return picked.view(-1, self.slots, *picked.shape[1:])
 
     def repeated(self, times: int) -> GroupInput:
@@ -210,9 +220,11 @@ _SHARING = threading.local()
 def sharing_normalization() -> Iterator[None]:
     """Within: each input is normalized once, however many of a group's blocks normalize it (a
     detector and an adapter read the same tokens); each block applies its own scale and shift.
-    Scoped to one group's forward, eager only (see :func:`grouped_forward`)."""
+    Scoped to one group's forward (see :func:`grouped_forward`), or to a routed stack's groups (the
+    attention families normalize the same sequence for their keys); within one, another shares its
+    normalizations. Eager only."""
     outer = getattr(_SHARING, "seen", None)
-    _SHARING.seen = {}
+    _SHARING.seen = {} if outer is None else outer
     try:
         yield
     finally:
@@ -337,7 +349,7 @@ def attention(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) -
     heads, kv_heads, head_dim = first.heads, first.kv_heads, first.head_dim
     full = with_past(where.hidden, where.ctx)  # [B, S, H]
     batch, total, _ = full.shape
-    normed = layer_norm([b.norm for b in blocks], full.flatten(0, 1))  # [M, B * S, H]
+    normed = layer_norm([b.norm for b in blocks], _sequence_rows(full, where.ctx))  # [M, B * S, H]
     kv = linear([b.key_value for b in blocks], normed)  # [M, B * S, 2 * kv_heads * D]
     q = linear([b.query for b in blocks], layer_norm([b.norm for b in blocks], x))  # [M, C, heads * D]
     every_key = where.fixed or torch.compiler.is_compiling() or batch * total <= EVERY_KEY_LIMIT
@@ -350,6 +362,15 @@ def attention(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) -
         k, v = kv.view(count * batch, total, 2, kv_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         y = _attention_by_sequence(q, k, v, where, (heads, head_dim), total)
     return linear([b.out for b in blocks], y)
+
+
+def _sequence_rows(full: torch.Tensor, ctx: ModuleContext) -> torch.Tensor:
+    """``full [B, S, H]`` as ``[B * S, H]``, one tensor for all of a stack's attention groups (each
+    normalizes it for its keys: :func:`sharing_normalization` knows a tensor by its id)."""
+    kept = ctx.shared.get("sequence_rows")
+    if kept is None or kept[0] is not full:
+        kept = ctx.shared["sequence_rows"] = (full, flattened(full))
+    return kept[1]
 
 
 def _attention_by_sequence(
@@ -381,15 +402,26 @@ def _attention_by_sequence(
 
 def _allowed(where: GroupInput, total: int) -> torch.Tensor:
     """``[M * C, B * S]``: the keys each slot's query sees: its own sequence's, causal, real
-    tokens, and always itself (so no row is empty, an empty slot's neither)."""
-    length = where.hidden.shape[1]
-    batch = where.hidden.shape[0]
-    sequence = (where.rows // length)[:, None]  # [M * C, 1]
-    position = (where.rows % length + (total - length))[:, None]
-    key = torch.arange(batch * total, device=where.rows.device)
-    same, key_position = key // total == sequence, key % total  # [M * C, B * S], [B * S]
-    real = where.ctx.key_mask(length)  # [B, S]
-    seen = key_position <= position if real is None else (key_position <= position) & real.flatten()
+    tokens, and always itself (so no row is empty, an empty slot's neither). The rows of
+    :func:`token_keys`, built once per stack forward for all its attention groups."""
+    shared = where.ctx.shared
+    kept = shared.get("token_keys")
+    if kept is None or kept[0] is not where.hidden or kept[1] != total:
+        kept = shared["token_keys"] = (where.hidden, total, token_keys(where.hidden, where.ctx, total))
+    return kept[2].index_select(0, where.rows)
+
+
+def token_keys(hidden: torch.Tensor, ctx: ModuleContext, total: int) -> torch.Tensor:
+    """``[B * T, B * S]``: the keys the query at each token of ``hidden [B, T, H]`` sees among all
+    sequences' ``S = total`` positions (cached ones first): its own sequence's, causal, real
+    tokens, and always itself."""
+    batch, length = hidden.shape[:2]
+    token = torch.arange(batch * length, device=hidden.device)[:, None]
+    key = torch.arange(batch * total, device=hidden.device)
+    sequence, position = token // length, token % length + (total - length)  # [B * T, 1]
+    same, key_position = key // total == sequence, key % total  # [B * T, B * S], [B * S]
+    real = ctx.key_mask(length)  # [B, S]
+    seen = key_position <= position if real is None else (key_position <= position) & real.view(-1)
     return same & (seen | (key_position == position))
 
 

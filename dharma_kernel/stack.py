@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -16,12 +17,14 @@ from .cpu_linear import Linear, plain
 from .grouped import (
     GroupInput,
     collected,
+    flattened,
     group_key,
     grouped_forward,
     layout,
     on_device,
     plan_runs,
     run_groups,
+    sharing_normalization,
 )
 from .module_cache import extend_stream, peek_stream
 from .protocol import DharmaModule, ModuleContext, ModuleOutput, TokenOutput, computes_tokens
@@ -290,11 +293,11 @@ class ModuleStack(nn.Module):
         tokens = hidden.shape[0] * hidden.shape[1]
         placed = hidden.new_zeros(len(members) * tokens)
         if delta is not None:
-            weights = top_weight.new_zeros(probs.shape).scatter(-1, top_index, top_weight).flatten(0, 1)
+            weights = flattened(top_weight.new_zeros(probs.shape).scatter(-1, top_index, top_weight))
             weight = _as(weights[rows, module], hidden.dtype)
             weight = weight * _as(score, hidden.dtype) if gated else weight  # each slot's gate (Gated)
             delta = _as(delta, hidden.dtype) * weight[:, None]
-            result.hidden = hidden.flatten(0, 1).index_add(0, rows, delta).view_as(hidden)
+            result.hidden = flattened(hidden).index_add(0, rows, delta).view_as(hidden)
             # an add, not a copy: an empty capacity slot adds its zero to a real token's score
             placed = score.new_zeros(len(members) * tokens).index_add(0, module * tokens + rows, score)
         result.scores = Columns(self.refs, placed.view(len(members), *hidden.shape[:2]), dim=0)
@@ -330,13 +333,13 @@ class ModuleStack(nn.Module):
         # all the deltas, so backward has one of each.
         grouped = self._grouping(hidden)
         order, ranked = self._runs[grouped], self._ranked(grouped, hidden.device)
-        pairs = runs.flatten(0, 1).index_select(1, ranked).t().nonzero()
+        pairs = flattened(runs).index_select(1, ranked).t().nonzero()
         module = ranked.index_select(0, pairs[:, 0])
         rows = pairs[:, 1]
-        counts = torch.bincount(module, minlength=len(members)).tolist()
+        counts = runs.sum((0, 1)).tolist()  # per member (fewer ops than a bincount of `module`)
         held_runs = self.held_runs if grouped else frozenset()  # held runs are the grouped order's
         places = layout(order, counts, pairs[:, 0], whole=held_runs)
-        flat, filled, slot_rows, slot_module = hidden.flatten(0, 1), None, rows, module
+        flat, filled, slot_rows, slot_module = flattened(hidden), None, rows, module
         if places.size == len(rows):  # no padding: each pair's slot is its own index
             x = flat.index_select(0, rows)
         else:
@@ -346,31 +349,35 @@ class ModuleStack(nn.Module):
             # empty slots read zeros (where, not a product: a non-finite row 0 stays out of them)
             x = torch.where(filled[:, None], flat.index_select(0, slot_rows), 0.0)
         stack_ctx = ModuleContext(attention_mask, past)  # its shared results serve every module
-        pieces = x.split([segment.slots.stop - segment.slots.start for segment in places.segments])
+        # one split of each per-slot tensor (a slice per segment is two ops where a split's piece is one)
+        sizes = [segment.slots.stop - segment.slots.start for segment in places.segments]
+        pieces, row_pieces = x.split(sizes), slot_rows.split(sizes)
+        real_pieces = [None] * len(sizes) if filled is None else filled.split(sizes)
+        inputs = zip(places.segments, pieces, row_pieces, real_pieces, strict=True)
         outs = []  # a group's [Mg, most, ...], a module alone's [n, ...]
-        for segment, piece in zip(places.segments, pieces, strict=True):
-            if segment.most:
-                group = [members[m] for m in segment.members]
-                real = None if filled is None else filled[segment.slots]
-                where = GroupInput(hidden, stack_ctx, slot_rows[segment.slots], segment.most, real)
-                out = grouped_forward(group, piece.view(len(group), segment.most, -1), where)
-                with_tokens = [m for m in segment.members if counts[m]]
-                if len(with_tokens) == 1:  # its losses and metrics kept, as when it runs alone
-                    _record_extras(result, self.refs[with_tokens[0]], out)
-            else:
-                (m,) = segment.members
-                ctx = ModuleContext(
-                    attention_mask, past, active[..., m], rows[segment.pairs], stack_ctx.shared
-                )
-                out = _at_tokens(members[m], piece, hidden, ctx)
-                _record_extras(result, self.refs[m], out)
-            outs.append(out)
+        with sharing_normalization():  # across groups too (keys of the attention families)
+            for segment, piece, at, real in inputs:
+                if segment.most:
+                    group = [members[m] for m in segment.members]
+                    where = GroupInput(hidden, stack_ctx, at, segment.most, real)
+                    out = grouped_forward(group, piece.view(len(group), segment.most, -1), where)
+                    with_tokens = [m for m in segment.members if counts[m]]
+                    if len(with_tokens) == 1:  # its losses and metrics kept, as when it runs alone
+                        _record_extras(result, self.refs[with_tokens[0]], out)
+                else:
+                    (m,) = segment.members
+                    ctx = ModuleContext(
+                        attention_mask, past, active[..., m], rows[segment.pairs], stack_ctx.shared
+                    )
+                    out = _at_tokens(members[m], piece, hidden, ctx)
+                    _record_extras(result, self.refs[m], out)
+                outs.append(out)
         unused = [members[m] for m in range(len(members)) if not counts[m]]
         if not outs:
             return slot_rows, slot_module, None, None, unused, False
         deltas, gated = collected(outs)
-        delta = torch.cat([d.flatten(0, 1) if d.dim() > 2 else d for d in deltas])
-        score = torch.cat([out.score.flatten() if out.score.dim() > 1 else out.score for out in outs])
+        delta = torch.cat([flattened(d) for d in deltas])
+        score = torch.cat([flattened(out.score, 1) for out in outs])
         if filled is not None:  # where, not a product: an empty slot's output may not be finite
             delta, score = torch.where(filled[:, None], delta, 0.0), torch.where(filled, score, 0.0)
         return slot_rows, slot_module, delta, score, unused, gated
@@ -390,33 +397,35 @@ class ModuleStack(nn.Module):
         multiplied by their scores, as ``_run_modules``). A module that is not groupable runs on
         its kept tokens, as in exact routing."""
         order, ranked = self._runs[True], self._ranked(True, hidden.device)
-        table = capacity.slots(runs.flatten(0, 1).index_select(1, ranked), size)
-        flat = hidden.flatten(0, 1)
-        x = flat.index_select(0, table.rows.flatten()).view(len(members), size, -1)
+        table = capacity.slots(flattened(runs).index_select(1, ranked), size)
+        x = flattened(hidden).index_select(0, flattened(table.rows, 1)).view(len(members), size, -1)
         stack_ctx = ModuleContext(attention_mask, past)
-        outs, unused, start = [], [], 0  # each run's [Mg, size, ...]
-        for indices in order:
-            at = slice(start, start + len(indices))
-            start += len(indices)
-            group = [members[m] for m in indices]
-            if group_key(group[0]) is not None:
-                where = _fixed_input(hidden, stack_ctx, table, at)
-                outs.append(grouped_forward(group, x[at], where))
-                continue
-            (m,) = indices  # not groupable: alone in its run, on its kept tokens (a host read)
-            kept = table.kept[:, at.start]
-            ctx = ModuleContext(attention_mask, past, kept.view(hidden.shape[:2]), shared=stack_ctx.shared)
-            if len(ctx.rows) == 0:
-                unused.append(members[m])
-                outs.append(TokenOutput(x.new_zeros(1, size, x.shape[-1]), x.new_zeros(1, size)))
-                continue
-            out = _at_tokens(members[m], ctx.pick(hidden), hidden, ctx)
-            _record_extras(result, self.refs[m], out)
-            # its kept tokens fill its first slots, in the same (ascending) order
-            room = size - len(ctx.rows)
-            outs.append(
-                TokenOutput(F.pad(out.delta, (0, 0, 0, room))[None], F.pad(out.score, (0, room))[None])
-            )
+        sizes = [len(indices) for indices in order]  # each run's [Mg, size, ...], split once
+        inputs = zip(order, x.split(sizes), table.rows.split(sizes), strict=True)
+        outs, unused, offset = [], [], 0  # a run's first module's place in ``ranked``
+        # across groups too; not while compiling (compiled code fuses the normalizations anyway)
+        with nullcontext() if torch.compiler.is_compiling() else sharing_normalization():
+            for indices, piece, slot_rows in inputs:
+                first, offset = offset, offset + len(indices)
+                group = [members[i] for i in indices]
+                if group_key(group[0]) is not None:
+                    where = GroupInput(hidden, stack_ctx, flattened(slot_rows, 1), size, fixed=True)
+                    outs.append(grouped_forward(group, piece, where))
+                    continue
+                (i,) = indices  # not groupable: alone in its run, on its kept tokens (a host read)
+                kept = table.kept[:, first].view(hidden.shape[:2])
+                ctx = ModuleContext(attention_mask, past, kept, shared=stack_ctx.shared)
+                if len(ctx.rows) == 0:
+                    unused.append(members[i])
+                    outs.append(TokenOutput(x.new_zeros(1, size, x.shape[-1]), x.new_zeros(1, size)))
+                    continue
+                out = _at_tokens(members[i], ctx.pick(hidden), hidden, ctx)
+                _record_extras(result, self.refs[i], out)
+                # its kept tokens fill its first slots, in the same (ascending) order
+                room = size - len(ctx.rows)
+                outs.append(
+                    TokenOutput(F.pad(out.delta, (0, 0, 0, room))[None], F.pad(out.score, (0, room))[None])
+                )
         if self.touch_unused and torch.is_grad_enabled():
             # FSDP (never compiled): a groupable module whose slots all stayed empty is idle too,
             # so drop_idle_gradients drops its zero gradient as under exact routing
@@ -425,13 +434,13 @@ class ModuleStack(nn.Module):
             place = [m for indices in order for m in indices]
             unused += [members[m] for p, m in enumerate(place) if empty[p] and id(members[m]) not in skipped]
         deltas, gated = collected(outs)
-        filled = table.filled.flatten()
-        rows = table.rows.flatten()
+        filled = flattened(table.filled, 1)
+        rows = flattened(table.rows, 1)
         module = ranked.repeat_interleave(size)
         # where, not a product: an empty slot's output (its last token, never chosen) cannot turn
         # the sum into NaN even if it overflows
-        delta = torch.where(filled[:, None], torch.cat(deltas).flatten(0, 1), 0.0)
-        score = torch.where(filled, torch.cat([out.score for out in outs]).flatten(), 0.0)
+        delta = torch.where(filled[:, None], flattened(torch.cat(deltas)), 0.0)
+        score = torch.where(filled, flattened(torch.cat([out.score for out in outs]), 1), 0.0)
         ran = torch.zeros_like(table.kept).index_copy(1, ranked, table.kept)
         return rows, module, delta, score, unused, gated, ran.view(*hidden.shape[:2], -1)
 
@@ -449,11 +458,6 @@ class ModuleStack(nn.Module):
             _record(result, ref, out, out.score * active[..., m], active[..., m])
         result.hidden = hidden + delta
         return result
-
-
-def _fixed_input(hidden: torch.Tensor, ctx: ModuleContext, table: capacity.Slots, at: slice) -> GroupInput:
-    """What a group reads besides its slots ``table.rows[at]`` (``[Mg, C]``): every member has ``C``."""
-    return GroupInput(hidden, ctx, table.rows[at].flatten(), table.rows.shape[1], fixed=True)
 
 
 def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
