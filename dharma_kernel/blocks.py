@@ -289,7 +289,10 @@ def _running_mean(hidden: torch.Tensor, ctx: ModuleContext | None) -> torch.Tens
     length = hidden.shape[1]
     full = with_past(hidden, ctx).float()
     keys = ctx.key_mask(length) if ctx is not None else None
-    weight = torch.ones_like(full[..., :1]) if keys is None else keys[..., None].float()
+    if keys is None:  # every position counts: position t has t + 1
+        count = torch.arange(1, full.shape[1] + 1, device=full.device, dtype=full.dtype)[:, None]
+        return (torch.cumsum(full, dim=1) / count)[:, -length:].to(hidden.dtype)
+    weight = keys[..., None].float()
     total = torch.cumsum(full * weight, dim=1)
     count = torch.cumsum(weight, dim=1).clamp_min(1.0)
     return (total / count)[:, -length:].to(hidden.dtype)

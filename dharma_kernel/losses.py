@@ -109,8 +109,15 @@ def total_loss(components: dict[str, torch.Tensor], weights: dict[str, float]) -
     ``router_balance@<layer>`` takes ``weights["router"]``, every ``routing@<layer>``
     ``weights["routing"]``, anything else weight 1.
     """
-    terms = [weight_of(name, weights) * value for name, value in components.items()]
-    return torch.stack(terms).sum()
+    by_weight: dict[float, torch.Tensor] = {}  # the components of each weight summed, then one product
+    for name, value in components.items():
+        weight = weight_of(name, weights)
+        by_weight[weight] = value if weight not in by_weight else by_weight[weight] + value
+    total = None
+    for weight, value in by_weight.items():
+        term = value if weight == 1.0 else value * weight  # a product by a number is a few ops each
+        total = term if total is None else total + term
+    return total
 
 
 def weight_of(name: str, weights: dict[str, float]) -> float:

@@ -547,4 +547,4 @@ def _balance_loss(probs: torch.Tensor, picked: torch.Tensor, real: torch.Tensor,
     routed = picked.to(probs.dtype).sum((0, 1))  # tokens routed to each module: fraction * tokens * top_k
     summed = (probs * weight[..., None]).sum((0, 1))  # mean_prob * tokens
     # one product by a Python number (each is a few ops on the CPU: the number becomes a tensor)
-    return (routed * summed).sum() / tokens.square() * (probs.shape[-1] / top_k)
+    return (routed * summed).sum() / (tokens * tokens) * (probs.shape[-1] / top_k)
