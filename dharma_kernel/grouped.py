@@ -402,26 +402,32 @@ def _attention_by_sequence(
 
 def _allowed(where: GroupInput, total: int) -> torch.Tensor:
     """``[M * C, B * S]``: the keys each slot's query sees: its own sequence's, causal, real
-    tokens, and always itself (so no row is empty, an empty slot's neither). The rows of
-    :func:`token_keys`, built once per stack forward for all its attention groups."""
+    tokens, and always itself (so no row is empty, an empty slot's neither). Up to
+    :data:`EVERY_KEY_LIMIT` keys, the rows of one table of every token's, built once per stack
+    forward for all its attention groups (under fixed capacity past the limit, each group's own:
+    a table of every token's would be the largest tensor of the step)."""
+    batch, length = where.hidden.shape[:2]
+    if batch * total > EVERY_KEY_LIMIT:
+        return keys_seen(where.rows, where.hidden, where.ctx, total)
     shared = where.ctx.shared
-    kept = shared.get("token_keys")
+    kept = shared.get("keys_seen")
     if kept is None or kept[0] is not where.hidden or kept[1] != total:
-        kept = shared["token_keys"] = (where.hidden, total, token_keys(where.hidden, where.ctx, total))
+        every = torch.arange(batch * length, device=where.rows.device)
+        kept = shared["keys_seen"] = (where.hidden, total, keys_seen(every, where.hidden, where.ctx, total))
     return kept[2].index_select(0, where.rows)
 
 
-def token_keys(hidden: torch.Tensor, ctx: ModuleContext, total: int) -> torch.Tensor:
-    """``[B * T, B * S]``: the keys the query at each token of ``hidden [B, T, H]`` sees among all
-    sequences' ``S = total`` positions (cached ones first): its own sequence's, causal, real
-    tokens, and always itself."""
+def keys_seen(rows: torch.Tensor, hidden: torch.Tensor, ctx: ModuleContext, total: int) -> torch.Tensor:
+    """``[len(rows), B * S]``: the keys the query at each of ``rows`` (of ``hidden.flatten(0, 1)``,
+    ``hidden [B, T, H]``) sees among all sequences' ``S = total`` positions (cached ones first): its
+    own sequence's, causal, real tokens, and always itself."""
     batch, length = hidden.shape[:2]
-    token = torch.arange(batch * length, device=hidden.device)[:, None]
-    key = torch.arange(batch * total, device=hidden.device)
-    sequence, position = token // length, token % length + (total - length)  # [B * T, 1]
-    same, key_position = key // total == sequence, key % total  # [B * T, B * S], [B * S]
+    sequence = (rows // length)[:, None]  # [N, 1]
+    position = (rows % length + (total - length))[:, None]
+    key = torch.arange(batch * total, device=rows.device)
+    same, key_position = key // total == sequence, key % total  # [N, B * S], [B * S]
     real = ctx.key_mask(length)  # [B, S]
-    seen = key_position <= position if real is None else (key_position <= position) & real.view(-1)
+    seen = key_position <= position if real is None else (key_position <= position) & flattened(real, 1)
     return same & (seen | (key_position == position))
 
 

@@ -314,3 +314,46 @@ def test_routed_attention_groups_equal_per_module_through_the_stack(every_key, m
     for name, grad in got_grads.items():
         expected = grads.get(name, torch.zeros_like(grad))
         torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("factor", [None, 1e6])
+def test_a_stacks_attention_groups_read_one_table_of_the_keys_each_token_sees(factor, batch, monkeypatch):
+    """Up to EVERY_KEY_LIMIT keys, the attention groups of a routed stack (darshanas, multi-view
+    paths) read their masks as rows of one table of every token's, built once per stack forward;
+    past it, fixed capacity builds each group's own rows (exact routing regroups by sequence):
+    the same logits, loss and gradients either way."""
+    calls, keys_seen = [], grouped.keys_seen
+    monkeypatch.setattr(grouped, "keys_seen", lambda rows, *a: calls.append(len(rows)) or keys_seen(rows, *a))
+    model = all_modules("routed").train()
+    set_grouped(model, True)
+    for stack in model.stacks.values():
+        stack.capacity_factor = factor
+        stack.held_runs = frozenset(run[0] for run in stack._runs[True])  # every group computes
+    ids, mask = batch
+    logits, loss, grads = loss_and_grads(model, ids, mask)
+    assert calls == [ids.numel()] * len(model.stacks)  # one table per stack, a row per token
+    calls.clear()
+    monkeypatch.setattr(grouped, "EVERY_KEY_LIMIT", 0)
+    got_logits, got_loss, got_grads = loss_and_grads(model, ids, mask)
+    assert len(calls) == (2 * len(model.stacks) if factor else 0)  # each attention group its own
+    torch.testing.assert_close(got_logits, logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_loss, loss, rtol=1e-5, atol=1e-6)
+    assert got_grads.keys() == grads.keys()
+    for name, grad in got_grads.items():
+        torch.testing.assert_close(grad, grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_stacks_attention_groups_normalize_the_sequence_once(batch, monkeypatch):
+    """The darshanas and the multi-view paths of a routed stack both normalize the whole sequence
+    for their keys: once per stack forward, each group applying its own scale and shift."""
+    shapes, layer_norm = [], torch.nn.functional.layer_norm
+    record = lambda x, *a, **k: shapes.append(x.shape) or layer_norm(x, *a, **k)  # noqa: E731
+    monkeypatch.setattr(grouped.F, "layer_norm", record)
+    model = all_modules("routed").train()
+    set_grouped(model, True)
+    for stack in model.stacks.values():
+        stack.held_runs = frozenset(run[0] for run in stack._runs[True])  # every group computes
+    ids, mask = batch
+    model(input_ids=ids, attention_mask=mask, labels=ids)
+    width = tiny_backbone_config()["n_embd"]
+    assert shapes.count(torch.Size([ids.numel(), width])) == len(model.stacks)
