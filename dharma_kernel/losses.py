@@ -51,9 +51,10 @@ def concept_losses(
     # their score is, it gives neither a loss nor a gradient.
     with torch.autocast(score.device.type, enabled=False):
         prob = torch.where(keep, score.float(), 0.5).clamp(1e-6, 1 - 1e-6)
-        target = labels.float()
-        loss = -(target * prob.log() + (1 - target) * (1 - prob).log()) * keep
-        count = keep.sum((0, 1))
+        target, kept = labels.float(), keep.float()  # float arithmetic: no conversion per product
+        yes, no = prob.log(), torch.log1p(-prob)  # log p and log(1 - p)
+        loss = -(no + target * (yes - no)) * kept
+        count = kept.sum((0, 1))
         return loss.sum((0, 1)) / count.clamp_min(1), count > 0
 
 
@@ -80,26 +81,29 @@ def routing_loss(
     if not torch.compiler.is_compiling() and not bool(keep.any()):  # traced: no host read, a zero loss
         return None
     with torch.autocast(evidence.device.type, enabled=False):
-        terms = [_balanced_bce(evidence.float(), labels == 1, keep)]
-        if not per_sequence:
-            before = F.pad(labels[:, :-1], (0, 0, 1, 0), value=IGNORE)
-            onset = (labels == 1) & (before != 1)
-            terms.append(_balanced_bce(hits.float(), onset, keep & ((labels == 0) | onset)))
-    return torch.stack(terms).mean()
+        positive = labels == 1
+        loss = _balanced_bce(evidence.float(), positive, keep)
+        if per_sequence:
+            return loss
+        onset = positive & ~F.pad(positive[:, :-1], (0, 0, 1, 0), value=False)
+        # kept labels are 0 or 1: not positive is labelled 0
+        return (loss + _balanced_bce(hits.float(), onset, keep & (~positive | onset))) / 2
 
 
 def _balanced_bce(logits: torch.Tensor, positive: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy ``[B, T, M]`` -> scalar: per module the mean over its positive tokens and the
     mean over its negative ones, then the mean of all those means that have tokens."""
-    loss = F.binary_cross_entropy_with_logits(logits, positive.float(), reduction="none")
-    means, has = [], []
-    for mask in (keep & positive, keep & ~positive):
-        count = mask.sum((0, 1))
-        means.append((loss * mask).sum((0, 1)) / count.clamp_min(1))
-        has.append(count > 0)
-    # weighted, not indexed by ``has``: boolean indexing waits for the device (twice, with backward)
-    mean, present = torch.cat(means), torch.cat(has)
-    return (mean * present).sum() / present.sum().clamp_min(1)
+    target = positive.float()
+    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    # the two classes as float weights of one [2, B, T, M] table (0 or 1: sums are exact counts):
+    # arithmetic in one dtype, where boolean masks each cost a conversion in every product and sum
+    kept = keep.float()
+    positives = kept * target
+    weights = torch.stack([positives, kept - positives])
+    count = weights.sum((1, 2))  # [2, M]
+    mean = (loss * weights).sum((1, 2)) / count.clamp_min(1)  # 0 where a class has no token
+    # weighted, not indexed by ``count > 0``: boolean indexing waits for the device (twice, with backward)
+    return mean.sum() / count.clamp_max(1).sum().clamp_min(1)
 
 
 def total_loss(components: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:

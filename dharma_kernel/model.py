@@ -415,7 +415,8 @@ class DharmaModel(PreTrainedModel, GenerationMixin):
         # one host sync a step, not one per module; none while traced (a zero loss instead)
         if not torch.compiler.is_compiling() and not bool(present.any()):
             return scores, None
-        return scores, (loss * present).sum() / present.sum().clamp_min(1)
+        # a module's loss is 0 where it has no counted token (see concept_losses): no product by present
+        return scores, loss.sum() / present.sum().clamp_min(1)
 
     @staticmethod
     def _routing_loss(
