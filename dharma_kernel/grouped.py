@@ -209,7 +209,11 @@ def linear(layers: Sequence[nn.Linear], x: torch.Tensor) -> torch.Tensor:
 
 def layer_norm(norms: Sequence[nn.LayerNorm], x: torch.Tensor) -> torch.Tensor:
     first = norms[0]
-    y = _normalized(x, tuple(first.normalized_shape), first.eps)
+    return _affine(norms, _normalized(x, tuple(first.normalized_shape), first.eps))
+
+
+def _affine(norms: Sequence[nn.LayerNorm], y: torch.Tensor) -> torch.Tensor:
+    """Each layer norm's scale and shift of its normalized input ``y``."""
     return y * along_tokens(norms, "weight") + along_tokens(norms, "bias")
 
 
@@ -220,11 +224,11 @@ _SHARING = threading.local()
 def sharing_normalization() -> Iterator[None]:
     """Within: each input is normalized once, however many of a group's blocks normalize it (a
     detector and an adapter read the same tokens); each block applies its own scale and shift.
-    Scoped to one group's forward (see :func:`grouped_forward`), or to a routed stack's groups (the
-    attention families normalize the same sequence for their keys); within one, another shares its
-    normalizations. Eager only."""
+    Scoped to one group's forward, eager only (see :func:`grouped_forward`; across a stack's
+    groups, only the sequence the attention families read keys from is normalized once:
+    :func:`_sequence_normalized`)."""
     outer = getattr(_SHARING, "seen", None)
-    _SHARING.seen = {} if outer is None else outer
+    _SHARING.seen = {}
     try:
         yield
     finally:
@@ -281,7 +285,7 @@ def grouped_forward(
 
 def _normalized(x: torch.Tensor, shape: tuple[int, ...], eps: float) -> torch.Tensor:
     seen = getattr(_SHARING, "seen", None)
-    if seen is None:
+    if seen is None or torch.compiler.is_compiling():  # a frame compiled inside an eager scope too
         return F.layer_norm(x, shape, eps=eps)
     # the tensor itself (kept with its result, so its id is not reused meanwhile) and, outside
     # inference mode (no counter there), its version: changed in place, it is normalized again.
@@ -349,7 +353,7 @@ def attention(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) -
     heads, kv_heads, head_dim = first.heads, first.kv_heads, first.head_dim
     full = with_past(where.hidden, where.ctx)  # [B, S, H]
     batch, total, _ = full.shape
-    normed = layer_norm([b.norm for b in blocks], _sequence_rows(full, where.ctx))  # [M, B * S, H]
+    normed = _affine([b.norm for b in blocks], _sequence_normalized(blocks[0].norm, full, where.ctx))
     kv = linear([b.key_value for b in blocks], normed)  # [M, B * S, 2 * kv_heads * D]
     q = linear([b.query for b in blocks], layer_norm([b.norm for b in blocks], x))  # [M, C, heads * D]
     every_key = where.fixed or torch.compiler.is_compiling() or batch * total <= EVERY_KEY_LIMIT
@@ -364,12 +368,14 @@ def attention(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) -
     return linear([b.out for b in blocks], y)
 
 
-def _sequence_rows(full: torch.Tensor, ctx: ModuleContext) -> torch.Tensor:
-    """``full [B, S, H]`` as ``[B * S, H]``, one tensor for all of a stack's attention groups (each
-    normalizes it for its keys: :func:`sharing_normalization` knows a tensor by its id)."""
-    kept = ctx.shared.get("sequence_rows")
+def _sequence_normalized(norm: nn.LayerNorm, full: torch.Tensor, ctx: ModuleContext) -> torch.Tensor:
+    """``full [B, S, H]`` normalized as ``[B * S, H]`` (no scale or shift), once for all of a
+    stack's attention groups (darshanas and multi-view paths both read keys from it), kept in
+    ``ctx.shared`` while the stack runs."""
+    key = ("sequence_normalized", tuple(norm.normalized_shape), norm.eps, torch.is_grad_enabled())
+    kept = ctx.shared.get(key)
     if kept is None or kept[0] is not full:
-        kept = ctx.shared["sequence_rows"] = (full, flattened(full))
+        kept = ctx.shared[key] = (full, F.layer_norm(flattened(full), norm.normalized_shape, eps=norm.eps))
     return kept[1]
 
 
@@ -405,9 +411,10 @@ def _allowed(where: GroupInput, total: int) -> torch.Tensor:
     tokens, and always itself (so no row is empty, an empty slot's neither). Up to
     :data:`EVERY_KEY_LIMIT` keys, the rows of one table of every token's, built once per stack
     forward for all its attention groups (under fixed capacity past the limit, each group's own:
-    a table of every token's would be the largest tensor of the step)."""
+    a table of every token's would be the largest tensor of the step; and while compiling)."""
     batch, length = where.hidden.shape[:2]
-    if batch * total > EVERY_KEY_LIMIT:
+    # compiled, no shape test (crossing the limit would recompile): each group's own rows
+    if torch.compiler.is_compiling() or batch * total > EVERY_KEY_LIMIT:
         return keys_seen(where.rows, where.hidden, where.ctx, total)
     shared = where.ctx.shared
     kept = shared.get("keys_seen")

@@ -6,6 +6,8 @@ total = lm_weight * lm + concept_weight * concept + every other named loss
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -113,9 +115,12 @@ def total_loss(components: dict[str, torch.Tensor], weights: dict[str, float]) -
     ``router_balance@<layer>`` takes ``weights["router"]``, every ``routing@<layer>``
     ``weights["routing"]``, anything else weight 1.
     """
-    by_weight: dict[float, torch.Tensor] = {}  # the components of each weight summed, then one product
+    # the components of each weight summed, then one product; all in the widest of their dtypes,
+    # as one stack of them would be (a plugin's bf16 loss is not summed in bf16)
+    dtype = functools.reduce(torch.promote_types, (value.dtype for value in components.values()))
+    by_weight: dict[float, torch.Tensor] = {}
     for name, value in components.items():
-        weight = weight_of(name, weights)
+        weight, value = weight_of(name, weights), value if value.dtype == dtype else value.to(dtype)
         by_weight[weight] = value if weight not in by_weight else by_weight[weight] + value
     total = None
     for weight, value in by_weight.items():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +23,6 @@ from .grouped import (
     on_device,
     plan_runs,
     run_groups,
-    sharing_normalization,
 )
 from .module_cache import extend_stream, peek_stream
 from .protocol import DharmaModule, ModuleContext, ModuleOutput, TokenOutput, computes_tokens
@@ -355,23 +353,22 @@ class ModuleStack(nn.Module):
         real_pieces = [None] * len(sizes) if filled is None else filled.split(sizes)
         inputs = zip(places.segments, pieces, row_pieces, real_pieces, strict=True)
         outs = []  # a group's [Mg, most, ...], a module alone's [n, ...]
-        with sharing_normalization():  # across groups too (keys of the attention families)
-            for segment, piece, at, real in inputs:
-                if segment.most:
-                    group = [members[m] for m in segment.members]
-                    where = GroupInput(hidden, stack_ctx, at, segment.most, real)
-                    out = grouped_forward(group, piece.view(len(group), segment.most, -1), where)
-                    with_tokens = [m for m in segment.members if counts[m]]
-                    if len(with_tokens) == 1:  # its losses and metrics kept, as when it runs alone
-                        _record_extras(result, self.refs[with_tokens[0]], out)
-                else:
-                    (m,) = segment.members
-                    ctx = ModuleContext(
-                        attention_mask, past, active[..., m], rows[segment.pairs], stack_ctx.shared
-                    )
-                    out = _at_tokens(members[m], piece, hidden, ctx)
-                    _record_extras(result, self.refs[m], out)
-                outs.append(out)
+        for segment, piece, at, real in inputs:
+            if segment.most:
+                group = [members[m] for m in segment.members]
+                where = GroupInput(hidden, stack_ctx, at, segment.most, real)
+                out = grouped_forward(group, piece.view(len(group), segment.most, -1), where)
+                with_tokens = [m for m in segment.members if counts[m]]
+                if len(with_tokens) == 1:  # its losses and metrics kept, as when it runs alone
+                    _record_extras(result, self.refs[with_tokens[0]], out)
+            else:
+                (m,) = segment.members
+                ctx = ModuleContext(
+                    attention_mask, past, active[..., m], rows[segment.pairs], stack_ctx.shared
+                )
+                out = _at_tokens(members[m], piece, hidden, ctx)
+                _record_extras(result, self.refs[m], out)
+            outs.append(out)
         unused = [members[m] for m in range(len(members)) if not counts[m]]
         if not outs:
             return slot_rows, slot_module, None, None, unused, False
@@ -403,29 +400,27 @@ class ModuleStack(nn.Module):
         sizes = [len(indices) for indices in order]  # each run's [Mg, size, ...], split once
         inputs = zip(order, x.split(sizes), table.rows.split(sizes), strict=True)
         outs, unused, offset = [], [], 0  # a run's first module's place in ``ranked``
-        # across groups too; not while compiling (compiled code fuses the normalizations anyway)
-        with nullcontext() if torch.compiler.is_compiling() else sharing_normalization():
-            for indices, piece, slot_rows in inputs:
-                first, offset = offset, offset + len(indices)
-                group = [members[i] for i in indices]
-                if group_key(group[0]) is not None:
-                    where = GroupInput(hidden, stack_ctx, flattened(slot_rows, 1), size, fixed=True)
-                    outs.append(grouped_forward(group, piece, where))
-                    continue
-                (i,) = indices  # not groupable: alone in its run, on its kept tokens (a host read)
-                kept = table.kept[:, first].view(hidden.shape[:2])
-                ctx = ModuleContext(attention_mask, past, kept, shared=stack_ctx.shared)
-                if len(ctx.rows) == 0:
-                    unused.append(members[i])
-                    outs.append(TokenOutput(x.new_zeros(1, size, x.shape[-1]), x.new_zeros(1, size)))
-                    continue
-                out = _at_tokens(members[i], ctx.pick(hidden), hidden, ctx)
-                _record_extras(result, self.refs[i], out)
-                # its kept tokens fill its first slots, in the same (ascending) order
-                room = size - len(ctx.rows)
-                outs.append(
-                    TokenOutput(F.pad(out.delta, (0, 0, 0, room))[None], F.pad(out.score, (0, room))[None])
-                )
+        for indices, piece, slot_rows in inputs:
+            first, offset = offset, offset + len(indices)
+            group = [members[i] for i in indices]
+            if group_key(group[0]) is not None:
+                where = GroupInput(hidden, stack_ctx, flattened(slot_rows, 1), size, fixed=True)
+                outs.append(grouped_forward(group, piece, where))
+                continue
+            (i,) = indices  # not groupable: alone in its run, on its kept tokens (a host read)
+            kept = table.kept[:, first].view(hidden.shape[:2])
+            ctx = ModuleContext(attention_mask, past, kept, shared=stack_ctx.shared)
+            if len(ctx.rows) == 0:
+                unused.append(members[i])
+                outs.append(TokenOutput(x.new_zeros(1, size, x.shape[-1]), x.new_zeros(1, size)))
+                continue
+            out = _at_tokens(members[i], ctx.pick(hidden), hidden, ctx)
+            _record_extras(result, self.refs[i], out)
+            # its kept tokens fill its first slots, in the same (ascending) order
+            room = size - len(ctx.rows)
+            outs.append(
+                TokenOutput(F.pad(out.delta, (0, 0, 0, room))[None], F.pad(out.score, (0, room))[None])
+            )
         if self.touch_unused and torch.is_grad_enabled():
             # FSDP (never compiled): a groupable module whose slots all stayed empty is idle too,
             # so drop_idle_gradients drops its zero gradient as under exact routing

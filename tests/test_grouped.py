@@ -324,13 +324,12 @@ def test_a_stacks_attention_groups_read_one_table_of_the_keys_each_token_sees(fa
     the same logits, loss and gradients either way."""
     calls, keys_seen = [], grouped.keys_seen
     monkeypatch.setattr(grouped, "keys_seen", lambda rows, *a: calls.append(len(rows)) or keys_seen(rows, *a))
-    model = all_modules("routed").train()
-    set_grouped(model, True)
-    for stack in model.stacks.values():
-        stack.capacity_factor = factor
-        stack.held_runs = frozenset(run[0] for run in stack._runs[True])  # every group computes
+    attending, attention = [], grouped.attention
+    monkeypatch.setattr(grouped, "attention", lambda *a: attending.append(len(a[0])) or attention(*a))
+    model = every_module_everywhere(factor)
     ids, mask = batch
     logits, loss, grads = loss_and_grads(model, ids, mask)
+    assert len(attending) == 2 * len(model.stacks)  # both attention families at every stack
     assert calls == [ids.numel()] * len(model.stacks)  # one table per stack, a row per token
     calls.clear()
     monkeypatch.setattr(grouped, "EVERY_KEY_LIMIT", 0)
@@ -343,16 +342,24 @@ def test_a_stacks_attention_groups_read_one_table_of_the_keys_each_token_sees(fa
         torch.testing.assert_close(grad, grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_a_stacks_attention_groups_normalize_the_sequence_once(batch, monkeypatch):
+def every_module_everywhere(factor=None):
+    """``all_modules`` routed, every module chosen at every token (so every group computes), with
+    fixed capacity ``factor`` if given; grouped."""
+    model = all_modules("routed", top_k=len(standard_refs())).train()
+    set_grouped(model, True)
+    for stack in model.stacks.values():
+        stack.capacity_factor = factor
+    return model
+
+
+@pytest.mark.parametrize("factor", [None, 1e6])
+def test_a_stacks_attention_groups_normalize_the_sequence_once(factor, batch, monkeypatch):
     """The darshanas and the multi-view paths of a routed stack both normalize the whole sequence
     for their keys: once per stack forward, each group applying its own scale and shift."""
     shapes, layer_norm = [], torch.nn.functional.layer_norm
     record = lambda x, *a, **k: shapes.append(x.shape) or layer_norm(x, *a, **k)  # noqa: E731
     monkeypatch.setattr(grouped.F, "layer_norm", record)
-    model = all_modules("routed").train()
-    set_grouped(model, True)
-    for stack in model.stacks.values():
-        stack.held_runs = frozenset(run[0] for run in stack._runs[True])  # every group computes
+    model = every_module_everywhere(factor)
     ids, mask = batch
     model(input_ids=ids, attention_mask=mask, labels=ids)
     width = tiny_backbone_config()["n_embd"]
