@@ -130,6 +130,11 @@ class MultiViewPathModule(PathModule):
 
     grouped_tokens = PathModule.__dict__["grouped_tokens"]  # its own: a multi-view path groups apart
 
+    @classmethod
+    def grouped_attention(cls, members: list) -> tuple[list, int]:
+        """The attention its grouped code computes at its slots (see :func:`.grouped.attention_blocks`)."""
+        return grouped.views_in_order([m.attention for m in members]), len(members[0].attention.views)
+
 
 class ConsciousnessModule(DharmaModule):
     """consciousness: a small gated residual block (channel-wise GLU), applied as strongly as detected."""
@@ -263,3 +268,8 @@ class DarshanaModule(DharmaModule):
         attended = grouped.attention([m.attention for m in members], x, where)
         mixed = attended + grouped.adapter([m.summary_proj for m in members], summary)
         return grouped.gated(gate, mixed + grouped.adapter([m.feed_forward for m in members], x + mixed))
+
+    @classmethod
+    def grouped_attention(cls, members: list) -> tuple[list, int]:
+        """The attention its grouped code computes at its slots (see :func:`.grouped.attention_blocks`)."""
+        return [m.attention for m in members], 1

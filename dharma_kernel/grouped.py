@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import allowed_keys, attend, with_past
+from .blocks import CausalAttention, allowed_keys, attend, with_past
 from .protocol import DharmaModule, ModuleContext, TokenOutput
 
 # What a module's own computation is defined by: the first class in its MRO that defines one.
@@ -341,14 +341,31 @@ def detector(blocks: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor
 EVERY_KEY_LIMIT = 2048
 
 
-def attention(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) -> torch.Tensor:
-    """:class:`~dharma_kernel.blocks.CausalAttention` of each module at its slots ``x [M, C, H]``.
+def attention(
+    blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput, times: int = 1
+) -> torch.Tensor:
+    """:class:`~dharma_kernel.blocks.CausalAttention` of each block at its slots ``x [M, C, H]``,
+    ``[len(blocks), C, H]``; ``times``: the blocks are that many copies' worth, each copy at the
+    same slots (multi-view: every module's first view, then every second, ...).
 
-    Keys and values at every position of every sequence (cached ones too) for all modules with
-    one product, then one attention call: each module's queries over all its keys, those of other
+    Keys and values at every position of every sequence (cached ones too) for all blocks with
+    one product, then one attention call: each block's queries over all its keys, those of other
     sequences masked out (weight exactly zero), or above :data:`EVERY_KEY_LIMIT` keys, each
-    (module, sequence) pair's queries over its sequence's (fixed capacity never: no host read).
+    (block, sequence) pair's queries over its sequence's (fixed capacity never: no host read).
+    Where a stack's attention groups attend together (:func:`attend_together`), the result of
+    their one call.
     """
+    pool = None if torch.compiler.is_compiling() else where.ctx.shared.get(_POOL)
+    if pool is not None:
+        out = pool.output(blocks, x, where, times)
+        if out is not None:
+            return out
+    if times > 1:
+        x, where = torch.cat([x] * times), where.repeated(times)
+    return _attention(blocks, x, where)
+
+
+def _attention(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) -> torch.Tensor:
     first, (count, slots, _) = blocks[0], x.shape
     heads, kv_heads, head_dim = first.heads, first.kv_heads, first.head_dim
     full = with_past(where.hidden, where.ctx)  # [B, S, H]
@@ -366,6 +383,147 @@ def attention(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) -
         k, v = kv.view(count * batch, total, 2, kv_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         y = _attention_by_sequence(q, k, v, where, (heads, head_dim), total)
     return linear([b.out for b in blocks], y)
+
+
+_POOL = "attention_pool"
+
+
+@dataclass
+class Attending:
+    """A group's request to attend: its blocks (``times`` copies' worth) at its slots ``x [M, C, H]``,
+    the stack's slots from ``start`` on (see :func:`attend_together`)."""
+
+    blocks: list[nn.Module]
+    x: torch.Tensor
+    where: GroupInput
+    times: int
+    start: int
+
+
+@dataclass
+class Slots:
+    """A stack's slots, every group's one after another (each ``[Mg, C]``, row after row): their
+    inputs ``x [S, H]``, rows of ``hidden.flatten(0, 1)`` ``[S]``, and which hold a token ``[S]``
+    (None: all do)."""
+
+    x: torch.Tensor
+    rows: torch.Tensor
+    real: torch.Tensor | None
+
+
+class AttentionPool:
+    """The attention of several groups of one stack forward as one call (:func:`attend_together`):
+    their slots gathered from the stack's, each group's padded to the most any has, their blocks
+    one after another; computed when the first group asks, each group's part handed to it."""
+
+    def __init__(self, requests: list[Attending], slots: Slots) -> None:
+        self.requests, self.slots = requests, slots
+        self.outputs: list[torch.Tensor] | None = None
+
+    def output(self, blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput, times: int):
+        """The attention of ``blocks`` at ``x`` if it is one of the requests (the same blocks at the
+        same slots), else None."""
+        for index, request in enumerate(self.requests):
+            if request.x is x and request.where is where and request.times == times:
+                if len(request.blocks) != len(blocks) or not all(map(operator.is_, request.blocks, blocks)):
+                    return None
+                if self.outputs is None:
+                    self.outputs = self._computed()
+                return self.outputs[index]
+        return None
+
+    def _computed(self) -> list[torch.Tensor]:
+        requests, slots = self.requests, self.slots
+        most = max(r.where.slots for r in requests)
+        # each pooled slot's place among the stack's: a request's rows, copy after copy, each padded
+        # (-1: read the stack's first slot, finite: a token's input or an empty slot's zeros)
+        places = []
+        for r in requests:
+            count, size = len(r.blocks) // r.times, r.where.slots
+            for _ in range(r.times):
+                for m in range(count):
+                    first = r.start + m * size
+                    places += [*range(first, first + size), *[-1] * (most - size)]
+        at = on_device(places, slots.x.device)
+        real = at >= 0 if len(places) > sum(len(r.blocks) * r.where.slots for r in requests) else None
+        if real is not None:
+            at = at.clamp(min=0)
+        if slots.real is not None:
+            picked = slots.real.index_select(0, at)
+            real = picked if real is None else picked & real
+        first = requests[0].where
+        where = GroupInput(first.hidden, first.ctx, slots.rows.index_select(0, at), most, real, first.fixed)
+        x = slots.x.index_select(0, at).view(len(places) // most, most, -1)
+        y = _attention([b for r in requests for b in r.blocks], x, where)
+        parts = y.split([len(r.blocks) for r in requests])
+        return [
+            y if r.where.slots == most else y[:, : r.where.slots]
+            for y, r in zip(parts, requests, strict=True)
+        ]
+
+
+def attend_together(
+    groups: Sequence[tuple[Sequence[DharmaModule], torch.Tensor, GroupInput]],
+    starts: Sequence[int],
+    slots: Slots,
+) -> None:
+    """Before a stack's groups ``(members, x, where)`` compute (one stack forward, one ``where.ctx``;
+    each group's slots the stack's ``slots`` from its ``starts`` on): where two or more of them
+    attend with blocks of one shape, their attention is computed as one call
+    (:class:`AttentionPool`, in ``ctx.shared``), where each group's is one call, its keys and
+    values a product, its queries and output a product each: about 200 ops a group (a training
+    step on the CPU, forward and backward). A group attends as its family declares
+    (``grouped_attention``, see :func:`attention_blocks`). Not while compiling."""
+    if torch.compiler.is_compiling() or not groups:
+        return
+    requests = []
+    for (members, x, where), start in zip(groups, starts, strict=True):
+        declared = attention_blocks(members)
+        if declared is not None:
+            requests.append(Attending(declared[0], x, where, declared[1], start))
+    kinds = {_attention_kind(r.blocks) for r in requests}
+    ctx = groups[0][2].ctx
+    if (
+        len(requests) > 1
+        and len(kinds) == 1
+        and None not in kinds
+        and len({r.where.fixed for r in requests}) == 1
+    ):
+        ctx.shared[_POOL] = AttentionPool(requests, slots)
+    else:
+        ctx.shared.pop(_POOL, None)
+
+
+def attention_blocks(members: Sequence[DharmaModule]) -> tuple[list[nn.Module], int] | None:
+    """The attention blocks a group's grouped code passes to :func:`attention` at its slots, in that
+    order, and how many copies' worth they are (``times``), as its family declares them
+    (``grouped_attention(members)``, defined in the class that defines its ``grouped_tokens``: a
+    plugin with its own grouped code declares its own); None if it declares none."""
+    key = group_key(members[0])
+    declared = None if key is None else vars(key[0]).get("grouped_attention")
+    return None if declared is None else declared.__get__(None, key[0])(list(members))
+
+
+def _attention_kind(blocks: Sequence[nn.Module]) -> tuple | None:
+    """What attention blocks must share to attend in one call (None: blocks that cannot)."""
+    kinds = set()
+    for b in blocks:
+        if not isinstance(b, CausalAttention):
+            return None
+        parameters = (b.norm.weight, b.query.weight, b.key_value.weight, b.out.weight)
+        kinds.add(
+            (
+                b.heads,
+                b.kv_heads,
+                b.head_dim,
+                tuple(b.norm.normalized_shape),
+                b.norm.eps,
+                b.norm.weight is None,
+                tuple(layer.bias is None for layer in (b.norm, b.query, b.key_value, b.out)),
+                tuple((p.shape, p.dtype, p.device) for p in parameters if p is not None),
+            )
+        )
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 def _sequence_normalized(norm: nn.LayerNorm, full: torch.Tensor, ctx: ModuleContext) -> torch.Tensor:
@@ -442,11 +600,15 @@ def multi_view(blocks: Sequence[nn.Module], x: torch.Tensor, where: GroupInput) 
     """:class:`~dharma_kernel.blocks.MultiViewAttention` of each module."""
     weights = torch.softmax(linear([b.mix for b in blocks], layer_norm([b.norm for b in blocks], x)), dim=-1)
     count, views = len(blocks), len(blocks[0].views)
-    # every module's every view as one group of count * views, view after view: one attention call
-    every = [b.views[i] for i in range(views) for b in blocks]
-    out = attention(every, torch.cat([x] * views), where.repeated(views))  # [views * M, C, H]
+    out = attention(views_in_order(blocks), x, where, views)  # [views * M, C, H]
     out = out.view(views, count, *x.shape[1:]).permute(1, 2, 3, 0)  # [M, C, H, views]
     return (out * weights[:, :, None, :]).sum(-1)
+
+
+def views_in_order(blocks: Sequence[nn.Module]) -> list[nn.Module]:
+    """Every view of every :class:`~dharma_kernel.blocks.MultiViewAttention` of ``blocks``, view after
+    view, as :func:`multi_view` attends with them: one group of ``len(blocks) * views``, one call."""
+    return [b.views[i] for i in range(len(blocks[0].views)) for b in blocks]
 
 
 def plan_runs(members: Sequence[DharmaModule], grouped: bool = True) -> list[list[int]]:

@@ -15,6 +15,8 @@ from .columns import Columns
 from .cpu_linear import Linear, plain
 from .grouped import (
     GroupInput,
+    Slots,
+    attend_together,
     collected,
     flattened,
     group_key,
@@ -352,12 +354,18 @@ class ModuleStack(nn.Module):
         pieces, row_pieces = x.split(sizes), slot_rows.split(sizes)
         real_pieces = [None] * len(sizes) if filled is None else filled.split(sizes)
         inputs = zip(places.segments, pieces, row_pieces, real_pieces, strict=True)
-        outs = []  # a group's [Mg, most, ...], a module alone's [n, ...]
-        for segment, piece, at, real in inputs:
+        groups = {}  # by segment: (members, x [Mg, most, H], where)
+        for index, (segment, piece, at, real) in enumerate(inputs):
             if segment.most:
                 group = [members[m] for m in segment.members]
                 where = GroupInput(hidden, stack_ctx, at, segment.most, real)
-                out = grouped_forward(group, piece.view(len(group), segment.most, -1), where)
+                groups[index] = group, piece.view(len(group), segment.most, -1), where
+        starts = [places.segments[index].slots.start for index in groups]
+        attend_together(list(groups.values()), starts, Slots(x, slot_rows, filled))  # one attention call
+        outs = []  # a group's [Mg, most, ...], a module alone's [n, ...]
+        for index, (segment, piece) in enumerate(zip(places.segments, pieces, strict=True)):
+            if segment.most:
+                out = grouped_forward(*groups[index])
                 with_tokens = [m for m in segment.members if counts[m]]
                 if len(with_tokens) == 1:  # its losses and metrics kept, as when it runs alone
                     _record_extras(result, self.refs[with_tokens[0]], out)
@@ -399,13 +407,22 @@ class ModuleStack(nn.Module):
         stack_ctx = ModuleContext(attention_mask, past)
         sizes = [len(indices) for indices in order]  # each run's [Mg, size, ...], split once
         inputs = zip(order, x.split(sizes), table.rows.split(sizes), strict=True)
-        outs, unused, offset = [], [], 0  # a run's first module's place in ``ranked``
-        for indices, piece, slot_rows in inputs:
-            first, offset = offset, offset + len(indices)
+        groups = {}  # by run: (members, x [Mg, size, H], where)
+        for index, (indices, piece, slot_rows) in enumerate(inputs):
             group = [members[i] for i in indices]
             if group_key(group[0]) is not None:
-                where = GroupInput(hidden, stack_ctx, flattened(slot_rows, 1), size, fixed=True)
-                outs.append(grouped_forward(group, piece, where))
+                groups[index] = (
+                    group,
+                    piece,
+                    GroupInput(hidden, stack_ctx, flattened(slot_rows, 1), size, fixed=True),
+                )
+        starts = [sum(sizes[:index]) * size for index in groups]
+        attend_together(list(groups.values()), starts, Slots(flattened(x), flattened(table.rows, 1), None))
+        outs, unused, offset = [], [], 0  # a run's first module's place in ``ranked``
+        for index, indices in enumerate(order):
+            first, offset = offset, offset + len(indices)
+            if index in groups:
+                outs.append(grouped_forward(*groups[index]))
                 continue
             (i,) = indices  # not groupable: alone in its run, on its kept tokens (a host read)
             kept = table.kept[:, first].view(hidden.shape[:2])

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dharma_kernel import grouped, registry
+from dharma_kernel import stack as stack_module
 from dharma_kernel.assemble import build_model
 from dharma_kernel.catalogue import standard_refs
 from dharma_kernel.export import dense_routing
@@ -320,7 +321,7 @@ def test_routed_attention_groups_equal_per_module_through_the_stack(every_key, m
 def test_a_stacks_attention_groups_read_one_table_of_the_keys_each_token_sees(factor, batch, monkeypatch):
     """Up to EVERY_KEY_LIMIT keys, the attention groups of a routed stack (darshanas, multi-view
     paths) read their masks as rows of one table of every token's, built once per stack forward;
-    past it, fixed capacity builds each group's own rows (exact routing regroups by sequence):
+    past it, fixed capacity builds the rows of their one call (exact routing regroups by sequence):
     the same logits, loss and gradients either way."""
     calls, keys_seen = [], grouped.keys_seen
     monkeypatch.setattr(grouped, "keys_seen", lambda rows, *a: calls.append(len(rows)) or keys_seen(rows, *a))
@@ -334,7 +335,7 @@ def test_a_stacks_attention_groups_read_one_table_of_the_keys_each_token_sees(fa
     calls.clear()
     monkeypatch.setattr(grouped, "EVERY_KEY_LIMIT", 0)
     got_logits, got_loss, got_grads = loss_and_grads(model, ids, mask)
-    assert len(calls) == (2 * len(model.stacks) if factor else 0)  # each attention group its own
+    assert len(calls) == (len(model.stacks) if factor else 0)  # the attention groups' one call its own
     torch.testing.assert_close(got_logits, logits, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_loss, loss, rtol=1e-5, atol=1e-6)
     assert got_grads.keys() == grads.keys()
@@ -364,3 +365,47 @@ def test_a_stacks_attention_groups_normalize_the_sequence_once(factor, batch, mo
     model(input_ids=ids, attention_mask=mask, labels=ids)
     width = tiny_backbone_config()["n_embd"]
     assert shapes.count(torch.Size([ids.numel(), width])) == len(model.stacks)
+
+
+@pytest.mark.parametrize("every_key", [True, False])
+@pytest.mark.parametrize("factor", [None, 1e6])
+def test_a_stacks_attention_groups_attend_in_one_call(factor, every_key, batch, monkeypatch):
+    """The darshanas and the multi-view paths (every view) of a routed stack attend in one call,
+    their slots padded to the most either has: the same logits, loss and gradients as each group
+    attending on its own, in both attention forms, exact routing and fixed capacity."""
+    monkeypatch.setattr(grouped, "EVERY_KEY_LIMIT", grouped.EVERY_KEY_LIMIT if every_key else 0)
+    calls, computed = [], grouped._attention
+    monkeypatch.setattr(grouped, "_attention", lambda b, *a: calls.append(len(b)) or computed(b, *a))
+    model = every_module_everywhere(factor)
+    ids, mask = batch
+    together = loss_and_grads(model, ids, mask)
+    views = len(model.stacks["0"].members["paths__jnana"].attention.views)
+    darshanas = sum(ref.startswith("darshanas.") for ref in standard_refs())
+    assert calls == [darshanas + 2 * views] * len(model.stacks)  # one call: 6 darshanas, 2 x 2 views
+    calls.clear()
+    monkeypatch.setattr(stack_module, "attend_together", lambda *a: None)
+    apart = loss_and_grads(model, ids, mask)
+    assert sorted(calls) == sorted([darshanas, 2 * views] * len(model.stacks))
+    torch.testing.assert_close(together[0], apart[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together[1], apart[1], rtol=1e-5, atol=1e-6)
+    assert together[2].keys() == apart[2].keys()
+    for name, grad in together[2].items():
+        torch.testing.assert_close(grad, apart[2][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_attention_groups_of_other_shapes_attend_apart(batch, monkeypatch):
+    """Multi-view paths whose attention is another shape than the darshanas' each attend on their own."""
+    calls, computed = [], grouped._attention
+    monkeypatch.setattr(grouped, "_attention", lambda b, *a: calls.append(len(b)) or computed(b, *a))
+    modules = []
+    for ref in standard_refs():
+        config = module_class(ref).make_config("tiny").model_dump()
+        if ref in ("paths.jnana", "paths.yoga"):
+            config["head_dim"] = 8
+        modules.append({"ref": ref, "config": config})
+    layout = {"at_layers": [0], "composition": "routed", "top_k": len(modules), "modules": modules}
+    model = build_model(tiny_backbone_config(), layout, seed=0).train()
+    set_grouped(model, True)
+    ids, mask = batch
+    model(input_ids=ids, attention_mask=mask, labels=ids)
+    assert sorted(calls) == [4, 6]
