@@ -130,6 +130,13 @@ class Held:
 HELD: dict[tuple[int, str], Held] = {}
 
 
+# Stacked tensors laid out one right after another (dharma_kernel.train.stacked), by the ids of
+# their held leaves in order: the leaves (kept, so their ids are not reused while spanned) and one
+# tensor that views them all, its gradient theirs (a view of the same gradient), read where
+# grouped code reads them together (:func:`attend_together`).
+SPANS: dict[tuple[int, ...], tuple[tuple[torch.Tensor, ...], torch.Tensor]] = {}
+
+
 def held_transposed(owner: nn.Module, name: str) -> bool:
     """Whether the parameter ``name`` of ``owner`` is held transposed: a linear layer's weight."""
     return isinstance(owner, nn.Linear) and name == "weight"
@@ -173,7 +180,11 @@ def _stacked(
         weights = weights.unsqueeze(1) if along else weights
         weights = weights.transpose(1, 2) if flip else weights
     else:
-        weights = held[0].leaf if len(held) == 1 else torch.cat([h.leaf for h in held])
+        if len(held) == 1:
+            weights = held[0].leaf
+        else:
+            span = SPANS.get(tuple(id(h.leaf) for h in held))
+            weights = torch.cat([h.leaf for h in held]) if span is None else span[1]
         if held[0].transposed != flip:  # a matrix, held [M, in, out] (held_shape)
             weights = weights.transpose(1, 2)
         vector = getattr(blocks[0], name).dim() == 1  # held [M, 1, n]
@@ -481,7 +492,7 @@ def attend_together(
         declared = attention_blocks(members)
         if declared is not None:
             requests.append(Attending(declared[0], x, where, declared[1], start))
-    kinds = {_attention_kind(r.blocks) for r in requests}
+    kinds = {attention_kind(r.blocks) for r in requests}
     ctx = groups[0][2].ctx
     if (
         len(requests) > 1
@@ -504,7 +515,7 @@ def attention_blocks(members: Sequence[DharmaModule]) -> tuple[list[nn.Module], 
     return None if declared is None else declared.__get__(None, key[0])(list(members))
 
 
-def _attention_kind(blocks: Sequence[nn.Module]) -> tuple | None:
+def attention_kind(blocks: Sequence[nn.Module]) -> tuple | None:
     """What attention blocks must share to attend in one call (None: blocks that cannot)."""
     kinds = set()
     for b in blocks:

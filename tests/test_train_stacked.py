@@ -271,6 +271,54 @@ def test_the_grouped_path_reads_the_held_tensors_themselves():
         held.release()
 
 
+def test_the_attention_groups_one_call_reads_their_held_tensors_as_one():
+    """Where the darshanas and the multi-view paths attend in one call (grouped.attend_together),
+    each parameter of their attention blocks is held one group's right after the other's, and one
+    tensor views both (grouped.SPANS): the call reads it, no cat forward and no split backward.
+    Released, the spans go too."""
+    model = grouped_model("routed")
+    held = stacked_of(model)
+    try:
+        for stack in model.stacks.values():
+            members = list(stack.members.values())
+            groups = [[members[i] for i in run] for run in stack._runs[True]]
+            requests = [grouped.attention_blocks(g) for g in groups]
+            views, darshanas = [blocks for blocks, _ in filter(None, requests)]
+            every = views + darshanas
+            for layers, name in [([b.query for b in every], "weight"), ([b.norm for b in every], "bias")]:
+                read = (
+                    grouped.transposed(layers, name)
+                    if name == "weight"
+                    else grouped.along_tokens(layers, name)
+                )
+                assert any(read is span for _, span in grouped.SPANS.values())
+                assert len(read) == len(every)
+                for i, layer in enumerate(layers):  # a view of every member's parameter
+                    member = getattr(layer, name)
+                    assert member.data_ptr() == (read[i].t() if name == "weight" else read[i, 0]).data_ptr()
+                assert (
+                    read.grad.data_ptr()
+                    == held.buckets[0].holder.grad[held_start(held, layers[0], name)].data_ptr()
+                )
+        spans = [key for key, (leaves, _) in grouped.SPANS.items() if all(map(held_leaf(held), leaves))]
+        assert len(spans) == 8 * len(model.stacks)  # 4 linear or norm layers, weight and bias
+    finally:
+        held.release()
+    assert not set(spans) & set(grouped.SPANS)
+
+
+def held_leaf(held):
+    """Whether a tensor is one of ``held``'s stacked tensors."""
+    leaves = {id(s.leaf) for b in held.buckets for s in b.stacked}
+    return lambda leaf: id(leaf) in leaves
+
+
+def held_start(held, owner, name):
+    """The flat index where the stacked tensor of ``owner``'s parameter ``name`` starts."""
+    (found,) = [s for b in held.buckets for s in b.stacked if s.owners[0] is owner and s.name == name]
+    return found.start
+
+
 def test_a_list_read_one_index_at_a_time_leaves_idle_members_alone():
     """A third-party family whose grouped code reads a module list's blocks one index at a time:
     each index held on its own (only lists a block names in ``read_together`` are held as one),

@@ -31,7 +31,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..grouped import HELD, Held, as_member, group_key, held_shape, held_transposed
+from ..grouped import (
+    HELD,
+    SPANS,
+    Held,
+    as_member,
+    attention_blocks,
+    attention_kind,
+    group_key,
+    held_shape,
+    held_transposed,
+)
 from .flat import aligned_starts
 from .optim import decay_split
 
@@ -140,6 +150,28 @@ def _lists_merged(entries: list, blocks: dict[str, nn.Module]) -> list:
     return out
 
 
+def _spanned(groups: list[list[nn.Module]], entries: list) -> list[list]:
+    """A stack's held ``entries`` (owners, name, parameters, modules) as units to lay out: one
+    entry each, but where two or more of the stack's ``groups`` (held, in run order) attend in
+    one call (:func:`~dharma_kernel.grouped.attend_together`), each parameter of their attention
+    blocks one unit of every group's entry, in that order: laid out one after another, one
+    tensor spans them (:data:`~dharma_kernel.grouped.SPANS`), which the call reads whole where
+    a concatenation would cost an op forward and a chain backward."""
+    requests = [blocks for blocks, _ in filter(None, map(attention_blocks, groups))]
+    if len(requests) < 2 or attention_kind([b for blocks in requests for b in blocks]) is None:
+        return [[entry] for entry in entries]
+    by_owners = {(tuple(map(id, entry[0])), entry[1]): entry for entry in entries}
+    spans = []
+    for path, block in requests[0][0].named_modules():
+        for name, _ in block.named_parameters(recurse=False):
+            owned = [[dict(b.named_modules())[path] for b in blocks] for blocks in requests]
+            unit = [by_owners.get((tuple(map(id, owners)), name)) for owners in owned]
+            if all(entry is not None for entry in unit):
+                spans.append(unit)
+    spanned = {id(entry) for unit in spans for entry in unit}
+    return [[entry] for entry in entries if id(entry) not in spanned] + spans
+
+
 class StackedParameters:
     """The grouped members' trainable parameters held stacked (see the module docstring)."""
 
@@ -151,6 +183,7 @@ class StackedParameters:
         self.held: set[int] = set()  # ids of the member parameters held
         self._hooks: list = []
         self._keys: list[tuple[int, str]] = []
+        self._spans: list[tuple[int, ...]] = []
         self._repointed: list[nn.Parameter] = []  # member parameters whose storage is a stacked tensor's
         self._ran: set[int] = set()  # modules that computed since the last step
         self._read: set[int] = set()  # stacked tensors the grouped path read
@@ -162,65 +195,78 @@ class StackedParameters:
             raise
 
     def _hold(self, decayed: set[int]) -> None:
-        found: dict[tuple, list] = {}
+        found: dict[tuple, list[list]] = {}  # per (device, dtype): units, each one entry or a span's
         stacks = self.stacks
         for stack in stacks:
             members = list(stack.members.values())
-            held_runs = set()
+            held_runs, entries, groups = set(), [], []
             for run in stack._runs[True]:
                 group = [members[i] for i in run]
-                entries = _group_parameters(group) if group_key(group[0]) is not None else None
-                if not entries:
+                held = _group_parameters(group) if group_key(group[0]) is not None else None
+                if not held:
                     continue
                 held_runs.add(run[0])
-                for owners, name, params, copies in entries:
-                    key = (params[0].device, params[0].dtype)
-                    found.setdefault(key, []).append((owners, name, params, group * copies))
+                groups.append(group)
+                entries += [(owners, name, params, group * copies) for owners, name, params, copies in held]
+            for unit in _spanned(groups, entries):
+                params = unit[0][2][0]
+                found.setdefault((params.device, params.dtype), []).append(unit)
             stack.held_runs = frozenset(held_runs)
             stack.on_ran = self._modules_ran
-        for key, entries in found.items():
-            self.buckets.append(self._bucket(key, entries, decayed))
+        for key, units in found.items():
+            self.buckets.append(self._bucket(key, units, decayed))
         self.held = {id(p) for b in self.buckets for s in b.stacked for p in s.params}
 
-    def _bucket(self, key: tuple, entries: list, decayed: set[int]) -> Bucket:
+    def _bucket(self, key: tuple, units: list[list], decayed: set[int]) -> Bucket:
         device, dtype = key
-        # each stacked tensor 64-byte aligned, as a tensor of its own would be (see .flat)
-        sizes = [len(params) * params[0].numel() for _, _, params, _ in entries]
-        starts, end = aligned_starts(sizes, entries[0][2][0].element_size())
+        # each unit 64-byte aligned, as a tensor of its own would be (see .flat); a span's stacked
+        # tensors one right after another, so that one tensor can view them all
+        sizes = [sum(len(params) * params[0].numel() for _, _, params, _ in unit) for unit in units]
+        starts, end = aligned_starts(sizes, units[0][0][2][0].element_size())
         flat = torch.zeros(end, device=device, dtype=dtype)
         grad = torch.zeros_like(flat)
         bucket = Bucket(holder=nn.Parameter(flat))
         bucket.holder.grad = grad
         segments: list[tuple[int, int]] = []  # (row, length) in element order; row -1: a gap
         rows, decays = 0, []
-        for (owners, name, params, group), start, stop in zip(
-            entries, starts, [*starts[1:], end], strict=True
-        ):
-            shape, n = params[0].shape, params[0].numel()
-            span = slice(start, start + len(params) * n)
-            flipped = held_transposed(owners[0], name)
-            layout = (len(params), *held_shape(shape, flipped))
-            leaf = nn.Parameter(flat[span].view(layout))
-            leaf.grad = grad[span].view(layout)
-            with torch.no_grad():
+        for unit, start, stop in zip(units, starts, [*starts[1:], end], strict=True):
+            leaves = []
+            for owners, name, params, group in unit:
+                shape, n = params[0].shape, params[0].numel()
+                span = slice(start, start + len(params) * n)
+                flipped = held_transposed(owners[0], name)
+                layout = (len(params), *held_shape(shape, flipped))
+                leaf = nn.Parameter(flat[span].view(layout))
+                leaf.grad = grad[span].view(layout)
+                with torch.no_grad():
+                    for i, p in enumerate(params):
+                        row = as_member(leaf.detach()[i], shape, flipped)
+                        row.copy_(p)
+                        p.data = row  # shares the stacked tensor's storage
+                        self._repointed.append(p)
+                rows_held = list(range(rows, rows + len(params)))
+                held = Stacked(leaf, params, owners, group, name, start, rows_held, flipped)
+                key = (id(owners[0]), name)
+                HELD[key] = Held(leaf, tuple(owners), self._reader(leaf), flipped)
+                self._keys.append(key)
                 for i, p in enumerate(params):
-                    row = as_member(leaf.detach()[i], shape, flipped)
-                    row.copy_(p)
-                    p.data = row  # shares the stacked tensor's storage
-                    self._repointed.append(p)
-            rows_held = list(range(rows, rows + len(params)))
-            held = Stacked(leaf, params, owners, group, name, start, rows_held, flipped)
-            key = (id(owners[0]), name)
-            HELD[key] = Held(leaf, tuple(owners), self._reader(leaf), flipped)
-            self._keys.append(key)
-            for i, p in enumerate(params):
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._moved(bucket, held, i)))
-            segments += [(row, n) for row in held.rows]
-            if stop > span.stop:
-                segments.append((-1, stop - span.stop))  # the gap to the next aligned start
-            rows += len(params)
-            decays += [id(p) in decayed for p in params]
-            bucket.stacked.append(held)
+                    self._hooks.append(p.register_post_accumulate_grad_hook(self._moved(bucket, held, i)))
+                segments += [(row, n) for row in held.rows]
+                rows += len(params)
+                decays += [id(p) in decayed for p in params]
+                bucket.stacked.append(held)
+                leaves.append(leaf)
+                start = span.stop
+            if len(leaves) > 1:  # a span: one tensor over them all, its gradient theirs
+                whole = slice(start - sum(leaf.numel() for leaf in leaves), start)
+                layout = (sum(len(leaf) for leaf in leaves), *leaves[0].shape[1:])
+                spanning = nn.Parameter(flat[whole].view(layout))
+                spanning.grad = grad[whole].view(layout)
+                key = tuple(id(leaf) for leaf in leaves)
+                SPANS[key] = tuple(leaves), spanning
+                self._spans.append(key)
+            if stop > start:
+                segments.append((-1, stop - start))  # the gap to the next aligned start
         bucket.steps = torch.zeros(rows + 1, device=device, dtype=torch.float32)
         bucket.decays = torch.tensor([*decays, False], device=device) if any(decays) else None
         bucket.chunks = _chunks([(rows if row < 0 else row, n) for row, n in segments], device)
@@ -358,6 +404,9 @@ class StackedParameters:
         for key in self._keys:
             HELD.pop(key, None)
         self._keys.clear()
+        for key in self._spans:
+            SPANS.pop(key, None)
+        self._spans.clear()
         with torch.no_grad():
             for p in self._repointed:  # laid out as a parameter of its own (a held row may be transposed)
                 p.data = p.data.clone(memory_format=torch.contiguous_format)
