@@ -444,6 +444,17 @@ class AttentionPool:
         return None
 
     def _computed(self) -> list[torch.Tensor]:
+        requests = self.requests
+        x, where = self._gathered() if self.slots is not None else self._joined()
+        y = _attention([b for r in requests for b in r.blocks], x, where)
+        parts = y.split([len(r.blocks) for r in requests])
+        return [
+            y if r.where.slots == where.slots else y[:, : r.where.slots]
+            for y, r in zip(parts, requests, strict=True)
+        ]
+
+    def _gathered(self) -> tuple[torch.Tensor, GroupInput]:
+        """The requests' slots gathered from the stack's, each padded to the most any has."""
         requests, slots = self.requests, self.slots
         most = max(r.where.slots for r in requests)
         # each pooled slot's place among the stack's: a request's rows, copy after copy, each padded
@@ -464,31 +475,43 @@ class AttentionPool:
             real = picked if real is None else picked & real
         first = requests[0].where
         where = GroupInput(first.hidden, first.ctx, slots.rows.index_select(0, at), most, real, first.fixed)
-        x = slots.x.index_select(0, at).view(len(places) // most, most, -1)
-        y = _attention([b for r in requests for b in r.blocks], x, where)
-        parts = y.split([len(r.blocks) for r in requests])
-        return [
-            y if r.where.slots == most else y[:, : r.where.slots]
-            for y, r in zip(parts, requests, strict=True)
-        ]
+        return slots.x.index_select(0, at).view(len(places) // most, most, -1), where
+
+    def _joined(self) -> tuple[torch.Tensor, GroupInput]:
+        """The requests' slots one after another (as many each: see :func:`attend_together`)."""
+        requests, first = self.requests, self.requests[0].where
+        xs, rows, reals = [], [], []
+        for r in requests:
+            xs += [r.x] * r.times
+            rows += [r.where.rows] * r.times
+            reals += [r.where.real] * r.times
+        real = None
+        if any(t is not None for t in reals):
+            real = torch.cat(
+                [first.rows.new_ones(len(rows[0]), dtype=torch.bool) if t is None else t for t in reals]
+            )
+        where = GroupInput(first.hidden, first.ctx, torch.cat(rows), first.slots, real, first.fixed)
+        return torch.cat(xs), where
 
 
 def attend_together(
     groups: Sequence[tuple[Sequence[DharmaModule], torch.Tensor, GroupInput]],
-    starts: Sequence[int],
-    slots: Slots,
+    slots: Slots | None = None,
+    starts: Sequence[int] = (),
 ) -> None:
-    """Before a stack's groups ``(members, x, where)`` compute (one stack forward, one ``where.ctx``;
-    each group's slots the stack's ``slots`` from its ``starts`` on): where two or more of them
-    attend with blocks of one shape, their attention is computed as one call
-    (:class:`AttentionPool`, in ``ctx.shared``), where each group's is one call, its keys and
+    """Before a stack's groups ``(members, x, where)`` compute (one stack forward, one ``where.ctx``):
+    where two or more of them attend with blocks of one shape, their attention is computed as one
+    call (:class:`AttentionPool`, in ``ctx.shared``), where each group's is one call, its keys and
     values a product, its queries and output a product each: about 200 ops a group (a training
     step on the CPU, forward and backward). A group attends as its family declares
-    (``grouped_attention``, see :func:`attention_blocks`). Not while compiling."""
+    (``grouped_attention``, see :func:`attention_blocks`). ``slots``: the stack's, each group's
+    from its ``starts`` on (its queries are gathered from them, padded to the most any group
+    has); without, the groups' own ``x``, joined only if they have as many slots each. Not while
+    compiling."""
     if torch.compiler.is_compiling() or not groups:
         return
     requests = []
-    for (members, x, where), start in zip(groups, starts, strict=True):
+    for (members, x, where), start in zip(groups, starts or [0] * len(groups), strict=True):
         declared = attention_blocks(members)
         if declared is not None:
             requests.append(Attending(declared[0], x, where, declared[1], start))
@@ -499,6 +522,7 @@ def attend_together(
         and len(kinds) == 1
         and None not in kinds
         and len({r.where.fixed for r in requests}) == 1
+        and (slots is not None or len({r.where.slots for r in requests}) == 1)
     ):
         ctx.shared[_POOL] = AttentionPool(requests, slots)
     else:
@@ -706,26 +730,23 @@ def on_device(values: list, device: torch.device) -> torch.Tensor:
     return table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table.to(device)
 
 
-def run_group(
+def _group_input(
     members: Sequence[DharmaModule],
-    x: torch.Tensor,
-    counts: Sequence[int],
     hidden: torch.Tensor,
     ctx: ModuleContext,
     rows: torch.Tensor,
-) -> TokenOutput:
-    """The output of modules of one group at their tokens ``x [N, H] = hidden.flatten(0, 1)[rows]``,
-    module after module (``counts`` each; zero for a module computed on no rows), in that order, with
-    the group's losses and metrics (a module's own when it is the only one with tokens). ``ctx``: the
+    counts: Sequence[int],
+) -> tuple[Groups, torch.Tensor, GroupInput]:
+    """A group's padded layout of its tokens ``hidden.flatten(0, 1)[rows]``, module after module
+    (``counts`` each), its inputs there ``[M, most, H]`` and their :class:`GroupInput`. ``ctx``: the
     stack's context (mask, past, shared), without rows."""
-    groups = Groups(counts, x.device)
+    groups = Groups(counts, hidden.device)
     slot_rows = groups.pad(rows[:, None]).flatten()  # an empty slot's: row 0
     real = (
         None if len(set(counts)) == 1 else groups.pad(rows.new_ones(len(rows), 1, dtype=torch.bool)).flatten()
     )
-    where = GroupInput(hidden, ctx, slot_rows, groups.most, real)
-    out = applied(grouped_forward(members, groups.pad(x), where))
-    return TokenOutput(groups.unpad(out.delta), groups.unpad(out.score), out.losses, out.metrics)
+    x = groups.pad(flattened(hidden).index_select(0, rows))
+    return groups, x, GroupInput(hidden, ctx, slot_rows, groups.most, real)
 
 
 def run_groups(
@@ -745,17 +766,23 @@ def run_groups(
     losses and metrics kept as they are when it runs alone.
     """
     outputs: dict[int, TokenOutput] = {}
+    prepared = []  # per group: its members (by index), tokens each, layout and inputs
     for indices in plan_runs(members) if order is None else order:
         running = [i for i in indices if len(rows[i])]
         if not running or (len(running) == 1 and indices[0] not in alone):
             continue
         counts = [len(rows[i]) for i in running]
         at = torch.cat([rows[i] for i in running])
-        x = hidden.flatten(0, 1).index_select(0, at)
-        out = run_group([members[i] for i in running], x, counts, hidden, ctx, at)
-        parts = zip(out.delta.split(counts), out.score.split(counts), strict=True)
-        for index, (delta, score) in zip(running, parts, strict=True):
-            outputs[index] = TokenOutput(delta, score)
+        prepared.append(
+            (running, counts, *_group_input([members[i] for i in running], hidden, ctx, at, counts))
+        )
+    attend_together([([members[i] for i in running], x, where) for running, _, _, x, where in prepared])
+    for running, counts, groups, x, where in prepared:
+        out = applied(grouped_forward([members[i] for i in running], x, where))
+        delta, score = groups.unpad(out.delta), groups.unpad(out.score)
+        parts = zip(delta.split(counts), score.split(counts), strict=True)
+        for index, (d, s) in zip(running, parts, strict=True):
+            outputs[index] = TokenOutput(d, s)
         if len(running) == 1:
-            outputs[running[0]] = TokenOutput(out.delta, out.score, out.losses, out.metrics)
+            outputs[running[0]] = TokenOutput(delta, score, out.losses, out.metrics)
     return outputs

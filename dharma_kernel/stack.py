@@ -361,7 +361,7 @@ class ModuleStack(nn.Module):
                 where = GroupInput(hidden, stack_ctx, at, segment.most, real)
                 groups[index] = group, piece.view(len(group), segment.most, -1), where
         starts = [places.segments[index].slots.start for index in groups]
-        attend_together(list(groups.values()), starts, Slots(x, slot_rows, filled))  # one attention call
+        attend_together(list(groups.values()), Slots(x, slot_rows, filled), starts)  # one attention call
         outs = []  # a group's [Mg, most, ...], a module alone's [n, ...]
         for index, (segment, piece) in enumerate(zip(places.segments, pieces, strict=True)):
             if segment.most:
@@ -417,7 +417,7 @@ class ModuleStack(nn.Module):
                     GroupInput(hidden, stack_ctx, flattened(slot_rows, 1), size, fixed=True),
                 )
         starts = [sum(sizes[:index]) * size for index in groups]
-        attend_together(list(groups.values()), starts, Slots(flattened(x), flattened(table.rows, 1), None))
+        attend_together(list(groups.values()), Slots(flattened(x), flattened(table.rows, 1), None), starts)
         outs, unused, offset = [], [], 0  # a run's first module's place in ``ranked``
         for index, indices in enumerate(order):
             first, offset = offset, offset + len(indices)

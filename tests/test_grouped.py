@@ -409,3 +409,24 @@ def test_attention_groups_of_other_shapes_attend_apart(batch, monkeypatch):
     ids, mask = batch
     model(input_ids=ids, attention_mask=mask, labels=ids)
     assert sorted(calls) == [4, 6]
+
+
+def test_a_parallel_stacks_attention_groups_attend_in_one_call(batch, monkeypatch):
+    """Parallel (every module at every token, so every group as many slots): one call per stack, the
+    same logits, loss and gradients as each attention group attending on its own."""
+    calls, computed = [], grouped._attention
+    monkeypatch.setattr(grouped, "_attention", lambda b, *a: calls.append(len(b)) or computed(b, *a))
+    model = all_modules("parallel").train()
+    set_grouped(model, True)
+    ids, mask = batch
+    together = loss_and_grads(model, ids, mask)
+    assert calls == [10] * len(model.stacks)  # 6 darshanas, 2 multi-view paths x 2 views
+    calls.clear()
+    monkeypatch.setattr(grouped, "attend_together", lambda *a: None)
+    apart = loss_and_grads(model, ids, mask)
+    assert sorted(calls) == sorted([4, 6] * len(model.stacks))
+    torch.testing.assert_close(together[0], apart[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together[1], apart[1], rtol=1e-5, atol=1e-6)
+    assert together[2].keys() == apart[2].keys()
+    for name, grad in together[2].items():
+        torch.testing.assert_close(grad, apart[2][name], rtol=1e-5, atol=1e-6, msg=name)
