@@ -430,3 +430,31 @@ def test_a_parallel_stacks_attention_groups_attend_in_one_call(batch, monkeypatc
     assert together[2].keys() == apart[2].keys()
     for name, grad in together[2].items():
         torch.testing.assert_close(grad, apart[2][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("every_key", [True, False])
+def test_attention_groups_of_two_families_attend_in_one_call_with_uneven_shares(every_key, monkeypatch):
+    """run_groups (parallel's grouped path) with two multi-view paths and two darshanas whose largest
+    shares are equal and whose other shares are not (empty slots in both): one call, each module's
+    output equal to its forward_tokens, with padding and a cached past."""
+    monkeypatch.setattr(grouped, "EVERY_KEY_LIMIT", grouped.EVERY_KEY_LIMIT if every_key else 0)
+    calls, computed = [], grouped._attention
+    monkeypatch.setattr(grouped, "_attention", lambda b, *a: calls.append(len(b)) or computed(b, *a))
+    refs = ["paths.jnana", "paths.yoga", *DARSHANAS[:2]]
+    members = [
+        perturb(module_class(r)(32, module_class(r).make_config("tiny")), seed=i, std=0.3)
+        for i, r in enumerate(refs)
+    ]
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 5, 32, generator=generator)
+    past = torch.randn(3, 4, 32, generator=generator)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :6] = 0
+    rows = [torch.tensor([0, 3, 4, 12]), torch.tensor([9]), torch.tensor([1, 5, 6, 14]), torch.tensor([2, 8])]
+    together = run_groups(members, hidden, ModuleContext(mask, past), rows)
+    assert calls == [2 * 2 + 2]  # both views of both paths, and the two darshanas
+    for index, module_rows in enumerate(rows):
+        x = hidden.flatten(0, 1)[module_rows]
+        expected = members[index].forward_tokens(x, hidden, ModuleContext(mask, past, rows=module_rows))
+        torch.testing.assert_close(together[index].delta, expected.delta, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(together[index].score, expected.score, rtol=1e-5, atol=1e-6)
