@@ -193,9 +193,10 @@ def _stacked(
     return weights if dtype is None or weights.dtype == dtype else weights.to(dtype)
 
 
-def _held(blocks: Sequence[nn.Module], name: str) -> list[Held] | None:
+def _held(blocks: Sequence[nn.Module], name: str, read: bool = True) -> list[Held] | None:
     """What holds the parameter ``name`` of ``blocks`` stacked, one after another (several: the
-    views of multi-view modules); None unless they hold exactly these blocks'."""
+    views of multi-view modules); None unless they hold exactly these blocks'. ``read``: tell each
+    that training reads it (with autograd on)."""
     found, at = [], 0
     while at < len(blocks):
         held = HELD.get((id(blocks[at]), name))
@@ -205,7 +206,7 @@ def _held(blocks: Sequence[nn.Module], name: str) -> list[Held] | None:
             return None
         found.append(held)
         at += len(held.owners)
-    if torch.is_grad_enabled():
+    if read and torch.is_grad_enabled():
         for held in found:
             held.read()
     return found
@@ -413,9 +414,9 @@ class Attending:
 
 @dataclass
 class Slots:
-    """A stack's slots, every group's one after another (each ``[Mg, C]``, row after row): their
-    inputs ``x [S, H]``, rows of ``hidden.flatten(0, 1)`` ``[S]``, and which hold a token ``[S]``
-    (None: all do)."""
+    """A routed stack's slots (a group's ``[Mg, C]`` of them row after row, a module alone's its
+    tokens): their inputs ``x [S, H]``, rows of ``hidden.flatten(0, 1)`` ``[S]``, and which hold a
+    token ``[S]`` (None: all do)."""
 
     x: torch.Tensor
     rows: torch.Tensor
@@ -424,10 +425,11 @@ class Slots:
 
 class AttentionPool:
     """The attention of several groups of one stack forward as one call (:func:`attend_together`):
-    their slots gathered from the stack's, each group's padded to the most any has, their blocks
-    one after another; computed when the first group asks, each group's part handed to it."""
+    their slots gathered from the stack's ``slots``, each group's padded to the most any has (or,
+    without ``slots``, the groups' own inputs joined: as many slots each), their blocks one after
+    another; computed when the first group asks, each group's part handed to it."""
 
-    def __init__(self, requests: list[Attending], slots: Slots) -> None:
+    def __init__(self, requests: list[Attending], slots: Slots | None) -> None:
         self.requests, self.slots = requests, slots
         self.outputs: list[torch.Tensor] | None = None
 
@@ -488,7 +490,10 @@ class AttentionPool:
         real = None
         if any(t is not None for t in reals):
             real = torch.cat(
-                [first.rows.new_ones(len(rows[0]), dtype=torch.bool) if t is None else t for t in reals]
+                [
+                    at.new_ones(len(at), dtype=torch.bool) if t is None else t
+                    for t, at in zip(reals, rows, strict=True)
+                ]
             )
         where = GroupInput(first.hidden, first.ctx, torch.cat(rows), first.slots, real, first.fixed)
         return torch.cat(xs), where
@@ -506,10 +511,13 @@ def attend_together(
     step on the CPU, forward and backward). A group attends as its family declares
     (``grouped_attention``, see :func:`attention_blocks`). ``slots``: the stack's, each group's
     from its ``starts`` on (its queries are gathered from them, padded to the most any group
-    has); without, the groups' own ``x``, joined only if they have as many slots each. Not while
-    compiling."""
+    has); without, the groups' own ``x``, joined only if they have as many slots each. Groups
+    whose weights are held stacked attend together only with groups held alike (one read of
+    their stacked tensors; see :func:`_holding`). Not while compiling."""
     if torch.compiler.is_compiling() or not groups:
         return
+    if slots is not None and len(starts) != len(groups):
+        raise ValueError(f"attend_together: {len(groups)} groups but {len(starts)} starts in the slots")
     requests = []
     for (members, x, where), start in zip(groups, starts or [0] * len(groups), strict=True):
         declared = attention_blocks(members)
@@ -523,10 +531,28 @@ def attend_together(
         and None not in kinds
         and len({r.where.fixed for r in requests}) == 1
         and (slots is not None or len({r.where.slots for r in requests}) == 1)
+        and (not HELD or len({_holding(r.blocks) for r in requests}) == 1)
     ):
         ctx.shared[_POOL] = AttentionPool(requests, slots)
     else:
         ctx.shared.pop(_POOL, None)
+
+
+def _holding(blocks: Sequence[nn.Module]) -> tuple[bool, ...]:
+    """Per parameter of the blocks (their first's, in order), whether training holds it stacked
+    for exactly these blocks. Pooled with blocks held otherwise (a group partly frozen, so not
+    held), the call would read every parameter stacked afresh and no held tensor, whose rows
+    then take their gradients through the members' hooks: each member's row would step, idle
+    members' too."""
+    holding = []
+    for path, block in blocks[0].named_modules():
+        owners = [dict(b.named_modules()).get(path) for b in blocks]
+        names = [name for name, _ in block.named_parameters(recurse=False)]
+        if any(owner is None for owner in owners):
+            holding += [False] * len(names)
+        else:
+            holding += [_held(owners, name, read=False) is not None for name in names]
+    return tuple(holding)
 
 
 def attention_blocks(members: Sequence[DharmaModule]) -> tuple[list[nn.Module], int] | None:

@@ -432,15 +432,25 @@ def test_a_parallel_stacks_attention_groups_attend_in_one_call(batch, monkeypatc
         torch.testing.assert_close(grad, apart[2][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize(
+    "shares",
+    [
+        [[0, 3, 4, 12], [9], [1, 5, 6, 14], [2, 8]],  # empty slots in both groups
+        [[0, 3, 4, 12], [2, 9, 10, 13], [1, 5, 6, 14], [2, 8]],  # in the darshanas' only
+        [[0, 3, 4, 12], [9], [1, 5, 6, 14], [2, 8, 10, 11], [0, 4, 7, 13]],  # in the paths' only
+    ],
+)
 @pytest.mark.parametrize("every_key", [True, False])
-def test_attention_groups_of_two_families_attend_in_one_call_with_uneven_shares(every_key, monkeypatch):
+def test_attention_groups_of_two_families_attend_in_one_call_with_uneven_shares(
+    every_key, shares, monkeypatch
+):
     """run_groups (parallel's grouped path) with two multi-view paths and two darshanas whose largest
-    shares are equal and whose other shares are not (empty slots in both): one call, each module's
-    output equal to its forward_tokens, with padding and a cached past."""
+    shares are equal and whose other shares are not: one call, each module's output equal to its
+    forward_tokens, with padding and a cached past."""
     monkeypatch.setattr(grouped, "EVERY_KEY_LIMIT", grouped.EVERY_KEY_LIMIT if every_key else 0)
     calls, computed = [], grouped._attention
     monkeypatch.setattr(grouped, "_attention", lambda b, *a: calls.append(len(b)) or computed(b, *a))
-    refs = ["paths.jnana", "paths.yoga", *DARSHANAS[:2]]
+    refs = ["paths.jnana", "paths.yoga", *DARSHANAS[: len(shares) - 2]]
     members = [
         perturb(module_class(r)(32, module_class(r).make_config("tiny")), seed=i, std=0.3)
         for i, r in enumerate(refs)
@@ -450,11 +460,60 @@ def test_attention_groups_of_two_families_attend_in_one_call_with_uneven_shares(
     past = torch.randn(3, 4, 32, generator=generator)
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[1, :6] = 0
-    rows = [torch.tensor([0, 3, 4, 12]), torch.tensor([9]), torch.tensor([1, 5, 6, 14]), torch.tensor([2, 8])]
+    rows = [torch.tensor(share) for share in shares]
     together = run_groups(members, hidden, ModuleContext(mask, past), rows)
-    assert calls == [2 * 2 + 2]  # both views of both paths, and the two darshanas
+    assert calls == [2 * 2 + len(shares) - 2]  # both views of both paths, and the darshanas
     for index, module_rows in enumerate(rows):
         x = hidden.flatten(0, 1)[module_rows]
         expected = members[index].forward_tokens(x, hidden, ModuleContext(mask, past, rows=module_rows))
         torch.testing.assert_close(together[index].delta, expected.delta, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(together[index].score, expected.score, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("held", [False, True])
+@pytest.mark.parametrize("every_key", [True, False])
+def test_attention_groups_with_other_largest_shares_attend_in_one_call(every_key, held, batch, monkeypatch):
+    """Routed so that the darshanas compute at every token and the multi-view paths at half of
+    them: one call, each group padded to the darshanas' share and its part cut back; the same
+    logits, loss and gradients as each group attending on its own (``held``: every run computing
+    with all its members, as when its weights are held stacked)."""
+    from dharma_kernel.stack import ModuleStack
+
+    monkeypatch.setattr(grouped, "EVERY_KEY_LIMIT", grouped.EVERY_KEY_LIMIT if every_key else 0)
+    refs = standard_refs()
+    always = [refs.index(r) for r in ("darshanas.vedanta", "darshanas.yoga")]
+    views = [refs.index(r) for r in ("paths.jnana", "paths.yoga")]
+    plain = [refs.index(r) for r in ("paths.dharma", "paths.seva")]
+
+    def evidence(self, hits, attention_mask, cache, starts):
+        logits = torch.full_like(hits, -10.0)
+        logits[..., always] = 10.0
+        logits[:, ::2, views] = 9.0  # every other position the multi-view paths, else two others
+        logits[:, 1::2, plain] = 9.0
+        return logits + 0.0 * hits
+
+    monkeypatch.setattr(ModuleStack, "_evidence", evidence)
+    calls, computed = [], grouped._attention
+    monkeypatch.setattr(
+        grouped, "_attention", lambda b, *a: calls.append(tuple(a[0].shape[:2])) or computed(b, *a)
+    )
+    model = all_modules("routed", top_k=4).train()
+    set_grouped(model, True)
+    if held:
+        for stack in model.stacks.values():
+            stack.held_runs = frozenset(run[0] for run in stack._runs[True])
+    ids, mask = batch
+    together = loss_and_grads(model, ids, mask)
+    copies = len(model.stacks["0"].members["paths__jnana"].attention.views)
+    darshanas = sum(ref.startswith("darshanas.") for ref in refs) if held else 2
+    most = int(mask.sum())  # the darshanas' share: every real token (the multi-view paths': half)
+    assert calls == [(2 * copies + darshanas, most)] * len(model.stacks)
+    calls.clear()
+    monkeypatch.setattr(stack_module, "attend_together", lambda *a: None)
+    apart = loss_and_grads(model, ids, mask)
+    assert len(calls) == 2 * len(model.stacks)
+    torch.testing.assert_close(together[0], apart[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(together[1], apart[1], rtol=1e-5, atol=1e-6)
+    assert together[2].keys() == apart[2].keys()
+    for name, grad in together[2].items():
+        torch.testing.assert_close(grad, apart[2][name], rtol=1e-5, atol=1e-6, msg=name)

@@ -164,7 +164,9 @@ def _spanned(groups: list[list[nn.Module]], entries: list) -> list[list]:
     spans = []
     for path, block in requests[0][0].named_modules():
         for name, _ in block.named_parameters(recurse=False):
-            owned = [[dict(b.named_modules())[path] for b in blocks] for blocks in requests]
+            owned = [[dict(b.named_modules()).get(path) for b in blocks] for blocks in requests]
+            if any(owner is None for owners in owned for owner in owners):
+                continue
             unit = [by_owners.get((tuple(map(id, owners)), name)) for owners in owned]
             if all(entry is not None for entry in unit):
                 spans.append(unit)
