@@ -132,7 +132,7 @@ class MultiViewPathModule(PathModule):
 
     @classmethod
     def grouped_attention(cls, members: list) -> tuple[list, int]:
-        """The attention its grouped code computes at its slots (see :func:`.grouped.attention_blocks`)."""
+        """The attention its grouped code computes at its slots (see :mod:`.attention_pool`)."""
         return grouped.views_in_order([m.attention for m in members]), len(members[0].attention.views)
 
 
@@ -271,5 +271,5 @@ class DarshanaModule(DharmaModule):
 
     @classmethod
     def grouped_attention(cls, members: list) -> tuple[list, int]:
-        """The attention its grouped code computes at its slots (see :func:`.grouped.attention_blocks`)."""
+        """The attention its grouped code computes at its slots (see :mod:`.attention_pool`)."""
         return [m.attention for m in members], 1

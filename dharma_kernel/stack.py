@@ -11,12 +11,11 @@ from torch import nn
 from transformers.cache_utils import Cache
 
 from . import capacity
+from .attention_pool import Slots, attend_together
 from .columns import Columns
 from .cpu_linear import Linear, plain
 from .grouped import (
     GroupInput,
-    Slots,
-    attend_together,
     collected,
     flattened,
     group_key,

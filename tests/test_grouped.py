@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dharma_kernel import grouped, registry
+from dharma_kernel import attention_pool, grouped, registry
 from dharma_kernel import stack as stack_module
 from dharma_kernel.assemble import build_model
 from dharma_kernel.catalogue import standard_refs
@@ -422,7 +422,7 @@ def test_a_parallel_stacks_attention_groups_attend_in_one_call(batch, monkeypatc
     together = loss_and_grads(model, ids, mask)
     assert calls == [10] * len(model.stacks)  # 6 darshanas, 2 multi-view paths x 2 views
     calls.clear()
-    monkeypatch.setattr(grouped, "attend_together", lambda *a: None)
+    monkeypatch.setattr(attention_pool, "attend_together", lambda *a: None)
     apart = loss_and_grads(model, ids, mask)
     assert sorted(calls) == sorted([4, 6] * len(model.stacks))
     torch.testing.assert_close(together[0], apart[0], rtol=1e-5, atol=1e-6)

@@ -14,6 +14,7 @@ from test_grouped import all_modules, set_grouped
 from test_train_flat import BATCH, SETTINGS, assert_same_weights, batches
 
 from dharma_kernel import grouped
+from dharma_kernel.attention_pool import attention_blocks
 from dharma_kernel.freeze import freeze_groups
 from dharma_kernel.grouped import HELD
 from dharma_kernel.train import stacked as stacked_module
@@ -286,7 +287,7 @@ def test_the_attention_groups_one_call_reads_their_held_tensors_as_one():
         for stack in model.stacks.values():
             members = list(stack.members.values())
             groups = [[members[i] for i in run] for run in stack._runs[True]]
-            requests = [grouped.attention_blocks(g) for g in groups]
+            requests = [attention_blocks(g) for g in groups]
             views, darshanas = [blocks for blocks, _ in filter(None, requests)]
             every = views + darshanas
             for layers, name in [([b.query for b in every], "weight"), ([b.norm for b in every], "bias")]:

@@ -31,17 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..grouped import (
-    HELD,
-    SPANS,
-    Held,
-    as_member,
-    attention_blocks,
-    attention_kind,
-    group_key,
-    held_shape,
-    held_transposed,
-)
+from ..attention_pool import attention_blocks, attention_kind
+from ..grouped import HELD, SPANS, Held, as_member, group_key, held_shape, held_transposed
 from .flat import aligned_starts
 from .optim import decay_split
 
