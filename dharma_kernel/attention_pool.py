@@ -14,6 +14,7 @@ import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -83,15 +84,15 @@ class AttentionPool:
         requests, slots = self.requests, self.slots
         most = max(r.where.slots for r in requests)
         # each pooled slot's place among the stack's: a request's rows, copy after copy, each padded
-        # (-1: read the stack's first slot, finite: a token's input or an empty slot's zeros)
-        places = []
+        # (-1: read the stack's first slot, finite: a token's input or an empty slot's zeros); on
+        # the host (no aten op, no device wait), one copy to the device
+        columns, tables = np.arange(most), []
         for r in requests:
             count, size = len(r.blocks) // r.times, r.where.slots
-            for _ in range(r.times):
-                for m in range(count):
-                    first = r.start + m * size
-                    places += [*range(first, first + size), *[-1] * (most - size)]
-        at = grouped.on_device(places, slots.x.device)
+            table = np.where(columns < size, r.start + size * np.arange(count)[:, None] + columns, -1)
+            tables += [table] * r.times
+        places = np.concatenate(tables).ravel()
+        at = grouped.on_device(places.tolist(), slots.x.device)
         real = at >= 0 if len(places) > sum(len(r.blocks) * r.where.slots for r in requests) else None
         if real is not None:
             at = at.clamp(min=0)
@@ -167,9 +168,9 @@ def _holding(blocks: Sequence[nn.Module]) -> tuple[bool, ...]:
     held), the call would read every parameter stacked afresh and no held tensor, whose rows
     then take their gradients through the members' hooks: each member's row would step, idle
     members' too."""
-    holding = []
+    holding, subs = [], [dict(b.named_modules()) for b in blocks]
     for path, block in blocks[0].named_modules():
-        owners = [dict(b.named_modules()).get(path) for b in blocks]
+        owners = [sub.get(path) for sub in subs]
         names = [name for name, _ in block.named_parameters(recurse=False)]
         if any(owner is None for owner in owners):
             holding += [False] * len(names)
@@ -179,10 +180,11 @@ def _holding(blocks: Sequence[nn.Module]) -> tuple[bool, ...]:
 
 
 def attention_blocks(members: Sequence[DharmaModule]) -> tuple[list[nn.Module], int] | None:
-    """The attention blocks a group's grouped code passes to :func:`attention` at its slots, in that
-    order, and how many copies' worth they are (``times``), as its family declares them
-    (``grouped_attention(members)``, defined in the class that defines its ``grouped_tokens``: a
-    plugin with its own grouped code declares its own); None if it declares none."""
+    """The attention blocks a group's grouped code passes to :func:`~dharma_kernel.grouped.attention`
+    at its slots, in that order, and how many copies' worth they are (``times``), as its family
+    declares them (``grouped_attention(members)``, defined in the class that defines its
+    ``grouped_tokens``: a plugin with its own grouped code declares its own); None if it declares
+    none."""
     key = group_key(members[0])
     declared = None if key is None else vars(key[0]).get("grouped_attention")
     return None if declared is None else declared.__get__(None, key[0])(list(members))

@@ -14,7 +14,9 @@ from . import capacity
 from .attention_pool import Slots, attend_together
 from .columns import Columns
 from .cpu_linear import Linear, plain
+from .group_runs import run_groups
 from .grouped import (
+    POOL,
     GroupInput,
     collected,
     flattened,
@@ -23,7 +25,6 @@ from .grouped import (
     layout,
     on_device,
     plan_runs,
-    run_groups,
 )
 from .module_cache import extend_stream, peek_stream
 from .protocol import DharmaModule, ModuleContext, ModuleOutput, TokenOutput, computes_tokens
@@ -376,6 +377,8 @@ class ModuleStack(nn.Module):
                 out = _at_tokens(members[m], piece, hidden, ctx)
                 _record_extras(result, self.refs[m], out)
             outs.append(out)
+        # the attention pool refers back to the context: dropped, it goes with it, not by the cycle collector
+        stack_ctx.shared.pop(POOL, None)
         unused = [members[m] for m in range(len(members)) if not counts[m]]
         if not outs:
             return slot_rows, slot_module, None, None, unused, False
@@ -437,6 +440,8 @@ class ModuleStack(nn.Module):
             outs.append(
                 TokenOutput(F.pad(out.delta, (0, 0, 0, room))[None], F.pad(out.score, (0, room))[None])
             )
+        # the attention pool refers back to the context: dropped, it goes with it, not by the cycle collector
+        stack_ctx.shared.pop(POOL, None)
         if self.touch_unused and torch.is_grad_enabled():
             # FSDP (never compiled): a groupable module whose slots all stayed empty is idle too,
             # so drop_idle_gradients drops its zero gradient as under exact routing

@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dharma_kernel import attention_pool, grouped, registry
+from dharma_kernel import attention_pool, group_runs, grouped, registry
 from dharma_kernel import stack as stack_module
 from dharma_kernel.assemble import build_model
 from dharma_kernel.catalogue import standard_refs
 from dharma_kernel.export import dense_routing
-from dharma_kernel.grouped import group_key, layout, run_groups, sharing_normalization
+from dharma_kernel.group_runs import run_groups
+from dharma_kernel.grouped import group_key, layout, sharing_normalization
 from dharma_kernel.protocol import ModuleContext
 from dharma_kernel.stack import COMPOSITIONS
 from dharma_kernel.testing import perturb, tiny_backbone_config
@@ -422,7 +423,7 @@ def test_a_parallel_stacks_attention_groups_attend_in_one_call(batch, monkeypatc
     together = loss_and_grads(model, ids, mask)
     assert calls == [10] * len(model.stacks)  # 6 darshanas, 2 multi-view paths x 2 views
     calls.clear()
-    monkeypatch.setattr(attention_pool, "attend_together", lambda *a: None)
+    monkeypatch.setattr(group_runs, "attend_together", lambda *a: None)
     apart = loss_and_grads(model, ids, mask)
     assert sorted(calls) == sorted([4, 6] * len(model.stacks))
     torch.testing.assert_close(together[0], apart[0], rtol=1e-5, atol=1e-6)
@@ -517,3 +518,32 @@ def test_attention_groups_with_other_largest_shares_attend_in_one_call(every_key
     assert together[2].keys() == apart[2].keys()
     for name, grad in together[2].items():
         torch.testing.assert_close(grad, apart[2][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("composition", ["routed", "parallel"])
+def test_a_stacks_attention_pool_goes_with_its_forward(composition, batch, monkeypatch):
+    """The pool refers back to the stack's context (its requests' inputs do): dropped after the
+    groups run, it is freed when the forward returns, not whenever the cycle collector runs (with
+    its outputs, the size of a stack's attention)."""
+    import gc
+    import weakref
+
+    pools, init = [], attention_pool.AttentionPool.__init__
+
+    def record(self, *args):
+        init(self, *args)
+        pools.append(weakref.ref(self))
+
+    monkeypatch.setattr(attention_pool.AttentionPool, "__init__", record)
+    model = all_modules(composition, top_k=len(standard_refs())).eval()
+    set_grouped(model, True)
+    ids, mask = batch
+    gc.collect()
+    gc.disable()
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+        assert len(pools) == len(model.stacks)
+        assert all(pool() is None for pool in pools)
+    finally:
+        gc.enable()

@@ -144,7 +144,7 @@ def _lists_merged(entries: list, blocks: dict[str, nn.Module]) -> list:
 def _spanned(groups: list[list[nn.Module]], entries: list) -> list[list]:
     """A stack's held ``entries`` (owners, name, parameters, modules) as units to lay out: one
     entry each, but where two or more of the stack's ``groups`` (held, in run order) attend in
-    one call (:func:`~dharma_kernel.grouped.attend_together`), each parameter of their attention
+    one call (:func:`~dharma_kernel.attention_pool.attend_together`), each parameter of their attention
     blocks one unit of every group's entry, in that order: laid out one after another, one
     tensor spans them (:data:`~dharma_kernel.grouped.SPANS`), which the call reads whole where
     a concatenation would cost an op forward and a chain backward."""
@@ -160,7 +160,9 @@ def _spanned(groups: list[list[nn.Module]], entries: list) -> list[list]:
                 continue
             unit = [by_owners.get((tuple(map(id, owners)), name)) for owners in owned]
             if all(entry is not None for entry in unit):
-                spans.append(unit)
+                kinds = {(entry[2][0].device, entry[2][0].dtype, entry[2][0].shape) for entry in unit}
+                if len(kinds) == 1:  # one bucket, one row layout
+                    spans.append(unit)
     spanned = {id(entry) for unit in spans for entry in unit}
     return [[entry] for entry in entries if id(entry) not in spanned] + spans
 
