@@ -75,8 +75,8 @@ class AttentionPool:
         y = grouped._attention([b for r in requests for b in r.blocks], x, where)
         parts = y.split([len(r.blocks) for r in requests])
         return [
-            y if r.where.slots == where.slots else y[:, : r.where.slots]
-            for y, r in zip(parts, requests, strict=True)
+            part if r.where.slots == where.slots else part[:, : r.where.slots]  # cut back to its slots
+            for part, r in zip(parts, requests, strict=True)
         ]
 
     def _gathered(self) -> tuple[torch.Tensor, GroupInput]:
