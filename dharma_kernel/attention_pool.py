@@ -168,15 +168,21 @@ def _holding(blocks: Sequence[nn.Module]) -> tuple[bool, ...]:
     held), the call would read every parameter stacked afresh and no held tensor, whose rows
     then take their gradients through the members' hooks: each member's row would step, idle
     members' too."""
-    holding, subs = [], [dict(b.named_modules()) for b in blocks]
+    return tuple(
+        owners is not None and grouped._held(owners, name, read=False) is not None
+        for name, owners in parameter_owners(blocks)
+    )
+
+
+def parameter_owners(blocks: Sequence[nn.Module]) -> list[tuple[str, list[nn.Module] | None]]:
+    """Each parameter of the first of ``blocks`` (by name, in order) with the submodule that owns it
+    in every block (None if a block lacks that submodule)."""
+    found, subs = [], [dict(b.named_modules()) for b in blocks]
     for path, block in blocks[0].named_modules():
         owners = [sub.get(path) for sub in subs]
-        names = [name for name, _ in block.named_parameters(recurse=False)]
-        if any(owner is None for owner in owners):
-            holding += [False] * len(names)
-        else:
-            holding += [grouped._held(owners, name, read=False) is not None for name in names]
-    return tuple(holding)
+        complete = None if any(owner is None for owner in owners) else owners
+        found += [(name, complete) for name, _ in block.named_parameters(recurse=False)]
+    return found
 
 
 def attention_blocks(members: Sequence[DharmaModule]) -> tuple[list[nn.Module], int] | None:

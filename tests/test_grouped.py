@@ -137,12 +137,9 @@ def test_each_family_grouped_equals_forward_tokens_with_uneven_and_empty_shares(
         torch.testing.assert_close(together[index].score, expected.score, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("every_key", [True, False])
-@pytest.mark.parametrize("refs", [["paths.jnana", "paths.yoga", "paths.jnana"], DARSHANAS])
-def test_attention_groups_equal_forward_tokens_with_padding_and_a_cached_past(refs, every_key, monkeypatch):
-    """Attention families: per (module, sequence) uneven queries, padding keys, and cached positions;
-    queries over every sequence's keys, and (past grouped.EVERY_KEY_LIMIT) regrouped by sequence."""
-    monkeypatch.setattr(grouped, "EVERY_KEY_LIMIT", grouped.EVERY_KEY_LIMIT if every_key else 0)
+def attending(refs):
+    """Modules of ``refs`` (tiny, weights perturbed), hidden states ``[3, 5, 32]``, a cached past of 4
+    positions, and a mask with left padding into the current positions and a hole in the past."""
     members = [
         perturb(module_class(r)(32, module_class(r).make_config("tiny")), seed=i, std=0.3)
         for i, r in enumerate(refs)
@@ -153,6 +150,16 @@ def test_attention_groups_equal_forward_tokens_with_padding_and_a_cached_past(re
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[1, :6] = 0  # left padding, into the current positions
     mask[2, 2:4] = 0  # a hole in the cached past
+    return members, hidden, past, mask
+
+
+@pytest.mark.parametrize("every_key", [True, False])
+@pytest.mark.parametrize("refs", [["paths.jnana", "paths.yoga", "paths.jnana"], DARSHANAS])
+def test_attention_groups_equal_forward_tokens_with_padding_and_a_cached_past(refs, every_key, monkeypatch):
+    """Attention families: per (module, sequence) uneven queries, padding keys, and cached positions;
+    queries over every sequence's keys, and (past grouped.EVERY_KEY_LIMIT) regrouped by sequence."""
+    monkeypatch.setattr(grouped, "EVERY_KEY_LIMIT", grouped.EVERY_KEY_LIMIT if every_key else 0)
+    members, hidden, past, mask = attending(refs)
     rows = [
         torch.tensor([0, 3, 4, 7, 12, 14]),
         torch.tensor([9]),
@@ -451,16 +458,7 @@ def test_attention_groups_of_two_families_attend_in_one_call_with_uneven_shares(
     monkeypatch.setattr(grouped, "EVERY_KEY_LIMIT", grouped.EVERY_KEY_LIMIT if every_key else 0)
     calls, computed = [], grouped._attention
     monkeypatch.setattr(grouped, "_attention", lambda b, *a: calls.append(len(b)) or computed(b, *a))
-    refs = ["paths.jnana", "paths.yoga", *DARSHANAS[: len(shares) - 2]]
-    members = [
-        perturb(module_class(r)(32, module_class(r).make_config("tiny")), seed=i, std=0.3)
-        for i, r in enumerate(refs)
-    ]
-    generator = torch.Generator().manual_seed(0)
-    hidden = torch.randn(3, 5, 32, generator=generator)
-    past = torch.randn(3, 4, 32, generator=generator)
-    mask = torch.ones(3, 9, dtype=torch.long)
-    mask[1, :6] = 0
+    members, hidden, past, mask = attending(["paths.jnana", "paths.yoga", *DARSHANAS[: len(shares) - 2]])
     rows = [torch.tensor(share) for share in shares]
     together = run_groups(members, hidden, ModuleContext(mask, past), rows)
     assert calls == [2 * 2 + len(shares) - 2]  # both views of both paths, and the darshanas

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..attention_pool import attention_blocks, attention_kind
+from ..attention_pool import attention_blocks, attention_kind, parameter_owners
 from ..grouped import HELD, SPANS, Held, as_member, group_key, held_shape, held_transposed
 from .flat import aligned_starts
 from .optim import decay_split
@@ -153,16 +153,16 @@ def _spanned(groups: list[list[nn.Module]], entries: list) -> list[list]:
         return [[entry] for entry in entries]
     by_owners = {(tuple(map(id, entry[0])), entry[1]): entry for entry in entries}
     spans = []
-    for path, block in requests[0][0].named_modules():
-        for name, _ in block.named_parameters(recurse=False):
-            owned = [[dict(b.named_modules()).get(path) for b in blocks] for blocks in requests]
-            if any(owner is None for owners in owned for owner in owners):
-                continue
-            unit = [by_owners.get((tuple(map(id, owners)), name)) for owners in owned]
-            if all(entry is not None for entry in unit):
-                kinds = {(entry[2][0].device, entry[2][0].dtype, entry[2][0].shape) for entry in unit}
-                if len(kinds) == 1:  # one bucket, one row layout
-                    spans.append(unit)
+    every = [parameter_owners(blocks) for blocks in requests]  # per request, in one order of names
+    for index, (name, _) in enumerate(every[0]):
+        owned = [owners[index][1] for owners in every]
+        if any(owners is None for owners in owned):
+            continue
+        unit = [by_owners.get((tuple(map(id, owners)), name)) for owners in owned]
+        if all(entry is not None for entry in unit):
+            kinds = {(entry[2][0].device, entry[2][0].dtype, entry[2][0].shape) for entry in unit}
+            if len(kinds) == 1:  # one bucket, one row layout
+                spans.append(unit)
     spanned = {id(entry) for unit in spans for entry in unit}
     return [[entry] for entry in entries if id(entry) not in spanned] + spans
 
